@@ -1,0 +1,34 @@
+"""Command line: `python -m app dev` (whole local stack) or `python -m app web` (API only)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from app.devstack import DevStackError, run_dev
+from app.logs import configure_logging
+from app.settings import get_settings
+from app.web import run_web
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("dev", help="web + worker + local Redis and mail sink when needed")
+    commands.add_parser("web", help="the HTTP API only (run the worker with `arq`)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    settings = get_settings()
+    if args.command == "web":
+        run_web(settings)
+        return 0
+    try:
+        return asyncio.run(run_dev(settings))
+    except DevStackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

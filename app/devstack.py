@@ -1,0 +1,187 @@
+"""`python -m app dev`: the whole stack in one command, for a laptop without Docker.
+
+Starts what is missing (a `redis-server` child when none answers at REDIS_URL, an in-process SMTP
+sink writing .eml files when SMTP_HOST is unset), then the arq worker as a child process (the real
+entry point, `arq worker_settings.WorkerSettings`) and the web API. Ctrl-C stops all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from app.broker import redis_answers
+from app.mailsink import MaildirHandler, server_port, start_smtp_server
+from app.settings import Settings
+from app.web import create_app
+
+log = logging.getLogger("app.dev")
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+DEFAULT_SINK_PORT = 8025
+CHILD_STOP_TIMEOUT_S = 15.0
+
+
+class DevStackError(RuntimeError):
+    """The dev stack cannot start; the message says what to do."""
+
+
+async def run_dev(settings: Settings, var_dir: Path = Path("var")) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        settings = await stack.enter_async_context(local_redis(settings, var_dir))
+        settings = await stack.enter_async_context(local_mail_sink(settings, var_dir))
+        worker = await stack.enter_async_context(worker_process(settings))
+        await stack.enter_async_context(web_server(settings))
+        print_banner(settings)
+        worker_exit = asyncio.ensure_future(worker.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({worker_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if worker_exit.done():
+            log.error("worker exited with code %s; stopping", worker.returncode)
+            return 1
+        worker_exit.cancel()
+        log.info("stopping...")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def local_redis(settings: Settings, var_dir: Path) -> AsyncIterator[Settings]:
+    if await redis_answers(settings.redis_url):
+        log.info("using Redis at %s", settings.redis_url)
+        yield settings
+        return
+    parts = urlsplit(settings.redis_url)
+    if parts.hostname not in LOOPBACK_HOSTS:
+        raise DevStackError(f"Redis at {settings.redis_url} does not answer")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise DevStackError(
+            "no Redis answers at REDIS_URL and redis-server is not installed: "
+            "install it (apt-get install redis-server, brew install redis) or set REDIS_URL"
+        )
+    port = parts.port or 6379
+    var_dir.mkdir(parents=True, exist_ok=True)
+    with (var_dir / "redis.log").open("ab") as logfile:
+        process = await asyncio.create_subprocess_exec(
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            stdout=logfile, stderr=logfile, start_new_session=True,
+        )  # fmt: skip
+    async with _child(process, "redis-server"):
+        if not await _wait_until(lambda: redis_answers(settings.redis_url), timeout=10):
+            raise DevStackError(f"redis-server did not start; see {var_dir / 'redis.log'}")
+        log.info("started redis-server on 127.0.0.1:%d (pid %d)", port, process.pid)
+        yield settings
+
+
+@contextlib.asynccontextmanager
+async def local_mail_sink(settings: Settings, var_dir: Path) -> AsyncIterator[Settings]:
+    if settings.smtp_host:
+        log.info("sending mail through %s:%d", settings.smtp_host, settings.smtp_port)
+        yield settings
+        return
+    folder = (settings.mail_sink_dir or var_dir / "mail").resolve()
+    handler = MaildirHandler(folder)
+    try:
+        server = await start_smtp_server(handler, "127.0.0.1", DEFAULT_SINK_PORT)
+    except OSError:  # port taken: any free port will do, the worker is told which
+        server = await start_smtp_server(handler, "127.0.0.1", 0)
+    port = server_port(server)
+    log.info("mail sink on 127.0.0.1:%d, storing messages in %s", port, folder)
+    try:
+        yield settings.model_copy(
+            update={"smtp_host": "127.0.0.1", "smtp_port": port, "mail_sink_dir": folder}
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def worker_process(settings: Settings) -> AsyncIterator[asyncio.subprocess.Process]:
+    env = {**os.environ, **settings_env(settings)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "arq", "worker_settings.WorkerSettings",
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    async with _child(process, "worker"):
+        yield process
+
+
+@contextlib.asynccontextmanager
+async def web_server(settings: Settings) -> AsyncIterator[web.AppRunner]:
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings the launcher decided, as environment variables for the worker child."""
+    env = {"REDIS_URL": settings.redis_url}
+    if settings.smtp_host:
+        env |= {"SMTP_HOST": settings.smtp_host, "SMTP_PORT": str(settings.smtp_port)}
+    if settings.mail_sink_dir:
+        env["MAIL_SINK_DIR"] = str(settings.mail_sink_dir)
+    return env
+
+
+@contextlib.asynccontextmanager
+async def _child(process: asyncio.subprocess.Process, name: str) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await stop_process(process, name)
+
+
+async def stop_process(process: asyncio.subprocess.Process, name: str) -> None:
+    """SIGTERM, then SIGKILL if it has not exited in time."""
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), CHILD_STOP_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("%s did not stop in %.0fs; killing it", name, CHILD_STOP_TIMEOUT_S)
+        process.kill()
+        await process.wait()
+
+
+async def _wait_until(check: object, timeout: float, interval: float = 0.1) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await check():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(interval)
+    return False
+
+
+def print_banner(settings: Settings) -> None:
+    base = f"http://{settings.web_host}:{settings.web_port}"
+    lines = [
+        f"asyncjobs dev stack is up: API on {base}",
+        f"  health:  curl {base}/health",
+        f"  email:   curl -X POST {base}/jobs/email -H 'Content-Type: application/json' "
+        """-d '{"to": "you@example.com", "subject": "Hello", "text": "Hi!"}'""",
+    ]
+    if settings.mail_sink_dir:
+        lines.append(f"  mail:    curl {base}/dev/mail   (files in {settings.mail_sink_dir})")
+    lines.append("Press Ctrl-C to stop.")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,72 @@
+"""Every error leaves the API as JSON `{error, message, details}`; never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from app.schemas import ErrorBody, ErrorDetail
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "service_unavailable",
+}
+
+
+def error_response(
+    status: int, message: str, details: list[ErrorDetail] | None = None, error: str | None = None
+) -> web.Response:
+    body = ErrorBody(
+        error=error or ERROR_CODES.get(status, "error"), message=message, details=details or []
+    )
+    return web.json_response(body.model_dump(), status=status)
+
+
+def validation_details(exc: ValidationError) -> list[ErrorDetail]:
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in err["loc"]) or "body"
+        message = err["msg"].removeprefix("Value error, ")
+        details.append(ErrorDetail(field=field, message=message))
+    return details
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        return error_response(422, "request is invalid", validation_details(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason if exc.text is None else _plain(exc))
+    except (RedisError, ConnectionError) as exc:
+        log.warning("broker unavailable on %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "the job broker (Redis) is unavailable; try again later")
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal error", error="internal_error")
+
+
+def _plain(exc: web.HTTPException) -> str:
+    """aiohttp's default bodies look like '404: Not Found'; keep only the human part."""
+    text = exc.text or exc.reason
+    prefix = f"{exc.status}: "
+    return text.removeprefix(prefix)

@@ -1,0 +1,75 @@
+"""Read a job's state from arq's keys in one round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from arq.connections import ArqRedis
+from arq.constants import (
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.jobs import deserialize_job, deserialize_result
+from arq.utils import ms_to_datetime
+
+from app.schemas import JobView
+from jobs.worker import JOB_META_PREFIX
+
+
+async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(result_key_prefix + job_id)
+        pipe.exists(in_progress_key_prefix + job_id)
+        pipe.zscore(queue_name, job_id)
+        pipe.get(job_key_prefix + job_id)
+        pipe.hget(JOB_META_PREFIX + job_id, "started_ms")
+        pipe.get(retry_key_prefix + job_id)
+        raw_result, in_progress, score, raw_job, started_ms, tries = await pipe.execute()
+
+    if raw_result is not None:
+        result = deserialize_result(raw_result)
+        failed = not result.success
+        status = "failed" if failed else "complete"
+        if failed and isinstance(result.result, asyncio.CancelledError):
+            status = "aborted"
+        return JobView(
+            job_id=job_id,
+            status=status,
+            function=result.function,
+            enqueue_time=result.enqueue_time,
+            start_time=result.start_time,
+            finish_time=result.finish_time,
+            tries=result.job_try,
+            result=None if failed else result.result,
+            error=describe_error(result.result) if failed else None,
+        )
+    if raw_job is None:
+        return JobView(job_id=job_id, status="not_found")
+
+    definition = deserialize_job(raw_job)
+    if in_progress:
+        status = "in_progress"
+    elif score is not None and score > time.time() * 1000:
+        status = "deferred"
+    else:
+        status = "queued"
+    return JobView(
+        job_id=job_id,
+        status=status,
+        function=definition.function,
+        enqueue_time=definition.enqueue_time,
+        start_time=ms_to_datetime(int(started_ms)) if started_ms and in_progress else None,
+        tries=int(tries) if tries else 0,
+    )
+
+
+def describe_error(exc: object) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "aborted"
+    if isinstance(exc, BaseException):
+        text = str(exc)
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return str(exc)

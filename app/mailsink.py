@@ -1,0 +1,104 @@
+"""A local SMTP sink (aiosmtpd) that stores every message as an .eml file, for development.
+
+Used by `python -m app dev` when no SMTP_HOST is configured; the API lists the folder at /dev/mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from pydantic import BaseModel
+
+MESSAGE_NAME_PATTERN = r"[0-9]{19}-[0-9a-f]{8}\.eml"
+_MESSAGE_NAME = re.compile(MESSAGE_NAME_PATTERN)
+MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+
+
+class MaildirHandler:
+    """aiosmtpd handler: writes each message, with its envelope, to `<folder>/<ns>-<id>.eml`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        name = f"{time.time_ns():019d}-{uuid.uuid4().hex[:8]}.eml"
+        envelope_lines = (
+            f"X-Sink-Mail-From: {envelope.mail_from}\r\n"
+            f"X-Sink-Rcpt-To: {', '.join(envelope.rcpt_tos)}\r\n"
+        ).encode()
+        content = envelope.original_content or b""
+        await asyncio.to_thread(_write_atomically, self.folder / name, envelope_lines + content)
+        return "250 Message accepted for delivery"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+async def start_smtp_server(handler: Any, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+    """Serve SMTP with `handler` inside the running event loop (no thread, unlike Controller)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: SMTP(handler, hostname="asyncjobs-sink", data_size_limit=MAX_MESSAGE_BYTES),
+        host=host,
+        port=port,
+    )
+
+
+def server_port(server: asyncio.Server) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+class MailSummary(BaseModel):
+    name: str
+    received_at: datetime
+    mail_from: str | None
+    rcpt_to: list[str]
+    subject: str | None
+    message_id: str | None
+    size: int
+
+
+async def list_messages(folder: Path, limit: int = 50) -> list[MailSummary]:
+    return await asyncio.to_thread(_list_messages, folder, limit)
+
+
+def _list_messages(folder: Path, limit: int) -> list[MailSummary]:
+    if not folder.is_dir():
+        return []
+    names = sorted((p.name for p in folder.glob("*.eml")), reverse=True)[:limit]
+    return [_summarize(folder / name) for name in names]
+
+
+def _summarize(path: Path) -> MailSummary:
+    with path.open("rb") as fh:
+        headers = BytesHeaderParser(policy=policy.default).parse(fh)
+    rcpts = str(headers.get("X-Sink-Rcpt-To", ""))
+    return MailSummary(
+        name=path.name,
+        received_at=datetime.fromtimestamp(int(path.name.split("-")[0]) / 1e9, UTC),
+        mail_from=headers.get("X-Sink-Mail-From"),
+        rcpt_to=[r.strip() for r in rcpts.split(",") if r.strip()],
+        subject=headers.get("Subject"),
+        message_id=headers.get("Message-ID"),
+        size=path.stat().st_size,
+    )
+
+
+async def read_message(folder: Path, name: str) -> bytes | None:
+    if not _MESSAGE_NAME.fullmatch(name):
+        return None
+    path = folder / name
+    return await asyncio.to_thread(path.read_bytes) if path.is_file() else None

@@ -1,0 +1,97 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+from jobs.email import EmailSpec
+from jobs.scrape import MAX_URL_LENGTH, ScrapeTarget, Selectors
+
+__all__ = ["EmailSpec", "ScrapeRequest"]
+
+JobState = Literal[
+    "queued", "deferred", "in_progress", "complete", "failed", "aborted", "not_found"
+]
+
+
+class ScrapeRequest(BaseModel):
+    """`POST /jobs/scrape`: one `url` or a list of `urls`, sharing optional CSS `selectors`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: AnyHttpUrl | None = Field(None, max_length=MAX_URL_LENGTH)
+    urls: list[AnyHttpUrl] | None = Field(None, min_length=1)
+    selectors: Selectors = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of_url_or_urls(self, info: ValidationInfo) -> ScrapeRequest:
+        if (self.url is None) == (self.urls is None):
+            raise ValueError("give exactly one of 'url' or 'urls'")
+        limit = (info.context or {}).get("max_urls")
+        if self.urls is not None and limit is not None and len(self.urls) > limit:
+            raise ValueError(f"{len(self.urls)} urls is more than the limit of {limit}")
+        if self.urls is not None and any(len(str(u)) > MAX_URL_LENGTH for u in self.urls):
+            raise ValueError(f"every url must be at most {MAX_URL_LENGTH} characters")
+        limit = (info.context or {}).get("max_selectors")
+        if limit is not None and len(self.selectors) > limit:
+            raise ValueError(f"{len(self.selectors)} selectors is more than the limit of {limit}")
+        return self
+
+    def targets(self) -> list[ScrapeTarget]:
+        urls = [self.url] if self.url is not None else list(self.urls or [])
+        return [ScrapeTarget(url=u, selectors=self.selectors) for u in urls]
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status_url: str
+
+
+class EmailAccepted(JobAccepted):
+    message_id: str
+
+
+class ScrapeAccepted(JobAccepted):
+    url: str
+
+
+class ScrapeBatchAccepted(BaseModel):
+    jobs: list[ScrapeAccepted]
+
+
+class JobView(BaseModel):
+    job_id: str
+    status: JobState
+    function: str | None = None
+    enqueue_time: datetime | None = None
+    start_time: datetime | None = None
+    finish_time: datetime | None = None
+    tries: int | None = None
+    result: Any = None
+    error: str | None = None
+
+
+class WorkerHealth(BaseModel):
+    alive: bool
+    heartbeat: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    redis: Literal["ok", "unreachable"]
+    worker: WorkerHealth
+    version: str
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    details: list[ErrorDetail] = []

@@ -1,0 +1,86 @@
+"""One typed settings object, read from environment variables (and an optional `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app import __version__
+
+Network = IPv4Network | IPv6Network
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    # Redis / arq
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = Field(2.0, gt=0, description="connect and socket timeout, seconds")
+    queue_name: str = "arq:queue"
+
+    # Web API
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1024 * 1024, gt=0)
+    max_urls_per_request: int = Field(100, gt=0)
+    max_selectors: int = Field(20, gt=0)
+
+    # Worker
+    worker_max_jobs: int = Field(200, gt=0, description="jobs one worker runs at once")
+    job_timeout: float = Field(300, gt=0)
+    keep_result: float = Field(24 * 3600, gt=0, description="seconds arq keeps a job's result")
+    worker_health_interval: float = Field(10, gt=0)
+
+    # Email
+    smtp_host: str | None = None
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_use_tls: bool = False  # implicit TLS (port 465)
+    smtp_start_tls: bool | None = None  # None: use STARTTLS when the server offers it
+    smtp_timeout: float = Field(30, gt=0)
+    smtp_max_connections: int = Field(10, gt=0)
+    mail_from: str = "asyncjobs@localhost"
+    mail_max_recipients: int = Field(50, gt=0)
+    # When set, callers may only send `from` these domains (the service is not an open relay).
+    mail_allowed_sender_domains: Annotated[list[str], NoDecode] = []
+    mail_sink_dir: Path | None = Field(None, description="dev mail sink folder; enables /dev/mail")
+
+    # Scraping
+    scrape_timeout: float = Field(20, gt=0, description="total seconds for one page")
+    scrape_connect_timeout: float = Field(5, gt=0)
+    scrape_max_bytes: int = Field(5 * 1024 * 1024, gt=0)
+    scrape_max_redirects: int = Field(5, ge=0)
+    scrape_user_agent: str = f"asyncjobs/{__version__} (+https://github.com/asyncjobs/asyncjobs)"
+    scrape_max_connections: int = Field(100, gt=0)
+    scrape_text_max_chars: int = Field(100_000, gt=0, description="text kept per saved document")
+    # Addresses the scraper may reach although they are private/loopback/link-local.
+    scrape_allowed_cidrs: Annotated[list[Network], NoDecode] = []
+
+    @field_validator("scrape_allowed_cidrs", mode="before")
+    @classmethod
+    def _split_cidrs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [ip_network(part.strip()) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("mail_allowed_sender_domains", mode="before")
+    @classmethod
+    def _split_domains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def version(self) -> str:
+        return __version__
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,31 @@
+"""The aiohttp application factory and the production web entry point."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from app.broker import connect
+from app.errors import json_errors
+from app.routes import REDIS, SETTINGS, add_routes
+from app.settings import Settings
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_redis_client)
+    add_routes(app, settings)
+    return app
+
+
+async def _redis_client(app: web.Application) -> AsyncIterator[None]:
+    # Connects lazily: the API starts (and answers 503) even while Redis is down.
+    app[REDIS] = connect(app[SETTINGS])
+    yield
+    await app[REDIS].aclose(close_connection_pool=True)
+
+
+def run_web(settings: Settings) -> None:
+    web.run_app(create_app(settings), host=settings.web_host, port=settings.web_port)

@@ -1,0 +1,124 @@
+"""Email jobs: the validated message spec, MIME building and the arq job that sends it."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from jobs.headers import header_name, single_line
+
+log = logging.getLogger(__name__)
+
+# A hard ceiling; settings (passed as validation context) may lower it.
+MAX_RECIPIENTS = 1000
+MAX_BODY_CHARS = 512 * 1024
+
+SingleLine = Annotated[str, AfterValidator(single_line)]
+Recipients = Annotated[list[EmailStr], Field(min_length=1, max_length=MAX_RECIPIENTS)]
+
+
+class EmailSpec(BaseModel):
+    """What a caller may ask for: the body of `POST /jobs/email` and the job's argument."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=False)
+
+    to: Recipients
+    cc: list[EmailStr] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[EmailStr] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    subject: SingleLine = Field(min_length=1, max_length=998)
+    text: str | None = Field(None, max_length=MAX_BODY_CHARS)
+    html: str | None = Field(None, max_length=MAX_BODY_CHARS)
+    from_: EmailStr | None = Field(None, alias="from")
+    reply_to: EmailStr | None = None
+    headers: dict[str, SingleLine] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("to", "cc", "bcc", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            header_name(name)
+            if len(value) > 998:
+                raise ValueError(f"header {name!r} is longer than 998 characters")
+        return headers
+
+    @model_validator(mode="after")
+    def _check_body_and_limits(self, info: ValidationInfo) -> EmailSpec:
+        if not (self.text or self.html):
+            raise ValueError("give 'text', 'html' or both")
+        limit = (info.context or {}).get("max_recipients", MAX_RECIPIENTS)
+        count = len(self.to) + len(self.cc) + len(self.bcc)
+        if count > limit:
+            raise ValueError(f"{count} recipients is more than the limit of {limit}")
+        allowed_senders = (info.context or {}).get("allowed_sender_domains")
+        if self.from_ and allowed_senders and domain_of(self.from_) not in allowed_senders:
+            raise ValueError(f"sender domain {domain_of(self.from_)!r} is not allowed")
+        return self
+
+    def envelope_recipients(self) -> list[str]:
+        return [*self.to, *self.cc, *self.bcc]
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def new_message_id(sender: str) -> str:
+    """A globally unique Message-ID, fixed at enqueue time so every retry sends the same one."""
+    return make_msgid(domain=domain_of(sender) or "localhost")
+
+
+def build_message(spec: EmailSpec, default_from: str, message_id: str) -> EmailMessage:
+    """Plain text and/or HTML; both present gives multipart/alternative."""
+    message = EmailMessage()
+    message["From"] = spec.from_ or default_from
+    message["To"] = ", ".join(spec.to)
+    if spec.cc:
+        message["Cc"] = ", ".join(spec.cc)
+    if spec.reply_to:
+        message["Reply-To"] = spec.reply_to
+    message["Subject"] = spec.subject
+    message["Date"] = format_datetime(datetime.now(UTC))
+    message["Message-ID"] = message_id
+    for name, value in spec.headers.items():
+        message[name] = value
+    if spec.text is not None:
+        message.set_content(spec.text)
+        if spec.html is not None:
+            message.add_alternative(spec.html, subtype="html")
+    else:
+        message.set_content(spec.html or "", subtype="html")
+    return message
+
+
+async def send_email(ctx: dict[str, Any], email: dict[str, Any], message_id: str) -> dict[str, Any]:
+    """arq job: validate the spec again (the queue is a boundary too), build and send it."""
+    settings = ctx["settings"]
+    spec = EmailSpec.model_validate(email)
+    message = build_message(spec, settings.mail_from, message_id)
+    outcome = await ctx["smtp"].send(message, spec.envelope_recipients())
+    log.info("email %s sent to %d recipient(s)", message_id, len(outcome.accepted))
+    return {
+        "message_id": message_id,
+        "accepted": outcome.accepted,
+        "refused": outcome.refused,
+        "smtp_response": outcome.response,
+    }

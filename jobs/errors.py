@@ -1,0 +1,13 @@
+"""Errors that job code raises, classified so the worker knows whether trying again can help."""
+
+
+class JobError(Exception):
+    """A job failed for a reason worth showing to the user as-is."""
+
+
+class PermanentJobError(JobError):
+    """Trying again will fail the same way (bad address, 404, page too large, forbidden target)."""
+
+
+class TransientJobError(JobError):
+    """The failure may go away by itself (timeout, connection reset, HTTP 5xx, SMTP 4xx)."""

@@ -1,0 +1,70 @@
+"""SSRF guard: the scraper reaches public addresses only, unless settings allow a network.
+
+Two checks, both needed: URLs with an IP literal are checked before the request (aiohttp does not
+resolve those), and every hostname is resolved through `GuardedResolver`, which drops forbidden
+addresses at connect time, so a DNS answer that changes between checks (rebinding) cannot slip by.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from yarl import URL
+
+Network = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
+
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+
+
+class ForbiddenTargetError(OSError):
+    """Raised (as an OSError, so aiohttp treats it like a failed connect) for forbidden targets."""
+
+
+def is_forbidden(address: IPAddress, allowed: Sequence[Network] = ()) -> bool:
+    """Everything but global unicast is forbidden: loopback, private, link-local, multicast..."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address.version == net.version and address in net for net in allowed):
+        return False
+    return not address.is_global or address.is_multicast
+
+
+def check_url(url: URL, allowed: Sequence[Network] = ()) -> None:
+    """Scheme and literal-IP checks that need no DNS."""
+    if url.scheme not in ALLOWED_SCHEMES:
+        raise ForbiddenTargetError(f"scheme {url.scheme!r} is not allowed (use http or https)")
+    host = url.raw_host or ""
+    if not host:
+        raise ForbiddenTargetError("URL has no host")
+    try:
+        literal = ip_address(host.strip("[]"))
+    except ValueError:
+        return
+    if is_forbidden(literal, allowed):
+        raise ForbiddenTargetError(f"address {literal} is not a public address")
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like the default resolver, then keeps only addresses the scraper may connect to."""
+
+    def __init__(self, allowed: Sequence[Network] = (), inner: AbstractResolver | None = None):
+        self._allowed = tuple(allowed)
+        self._inner = inner or ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        safe = [r for r in results if not is_forbidden(ip_address(r["host"]), self._allowed)]
+        if not safe:
+            addresses = ", ".join(sorted({r["host"] for r in results}))
+            raise ForbiddenTargetError(f"{host} resolves to non-public address(es): {addresses}")
+        return safe
+
+    async def close(self) -> None:
+        await self._inner.close()

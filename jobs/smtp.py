@@ -1,0 +1,121 @@
+"""A small pool of SMTP connections shared by every email job running in one worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from app.settings import Settings
+from jobs.errors import JobError, PermanentJobError, TransientJobError
+
+log = logging.getLogger(__name__)
+
+# An idle connection older than this is checked with NOOP before reuse: servers drop idle clients.
+STALE_AFTER_S = 5.0
+
+
+@dataclass
+class SendOutcome:
+    accepted: list[str]
+    refused: dict[str, str] = field(default_factory=dict)
+    response: str = ""
+
+
+@dataclass
+class _Idle:
+    client: aiosmtplib.SMTP
+    since: float
+
+
+class SmtpPool:
+    """At most `smtp_max_connections` connections, reused across jobs, each call bounded in time."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.smtp_host:
+            raise ValueError("SMTP_HOST is not set")
+        self._settings = settings
+        self._slots = asyncio.Semaphore(settings.smtp_max_connections)
+        self._idle: list[_Idle] = []
+
+    async def send(self, message: EmailMessage, recipients: list[str]) -> SendOutcome:
+        async with self._slots:
+            client = await self._acquire()
+            try:
+                errors, response = await client.send_message(message, recipients=recipients)
+            except aiosmtplib.SMTPException as exc:
+                self._discard(client)
+                raise classify_smtp_error(exc) from exc
+            except BaseException:
+                self._discard(client)
+                raise
+            self._idle.append(_Idle(client, time.monotonic()))
+        refused = {rcpt: f"{err.code} {err.message}" for rcpt, err in errors.items()}
+        accepted = [rcpt for rcpt in recipients if rcpt not in refused]
+        return SendOutcome(accepted=accepted, refused=refused, response=response)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for entry in idle:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(entry.client.quit(), timeout=2)
+            entry.client.close()
+
+    async def _acquire(self) -> aiosmtplib.SMTP:
+        while self._idle:
+            entry = self._idle.pop()
+            if await self._still_usable(entry):
+                return entry.client
+            self._discard(entry.client)
+        return await self._connect()
+
+    async def _still_usable(self, entry: _Idle) -> bool:
+        if not entry.client.is_connected:
+            return False
+        if time.monotonic() - entry.since < STALE_AFTER_S:
+            return True
+        try:
+            await entry.client.noop()
+        except aiosmtplib.SMTPException:
+            return False
+        return True
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        s = self._settings
+        client = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            username=s.smtp_username,
+            password=s.smtp_password.get_secret_value() if s.smtp_password else None,
+            use_tls=s.smtp_use_tls,
+            start_tls=s.smtp_start_tls,
+            timeout=s.smtp_timeout,
+        )
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPException as exc:
+            raise classify_smtp_error(exc) from exc
+        return client
+
+    @staticmethod
+    def _discard(client: aiosmtplib.SMTP) -> None:
+        client.close()
+
+
+def classify_smtp_error(exc: aiosmtplib.SMTPException) -> JobError:
+    """SMTP 5xx and refused recipients are permanent; 4xx, timeouts and lost connections are not."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [r.code for r in exc.recipients]
+        detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+        kind = PermanentJobError if all(c >= 500 for c in codes) else TransientJobError
+        return kind(f"all recipients refused: {detail}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500:
+        return PermanentJobError(f"SMTP server refused the message: {exc.code} {exc.message}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return TransientJobError(f"SMTP server deferred the message: {exc.code} {exc.message}")
+    return TransientJobError(f"SMTP error: {type(exc).__name__}: {exc}")

@@ -1,0 +1,69 @@
+"""Worker wiring: the shared clients each job uses, and the options an arq Worker is built with."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from arq.worker import func
+
+from app.broker import redis_settings
+from app.settings import Settings, get_settings
+from jobs.email import send_email
+from jobs.scrape import make_http_session, scrape
+from jobs.smtp import SmtpPool
+
+log = logging.getLogger(__name__)
+
+JOB_META_PREFIX = "asyncjobs:job:"  # hash per job: facts arq does not keep (start time)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """One HTTP session and one SMTP pool for all jobs of this worker process."""
+    settings: Settings = ctx.setdefault("settings", get_settings())
+    ctx["http"] = make_http_session(settings)
+    ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
+    log.info(
+        "worker ready: max_jobs=%d smtp=%s:%s",
+        settings.worker_max_jobs,
+        settings.smtp_host or "-",
+        settings.smtp_port,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    if ctx.get("http"):
+        await ctx["http"].close()
+    if ctx.get("smtp"):
+        await ctx["smtp"].close()
+
+
+async def record_job_start(ctx: dict[str, Any]) -> None:
+    """arq keeps no start time until a job ends; keep one so status can show it while running."""
+    settings: Settings = ctx["settings"]
+    key = JOB_META_PREFIX + ctx["job_id"]
+    async with ctx["redis"].pipeline(transaction=False) as pipe:
+        pipe.hset(key, mapping={"started_ms": int(time.time() * 1000), "try": ctx["job_try"]})
+        pipe.expire(key, int(settings.job_timeout + settings.keep_result))
+        await pipe.execute()
+
+
+FUNCTIONS = [func(send_email, name="send_email"), func(scrape, name="scrape")]
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `arq.worker.Worker` (and the attributes of `WorkerSettings`)."""
+    return {
+        "functions": FUNCTIONS,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "on_job_start": record_job_start,
+        "redis_settings": redis_settings(settings),
+        "queue_name": settings.queue_name,
+        "max_jobs": settings.worker_max_jobs,
+        "job_timeout": settings.job_timeout,
+        "keep_result": settings.keep_result,
+        "health_check_interval": settings.worker_health_interval,
+        "poll_delay": 0.1,
+    }

@@ -1,0 +1,128 @@
+"""Fixtures: a real Redis database, a real SMTP server, a real HTML site, a real arq worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from ipaddress import ip_network
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient, TestServer
+from arq.connections import ArqRedis
+from arq.worker import Worker
+from redis.asyncio import Redis
+
+from app.broker import connect
+from app.mailsink import server_port, start_smtp_server
+from app.settings import Settings
+from app.web import create_app
+from jobs.worker import worker_options
+from tests.servers import RecordingSmtpHandler, SiteStats, make_site
+
+# A database of its own, flushed before each test: never the one the dev stack uses (0).
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+LOOPBACK = [ip_network("127.0.0.0/8"), ip_network("::1/128")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_must_answer() -> None:
+    """No Redis is a failure, not a skip: the suite is about talking to a real one."""
+
+    async def ping() -> None:
+        client = Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:
+        pytest.exit(f"Redis does not answer at {TEST_REDIS_URL}: {exc}", returncode=3)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[ArqRedis]:
+    client = connect(Settings(_env_file=None, redis_url=TEST_REDIS_URL))
+    await client.flushdb()
+    yield client
+    await client.aclose(close_connection_pool=True)
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[tuple[RecordingSmtpHandler, int]]:
+    handler = RecordingSmtpHandler()
+    server = await start_smtp_server(handler)
+    yield handler, server_port(server)
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[tuple[str, SiteStats]]:
+    """Base URL (http://127.0.0.1:PORT) of the test site, and its hit counters."""
+    stats = SiteStats()
+    server = TestServer(make_site(stats), host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}", stats
+    await server.close()
+
+
+@pytest.fixture
+def make_settings(smtp: tuple[RecordingSmtpHandler, int]) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": TEST_REDIS_URL,
+            "smtp_host": "127.0.0.1",
+            "smtp_port": smtp[1],
+            "scrape_allowed_cidrs": LOOPBACK,
+            "scrape_timeout": 3,
+            "worker_health_interval": 1,
+        }
+        return Settings(_env_file=None, **(values | overrides))
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[TestClient]:
+    """The real aiohttp app on a loopback port, with a client for it."""
+    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
+        yield client
+
+
+async def start_worker(settings: Settings, **overrides: Any) -> tuple[Worker, asyncio.Task[None]]:
+    options = worker_options(settings) | {"handle_signals": False, "poll_delay": 0.01} | overrides
+    worker = Worker(**options, ctx={"settings": settings})
+    task = asyncio.create_task(worker.main())
+    return worker, task
+
+
+async def stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await worker.close()
+
+
+@pytest.fixture
+async def worker(settings: Settings, redis: ArqRedis) -> AsyncIterator[Worker]:
+    """A real arq Worker running in this test's event loop."""
+    running, task = await start_worker(settings)
+    yield running
+    await stop_worker(running, task)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[ClientSession]:
+    async with ClientSession() as session:
+        yield session
+
+

@@ -1,0 +1,31 @@
+"""Small test utilities: waiting on conditions with a deadline instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T]], *, timeout: float = 15.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll `check` until it returns a truthy value; fail the test when `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        await asyncio.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,98 @@
+"""Email jobs end to end: API -> Redis -> real arq worker -> real SMTP server on loopback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from jobs.email import EmailSpec, build_message
+from tests.helpers import wait_for
+from tests.servers import RecordingSmtpHandler
+
+
+async def wait_job(api: TestClient, job_id: str, timeout: float = 15) -> dict[str, Any]:
+    """Poll GET /jobs/{id} until the job is finished; return its status body."""
+
+    async def finished() -> dict[str, Any] | None:
+        response = await api.get(f"/jobs/{job_id}")
+        body = await response.json()
+        return body if body["status"] in {"complete", "failed", "aborted"} else None
+
+    return await wait_for(finished, timeout=timeout, what=f"job {job_id} to finish")
+
+
+async def test_email_with_text_and_html_arrives_with_both_parts(
+    api: TestClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    payload = {
+        "to": ["alice@example.com", "bob@example.org"],
+        "cc": "carol@example.net",
+        "subject": "Your order — confirmed",
+        "text": "Plain body",
+        "html": "<p>HTML <b>body</b></p>",
+        "from": "shop@example.com",
+        "reply_to": "help@example.com",
+        "headers": {"X-Campaign": "welcome"},
+    }
+    response = await api.post("/jobs/email", json=payload)
+    assert response.status == 202
+    accepted = await response.json()
+    assert accepted["status_url"] == f"/jobs/{accepted['job_id']}"
+
+    status = await wait_job(api, accepted["job_id"])
+    assert status["status"] == "complete", status
+    assert status["function"] == "send_email"
+    assert status["tries"] == 1
+    assert status["result"]["accepted"] == [
+        "alice@example.com", "bob@example.org", "carol@example.net"
+    ]  # fmt: skip
+
+    handler, _ = smtp
+    assert len(handler.messages) == 1
+    received = handler.messages[0]
+    assert received.mail_from == "shop@example.com"
+    assert sorted(received.rcpt_tos) == ["alice@example.com", "bob@example.org", "carol@example.net"]
+    message = received.message
+    assert message["Subject"] == "Your order — confirmed"
+    assert message["Reply-To"] == "help@example.com"
+    assert message["X-Campaign"] == "welcome"
+    assert message["Message-ID"] == accepted["message_id"]
+    assert message.get_content_type() == "multipart/alternative"
+    plain = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert plain is not None and plain.get_content().strip() == "Plain body"
+    assert html is not None and html.get_content().strip() == "<p>HTML <b>body</b></p>"
+
+
+async def test_bcc_recipients_get_mail_but_no_header(
+    api: TestClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    response = await api.post(
+        "/jobs/email",
+        json={"to": "a@example.com", "bcc": ["hidden@example.com"], "subject": "s", "text": "t"},
+    )
+    status = await wait_job(api, (await response.json())["job_id"])
+    assert status["status"] == "complete"
+    received = smtp[0].messages[0]
+    assert "hidden@example.com" in received.rcpt_tos
+    assert "Bcc" not in received.message
+    assert "hidden@example.com" not in received.message.as_string()
+
+
+async def test_smtp_5xx_fails_the_job_with_the_server_reply(
+    api: TestClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    smtp[0].reject_with = "550 5.1.1 Mailbox unavailable"
+    response = await api.post("/jobs/email", json={"to": "x@example.com", "subject": "s", "text": "t"})
+    status = await wait_job(api, (await response.json())["job_id"])
+    assert status["status"] == "failed"
+    assert "PermanentJobError" in status["error"]
+    assert "550" in status["error"] and "Mailbox unavailable" in status["error"]
+
+
+def test_html_only_message_is_single_part() -> None:
+    spec = EmailSpec.model_validate({"to": "a@example.com", "subject": "s", "html": "<p>x</p>"})
+    message = build_message(spec, "noreply@example.com", "<id@example.com>")
+    assert message.get_content_type() == "text/html"
+    assert message["From"] == "noreply@example.com"

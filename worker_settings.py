@@ -1,0 +1,12 @@
+"""Entry point of the worker: `arq worker_settings.WorkerSettings`.
+
+Every option comes from environment variables through `app.settings.Settings`; see README.
+"""
+
+from app.logs import configure_logging
+from app.settings import get_settings
+from jobs.worker import worker_options
+
+configure_logging()
+
+WorkerSettings = type("WorkerSettings", (), worker_options(get_settings()))
