@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -75,7 +75,7 @@ async def local_redis(settings: Settings, var_dir: Path) -> AsyncIterator[Settin
             "install it (apt-get install redis-server, brew install redis) or set REDIS_URL"
         )
     port = parts.port or 6379
-    var_dir.mkdir(parents=True, exist_ok=True)
+    var_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at start-up)
     with (var_dir / "redis.log").open("ab") as logfile:
         process = await asyncio.create_subprocess_exec(
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -164,10 +164,12 @@ async def stop_process(process: asyncio.subprocess.Process, name: str) -> None:
         await process.wait()
 
 
-async def _wait_until(check: object, timeout: float, interval: float = 0.1) -> bool:
+async def _wait_until(
+    check: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.1
+) -> bool:
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
-        if await check():  # type: ignore[operator]
+        if await check():
             return True
         await asyncio.sleep(interval)
     return False

@@ -45,14 +45,16 @@ async def save_document(redis: Redis, snapshot: DocumentSnapshot) -> str:
     fields["extracted"] = json.dumps(fields["extracted"])
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(DOC_KEY_PREFIX + doc_id)
-        pipe.hset(DOC_KEY_PREFIX + doc_id, mapping={k: str(v) for k, v in fields.items() if v is not None})
+        pipe.hset(
+            DOC_KEY_PREFIX + doc_id, mapping={k: str(v) for k, v in fields.items() if v is not None}
+        )
         pipe.zadd(DOC_INDEX_KEY, {doc_id: snapshot.fetched_at.timestamp()})
         await pipe.execute()
     return doc_id
 
 
 async def load_document(redis: Redis, doc_id: str) -> DocumentSnapshot | None:
-    raw = await redis.hgetall(DOC_KEY_PREFIX + doc_id)
+    raw: dict[bytes, bytes] = await redis.hgetall(DOC_KEY_PREFIX + doc_id)  # type: ignore[misc]
     if not raw:
         return None
     fields = {_text(k): _text(v) for k, v in raw.items()}

@@ -9,9 +9,25 @@ HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
 RESERVED_HEADERS = frozenset(
     name.lower()
     for name in (
-        "From", "To", "Cc", "Bcc", "Subject", "Reply-To", "Sender", "Date", "Message-ID",
-        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Content-Disposition",
-        "Return-Path", "Received", "Resent-From", "Resent-To", "Resent-Cc", "Resent-Bcc",
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Subject",
+        "Reply-To",
+        "Sender",
+        "Date",
+        "Message-ID",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+        "Return-Path",
+        "Received",
+        "Resent-From",
+        "Resent-To",
+        "Resent-Cc",
+        "Resent-Bcc",
     )
 )
 

@@ -103,7 +103,9 @@ async def fetch_page(session: aiohttp.ClientSession, url: str, settings: Setting
             raise PermanentJobError(f"refused to fetch {target}: {exc.os_error}") from exc
         raise TransientJobError(f"could not connect to {target.host}: {exc.os_error}") from exc
     except aiohttp.ClientError as exc:
-        raise TransientJobError(f"HTTP error fetching {target}: {type(exc).__name__}: {exc}") from exc
+        raise TransientJobError(
+            f"HTTP error fetching {target}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> FetchedPage:
@@ -172,7 +174,9 @@ async def scrape(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
         fetch_ms=fetch_ms,
     )
     doc_id = await save_document(ctx["redis"], snapshot)
-    log.info("scraped %s -> %s (%d chars, %.0f ms)", spec.url, page.status, len(summary.text), fetch_ms)
+    log.info(
+        "scraped %s -> %s (%d chars, %.0f ms)", spec.url, page.status, len(summary.text), fetch_ms
+    )
     return {
         "document_id": doc_id,
         **snapshot.model_dump(mode="json", exclude={"text", "content_type"}),

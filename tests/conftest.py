@@ -20,6 +20,7 @@ from app.mailsink import server_port, start_smtp_server
 from app.settings import Settings
 from app.web import create_app
 from jobs.worker import worker_options
+from tests.helpers import ApiClient
 from tests.servers import RecordingSmtpHandler, SiteStats, make_site
 
 # A database of its own, flushed before each test: never the one the dev stack uses (0).
@@ -93,7 +94,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 @pytest.fixture
-async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[TestClient]:
+async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
     """The real aiohttp app on a loopback port, with a client for it."""
     async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
         yield client
@@ -124,5 +125,3 @@ async def worker(settings: Settings, redis: ArqRedis) -> AsyncIterator[Worker]:
 async def http() -> AsyncIterator[ClientSession]:
     async with ClientSession() as session:
         yield session
-
-

@@ -8,11 +8,21 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
 T = TypeVar("T")
+
+# The aiohttp test client for our app, with its generic parameters spelled once.
+ApiClient = TestClient[web.Request, web.Application]
 
 
 async def wait_for(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 15.0, interval: float = 0.02, what: str = ""
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.02,
+    what: str = "",
 ) -> T:
     """Poll `check` until it returns a truthy value; fail the test when `timeout` passes."""
     deadline = time.monotonic() + timeout

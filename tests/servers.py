@@ -42,7 +42,9 @@ class RecordingSmtpHandler:
             return self.reject_with
         parsed = email.message_from_bytes(envelope.original_content or b"", policy=policy.default)
         assert isinstance(parsed, EmailMessage)
-        self.messages.append(ReceivedMail(envelope.mail_from, list(envelope.rcpt_tos), parsed))
+        self.messages.append(
+            ReceivedMail(envelope.mail_from or "", list(envelope.rcpt_tos), parsed)
+        )
         return "250 OK"
 
     def message_ids(self) -> list[str]:
@@ -63,7 +65,9 @@ def make_site(stats: SiteStats) -> web.Application:
         return await handler(request)
 
     async def page(request: web.Request) -> web.Response:
-        return web.Response(text=PAGE_HTML.format(n=request.match_info["n"]), content_type="text/html")
+        return web.Response(
+            text=PAGE_HTML.format(n=request.match_info["n"]), content_type="text/html"
+        )
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(int(request.query.get("ms", "200")) / 1000)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp.test_utils import TestClient
-
 from jobs.email import EmailSpec, build_message
-from tests.helpers import wait_for
+from tests.helpers import ApiClient, wait_for
 from tests.servers import RecordingSmtpHandler
 
 
-async def wait_job(api: TestClient, job_id: str, timeout: float = 15) -> dict[str, Any]:
+async def wait_job(api: ApiClient, job_id: str, timeout: float = 15) -> dict[str, Any]:
     """Poll GET /jobs/{id} until the job is finished; return its status body."""
 
     async def finished() -> dict[str, Any] | None:
@@ -23,7 +21,7 @@ async def wait_job(api: TestClient, job_id: str, timeout: float = 15) -> dict[st
 
 
 async def test_email_with_text_and_html_arrives_with_both_parts(
-    api: TestClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
+    api: ApiClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:
     payload = {
         "to": ["alice@example.com", "bob@example.org"],
@@ -52,7 +50,11 @@ async def test_email_with_text_and_html_arrives_with_both_parts(
     assert len(handler.messages) == 1
     received = handler.messages[0]
     assert received.mail_from == "shop@example.com"
-    assert sorted(received.rcpt_tos) == ["alice@example.com", "bob@example.org", "carol@example.net"]
+    assert sorted(received.rcpt_tos) == [
+        "alice@example.com",
+        "bob@example.org",
+        "carol@example.net",
+    ]
     message = received.message
     assert message["Subject"] == "Your order — confirmed"
     assert message["Reply-To"] == "help@example.com"
@@ -66,7 +68,7 @@ async def test_email_with_text_and_html_arrives_with_both_parts(
 
 
 async def test_bcc_recipients_get_mail_but_no_header(
-    api: TestClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
+    api: ApiClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:
     response = await api.post(
         "/jobs/email",
@@ -81,10 +83,12 @@ async def test_bcc_recipients_get_mail_but_no_header(
 
 
 async def test_smtp_5xx_fails_the_job_with_the_server_reply(
-    api: TestClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
+    api: ApiClient, worker: object, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:
     smtp[0].reject_with = "550 5.1.1 Mailbox unavailable"
-    response = await api.post("/jobs/email", json={"to": "x@example.com", "subject": "s", "text": "t"})
+    response = await api.post(
+        "/jobs/email", json={"to": "x@example.com", "subject": "s", "text": "t"}
+    )
     status = await wait_job(api, (await response.json())["job_id"])
     assert status["status"] == "failed"
     assert "PermanentJobError" in status["error"]

@@ -1,0 +1,77 @@
+"""docker-compose.yml cannot run here (no Docker engine): check that it matches the real code."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from app.__main__ import main
+from app.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    return loaded
+
+
+def test_services_and_healthchecks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"redis", "mailpit", "web", "worker"}
+    for name, service in services.items():
+        assert "test" in service["healthcheck"], name
+    assert services["mailpit"]["image"].startswith("axllent/mailpit:")
+    for name in ("web", "worker"):
+        depends = services[name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy"
+
+
+def test_environment_names_are_real_settings(compose: dict[str, Any]) -> None:
+    known = {name.upper() for name in Settings.model_fields} | {"LOG_LEVEL"}
+    for name in ("web", "worker"):
+        env = compose["services"][name]["environment"]
+        assert set(env) <= known, set(env) - known
+        assert urlsplit(env["REDIS_URL"]).hostname == "redis"
+        assert env["SMTP_HOST"] == "mailpit"
+        assert "SMTP_PASSWORD" not in env  # secrets come from the environment, not the repo
+        Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if k != "LOG_LEVEL"})
+
+
+def test_web_command_and_port_match_the_code(compose: dict[str, Any]) -> None:
+    web = compose["services"]["web"]
+    assert web["command"] == ["python", "-m", "app", "web"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["web", "--help"])  # the subcommand exists
+    assert exit_info.value.code == 0
+    port = web["environment"]["WEB_PORT"]
+    assert f"{port}:{port}" in web["ports"]
+    assert port in " ".join(web["healthcheck"]["test"])
+
+
+def test_worker_command_names_the_real_settings_class(compose: dict[str, Any]) -> None:
+    command = compose["services"]["worker"]["command"]
+    assert command[0] == "arq"
+    module_name, _, attr = command[1].rpartition(".")
+    worker_settings = getattr(importlib.import_module(module_name), attr)
+    names = {f.name for f in worker_settings.functions}
+    assert {"send_email", "scrape"} <= names
+    assert compose["services"]["worker"]["healthcheck"]["test"][1:] == [
+        "arq",
+        "--check",
+        command[1],
+    ]
+
+
+def test_dockerfile_copies_what_exists() -> None:
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    for line in lines:
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), source

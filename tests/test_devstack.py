@@ -1,0 +1,96 @@
+"""`python -m app dev` starts the whole stack from nothing, does real work, stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+
+from app.broker import redis_answers
+from tests.helpers import free_port, wait_for
+from tests.servers import SiteStats
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def dev_stack(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[str, str, Path, asyncio.subprocess.Process]]:
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers: the launcher starts one
+    web_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "MAIL_", "REDIS_"))}
+    env |= {
+        "REDIS_URL": redis_url,
+        "WEB_PORT": str(web_port),
+        "MAIL_SINK_DIR": str(tmp_path / "mail"),
+        "SCRAPE_ALLOWED_CIDRS": "127.0.0.0/8",
+        "PYTHONPATH": str(REPO),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "dev", cwd=tmp_path, env=env,
+        stdout=(tmp_path / "dev.log").open("wb"), stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{web_port}", redis_url, tmp_path, process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_dev_stack_sends_mail_scrapes_and_stops_cleanly(
+    dev_stack: tuple[str, str, Path, asyncio.subprocess.Process], site: tuple[str, SiteStats]
+) -> None:
+    base, redis_url, tmp_path, process = dev_stack
+    log = tmp_path / "dev.log"
+    async with ClientSession() as http:
+
+        async def healthy() -> bool | None:
+            try:
+                async with http.get(f"{base}/health") as r:
+                    return r.status == 200 and (await r.json())["status"] == "ok"
+            except OSError:
+                return False
+
+        await wait_for(healthy, timeout=60, interval=0.2, what=f"dev stack health; log: {log}")
+
+        mail = {"to": "you@example.com", "subject": "Hello from dev", "text": "Hi!"}
+        async with http.post(f"{base}/jobs/email", json=mail) as r:
+            assert r.status == 202
+            message_id = (await r.json())["message_id"]
+
+        async def mail_listed() -> list[dict[str, Any]]:
+            async with http.get(f"{base}/dev/mail") as r:
+                return [m for m in (await r.json())["messages"] if m["message_id"] == message_id]
+
+        [listed] = await wait_for(mail_listed, what="the message in the mail sink")
+        assert listed["subject"] == "Hello from dev"
+        assert listed["rcpt_to"] == ["you@example.com"]
+        eml = (tmp_path / "mail" / listed["name"]).read_text()
+        assert "Subject: Hello from dev" in eml
+        async with http.get(f"{base}/dev/mail/{listed['name']}") as r:
+            assert r.status == 200 and "Hi!" in await r.text()
+
+        async with http.post(f"{base}/jobs/scrape", json={"url": f"{site[0]}/page/dev"}) as r:
+            status_url = base + (await r.json())["status_url"]
+
+        async def scraped() -> dict[str, Any] | None:
+            async with http.get(status_url) as r:
+                body = await r.json()
+                return body if body["status"] == "complete" else None
+
+        body = await wait_for(scraped, what="the scrape job")
+        assert body["result"]["title"] == "Test page dev"
+
+    assert await redis_answers(redis_url)
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), timeout=30) == 0, log.read_text()
+    assert not await redis_answers(redis_url), "the redis-server child outlived the launcher"

@@ -1,0 +1,119 @@
+"""Scrape jobs against a real HTML site on loopback: summaries, saved documents, failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from arq.connections import ArqRedis
+
+from app.settings import Settings
+from jobs.documents import document_id, load_document
+from jobs.errors import PermanentJobError, TransientJobError
+from jobs.scrape import make_http_session, scrape
+from tests.servers import SiteStats
+
+
+@pytest.fixture
+async def ctx(settings: Settings, redis: ArqRedis) -> AsyncIterator[dict[str, Any]]:
+    """The same context the worker's startup builds, so the job function runs for real."""
+    session = make_http_session(settings)
+    yield {"settings": settings, "redis": redis, "http": session}
+    await session.close()
+
+
+async def test_scrape_returns_summary_and_saves_document(
+    ctx: dict[str, Any], site: tuple[str, SiteStats], redis: ArqRedis
+) -> None:
+    base, _ = site
+    url = f"{base}/page/1"
+    result = await scrape(ctx, {"url": url, "selectors": {"lead": "p.lead", "h": "h1"}})
+    assert result["status"] == 200
+    assert result["final_url"] == url
+    assert result["title"] == "Test page 1"
+    assert result["description"] == "A page for tests"
+    assert result["links_count"] == 3
+    assert result["extracted"] == {"lead": ["Lead paragraph"], "h": ["Headline 1"]}
+    # script and style contents are not text
+    assert result["text_length"] == len("Headline 1 Lead paragraph A B C")
+
+    saved = await load_document(redis, document_id(url))
+    assert saved is not None
+    assert result["document_id"] == document_id(url)
+    assert saved.text == "Headline 1 Lead paragraph A B C"
+    assert saved.title == "Test page 1"
+    assert saved.fetched_at.isoformat() == result["fetched_at"].replace("Z", "+00:00")
+    assert await redis.zscore("asyncjobs:docs", document_id(url)) is not None
+
+
+async def test_redirect_is_followed_and_final_url_reported(
+    ctx: dict[str, Any], site: tuple[str, SiteStats]
+) -> None:
+    base, _ = site
+    result = await scrape(ctx, {"url": f"{base}/redirect"})
+    assert result["final_url"] == f"{base}/page/redirected"
+    assert result["title"] == "Test page redirected"
+
+
+async def test_slow_page_times_out(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+) -> None:
+    settings = make_settings(scrape_timeout=0.3)
+    session = make_http_session(settings)
+    try:
+        ctx = {"settings": settings, "redis": redis, "http": session}
+        with pytest.raises(TransientJobError, match=r"timed out after 0.3s"):
+            await scrape(ctx, {"url": f"{site[0]}/slow?ms=3000"})
+    finally:
+        await session.close()
+
+
+async def test_huge_page_is_cut_off_at_the_size_cap(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+) -> None:
+    settings = make_settings(scrape_max_bytes=100_000)
+    session = make_http_session(settings)
+    try:
+        ctx = {"settings": settings, "redis": redis, "http": session}
+        with pytest.raises(PermanentJobError, match="larger than the 100000 byte limit"):
+            await scrape(ctx, {"url": f"{site[0]}/huge"})
+    finally:
+        await session.close()
+    assert await redis.zcard("asyncjobs:docs") == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [
+        ("/loop", PermanentJobError, "more than 5 redirects"),
+        ("/error", TransientJobError, "HTTP 500"),
+        ("/missing", PermanentJobError, "HTTP 404"),
+        ("/json", PermanentJobError, r"not an HTML page \(Content-Type: application/json\)"),
+    ],
+)
+async def test_bad_pages_fail_with_a_clear_error(
+    ctx: dict[str, Any],
+    site: tuple[str, SiteStats],
+    path: str,
+    error: type[Exception],
+    message: str,
+) -> None:
+    with pytest.raises(error, match=message):
+        await scrape(ctx, {"url": site[0] + path})
+
+
+async def test_redirect_loop_stops_after_the_limit(
+    ctx: dict[str, Any], site: tuple[str, SiteStats]
+) -> None:
+    base, stats = site
+    with pytest.raises(PermanentJobError):
+        await scrape(ctx, {"url": f"{base}/loop"})
+    assert stats.hits["/loop"] == 6  # the first request and 5 redirects
+
+
+async def test_connection_refused_is_transient(ctx: dict[str, Any]) -> None:
+    from tests.helpers import free_port
+
+    with pytest.raises(TransientJobError, match="could not connect"):
+        await scrape(ctx, {"url": f"http://127.0.0.1:{free_port()}/"})
