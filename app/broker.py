@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.settings import Settings
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
-    """arq's RedisSettings for the worker, with our timeout applied."""
+    """arq's RedisSettings for the worker: our timeout, and retries that outlast a Redis restart.
+
+    Without retries a worker dies on the first failed command while Redis restarts; with them its
+    commands wait (backing off up to 1 s between tries) for `worker_redis_retry_seconds`.
+    """
     rs = RedisSettings.from_dsn(settings.redis_url)
     rs.conn_timeout = settings.redis_timeout  # type: ignore[assignment]  # arq types it int
+    backoff_cap = 1.0
+    retries = math.ceil(settings.worker_redis_retry_seconds / backoff_cap) + 7  # 7 short ones
+    rs.retry = Retry(ExponentialBackoff(cap=backoff_cap, base=0.01), retries)
+    rs.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
     return rs
 
 

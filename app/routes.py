@@ -1,22 +1,29 @@
-"""HTTP handlers: validate, enqueue, report. Each one is small; the work happens in the worker."""
+"""HTTP handlers for jobs, health and the dev mailbox: validate, enqueue, report.
+
+Each handler is small; the work happens in the worker.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import uuid
 
 from aiohttp import web
-from arq.connections import ArqRedis
-from arq.constants import health_check_key_suffix
-from pydantic import BaseModel
+from arq.constants import abort_jobs_ss, health_check_key_suffix
+from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
 from app import mailsink
+from app.appkeys import REDIS, SETTINGS
+from app.dead_letter_routes import add_dead_letter_routes
+from app.httputil import JOB_ID_PATTERN, json_model, query_int, read_json_object, status_url
+from app.idempotency import idempotent
 from app.jobstatus import read_job
 from app.schemas import (
+    AbortAccepted,
     EmailAccepted,
     EmailSpec,
     Health,
+    NewsletterAccepted,
     ScrapeAccepted,
     ScrapeBatchAccepted,
     ScrapeRequest,
@@ -24,41 +31,22 @@ from app.schemas import (
 )
 from app.settings import Settings
 from jobs.email import new_message_id
+from jobs.newsletter import NewsletterSpec, batch_progress
 
-SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", ArqRedis)
-
-JOB_ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
+FINISHED = frozenset({"complete", "failed", "aborted"})
 
 
-def json_model(model: BaseModel, status: int = 200) -> web.Response:
-    return web.json_response(model.model_dump(mode="json"), status=status)
-
-
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; 400 for empty or malformed JSON, 413 (by aiohttp) if too big."""
-    raw = await request.read()
-    if not raw.strip():
-        raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise web.HTTPBadRequest(text=f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise web.HTTPUnprocessableEntity(text="request body must be a JSON object")
-    return data
-
-
-def status_url(request: web.Request, job_id: str) -> str:
-    return str(request.app.router["job_status"].url_for(job_id=job_id))
-
-
-async def enqueue_email(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    context = {
-        "max_recipients": settings.mail_max_recipients,
+def sender_context(settings: Settings, max_recipients: int) -> dict[str, object]:
+    return {
+        "max_recipients": max_recipients,
         "allowed_sender_domains": settings.mail_allowed_sender_domains,
     }
+
+
+@idempotent
+async def enqueue_email(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    context = sender_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(await read_json_object(request), context=context)
     message_id = new_message_id(spec.from_ or settings.mail_from)
     job = await request.app[REDIS].enqueue_job(
@@ -71,6 +59,28 @@ async def enqueue_email(request: web.Request) -> web.Response:
     return json_model(accepted, status=202)
 
 
+@idempotent
+async def enqueue_newsletter(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    context = sender_context(settings, settings.newsletter_max_recipients)
+    spec = NewsletterSpec.model_validate(await read_json_object(request), context=context)
+    newsletter_id = uuid.uuid4().hex
+    job = await request.app[REDIS].enqueue_job(
+        "send_newsletter",
+        newsletter_id=newsletter_id,
+        newsletter=spec.model_dump(mode="json", by_alias=True),
+        _job_id=newsletter_id,
+    )
+    assert job is not None
+    accepted = NewsletterAccepted(
+        job_id=newsletter_id,
+        status_url=status_url(request, newsletter_id),
+        recipients=len(spec.recipients),
+    )
+    return json_model(accepted, status=202)
+
+
+@idempotent
 async def enqueue_scrape(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = {"max_urls": settings.max_urls_per_request, "max_selectors": settings.max_selectors}
@@ -91,10 +101,34 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
 
 
 async def job_status(request: web.Request) -> web.Response:
-    view = await read_job(
-        request.app[REDIS], request.match_info["job_id"], request.app[SETTINGS].queue_name
-    )
+    redis = request.app[REDIS]
+    job_id = request.match_info["job_id"]
+    view = await read_job(redis, job_id, request.app[SETTINGS].queue_name)
+    if view.function == "send_newsletter":
+        view.progress = await batch_progress(redis, job_id)
     return json_model(view, status=404 if view.status == "not_found" else 200)
+
+
+async def abort_job(request: web.Request) -> web.Response:
+    """Ask workers to abort a queued, deferred or running job (arq's abort set)."""
+    redis = request.app[REDIS]
+    queue = request.app[SETTINGS].queue_name
+    job_id = request.match_info["job_id"]
+    view = await read_job(redis, job_id, queue)
+    if view.status == "not_found":
+        raise web.HTTPNotFound(text=f"no job {job_id}")
+    if view.status in FINISHED:
+        raise web.HTTPConflict(text=f"job {job_id} has already finished ({view.status})")
+    now = timestamp_ms()
+    async with redis.pipeline(transaction=True) as pipe:
+        if view.status == "deferred":  # due now, so a worker picks it up and aborts it at once
+            pipe.zadd(queue, {job_id: now}, xx=True)
+        pipe.zadd(abort_jobs_ss, {job_id: now})
+        await pipe.execute()
+    accepted = AbortAccepted(
+        job_id=job_id, status_url=status_url(request, job_id), status_before=view.status
+    )
+    return json_model(accepted, status=202)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -123,7 +157,7 @@ async def health(request: web.Request) -> web.Response:
 async def list_mail(request: web.Request) -> web.Response:
     folder = request.app[SETTINGS].mail_sink_dir
     assert folder is not None
-    limit = _int_query(request, "limit", default=50, lo=1, hi=500)
+    limit = query_int(request, "limit", default=50, lo=1, hi=500)
     messages = await mailsink.list_messages(folder, limit)
     return web.json_response({"messages": [m.model_dump(mode="json") for m in messages]})
 
@@ -137,24 +171,18 @@ async def show_mail(request: web.Request) -> web.Response:
     return web.Response(body=raw, content_type="message/rfc822")
 
 
-def _int_query(request: web.Request, name: str, *, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
-        raise web.HTTPBadRequest(text=f"query parameter {name!r} must be an integer {lo}..{hi}")
-    return int(raw)
-
-
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_post("/jobs/email", enqueue_email)
+    app.router.add_post("/jobs/newsletter", enqueue_newsletter)
     app.router.add_post("/jobs/scrape", enqueue_scrape)
     app.router.add_get(f"/jobs/{{job_id:{JOB_ID_PATTERN}}}", job_status, name="job_status")
+    app.router.add_delete(f"/jobs/{{job_id:{JOB_ID_PATTERN}}}", abort_job)
     app.router.add_get("/health", health)
+    add_dead_letter_routes(app)
     if settings.mail_sink_dir is not None:
         app.router.add_get("/dev/mail", list_mail)
         app.router.add_get(f"/dev/mail/{{name:{mailsink.MESSAGE_NAME_PATTERN}}}", show_mail)

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from jobs.deadletter import DeadLetter
 from jobs.email import EmailSpec
+from jobs.newsletter import BatchProgress
 from jobs.scrape import MAX_URL_LENGTH, ScrapeTarget, Selectors
 
 __all__ = ["EmailSpec", "ScrapeRequest"]
@@ -58,6 +60,21 @@ class ScrapeAccepted(JobAccepted):
     url: str
 
 
+class NewsletterAccepted(JobAccepted):
+    recipients: int
+
+
+class AbortAccepted(JobAccepted):
+    status_before: JobState
+
+
+class DeadLetterPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[DeadLetter]
+
+
 class ScrapeBatchAccepted(BaseModel):
     jobs: list[ScrapeAccepted]
 
@@ -72,6 +89,7 @@ class JobView(BaseModel):
     tries: int | None = None
     result: Any = None
     error: str | None = None
+    progress: BatchProgress | None = None  # bulk jobs: messages sent / failed / pending
 
 
 class WorkerHealth(BaseModel):

@@ -35,6 +35,18 @@ class Settings(BaseSettings):
     job_timeout: float = Field(300, gt=0)
     keep_result: float = Field(24 * 3600, gt=0, description="seconds arq keeps a job's result")
     worker_health_interval: float = Field(10, gt=0)
+    # SIGTERM: stop taking jobs, let running ones finish for this long, then leave them to re-run.
+    shutdown_grace: float = Field(25, ge=0)
+    # How long the worker keeps retrying Redis commands while Redis restarts, seconds.
+    worker_redis_retry_seconds: float = Field(30, ge=0)
+
+    # Retries of transient failures: exponential backoff with jitter, per job family.
+    email_max_tries: int = Field(5, ge=1)
+    scrape_max_tries: int = Field(3, ge=1)
+    retry_base_delay: float = Field(2.0, gt=0)
+    retry_max_delay: float = Field(600, gt=0)
+    sent_marker_ttl: float = Field(7 * 24 * 3600, gt=0, description="dedup window for emails")
+    idempotency_ttl: float = Field(24 * 3600, gt=0)
 
     # Email
     smtp_host: str | None = None
@@ -49,6 +61,7 @@ class Settings(BaseSettings):
     mail_max_recipients: int = Field(50, gt=0)
     # When set, callers may only send `from` these domains (the service is not an open relay).
     mail_allowed_sender_domains: Annotated[list[str], NoDecode] = []
+    newsletter_max_recipients: int = Field(10_000, gt=0)
     mail_sink_dir: Path | None = Field(None, description="dev mail sink folder; enables /dev/mail")
 
     # Scraping

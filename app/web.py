@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from app.appkeys import REDIS, SETTINGS
 from app.broker import connect
 from app.errors import json_errors
-from app.routes import REDIS, SETTINGS, add_routes
+from app.routes import add_routes
 from app.settings import Settings
 
 

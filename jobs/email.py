@@ -6,7 +6,7 @@ import logging
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -18,8 +18,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from redis.asyncio import Redis
 
 from jobs.headers import header_name, single_line
+from jobs.retry import classified
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,59 @@ def build_message(spec: EmailSpec, default_from: str, message_id: str) -> EmailM
     return message
 
 
-async def send_email(ctx: dict[str, Any], email: dict[str, Any], message_id: str) -> dict[str, Any]:
-    """arq job: validate the spec again (the queue is a boundary too), build and send it."""
+SENT_KEY_PREFIX = "asyncjobs:sent:"  # message id -> sent marker (exactly-once delivery)
+BATCH_KEY_PREFIX = "asyncjobs:batch:"  # batch id -> sets of sent / failed message ids
+
+
+def batch_key(batch_id: str, outcome: Literal["sent", "failed"]) -> str:
+    return f"{BATCH_KEY_PREFIX}{batch_id}:{outcome}"
+
+
+async def record_sent(
+    redis: Redis, message_id: str, batch_id: str | None, marker_ttl: float
+) -> None:
+    """The sent marker (and batch progress) in one transaction, right after the server said 250."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(SENT_KEY_PREFIX + message_id, "1", ex=int(marker_ttl))
+        if batch_id:
+            pipe.sadd(batch_key(batch_id, "sent"), message_id)
+            pipe.srem(batch_key(batch_id, "failed"), message_id)
+            pipe.expire(batch_key(batch_id, "sent"), int(marker_ttl))
+        await pipe.execute()
+
+
+async def record_failed(ctx: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """Dead-letter hook: count the message as failed in its batch's progress."""
+    batch_id, message_id = kwargs.get("batch_id"), kwargs.get("message_id")
+    if batch_id and message_id:
+        key = batch_key(batch_id, "failed")
+        async with ctx["redis"].pipeline(transaction=True) as pipe:
+            pipe.sadd(key, message_id)
+            pipe.expire(key, int(ctx["settings"].sent_marker_ttl))
+            await pipe.execute()
+
+
+@classified("email", on_dead_letter=record_failed)
+async def send_email(
+    ctx: dict[str, Any], email: dict[str, Any], message_id: str, batch_id: str | None = None
+) -> dict[str, Any]:
+    """arq job: send one message at most once, however often the job itself runs.
+
+    arq runs a job at least once (again after a worker crash). The sent marker, written right
+    after the SMTP server accepts the message, turns that into exactly-once delivery except for
+    one window: a crash after the server's 250 reply and before the marker write (a single Redis
+    round trip) sends the message again on the re-run, with the same Message-ID.
+    """
     settings = ctx["settings"]
-    spec = EmailSpec.model_validate(email)
+    redis: Redis = ctx["redis"]
+    if await redis.exists(SENT_KEY_PREFIX + message_id):
+        await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
+        log.info("email %s already sent; not sending again", message_id)
+        return {"message_id": message_id, "skipped": "already sent"}
+    spec = EmailSpec.model_validate(email)  # the queue is a boundary too
     message = build_message(spec, settings.mail_from, message_id)
     outcome = await ctx["smtp"].send(message, spec.envelope_recipients())
+    await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
     log.info("email %s sent to %d recipient(s)", message_id, len(outcome.accepted))
     return {
         "message_id": message_id,

@@ -11,3 +11,7 @@ class PermanentJobError(JobError):
 
 class TransientJobError(JobError):
     """The failure may go away by itself (timeout, connection reset, HTTP 5xx, SMTP 4xx)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds the remote side asked us to wait, if it did

@@ -7,6 +7,7 @@ import codecs
 import logging
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Annotated, Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from jobs.documents import DocumentSnapshot, content_hash, now_utc, save_documen
 from jobs.errors import PermanentJobError, TransientJobError
 from jobs.html import is_valid_selector, summarize_html
 from jobs.netguard import ForbiddenTargetError, GuardedResolver, check_url
+from jobs.retry import classified
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,24 @@ def _check_status(response: aiohttp.ClientResponse) -> None:
         return
     reason = f"HTTP {status} {response.reason or ''}".strip()
     if status == 429 or status >= 500:
-        raise TransientJobError(f"{reason} from {response.url}")
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise TransientJobError(f"{reason} from {response.url}", retry_after=retry_after)
     raise PermanentJobError(f"{reason} from {response.url}")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After is either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - now_utc()).total_seconds())
 
 
 def decode_body(body: bytes, charset: str | None) -> str:
@@ -146,8 +164,14 @@ def decode_body(body: bytes, charset: str | None) -> str:
     return body.decode(codec, errors="replace")
 
 
+@classified("scrape")
 async def scrape(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     """arq job: fetch, summarize and save one page; returns the summary."""
+    return await scrape_page(ctx, target)
+
+
+async def scrape_page(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """Fetch, summarize and save one page with the worker's shared clients in `ctx`."""
     settings: Settings = ctx["settings"]
     spec = ScrapeTarget.model_validate(target)
     started = time.perf_counter()

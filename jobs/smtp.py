@@ -51,7 +51,10 @@ class SmtpPool:
             except aiosmtplib.SMTPException as exc:
                 self._discard(client)
                 raise classify_smtp_error(exc) from exc
-            except BaseException:
+            except OSError as exc:
+                self._discard(client)
+                raise TransientJobError(f"SMTP connection failed: {exc}") from exc
+            except BaseException:  # cancelled (abort, shutdown): never reuse a half-used session
                 self._discard(client)
                 raise
             self._idle.append(_Idle(client, time.monotonic()))
@@ -81,7 +84,7 @@ class SmtpPool:
             return True
         try:
             await entry.client.noop()
-        except aiosmtplib.SMTPException:
+        except (aiosmtplib.SMTPException, OSError):
             return False
         return True
 
@@ -100,6 +103,8 @@ class SmtpPool:
             await client.connect()
         except aiosmtplib.SMTPException as exc:
             raise classify_smtp_error(exc) from exc
+        except OSError as exc:
+            raise TransientJobError(f"could not connect to SMTP server: {exc}") from exc
         return client
 
     @staticmethod

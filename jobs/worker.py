@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
-from arq.worker import func
+from arq.typing import WorkerCoroutine
+from arq.worker import Function, func
 
 from app.broker import redis_settings
 from app.settings import Settings, get_settings
 from jobs.email import send_email
+from jobs.newsletter import send_newsletter
+from jobs.retry import max_tries
 from jobs.scrape import make_http_session, scrape
 from jobs.smtp import SmtpPool
 
@@ -49,13 +52,22 @@ async def record_job_start(ctx: dict[str, Any]) -> None:
         await pipe.execute()
 
 
-FUNCTIONS = [func(send_email, name="send_email"), func(scrape, name="scrape")]
+def job_functions(settings: Settings) -> list[Function]:
+    """arq stops a job at its own max_tries before our wrapper sees it; one more lets the wrapper
+    see every try and dead-letter the job itself (see jobs.retry.classified)."""
+    email_tries = max_tries(settings, "email") + 1
+    scrape_tries = max_tries(settings, "scrape") + 1
+    return [
+        func(cast(WorkerCoroutine, send_email), name="send_email", max_tries=email_tries),
+        func(cast(WorkerCoroutine, send_newsletter), name="send_newsletter", max_tries=email_tries),
+        func(cast(WorkerCoroutine, scrape), name="scrape", max_tries=scrape_tries),
+    ]
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `arq.worker.Worker` (and the attributes of `WorkerSettings`)."""
     return {
-        "functions": FUNCTIONS,
+        "functions": job_functions(settings),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "on_job_start": record_job_start,
@@ -66,4 +78,6 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "keep_result": settings.keep_result,
         "health_check_interval": settings.worker_health_interval,
         "poll_delay": 0.1,
+        "allow_abort_jobs": True,
+        "job_completion_wait": settings.shutdown_grace,
     }

@@ -82,6 +82,8 @@ def make_settings(smtp: tuple[RecordingSmtpHandler, int]) -> Callable[..., Setti
             "scrape_allowed_cidrs": LOOPBACK,
             "scrape_timeout": 3,
             "worker_health_interval": 1,
+            "retry_base_delay": 0.05,
+            "retry_max_delay": 0.5,
         }
         return Settings(_env_file=None, **(values | overrides))
 

@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from app.settings import Settings
 from jobs.errors import PermanentJobError
 from jobs.netguard import is_forbidden
-from jobs.scrape import make_http_session, scrape
+from jobs.scrape import make_http_session, scrape_page
 from tests.servers import SiteStats
 
 
@@ -51,7 +51,7 @@ async def test_loopback_refused_without_allowlist(
     try:
         ctx = {"settings": settings, "redis": redis, "http": session}
         with pytest.raises(PermanentJobError, match="refused to fetch"):
-            await scrape(ctx, {"url": f"http://{host}:{port}/page/1"})
+            await scrape_page(ctx, {"url": f"http://{host}:{port}/page/1"})
     finally:
         await session.close()
     assert stats.hits == {}  # the server never saw a request
@@ -78,7 +78,7 @@ async def test_redirect_to_forbidden_address_is_refused(
     try:
         ctx = {"settings": settings, "redis": redis, "http": session}
         with pytest.raises(PermanentJobError, match=r"127\.0\.0\.2 is not a public address"):
-            await scrape(ctx, {"url": f"http://127.0.0.1:{bouncer.port}/"})
+            await scrape_page(ctx, {"url": f"http://127.0.0.1:{bouncer.port}/"})
     finally:
         await session.close()
         await bouncer.close()

@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from app.settings import Settings
 from jobs.documents import document_id, load_document
 from jobs.errors import PermanentJobError, TransientJobError
-from jobs.scrape import make_http_session, scrape
+from jobs.scrape import make_http_session, scrape_page
 from tests.servers import SiteStats
 
 
@@ -28,7 +28,7 @@ async def test_scrape_returns_summary_and_saves_document(
 ) -> None:
     base, _ = site
     url = f"{base}/page/1"
-    result = await scrape(ctx, {"url": url, "selectors": {"lead": "p.lead", "h": "h1"}})
+    result = await scrape_page(ctx, {"url": url, "selectors": {"lead": "p.lead", "h": "h1"}})
     assert result["status"] == 200
     assert result["final_url"] == url
     assert result["title"] == "Test page 1"
@@ -51,7 +51,7 @@ async def test_redirect_is_followed_and_final_url_reported(
     ctx: dict[str, Any], site: tuple[str, SiteStats]
 ) -> None:
     base, _ = site
-    result = await scrape(ctx, {"url": f"{base}/redirect"})
+    result = await scrape_page(ctx, {"url": f"{base}/redirect"})
     assert result["final_url"] == f"{base}/page/redirected"
     assert result["title"] == "Test page redirected"
 
@@ -64,7 +64,7 @@ async def test_slow_page_times_out(
     try:
         ctx = {"settings": settings, "redis": redis, "http": session}
         with pytest.raises(TransientJobError, match=r"timed out after 0.3s"):
-            await scrape(ctx, {"url": f"{site[0]}/slow?ms=3000"})
+            await scrape_page(ctx, {"url": f"{site[0]}/slow?ms=3000"})
     finally:
         await session.close()
 
@@ -77,7 +77,7 @@ async def test_huge_page_is_cut_off_at_the_size_cap(
     try:
         ctx = {"settings": settings, "redis": redis, "http": session}
         with pytest.raises(PermanentJobError, match="larger than the 100000 byte limit"):
-            await scrape(ctx, {"url": f"{site[0]}/huge"})
+            await scrape_page(ctx, {"url": f"{site[0]}/huge"})
     finally:
         await session.close()
     assert await redis.zcard("asyncjobs:docs") == 0
@@ -100,7 +100,7 @@ async def test_bad_pages_fail_with_a_clear_error(
     message: str,
 ) -> None:
     with pytest.raises(error, match=message):
-        await scrape(ctx, {"url": site[0] + path})
+        await scrape_page(ctx, {"url": site[0] + path})
 
 
 async def test_redirect_loop_stops_after_the_limit(
@@ -108,7 +108,7 @@ async def test_redirect_loop_stops_after_the_limit(
 ) -> None:
     base, stats = site
     with pytest.raises(PermanentJobError):
-        await scrape(ctx, {"url": f"{base}/loop"})
+        await scrape_page(ctx, {"url": f"{base}/loop"})
     assert stats.hits["/loop"] == 6  # the first request and 5 redirects
 
 
@@ -116,4 +116,4 @@ async def test_connection_refused_is_transient(ctx: dict[str, Any]) -> None:
     from tests.helpers import free_port
 
     with pytest.raises(TransientJobError, match="could not connect"):
-        await scrape(ctx, {"url": f"http://127.0.0.1:{free_port()}/"})
+        await scrape_page(ctx, {"url": f"http://127.0.0.1:{free_port()}/"})

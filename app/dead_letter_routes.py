@@ -1,0 +1,60 @@
+"""Dead-letter API: list, inspect, retry (with a fresh try budget) and delete failed jobs."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.appkeys import REDIS
+from app.httputil import JOB_ID_PATTERN, json_model, query_int, status_url
+from app.schemas import DeadLetterPage, JobAccepted
+from jobs.deadletter import (
+    add_dead_letter,
+    get_dead_letter,
+    list_dead_letters,
+    remove_dead_letter,
+)
+
+
+async def list_entries(request: web.Request) -> web.Response:
+    offset = query_int(request, "offset", default=0, lo=0, hi=10_000_000)
+    limit = query_int(request, "limit", default=50, lo=1, hi=500)
+    total, items = await list_dead_letters(request.app[REDIS], offset, limit)
+    return json_model(DeadLetterPage(total=total, offset=offset, limit=limit, items=items))
+
+
+async def show_entry(request: web.Request) -> web.Response:
+    entry = await get_dead_letter(request.app[REDIS], request.match_info["entry_id"])
+    if entry is None:
+        raise web.HTTPNotFound(text="no such dead-letter entry")
+    return json_model(entry)
+
+
+async def retry_entry(request: web.Request) -> web.Response:
+    """Re-enqueue as a new job (tries start again at 1). Taking the entry out first means two
+    concurrent retries cannot both enqueue it; if enqueueing fails the entry is put back."""
+    redis = request.app[REDIS]
+    entry = await get_dead_letter(redis, request.match_info["entry_id"])
+    if entry is None or not await remove_dead_letter(redis, entry.id):
+        raise web.HTTPNotFound(text="no such dead-letter entry")
+    try:
+        job = await redis.enqueue_job(entry.function, **entry.arguments)
+    except BaseException:
+        await add_dead_letter(redis, entry)
+        raise
+    assert job is not None
+    accepted = JobAccepted(job_id=job.job_id, status_url=status_url(request, job.job_id))
+    return json_model(accepted, status=202)
+
+
+async def delete_entry(request: web.Request) -> web.Response:
+    if not await remove_dead_letter(request.app[REDIS], request.match_info["entry_id"]):
+        raise web.HTTPNotFound(text="no such dead-letter entry")
+    return web.Response(status=204)
+
+
+def add_dead_letter_routes(app: web.Application) -> None:
+    entry = f"/dead-letter/{{entry_id:{JOB_ID_PATTERN}}}"
+    app.router.add_get("/dead-letter", list_entries)
+    app.router.add_get(entry, show_entry)
+    app.router.add_post(f"{entry}/retry", retry_entry)
+    app.router.add_delete(entry, delete_entry)

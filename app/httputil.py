@@ -1,0 +1,42 @@
+"""Helpers every handler uses: JSON bodies in, pydantic models out, bounded query parameters."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+JOB_ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
+
+
+def json_model(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"), status=status)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; 400 for empty or malformed JSON, 413 (by aiohttp) if too big."""
+    raw = await request.read()
+    if not raw.strip():
+        raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise web.HTTPBadRequest(text=f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise web.HTTPUnprocessableEntity(text="request body must be a JSON object")
+    return data
+
+
+def query_int(request: web.Request, name: str, *, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise web.HTTPBadRequest(text=f"query parameter {name!r} must be an integer {lo}..{hi}")
+    return int(raw)
+
+
+def status_url(request: web.Request, job_id: str) -> str:
+    return str(request.app.router["job_status"].url_for(job_id=job_id))

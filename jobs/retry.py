@@ -1,0 +1,110 @@
+"""Classified retries: transient errors back off and retry, the rest go to the dead-letter store.
+
+Every job function is wrapped by `classified(family)`. The wrapper decides from the error's class
+(see jobs.errors) whether another try can help, and when it cannot, records the job before arq
+marks it failed, so no failed job vanishes when its arq result expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from arq.worker import Retry
+from pydantic import ValidationError
+
+from app.settings import Settings
+from jobs.deadletter import DeadLetter, add_dead_letter
+from jobs.documents import now_utc
+from jobs.errors import PermanentJobError, TransientJobError
+
+log = logging.getLogger(__name__)
+
+Family = Literal["email", "scrape"]
+JobFunction = Callable[..., Awaitable[Any]]
+DeadLetterHook = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
+# What is left of job_timeout for the wrapper's own deadline, so it fires before arq's.
+TIMEOUT_HEADROOM = 0.95
+
+
+def max_tries(settings: Settings, family: Family) -> int:
+    return settings.email_max_tries if family == "email" else settings.scrape_max_tries
+
+
+def backoff_delay(settings: Settings, job_try: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with "equal jitter"; a server's Retry-After is a floor (within cap)."""
+    ceiling = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (job_try - 1))
+    delay = random.uniform(ceiling / 2, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.retry_max_delay))
+    return delay
+
+
+def classified(
+    family: Family, on_dead_letter: DeadLetterHook | None = None
+) -> Callable[[JobFunction], JobFunction]:
+    """Wrap a job: retry transient errors, dead-letter the rest (then call `on_dead_letter`)."""
+
+    def decorate(job: JobFunction) -> JobFunction:
+        @functools.wraps(job)
+        async def run(ctx: dict[str, Any], **kwargs: Any) -> Any:
+            settings: Settings = ctx["settings"]
+            job_try: int = ctx["job_try"]
+            limit = max_tries(settings, family)
+            try:
+                if job_try > limit:  # re-runs after worker crashes count as tries too
+                    raise PermanentJobError(f"gave up: started {job_try - 1} times, never finished")
+                async with asyncio.timeout(settings.job_timeout * TIMEOUT_HEADROOM):
+                    return await job(ctx, **kwargs)
+            except TimeoutError as exc:
+                error: Exception = TransientJobError(f"job timed out after {settings.job_timeout}s")
+                error.__cause__ = exc
+            except (PermanentJobError, TransientJobError) as exc:
+                error = exc
+            except ValidationError as exc:
+                error = PermanentJobError(f"invalid job arguments: {exc}")
+            except Exception as exc:  # a bug: retrying will not fix it, keep it for a human
+                log.exception("job %s (%s) raised an unexpected error", ctx["job_id"], job.__name__)
+                error = PermanentJobError(f"unexpected error: {type(exc).__name__}: {exc}")
+
+            if isinstance(error, TransientJobError) and job_try < limit:
+                delay = backoff_delay(settings, job_try, error.retry_after)
+                log.warning(
+                    "job %s try %d/%d failed, retrying in %.2fs: %s",
+                    ctx["job_id"], job_try, limit, delay, error,
+                )  # fmt: skip
+                raise Retry(defer=delay) from error
+            reason: Literal["permanent", "exhausted"] = (
+                "exhausted" if isinstance(error, TransientJobError) else "permanent"
+            )
+            await add_dead_letter(
+                ctx["redis"],
+                DeadLetter(
+                    id=ctx["job_id"],
+                    function=job.__name__,
+                    arguments=kwargs,
+                    error=str(error),
+                    reason=reason,
+                    tries=job_try,
+                    enqueue_time=ctx.get("enqueue_time"),
+                    failed_at=now_utc(),
+                ),
+            )
+            if on_dead_letter is not None:
+                await on_dead_letter(ctx, kwargs)
+            log.error(
+                "job %s dead-lettered (%s after %d tries): %s",
+                ctx["job_id"],
+                reason,
+                job_try,
+                error,
+            )
+            raise error
+
+        return run
+
+    return decorate
