@@ -7,7 +7,7 @@ import math
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -36,6 +36,9 @@ def connect(settings: Settings) -> ArqRedis:
         settings.redis_url,
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
+        # one immediate reconnect: a pooled connection may be stale after a Redis restart
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
     )
     return ArqRedis(pool, default_queue_name=settings.queue_name)
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from arq.worker import Retry
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from app.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
@@ -65,6 +66,8 @@ def classified(
                 error.__cause__ = exc
             except (PermanentJobError, TransientJobError) as exc:
                 error = exc
+            except RedisError as exc:  # Redis restarting: worth another try once it is back
+                error = TransientJobError(f"Redis unavailable: {exc}")
             except ValidationError as exc:
                 error = PermanentJobError(f"invalid job arguments: {exc}")
             except Exception as exc:  # a bug: retrying will not fix it, keep it for a human

@@ -13,11 +13,14 @@ from app.broker import redis_settings
 from app.settings import Settings, get_settings
 from jobs.email import send_email
 from jobs.newsletter import send_newsletter
+from jobs.resilience import install, worker_redis
 from jobs.retry import max_tries
 from jobs.scrape import make_http_session, scrape
 from jobs.smtp import SmtpPool
 
 log = logging.getLogger(__name__)
+
+install()  # every worker built from these options survives Redis restarts
 
 JOB_META_PREFIX = "asyncjobs:job:"  # hash per job: facts arq does not keep (start time)
 
@@ -71,7 +74,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "on_startup": startup,
         "on_shutdown": shutdown,
         "on_job_start": record_job_start,
-        "redis_settings": redis_settings(settings),
+        "redis_settings": redis_settings(settings),  # read by `arq --check`
+        "redis_pool": worker_redis(settings),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
         "job_timeout": settings.job_timeout,

@@ -127,3 +127,19 @@ async def worker(settings: Settings, redis: ArqRedis) -> AsyncIterator[Worker]:
 async def http() -> AsyncIterator[ClientSession]:
     async with ClientSession() as session:
         yield session
+
+
+# Figures the fault tests measure (counts of lost and duplicated work), printed after the run.
+FAULT_REPORT: list[str] = []
+
+
+@pytest.fixture
+def fault_report() -> Callable[[str], None]:
+    return FAULT_REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FAULT_REPORT:
+        terminalreporter.section("fault test figures")
+        for line in FAULT_REPORT:
+            terminalreporter.write_line(line)

@@ -29,15 +29,48 @@ class ReceivedMail:
 
 @dataclass
 class RecordingSmtpHandler:
-    """Keeps every message; `reject_with` makes DATA answer that SMTP reply instead."""
+    """Keeps every message it accepts.
+
+    - `reject_with`: DATA answers that reply instead; `refuse_rcpt`: RCPT TO answers 550.
+    - `data_delay`: seconds each DATA takes; `in_data` counts messages inside that delay.
+    - `gate`: while cleared, finished DATA waits before being accepted.
+    - A message whose client is gone by the time it would be accepted is not kept: the 250
+      reply could not reach it, so the client rightly thinks it was not delivered.
+    """
 
     messages: list[ReceivedMail] = field(default_factory=list)
     reject_with: str | None = None
+    refuse_rcpt: set[str] = field(default_factory=set)
     data_delay: float = 0.0
+    in_data: int = 0
+    dropped: int = 0
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address in self.refuse_rcpt:
+            return "550 5.1.1 Mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
+        self.in_data += 1
+        try:
+            if self.data_delay:
+                await asyncio.sleep(self.data_delay)
+            await self.gate.wait()
+        except asyncio.CancelledError:  # aiosmtpd cancels us when the client disconnects
+            self.dropped += 1
+            raise
+        finally:
+            self.in_data -= 1
+        if server.transport is None or server.transport.is_closing():
+            self.dropped += 1
+            return "421 client went away"
         if self.reject_with:
             return self.reject_with
         parsed = email.message_from_bytes(envelope.original_content or b"", policy=policy.default)
@@ -57,7 +90,7 @@ class SiteStats:
 
 
 def make_site(stats: SiteStats) -> web.Application:
-    """Pages: /page/{n}, /slow?ms=, /huge, /loop, /error, /json, /redirect, /missing."""
+    """Pages: /page/{n}, /slow?ms=, /huge, /loop, /error, /json, /redirect, /flaky, /missing."""
 
     @web.middleware
     async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
@@ -94,6 +127,17 @@ def make_site(stats: SiteStats) -> web.Application:
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound("/page/redirected")
 
+    async def flaky(request: web.Request) -> web.Response:
+        """Fails `fail` times per `key` with `status` (and Retry-After if given), then works."""
+        key = f"flaky:{request.query['key']}"
+        stats.hits[key] = stats.hits.get(key, 0) + 1
+        if stats.hits[key] <= int(request.query.get("fail", "1")):
+            headers = {}
+            if "retry_after" in request.query:
+                headers["Retry-After"] = request.query["retry_after"]
+            return web.Response(status=int(request.query.get("status", "503")), headers=headers)
+        return web.Response(text=PAGE_HTML.format(n="flaky"), content_type="text/html")
+
     app = web.Application(middlewares=[count])
     app.router.add_get("/page/{n}", page)
     app.router.add_get("/slow", slow)
@@ -102,4 +146,5 @@ def make_site(stats: SiteStats) -> web.Application:
     app.router.add_get("/error", error)
     app.router.add_get("/json", as_json)
     app.router.add_get("/redirect", redirect)
+    app.router.add_get("/flaky", flaky)
     return app

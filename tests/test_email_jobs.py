@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from jobs.email import EmailSpec, build_message
-from tests.helpers import ApiClient, wait_for
+from tests.helpers import ApiClient
+from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
-
-
-async def wait_job(api: ApiClient, job_id: str, timeout: float = 15) -> dict[str, Any]:
-    """Poll GET /jobs/{id} until the job is finished; return its status body."""
-
-    async def finished() -> dict[str, Any] | None:
-        response = await api.get(f"/jobs/{job_id}")
-        body = await response.json()
-        return body if body["status"] in {"complete", "failed", "aborted"} else None
-
-    return await wait_for(finished, timeout=timeout, what=f"job {job_id} to finish")
 
 
 async def test_email_with_text_and_html_arrives_with_both_parts(
