@@ -1,0 +1,147 @@
+"""SIGTERM lets running jobs finish within the grace period; jobs past it are re-run, not lost.
+Abort stops a running or queued job for good."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from arq.connections import ArqRedis
+
+from app.settings import Settings
+from tests.conftest import TEST_REDIS_URL, start_worker, stop_worker
+from tests.faults.conftest import delivery_counts, job_views, post_emails, wait_all_finished
+from tests.faults.procs import start_worker_process, stop_process
+from tests.helpers import ApiClient, wait_for
+from tests.jobwait import wait_job
+from tests.servers import RecordingSmtpHandler
+
+
+def worker_env(smtp_port: int, **extra: object) -> dict[str, object]:
+    base = {
+        "redis_url": TEST_REDIS_URL,
+        "smtp_host": "127.0.0.1",
+        "smtp_port": smtp_port,
+        "smtp_max_connections": 20,
+        "worker_max_jobs": 50,
+    }
+    return base | extra
+
+
+async def in_data(handler: RecordingSmtpHandler, count: int) -> None:
+    async def reached() -> bool:
+        return handler.in_data >= count
+
+    await wait_for(reached, timeout=30, what=f"{count} messages inside SMTP DATA")
+
+
+async def test_sigterm_lets_running_jobs_finish(
+    api: ApiClient,
+    redis: ArqRedis,
+    smtp: tuple[RecordingSmtpHandler, int],
+    tmp_path: Path,
+    fault_report: Callable[[str], None],
+) -> None:
+    handler, port = smtp
+    handler.data_delay = 1.0  # each job takes a second
+    accepted = await post_emails(api, 20, "grace")
+    worker = await start_worker_process(
+        tmp_path / "worker.log", **worker_env(port, shutdown_grace=10)
+    )
+    try:
+        await in_data(handler, 20)
+        worker.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        late = await post_emails(api, 3, "late")  # must not be taken after SIGTERM
+        assert await asyncio.wait_for(worker.wait(), timeout=15) == 0
+        took = time.monotonic() - stopped_at
+    finally:
+        await stop_process(worker)
+
+    views = await job_views(redis, [a["job_id"] for a in accepted])
+    late_views = await job_views(redis, [a["job_id"] for a in late])
+    delivered, lost, duplicates = delivery_counts(handler, accepted)
+    completed = sum(v.status == "complete" for v in views)
+    fault_report(
+        f"SIGTERM with 20 running 1-second jobs: completed={completed} lost={lost} "
+        f"duplicates={duplicates}, worker exited {took:.1f}s after SIGTERM (grace 10 s)"
+    )
+    assert [v.status for v in views] == ["complete"] * 20
+    assert (delivered, lost, duplicates) == (20, 0, 0)
+    assert took < 10
+    assert [v.status for v in late_views] == ["queued"] * 3
+
+
+async def test_jobs_still_running_after_grace_are_rerun_not_lost(
+    api: ApiClient,
+    redis: ArqRedis,
+    smtp: tuple[RecordingSmtpHandler, int],
+    tmp_path: Path,
+    fault_report: Callable[[str], None],
+) -> None:
+    handler, port = smtp
+    handler.data_delay = 30.0  # far longer than the grace period
+    accepted = await post_emails(api, 5, "slow")
+    log = tmp_path / "worker.log"
+    first = await start_worker_process(log, **worker_env(port, shutdown_grace=1))
+    try:
+        await in_data(handler, 5)
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), timeout=15) == 0
+    finally:
+        await stop_process(first)
+    views = await job_views(redis, [a["job_id"] for a in accepted])
+    assert [v.status for v in views] == ["queued"] * 5  # back in the queue, not lost
+
+    handler.data_delay = 0.0
+    second = await start_worker_process(log, **worker_env(port))
+    try:
+        views = await wait_all_finished(redis, [a["job_id"] for a in accepted], timeout=30)
+    finally:
+        await stop_process(second)
+    delivered, lost, duplicates = delivery_counts(handler, accepted)
+    fault_report(
+        f"SIGTERM past the 1 s grace with 5 jobs mid-send: re-run and completed="
+        f"{sum(v.status == 'complete' for v in views)} lost={lost} duplicates={duplicates}"
+    )
+    assert [v.status for v in views] == ["complete"] * 5
+    assert (delivered, lost, duplicates) == (5, 0, 0)
+    assert handler.dropped == 5  # the interrupted sends never counted as delivered
+
+
+async def test_abort_running_and_queued_jobs(
+    api: ApiClient,
+    redis: ArqRedis,
+    settings: Settings,
+    smtp: tuple[RecordingSmtpHandler, int],
+) -> None:
+    handler, _ = smtp
+    handler.data_delay = 30.0
+    [queued] = await post_emails(api, 1, "queued")
+    response = await api.delete(f"/jobs/{queued['job_id']}")  # no worker yet: still queued
+    assert response.status == 202
+    assert (await response.json())["status_before"] == "queued"
+
+    worker, task = await start_worker(settings)
+    try:
+        assert (await wait_job(api, queued["job_id"]))["status"] == "aborted"
+        [running] = await post_emails(api, 1, "running")
+        await in_data(handler, 1)
+        response = await api.delete(f"/jobs/{running['job_id']}")
+        assert response.status == 202
+        assert (await response.json())["status_before"] == "in_progress"
+        status = await wait_job(api, running["job_id"])
+        assert status["status"] == "aborted" and status["error"] == "aborted"
+        assert (await api.delete(f"/jobs/{running['job_id']}")).status == 409
+        assert (await api.delete("/jobs/doesnotexist")).status == 404
+
+        async def dropped() -> bool:
+            return handler.dropped == 1
+
+        await wait_for(dropped, what="the sink to see the aborted send go away")
+    finally:
+        await stop_worker(worker, task)
+    assert handler.messages == []
