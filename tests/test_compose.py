@@ -75,3 +75,12 @@ def test_dockerfile_copies_what_exists() -> None:
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), source
+
+
+def test_worker_is_given_time_to_finish_its_jobs(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    grace = float(
+        worker["environment"].get("SHUTDOWN_GRACE", Settings.model_fields["shutdown_grace"].default)
+    )
+    assert float(worker["stop_grace_period"].removesuffix("s")) > grace
+    assert "--appendonly" in compose["services"]["redis"]["command"]
