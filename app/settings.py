@@ -72,6 +72,21 @@ class Settings(BaseSettings):
     scrape_user_agent: str = f"asyncjobs/{__version__} (+https://github.com/asyncjobs/asyncjobs)"
     scrape_max_connections: int = Field(100, gt=0)
     scrape_text_max_chars: int = Field(100_000, gt=0, description="text kept per saved document")
+    scrape_keep_versions: int = Field(5, ge=1, description="distinct versions kept per URL")
+    # Politeness, shared by every worker through Redis.
+    scrape_per_host_concurrency: int = Field(2, ge=1)
+    scrape_min_host_delay: float = Field(1.0, ge=0, description="seconds between requests to a host")
+    robots_ttl: float = Field(3600, gt=0, description="seconds a host's robots.txt is cached")
+    # Sources: scheduled scraping; follow_links crawls at most this many pages per source run.
+    source_max_pages: int = Field(50, ge=1)
+
+    # Housekeeping (daily cron jobs)
+    exports_dir: Path = Path("var/exports")
+    export_ttl: float = Field(7 * 24 * 3600, gt=0, description="seconds an export file is kept")
+    version_retention: float = Field(90 * 24 * 3600, gt=0, description="seconds versions are kept")
+    dead_letter_retention: float = Field(30 * 24 * 3600, gt=0)
+    maintenance_max_tries: int = Field(3, ge=1)
+
     # Addresses the scraper may reach although they are private/loopback/link-local.
     scrape_allowed_cidrs: Annotated[list[Network], NoDecode] = []
 

@@ -1,4 +1,12 @@
-"""Scraped documents kept in Redis beyond arq's result TTL: one hash per URL, plus a time index."""
+"""Scraped documents kept in Redis beyond arq's result TTL, with change detection and versions.
+
+Keys (doc id = sha256(url)[:32]):
+- `asyncjobs:doc:<id>`            hash: the latest snapshot of the URL
+- `asyncjobs:doc:<id>:versions`   list, newest first: the last K distinct contents (JSON)
+- `asyncjobs:docs`                zset: doc id -> last fetch time (unix seconds)
+- `asyncjobs:docs:changed`        zset: doc id -> time its content last changed
+- `asyncjobs:source:<sid>:docs`   set: the documents a source produced
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,8 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 DOC_KEY_PREFIX = "asyncjobs:doc:"
-DOC_INDEX_KEY = "asyncjobs:docs"  # zset: document id -> last fetch time (unix seconds)
+DOC_INDEX_KEY = "asyncjobs:docs"
+DOC_CHANGED_KEY = "asyncjobs:docs:changed"
 
 
 class DocumentSnapshot(BaseModel):
@@ -28,6 +37,23 @@ class DocumentSnapshot(BaseModel):
     extracted: dict[str, list[str]] = {}
     fetched_at: datetime
     fetch_ms: float
+    source_id: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+class StoredDocument(DocumentSnapshot):
+    id: str
+    changed_at: datetime
+    versions: int = 1
+
+
+class DocumentVersion(BaseModel):
+    content_hash: str
+    fetched_at: datetime
+    title: str | None
+    text_length: int
+    text: str
 
 
 def document_id(url: str) -> str:
@@ -38,28 +64,96 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-async def save_document(redis: Redis, snapshot: DocumentSnapshot) -> str:
-    """Replace the latest snapshot of this URL and index it by fetch time, atomically."""
+def versions_key(doc_id: str) -> str:
+    return f"{DOC_KEY_PREFIX}{doc_id}:versions"
+
+
+def source_docs_key(source_id: str) -> str:
+    return f"asyncjobs:source:{source_id}:docs"
+
+
+async def save_document(redis: Redis, snapshot: DocumentSnapshot, keep_versions: int = 5) -> bool:
+    """Store a fetch of `snapshot.url`; True when its content changed (a new version)."""
     doc_id = document_id(snapshot.url)
+    key = DOC_KEY_PREFIX + doc_id
+    previous_hash = await redis.hget(key, "content_hash")
+    if previous_hash is not None and _text(previous_hash) == snapshot.content_hash:
+        await record_unchanged(redis, snapshot.url, snapshot.fetched_at, snapshot.fetch_ms,
+                               etag=snapshot.etag, last_modified=snapshot.last_modified)  # fmt: skip
+        return False
     fields: dict[str, Any] = snapshot.model_dump(mode="json")
     fields["extracted"] = json.dumps(fields["extracted"])
+    fields["changed_at"] = fields["fetched_at"]
+    version = DocumentVersion(
+        content_hash=snapshot.content_hash,
+        fetched_at=snapshot.fetched_at,
+        title=snapshot.title,
+        text_length=snapshot.text_length,
+        text=snapshot.text,
+    )
+    when = snapshot.fetched_at.timestamp()
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(DOC_KEY_PREFIX + doc_id)
-        pipe.hset(
-            DOC_KEY_PREFIX + doc_id, mapping={k: str(v) for k, v in fields.items() if v is not None}
-        )
-        pipe.zadd(DOC_INDEX_KEY, {doc_id: snapshot.fetched_at.timestamp()})
+        pipe.delete(key)
+        pipe.hset(key, mapping={k: str(v) for k, v in fields.items() if v is not None})
+        pipe.lpush(versions_key(doc_id), version.model_dump_json())
+        pipe.ltrim(versions_key(doc_id), 0, keep_versions - 1)
+        pipe.zadd(DOC_INDEX_KEY, {doc_id: when})
+        pipe.zadd(DOC_CHANGED_KEY, {doc_id: when})
+        if snapshot.source_id:
+            pipe.sadd(source_docs_key(snapshot.source_id), doc_id)
         await pipe.execute()
-    return doc_id
+    return True
 
 
-async def load_document(redis: Redis, doc_id: str) -> DocumentSnapshot | None:
-    raw: dict[bytes, bytes] = await redis.hgetall(DOC_KEY_PREFIX + doc_id)  # type: ignore[misc]
+async def record_unchanged(
+    redis: Redis,
+    url: str,
+    fetched_at: datetime,
+    fetch_ms: float,
+    *,
+    etag: str | None = None,
+    last_modified: str | None = None,
+) -> None:
+    """A fetch that found the same content (or a 304): refresh the check time, no new version."""
+    doc_id = document_id(url)
+    fields: dict[str, str] = {"fetched_at": fetched_at.isoformat(), "fetch_ms": str(fetch_ms)}
+    if etag:
+        fields["etag"] = etag
+    if last_modified:
+        fields["last_modified"] = last_modified
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(DOC_KEY_PREFIX + doc_id, mapping=fields)
+        pipe.zadd(DOC_INDEX_KEY, {doc_id: fetched_at.timestamp()})
+        await pipe.execute()
+
+
+async def load_document(redis: Redis, doc_id: str) -> StoredDocument | None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(DOC_KEY_PREFIX + doc_id)
+        pipe.llen(versions_key(doc_id))
+        raw, versions = await pipe.execute()
+    return parse_document(doc_id, raw, versions)
+
+
+def parse_document(doc_id: str, raw: dict[Any, Any], versions: int = 1) -> StoredDocument | None:
     if not raw:
         return None
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    fields: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
     fields["extracted"] = json.loads(fields.get("extracted", "{}"))
-    return DocumentSnapshot.model_validate(fields)
+    return StoredDocument.model_validate(fields | {"id": doc_id, "versions": versions})
+
+
+async def load_versions(redis: Redis, doc_id: str) -> list[DocumentVersion]:
+    raws = await redis.lrange(versions_key(doc_id), 0, -1)  # type: ignore[misc]
+    return [DocumentVersion.model_validate_json(raw) for raw in raws]
+
+
+async def previous_validators(redis: Redis, url: str) -> tuple[str | None, str | None]:
+    """(ETag, Last-Modified) of the stored snapshot, for a conditional request."""
+    etag, last_modified = await redis.hmget(  # type: ignore[misc]
+        DOC_KEY_PREFIX + document_id(url), ["etag", "last_modified"]
+    )
+    return (_text(etag) if etag else None, _text(last_modified) if last_modified else None)
 
 
 def now_utc() -> datetime:

@@ -25,7 +25,7 @@ from jobs.errors import PermanentJobError, TransientJobError
 
 log = logging.getLogger(__name__)
 
-Family = Literal["email", "scrape"]
+Family = Literal["email", "scrape", "maintenance"]
 JobFunction = Callable[..., Awaitable[Any]]
 DeadLetterHook = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 # What is left of job_timeout for the wrapper's own deadline, so it fires before arq's.
@@ -33,7 +33,11 @@ TIMEOUT_HEADROOM = 0.95
 
 
 def max_tries(settings: Settings, family: Family) -> int:
-    return settings.email_max_tries if family == "email" else settings.scrape_max_tries
+    return {
+        "email": settings.email_max_tries,
+        "scrape": settings.scrape_max_tries,
+        "maintenance": settings.maintenance_max_tries,
+    }[family]
 
 
 def backoff_delay(settings: Settings, job_try: int, retry_after: float | None = None) -> float:
