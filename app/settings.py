@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     scrape_keep_versions: int = Field(5, ge=1, description="distinct versions kept per URL")
     # Politeness, shared by every worker through Redis.
     scrape_per_host_concurrency: int = Field(2, ge=1)
-    scrape_min_host_delay: float = Field(1.0, ge=0, description="seconds between requests to a host")
+    scrape_min_host_delay: float = Field(
+        1.0, ge=0, description="seconds between requests to a host"
+    )
     robots_ttl: float = Field(3600, gt=0, description="seconds a host's robots.txt is cached")
     # Sources: scheduled scraping; follow_links crawls at most this many pages per source run.
     source_max_pages: int = Field(50, ge=1)

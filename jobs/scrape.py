@@ -15,7 +15,13 @@ from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
 from yarl import URL
 
 from app.settings import Settings
-from jobs.documents import DocumentSnapshot, content_hash, now_utc, save_document
+from jobs.documents import (
+    DocumentSnapshot,
+    content_hash,
+    document_id,
+    now_utc,
+    save_document,
+)
 from jobs.errors import PermanentJobError, TransientJobError
 from jobs.html import is_valid_selector, summarize_html
 from jobs.netguard import ForbiddenTargetError, GuardedResolver, check_url
@@ -197,11 +203,13 @@ async def scrape_page(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, 
         fetched_at=now_utc(),
         fetch_ms=fetch_ms,
     )
-    doc_id = await save_document(ctx["redis"], snapshot)
+    changed = await save_document(ctx["redis"], snapshot, settings.scrape_keep_versions)
+    doc_id = document_id(snapshot.url)
     log.info(
         "scraped %s -> %s (%d chars, %.0f ms)", spec.url, page.status, len(summary.text), fetch_ms
     )
     return {
         "document_id": doc_id,
+        "changed": changed,
         **snapshot.model_dump(mode="json", exclude={"text", "content_type"}),
     }
