@@ -76,10 +76,12 @@ async def save_document(redis: Redis, snapshot: DocumentSnapshot, keep_versions:
     """Store a fetch of `snapshot.url`; True when its content changed (a new version)."""
     doc_id = document_id(snapshot.url)
     key = DOC_KEY_PREFIX + doc_id
-    previous_hash = await redis.hget(key, "content_hash")
+    previous_hash = await redis.hget(key, "content_hash")  # type: ignore[misc]
     if previous_hash is not None and _text(previous_hash) == snapshot.content_hash:
-        await record_unchanged(redis, snapshot.url, snapshot.fetched_at, snapshot.fetch_ms,
-                               etag=snapshot.etag, last_modified=snapshot.last_modified)  # fmt: skip
+        await record_unchanged(
+            redis, snapshot.url, snapshot.fetched_at, snapshot.fetch_ms,
+            etag=snapshot.etag, last_modified=snapshot.last_modified,
+        )  # fmt: skip
         return False
     fields: dict[str, Any] = snapshot.model_dump(mode="json")
     fields["extracted"] = json.dumps(fields["extracted"])

@@ -8,6 +8,7 @@ from selectolax.lexbor import LexborHTMLParser as HTMLParser
 
 NON_CONTENT_TAGS = ["script", "style", "noscript", "template"]
 MAX_MATCHES_PER_SELECTOR = 100
+MAX_LINKS = 1000
 
 
 @dataclass
@@ -16,6 +17,7 @@ class PageSummary:
     description: str | None
     links_count: int
     text: str
+    links: list[str] = field(default_factory=list)  # raw href values, in page order
     extracted: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -29,7 +31,7 @@ def summarize_html(html: str, selectors: dict[str, str] | None = None) -> PageSu
         ]
         for name, css in (selectors or {}).items()
     }
-    links_count = len(tree.css("a[href]"))
+    hrefs = [node.attributes.get("href") or "" for node in tree.css("a[href]")]
     tree.strip_tags(NON_CONTENT_TAGS)
     root = tree.body or tree.root
     text = " ".join(root.text(separator=" ", strip=True).split()) if root else ""
@@ -38,8 +40,9 @@ def summarize_html(html: str, selectors: dict[str, str] | None = None) -> PageSu
         description=(description_node.attributes.get("content") or None)
         if description_node
         else None,
-        links_count=links_count,
+        links_count=len(hrefs),
         text=text,
+        links=[h for h in hrefs if h][:MAX_LINKS],
         extracted=extracted,
     )
 

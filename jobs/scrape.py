@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Annotated, Any
 
 import aiohttp
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
 from yarl import URL
 
 from app.settings import Settings
@@ -20,12 +23,16 @@ from jobs.documents import (
     content_hash,
     document_id,
     now_utc,
+    previous_validators,
+    record_unchanged,
     save_document,
 )
 from jobs.errors import PermanentJobError, TransientJobError
 from jobs.html import is_valid_selector, summarize_html
 from jobs.netguard import ForbiddenTargetError, GuardedResolver, check_url
+from jobs.politeness import Politeness
 from jobs.retry import classified
+from jobs.robots import RobotsPolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ MAX_URL_LENGTH = 2048
 MAX_SELECTORS = 50
 # Parsing a big page takes long enough to stall other jobs in the loop: do it in a thread.
 PARSE_IN_THREAD_BYTES = 256 * 1024
+ROBOTS_MAX_BYTES = 512 * 1024  # what RFC 9309 asks crawlers to read at least
 
 
 def check_selectors(selectors: dict[str, str]) -> dict[str, str]:
@@ -68,6 +76,12 @@ class FetchedPage:
     content_type: str
     charset: str | None
     body: bytes
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def not_modified(self) -> bool:
+        return self.status == 304
 
 
 def make_http_session(settings: Settings) -> aiohttp.ClientSession:
@@ -88,20 +102,80 @@ def make_http_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
-async def fetch_page(session: aiohttp.ClientSession, url: str, settings: Settings) -> FetchedPage:
-    """GET `url`, following redirects by hand so every hop passes the SSRF guard."""
-    target = URL(url)
+class Fetcher:
+    """Every outgoing request of the scraper: SSRF guard on each redirect hop, per-host
+    politeness and robots.txt (both through Redis, when given one), timeouts and size caps."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, settings: Settings, redis: Redis | None = None
+    ) -> None:
+        self.session = session
+        self.settings = settings
+        self.politeness = Politeness(redis, settings) if redis is not None else None
+        self.robots = (
+            RobotsPolicy(redis, settings.scrape_user_agent, settings.robots_ttl, self.fetch_text)
+            if redis is not None
+            else None
+        )
+
+    async def fetch_page(
+        self, url: str, etag: str | None = None, last_modified: str | None = None
+    ) -> FetchedPage:
+        """GET an HTML page; conditional when validators of a previous fetch are given."""
+        target = URL(url)
+        if self.robots is not None:
+            with translate_errors(target, self.settings):
+                allowed = await self.robots.allowed(target)
+            if not allowed:
+                raise PermanentJobError(f"disallowed by robots.txt: {target}")
+        headers = {}
+        if etag:
+            headers["If-None-Match"] = etag
+        if last_modified:
+            headers["If-Modified-Since"] = last_modified
+        with translate_errors(target, self.settings):
+            async with asyncio.timeout(self.settings.scrape_timeout):
+                async with self._get(target, headers) as response:
+                    return await _read_page(response, self.settings.scrape_max_bytes)
+        raise AssertionError("unreachable")  # translate_errors always raises or returns above
+
+    async def fetch_text(self, url: URL) -> tuple[int, str]:
+        """GET any text (robots.txt): status and at most ROBOTS_MAX_BYTES of body."""
+        with translate_errors(url, self.settings):
+            async with asyncio.timeout(self.settings.scrape_timeout):
+                async with self._get(url, {}) as response:
+                    body = await response.content.read(ROBOTS_MAX_BYTES)
+                    return response.status, body.decode("utf-8", errors="replace")
+        raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _get(
+        self, url: URL, headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Follow redirects by hand so that every hop passes the SSRF guard and politeness."""
+        target = url
+        for _ in range(self.settings.scrape_max_redirects + 1):
+            check_url(target, self.settings.scrape_allowed_cidrs)
+            async with (
+                self._slot(target.host or ""),
+                self.session.get(target, allow_redirects=False, headers=headers) as r,
+            ):
+                location = r.headers.get("Location")
+                if r.status not in REDIRECT_STATUSES or not location:
+                    yield r
+                    return
+            target = target.join(URL(location, encoded=True))
+        raise PermanentJobError(f"more than {self.settings.scrape_max_redirects} redirects")
+
+    def _slot(self, host: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.politeness.slot(host) if self.politeness else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def translate_errors(target: URL, settings: Settings) -> Iterator[None]:
+    """Network errors become job errors a user can read, classified transient or permanent."""
     try:
-        async with asyncio.timeout(settings.scrape_timeout):
-            for _ in range(settings.scrape_max_redirects + 1):
-                check_url(target, settings.scrape_allowed_cidrs)
-                async with session.get(target, allow_redirects=False) as response:
-                    location = response.headers.get("Location")
-                    if response.status in REDIRECT_STATUSES and location:
-                        target = target.join(URL(location, encoded=True))
-                        continue
-                    return await _read_page(response, settings.scrape_max_bytes)
-            raise PermanentJobError(f"more than {settings.scrape_max_redirects} redirects")
+        yield
     except TimeoutError as exc:
         raise TransientJobError(f"timed out after {settings.scrape_timeout:g}s: {target}") from exc
     except ForbiddenTargetError as exc:
@@ -117,6 +191,12 @@ async def fetch_page(session: aiohttp.ClientSession, url: str, settings: Setting
 
 
 async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> FetchedPage:
+    validators = {
+        "etag": response.headers.get("ETag"),
+        "last_modified": response.headers.get("Last-Modified"),
+    }
+    if response.status == 304:
+        return FetchedPage(str(response.url), 304, "", None, b"", **validators)
     _check_status(response)
     if response.content_type not in HTML_TYPES:
         raise PermanentJobError(f"not an HTML page (Content-Type: {response.content_type})")
@@ -133,6 +213,7 @@ async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> Fetche
         content_type=response.content_type,
         charset=response.charset,
         body=bytes(body),
+        **validators,
     )
 
 
@@ -178,18 +259,37 @@ async def scrape(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
 
 async def scrape_page(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     """Fetch, summarize and save one page with the worker's shared clients in `ctx`."""
-    settings: Settings = ctx["settings"]
     spec = ScrapeTarget.model_validate(target)
+    result, _ = await scrape_url(ctx, str(spec.url), spec.selectors)
+    return result
+
+
+async def scrape_url(
+    ctx: dict[str, Any], url: str, selectors: dict[str, str], source_id: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Fetch (conditionally, if the URL was seen before), summarize and save `url`.
+
+    Returns the job result and the page's links (empty when the page did not change)."""
+    settings: Settings = ctx["settings"]
+    redis: Redis = ctx["redis"]
+    fetcher: Fetcher = ctx["fetcher"]
+    doc_id = document_id(url)
+    etag, last_modified = await previous_validators(redis, url)
     started = time.perf_counter()
-    page = await fetch_page(ctx["http"], str(spec.url), settings)
+    page = await fetcher.fetch_page(url, etag, last_modified)
     fetch_ms = round((time.perf_counter() - started) * 1000, 1)
+    if page.not_modified:
+        await record_unchanged(redis, url, now_utc(), fetch_ms,
+                               etag=page.etag, last_modified=page.last_modified)  # fmt: skip
+        log.info("scraped %s -> 304 not modified (%.0f ms)", url, fetch_ms)
+        return {"document_id": doc_id, "url": url, "status": 304, "changed": False}, []
     html = decode_body(page.body, page.charset)
     if len(page.body) > PARSE_IN_THREAD_BYTES:
-        summary = await asyncio.to_thread(summarize_html, html, spec.selectors)
+        summary = await asyncio.to_thread(summarize_html, html, selectors)
     else:
-        summary = summarize_html(html, spec.selectors)
+        summary = summarize_html(html, selectors)
     snapshot = DocumentSnapshot(
-        url=str(spec.url),
+        url=url,
         final_url=page.final_url,
         status=page.status,
         content_type=page.content_type,
@@ -202,14 +302,18 @@ async def scrape_page(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, 
         extracted=summary.extracted,
         fetched_at=now_utc(),
         fetch_ms=fetch_ms,
+        source_id=source_id,
+        etag=page.etag,
+        last_modified=page.last_modified,
     )
-    changed = await save_document(ctx["redis"], snapshot, settings.scrape_keep_versions)
-    doc_id = document_id(snapshot.url)
-    log.info(
-        "scraped %s -> %s (%d chars, %.0f ms)", spec.url, page.status, len(summary.text), fetch_ms
-    )
-    return {
+    changed = await save_document(redis, snapshot, settings.scrape_keep_versions)
+    log.info("scraped %s -> %s (%d chars, %.0f ms, %s)", url, page.status, len(summary.text),
+             fetch_ms, "changed" if changed else "unchanged")  # fmt: skip
+    result = {
         "document_id": doc_id,
         "changed": changed,
-        **snapshot.model_dump(mode="json", exclude={"text", "content_type"}),
+        **snapshot.model_dump(
+            mode="json", exclude={"text", "content_type", "etag", "last_modified", "source_id"}
+        ),
     }
+    return result, summary.links

@@ -15,7 +15,7 @@ from jobs.email import send_email
 from jobs.newsletter import send_newsletter
 from jobs.resilience import install, worker_redis
 from jobs.retry import max_tries
-from jobs.scrape import make_http_session, scrape
+from jobs.scrape import Fetcher, make_http_session, scrape
 from jobs.smtp import SmtpPool
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     """One HTTP session and one SMTP pool for all jobs of this worker process."""
     settings: Settings = ctx.setdefault("settings", get_settings())
     ctx["http"] = make_http_session(settings)
+    ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
     ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
     log.info(
         "worker ready: max_jobs=%d smtp=%s:%s",

@@ -83,6 +83,9 @@ def make_settings(smtp: tuple[RecordingSmtpHandler, int]) -> Callable[..., Setti
             "scrape_timeout": 3,
             "worker_health_interval": 1,
             "retry_base_delay": 0.05,
+            # politeness off unless a test is about it: most tests hit one loopback host hard
+            "scrape_per_host_concurrency": 1000,
+            "scrape_min_host_delay": 0,
             "retry_max_delay": 0.5,
         }
         return Settings(_env_file=None, **(values | overrides))

@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from app.settings import Settings
 from jobs.errors import PermanentJobError
 from jobs.netguard import is_forbidden
-from jobs.scrape import make_http_session, scrape_page
+from jobs.scrape import Fetcher, make_http_session, scrape_page
 from tests.servers import SiteStats
 
 
@@ -49,7 +49,7 @@ async def test_loopback_refused_without_allowlist(
     settings = make_settings(scrape_allowed_cidrs=[])
     session = make_http_session(settings)
     try:
-        ctx = {"settings": settings, "redis": redis, "http": session}
+        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
         with pytest.raises(PermanentJobError, match="refused to fetch"):
             await scrape_page(ctx, {"url": f"http://{host}:{port}/page/1"})
     finally:
@@ -76,7 +76,7 @@ async def test_redirect_to_forbidden_address_is_refused(
     settings = make_settings(scrape_allowed_cidrs=["127.0.0.1/32"])
     session = make_http_session(settings)
     try:
-        ctx = {"settings": settings, "redis": redis, "http": session}
+        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
         with pytest.raises(PermanentJobError, match=r"127\.0\.0\.2 is not a public address"):
             await scrape_page(ctx, {"url": f"http://127.0.0.1:{bouncer.port}/"})
     finally:

@@ -11,7 +11,7 @@ from arq.connections import ArqRedis
 from app.settings import Settings
 from jobs.documents import document_id, load_document
 from jobs.errors import PermanentJobError, TransientJobError
-from jobs.scrape import make_http_session, scrape_page
+from jobs.scrape import Fetcher, make_http_session, scrape_page
 from tests.servers import SiteStats
 
 
@@ -19,7 +19,7 @@ from tests.servers import SiteStats
 async def ctx(settings: Settings, redis: ArqRedis) -> AsyncIterator[dict[str, Any]]:
     """The same context the worker's startup builds, so the job function runs for real."""
     session = make_http_session(settings)
-    yield {"settings": settings, "redis": redis, "http": session}
+    yield {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
     await session.close()
 
 
@@ -62,7 +62,7 @@ async def test_slow_page_times_out(
     settings = make_settings(scrape_timeout=0.3)
     session = make_http_session(settings)
     try:
-        ctx = {"settings": settings, "redis": redis, "http": session}
+        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
         with pytest.raises(TransientJobError, match=r"timed out after 0.3s"):
             await scrape_page(ctx, {"url": f"{site[0]}/slow?ms=3000"})
     finally:
@@ -75,7 +75,7 @@ async def test_huge_page_is_cut_off_at_the_size_cap(
     settings = make_settings(scrape_max_bytes=100_000)
     session = make_http_session(settings)
     try:
-        ctx = {"settings": settings, "redis": redis, "http": session}
+        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
         with pytest.raises(PermanentJobError, match="larger than the 100000 byte limit"):
             await scrape_page(ctx, {"url": f"{site[0]}/huge"})
     finally:

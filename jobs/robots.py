@@ -1,0 +1,46 @@
+"""robots.txt, fetched once per origin and cached in Redis for every worker (RFC 9309 rules)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.robotparser import RobotFileParser
+
+from redis.asyncio import Redis
+from yarl import URL
+
+ROBOTS_KEY_PREFIX = "asyncjobs:robots:"
+DISALLOW_ALL = "\x00disallow-all"  # cached verdict when robots.txt could not be read (5xx)
+
+# Fetches a URL and returns (status, text); raises JobError subclasses on network failure.
+FetchText = Callable[[URL], Awaitable[tuple[int, str]]]
+
+
+class RobotsPolicy:
+    def __init__(self, redis: Redis, user_agent: str, ttl: float, fetch_text: FetchText) -> None:
+        self._redis = redis
+        self._user_agent = user_agent
+        self._ttl = int(ttl)
+        self._fetch_text = fetch_text
+
+    async def allowed(self, url: URL) -> bool:
+        rules = await self._rules_for(url.origin())
+        if rules == DISALLOW_ALL:
+            return False
+        parser = RobotFileParser()
+        parser.parse(rules.splitlines())
+        return parser.can_fetch(self._user_agent, str(url))
+
+    async def _rules_for(self, origin: URL) -> str:
+        key = ROBOTS_KEY_PREFIX + str(origin)
+        cached = await self._redis.get(key)
+        if cached is not None:
+            return cached.decode() if isinstance(cached, bytes) else str(cached)
+        status, text = await self._fetch_text(origin.with_path("/robots.txt"))
+        if 200 <= status < 300:
+            rules = text
+        elif status >= 500:  # unreachable: RFC 9309 says assume complete disallow
+            rules = DISALLOW_ALL
+        else:  # 4xx: no robots.txt, everything is allowed
+            rules = ""
+        await self._redis.set(key, rules, ex=self._ttl)
+        return rules
