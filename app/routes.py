@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from app import mailsink
 from app.appkeys import REDIS, SETTINGS
 from app.dead_letter_routes import add_dead_letter_routes
+from app.document_routes import add_document_routes
 from app.httputil import JOB_ID_PATTERN, json_model, query_int, read_json_object, status_url
 from app.idempotency import idempotent
 from app.jobstatus import read_job
@@ -30,6 +31,7 @@ from app.schemas import (
     WorkerHealth,
 )
 from app.settings import Settings
+from app.source_routes import add_source_routes
 from jobs.email import new_message_id
 from jobs.newsletter import NewsletterSpec, batch_progress
 
@@ -183,6 +185,8 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_delete(f"/jobs/{{job_id:{JOB_ID_PATTERN}}}", abort_job)
     app.router.add_get("/health", health)
     add_dead_letter_routes(app)
+    add_source_routes(app)
+    add_document_routes(app)
     if settings.mail_sink_dir is not None:
         app.router.add_get("/dev/mail", list_mail)
         app.router.add_get(f"/dev/mail/{{name:{mailsink.MESSAGE_NAME_PATTERN}}}", show_mail)

@@ -8,9 +8,11 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from jobs.deadletter import DeadLetter
+from jobs.documents import DocumentVersion, StoredDocument
 from jobs.email import EmailSpec
 from jobs.newsletter import BatchProgress
 from jobs.scrape import MAX_URL_LENGTH, ScrapeTarget, Selectors
+from jobs.sources import Source
 
 __all__ = ["EmailSpec", "ScrapeRequest"]
 
@@ -102,6 +104,22 @@ class Health(BaseModel):
     redis: Literal["ok", "unreachable"]
     worker: WorkerHealth
     version: str
+
+
+class SourceList(BaseModel):
+    sources: list[Source]
+
+
+class DocumentList(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[StoredDocument]  # without their text; GET /documents/{id} has it
+
+
+class DocumentDetail(BaseModel):
+    document: StoredDocument
+    versions: list[DocumentVersion]  # newest first
 
 
 class ErrorDetail(BaseModel):

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     robots_ttl: float = Field(3600, gt=0, description="seconds a host's robots.txt is cached")
     # Sources: scheduled scraping; follow_links crawls at most this many pages per source run.
     source_max_pages: int = Field(50, ge=1)
+    scheduler_tick_seconds: int = Field(
+        60, ge=1, le=60, description="how often due sources are checked"
+    )
+    cleanup_hour: int = Field(3, ge=0, le=23, description="UTC hour of the daily cleanup")
+    report_hour: int = Field(4, ge=0, le=23, description="UTC hour of the daily report")
 
     # Housekeeping (daily cron jobs)
     exports_dir: Path = Path("var/exports")

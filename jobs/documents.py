@@ -28,8 +28,8 @@ class DocumentSnapshot(BaseModel):
     final_url: str
     status: int
     content_type: str
-    title: str | None
-    description: str | None
+    title: str | None = None  # None fields are not stored in the hash
+    description: str | None = None
     links_count: int
     text_length: int
     text: str

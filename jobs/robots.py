@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from urllib.robotparser import RobotFileParser
 
@@ -21,6 +22,7 @@ class RobotsPolicy:
         self._user_agent = user_agent
         self._ttl = int(ttl)
         self._fetch_text = fetch_text
+        self._inflight: dict[str, asyncio.Future[str]] = {}
 
     async def allowed(self, url: URL) -> bool:
         rules = await self._rules_for(url.origin())
@@ -35,6 +37,13 @@ class RobotsPolicy:
         cached = await self._redis.get(key)
         if cached is not None:
             return cached.decode() if isinstance(cached, bytes) else str(cached)
+        # Many jobs of one worker hitting a new host at once fetch its robots.txt once.
+        if key not in self._inflight:
+            self._inflight[key] = asyncio.ensure_future(self._fetch_rules(key, origin))
+            self._inflight[key].add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(self._inflight[key])
+
+    async def _fetch_rules(self, key: str, origin: URL) -> str:
         status, text = await self._fetch_text(origin.with_path("/robots.txt"))
         if 200 <= status < 300:
             rules = text

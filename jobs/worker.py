@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC
 from typing import Any, cast
 
+from arq.cron import CronJob, cron
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, func
 
@@ -15,6 +17,7 @@ from jobs.email import send_email
 from jobs.newsletter import send_newsletter
 from jobs.resilience import install, worker_redis
 from jobs.retry import max_tries
+from jobs.scheduler import schedule_sources, scrape_source
 from jobs.scrape import Fetcher, make_http_session, scrape
 from jobs.smtp import SmtpPool
 
@@ -65,6 +68,20 @@ def job_functions(settings: Settings) -> list[Function]:
         func(cast(WorkerCoroutine, send_email), name="send_email", max_tries=email_tries),
         func(cast(WorkerCoroutine, send_newsletter), name="send_newsletter", max_tries=email_tries),
         func(cast(WorkerCoroutine, scrape), name="scrape", max_tries=scrape_tries),
+        func(cast(WorkerCoroutine, scrape_source), name="scrape_source", max_tries=scrape_tries),
+    ]
+
+
+def cron_jobs(settings: Settings) -> list[CronJob]:
+    """Scheduled work. `unique` (arq's default) runs each tick once however many workers run."""
+    tick = settings.scheduler_tick_seconds
+    return [
+        cron(
+            cast(WorkerCoroutine, schedule_sources),
+            name="schedule_sources",
+            second=set(range(0, 60, tick)) if tick < 60 else 0,
+            run_at_startup=True,
+        ),
     ]
 
 
@@ -72,6 +89,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `arq.worker.Worker` (and the attributes of `WorkerSettings`)."""
     return {
         "functions": job_functions(settings),
+        "cron_jobs": cron_jobs(settings),
+        "timezone": UTC,  # cron hours in settings are UTC
         "on_startup": startup,
         "on_shutdown": shutdown,
         "on_job_start": record_job_start,

@@ -21,7 +21,7 @@ from app.settings import Settings
 from app.web import create_app
 from jobs.worker import worker_options
 from tests.helpers import ApiClient
-from tests.servers import RecordingSmtpHandler, SiteStats, make_site
+from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
 
 # A database of its own, flushed before each test: never the one the dev stack uses (0).
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -69,6 +69,17 @@ async def site() -> AsyncIterator[tuple[str, SiteStats]]:
     server = TestServer(make_site(stats), host="127.0.0.1")
     await server.start_server()
     yield f"http://127.0.0.1:{server.port}", stats
+    await server.close()
+
+
+@pytest.fixture
+async def crawl_site() -> AsyncIterator[tuple[int, CrawlStats]]:
+    """The crawl site's port (reach it as 127.0.0.1 or localhost: two hosts) and its stats."""
+    stats = CrawlStats()
+    server = TestServer(make_crawl_site(stats), host="127.0.0.1")
+    await server.start_server()
+    assert server.port is not None
+    yield server.port, stats
     await server.close()
 
 

@@ -148,3 +148,71 @@ def make_site(stats: SiteStats) -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/flaky", flaky)
     return app
+
+
+@dataclass
+class CrawlStats:
+    """What the crawl site saw: hits per path, request headers, concurrency per Host."""
+
+    version: int = 1  # bump to change the /news page
+    hits: dict[str, int] = field(default_factory=dict)
+    headers: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    max_in_flight: dict[str, int] = field(default_factory=dict)
+    starts: dict[str, list[float]] = field(default_factory=dict)
+
+
+ROBOTS_TXT = "User-agent: *\nDisallow: /private\n"
+
+
+def make_crawl_site(stats: CrawlStats, slow_ms: int = 200) -> web.Application:
+    """/robots.txt, /news (ETag, changes when stats.version changes, links to /news/1..5,
+    /private/secret and another host), /news/{n} (slow), /private/secret, /plain/{n} (no ETag)."""
+
+    @web.middleware
+    async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        host = request.host.rsplit(":", 1)[0]
+        stats.hits[request.path] = stats.hits.get(request.path, 0) + 1
+        stats.headers.setdefault(request.path, []).append(dict(request.headers))
+        stats.starts.setdefault(host, []).append(asyncio.get_running_loop().time())
+        stats.in_flight[host] = stats.in_flight.get(host, 0) + 1
+        stats.max_in_flight[host] = max(stats.max_in_flight.get(host, 0), stats.in_flight[host])
+        try:
+            return await handler(request)
+        finally:
+            stats.in_flight[host] -= 1
+
+    async def robots(request: web.Request) -> web.Response:
+        return web.Response(text=ROBOTS_TXT, content_type="text/plain")
+
+    async def news(request: web.Request) -> web.Response:
+        etag = f'"v{stats.version}"'
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        links = "".join(f'<a href="/news/{n}#top">{n}</a>' for n in range(1, 6))
+        body = (
+            f"<html><head><title>News v{stats.version}</title></head><body>{links}"
+            '<a href="/private/secret">secret</a><a href="https://example.org/x">out</a>'
+            f"<p>edition {stats.version}</p></body></html>"
+        )
+        return web.Response(text=body, content_type="text/html", headers={"ETag": etag})
+
+    async def article(request: web.Request) -> web.Response:
+        await asyncio.sleep(slow_ms / 1000)
+        n = request.match_info["n"]
+        return web.Response(text=f"<title>Article {n}</title><p>{n}</p>", content_type="text/html")
+
+    async def private(request: web.Request) -> web.Response:
+        return web.Response(text="<title>secret</title>", content_type="text/html")
+
+    async def plain(request: web.Request) -> web.Response:
+        n = request.match_info["n"]
+        return web.Response(text=f"<title>Plain {n}</title><p>same</p>", content_type="text/html")
+
+    app = web.Application(middlewares=[record])
+    app.router.add_get("/robots.txt", robots)
+    app.router.add_get("/news", news)
+    app.router.add_get("/news/{n}", article)
+    app.router.add_get("/private/secret", private)
+    app.router.add_get("/plain/{n}", plain)
+    return app

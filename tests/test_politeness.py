@@ -1,0 +1,119 @@
+"""Politeness against a real loopback site: robots.txt, per-host limits and delays, conditional
+requests and change detection."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from arq.connections import ArqRedis
+
+from app.settings import Settings
+from jobs.documents import document_id, load_document, load_versions
+from jobs.errors import PermanentJobError
+from jobs.scrape import Fetcher, make_http_session, scrape_page
+from tests.servers import CrawlStats
+
+Ctx = dict[str, Any]
+
+
+@pytest.fixture
+async def make_ctx(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> AsyncIterator[Callable[..., Ctx]]:
+    sessions = []
+
+    def build(**overrides: Any) -> Ctx:
+        settings = make_settings(**overrides)
+        session = make_http_session(settings)
+        sessions.append(session)
+        return {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
+
+    yield build
+    for session in sessions:
+        await session.close()
+
+
+async def test_robots_txt_is_obeyed_and_cached(
+    make_ctx: Callable[..., Ctx], crawl_site: tuple[int, CrawlStats]
+) -> None:
+    port, stats = crawl_site
+    ctx = make_ctx()
+    with pytest.raises(PermanentJobError, match=r"disallowed by robots\.txt"):
+        await scrape_page(ctx, {"url": f"http://127.0.0.1:{port}/private/secret"})
+    await scrape_page(ctx, {"url": f"http://127.0.0.1:{port}/plain/1"})
+    assert "/private/secret" not in stats.hits
+    assert stats.hits["/robots.txt"] == 1  # fetched once, then cached in Redis
+    assert stats.hits["/plain/1"] == 1
+
+
+async def test_per_host_concurrency_limit_is_never_exceeded(
+    make_ctx: Callable[..., Ctx],
+    crawl_site: tuple[int, CrawlStats],
+    fault_report: Callable[[str], None],
+) -> None:
+    """12 pages on each of two hosts at once, limit 2 per host: each host sees at most 2."""
+    port, stats = crawl_site
+    ctx = make_ctx(scrape_per_host_concurrency=2, scrape_min_host_delay=0)
+    urls = [
+        f"http://{host}:{port}/news/{n}" for host in ("127.0.0.1", "localhost") for n in range(12)
+    ]
+    await asyncio.gather(*(scrape_page(ctx, {"url": url}) for url in urls))
+    fault_report(
+        f"politeness: max concurrent requests per host observed {stats.max_in_flight} (limit 2)"
+    )
+    assert stats.max_in_flight == {"127.0.0.1": 2, "localhost": 2}
+
+
+async def test_minimum_delay_between_requests_to_a_host(
+    make_ctx: Callable[..., Ctx], crawl_site: tuple[int, CrawlStats]
+) -> None:
+    port, stats = crawl_site
+    ctx = make_ctx(scrape_per_host_concurrency=5, scrape_min_host_delay=0.15)
+    urls = [f"http://127.0.0.1:{port}/plain/{n}" for n in range(5)]
+    await asyncio.gather(*(scrape_page(ctx, {"url": url}) for url in urls))
+    starts = sorted(stats.starts["127.0.0.1"])
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(starts) == 6  # robots.txt and 5 pages
+    assert min(gaps) >= 0.14, gaps
+
+
+async def test_conditional_requests_and_change_detection(
+    make_ctx: Callable[..., Ctx], crawl_site: tuple[int, CrawlStats], redis: ArqRedis
+) -> None:
+    port, stats = crawl_site
+    ctx = make_ctx()
+    url = f"http://127.0.0.1:{port}/news"
+    first = await scrape_page(ctx, {"url": url})
+    assert first["changed"] is True
+    second = await scrape_page(ctx, {"url": url})
+    assert second == {"document_id": document_id(url), "url": url, "status": 304, "changed": False}
+    assert stats.headers["/news"][1]["If-None-Match"] == '"v1"'
+    assert len(await load_versions(redis, document_id(url))) == 1
+
+    stats.version = 2  # the page changes
+    third = await scrape_page(ctx, {"url": url})
+    assert third["changed"] is True and third["title"] == "News v2"
+    versions = await load_versions(redis, document_id(url))
+    assert [v.title for v in versions] == ["News v2", "News v1"]
+    doc = await load_document(redis, document_id(url))
+    assert doc is not None and doc.etag == '"v2"' and doc.versions == 2
+
+
+async def test_same_content_without_etag_makes_no_new_version(
+    make_ctx: Callable[..., Ctx], crawl_site: tuple[int, CrawlStats], redis: ArqRedis
+) -> None:
+    port, _ = crawl_site
+    ctx = make_ctx()
+    url = f"http://127.0.0.1:{port}/plain/7"
+    assert (await scrape_page(ctx, {"url": url}))["changed"] is True
+    before = await load_document(redis, document_id(url))
+    again = await scrape_page(ctx, {"url": url})
+    assert again["changed"] is False
+    after = await load_document(redis, document_id(url))
+    assert before is not None and after is not None
+    assert after.versions == 1 and after.changed_at == before.changed_at
+    assert after.fetched_at > before.fetched_at
