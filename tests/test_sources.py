@@ -1,0 +1,137 @@
+"""Sources: the API, scheduled crawls through real workers, and one scrape per period even when
+several workers run the scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from arq.connections import ArqRedis
+
+from app.settings import Settings
+from jobs.documents import DOC_INDEX_KEY, document_id, load_document
+from jobs.scheduler import TICK_KEY, run_key
+from jobs.sources import source_failures_key
+from tests.conftest import start_worker, stop_worker
+from tests.helpers import ApiClient, wait_for
+from tests.servers import CrawlStats
+
+GOOD = {"url": "http://example.com/news", "schedule": "daily"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "text"),
+    [
+        (GOOD | {"schedule": "every day"}, "schedule", "5-field cron expression"),
+        (GOOD | {"schedule": "61 * * * *"}, "schedule", "cron expression"),
+        (GOOD | {"url": "ftp://example.com/"}, "url", "scheme"),
+        (GOOD | {"follow_links": 3}, "follow_links", "less than or equal to 2"),
+        (GOOD | {"max_pages": 0}, "max_pages", "greater than or equal to 1"),
+        (GOOD | {"selectors": {"x": "p[["}}, "selectors", "not a valid CSS"),
+        ({"url": "http://example.com/"}, "schedule", "field required"),
+        (GOOD | {"colour": "red"}, "colour", "extra inputs"),
+    ],
+)
+async def test_bad_sources_are_422_with_the_field(
+    api: ApiClient, body: dict[str, Any], field: str, text: str
+) -> None:
+    response = await api.post("/sources", json=body)
+    assert response.status == 422
+    details = {d["field"]: d["message"] for d in (await response.json())["details"]}
+    assert field in details and text.lower() in details[field].lower(), details
+
+
+async def test_source_crud(api: ApiClient) -> None:
+    created = await api.post("/sources", json=GOOD | {"selectors": {"h": "h1"}, "follow_links": 1})
+    assert created.status == 201
+    source = await created.json()
+    assert created.headers["Location"] == f"/sources/{source['id']}"
+    assert (source["schedule"], source["follow_links"], source["max_pages"]) == ("daily", 1, 20)
+    assert (await (await api.get("/sources")).json())["sources"] == [source]
+    assert await (await api.get(f"/sources/{source['id']}")).json() == source
+
+    patched = await api.patch(f"/sources/{source['id']}", json={"schedule": "*/15 * * * *"})
+    assert patched.status == 200
+    body = await patched.json()
+    assert body["schedule"] == "*/15 * * * *" and body["url"] == GOOD["url"]
+    bad_patch = await api.patch(f"/sources/{source['id']}", json={"follow_links": 9})
+    assert bad_patch.status == 422
+
+    assert (await api.delete(f"/sources/{source['id']}")).status == 204
+    assert (await api.get(f"/sources/{source['id']}")).status == 404
+    assert (await api.delete(f"/sources/{source['id']}")).status == 404
+
+
+async def test_scheduled_crawl_follows_links_obeys_robots_and_counts_failures(
+    api: ApiClient,
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    crawl_site: tuple[int, CrawlStats],
+) -> None:
+    port, stats = crawl_site
+    url = f"http://127.0.0.1:{port}/news"
+    body = {"url": url, "schedule": "hourly", "follow_links": 1, "max_pages": 10}
+    source = await (await api.post("/sources", json=body)).json()
+    settings = make_settings(scheduler_tick_seconds=1)
+    worker, task = await start_worker(settings)
+    try:
+
+        async def crawled() -> bool:
+            failures = await redis.hgetall(source_failures_key(source["id"]))  # type: ignore[misc]
+            return await redis.zcard(DOC_INDEX_KEY) == 6 and bool(failures)
+
+        await wait_for(crawled, timeout=30, what="the source's pages and its robots failure")
+    finally:
+        await stop_worker(worker, task)
+
+    articles = [f"http://127.0.0.1:{port}/news/{n}" for n in range(1, 6)]
+    for page in [url, *articles]:
+        doc = await load_document(redis, document_id(page))
+        assert doc is not None and doc.source_id == source["id"], page
+    assert "/private/secret" not in stats.hits
+    failures = await redis.hgetall(source_failures_key(source["id"]))  # type: ignore[misc]
+    assert failures == {b"disallowed by robots.txt": b"1"}
+    listed = await (await api.get(f"/documents?source={source['id']}")).json()
+    assert listed["total"] == 6
+    assert {d["url"] for d in listed["items"]} == {url, *articles}
+    detail = await (await api.get(f"/documents/{document_id(url)}")).json()
+    assert detail["document"]["title"] == "News v1" and len(detail["versions"]) == 1
+
+
+async def test_two_workers_scrape_each_due_source_once_per_period(
+    api: ApiClient,
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    crawl_site: tuple[int, CrawlStats],
+    fault_report: Callable[[str], None],
+) -> None:
+    port, stats = crawl_site
+    sources = []
+    for n in range(3):
+        body = {"url": f"http://127.0.0.1:{port}/plain/{n}", "schedule": "* * * * *"}
+        sources.append(await (await api.post("/sources", json=body)).json())
+    settings = make_settings(scheduler_tick_seconds=1)
+    workers = [await start_worker(settings), await start_worker(settings)]
+    try:
+
+        async def ticked_enough() -> bool:
+            runs = await redis.hget(TICK_KEY, "runs")  # type: ignore[misc]
+            return runs is not None and int(runs) >= 5 and await redis.zcard(DOC_INDEX_KEY) == 3
+
+        await wait_for(ticked_enough, timeout=30, what="5 scheduler ticks and 3 documents")
+    finally:
+        for worker, task in workers:
+            await stop_worker(worker, task)
+
+    ticks = int(await redis.hget(TICK_KEY, "runs"))  # type: ignore[misc]
+    periods = {}
+    for n, source in enumerate(sources):
+        markers = [k async for k in redis.scan_iter(match=run_key(source["id"], 0)[:-1] + "*")]
+        periods[n] = len(markers)
+        assert stats.hits[f"/plain/{n}"] == len(markers), (n, stats.hits, markers)
+        assert 1 <= len(markers) <= 2  # the run may straddle a minute boundary
+    fault_report(
+        f"cron uniqueness: 2 workers, {ticks} ticks, 3 sources -> page fetches "
+        f"{[stats.hits[f'/plain/{n}'] for n in range(3)]} for periods {list(periods.values())}"
+    )
