@@ -16,9 +16,11 @@ from app import mailsink
 from app.appkeys import REDIS, SETTINGS
 from app.dead_letter_routes import add_dead_letter_routes
 from app.document_routes import add_document_routes
+from app.export_routes import add_export_routes
 from app.httputil import JOB_ID_PATTERN, json_model, query_int, read_json_object, status_url
 from app.idempotency import idempotent
 from app.jobstatus import read_job
+from app.report_routes import add_report_routes
 from app.schemas import (
     AbortAccepted,
     EmailAccepted,
@@ -187,6 +189,8 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     add_dead_letter_routes(app)
     add_source_routes(app)
     add_document_routes(app)
+    add_export_routes(app)
+    add_report_routes(app)
     if settings.mail_sink_dir is not None:
         app.router.add_get("/dev/mail", list_mail)
         app.router.add_get(f"/dev/mail/{{name:{mailsink.MESSAGE_NAME_PATTERN}}}", show_mail)

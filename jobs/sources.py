@@ -129,7 +129,8 @@ async def delete_source(redis: Redis, source_id: str) -> bool:
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(SOURCE_KEY_PREFIX + source_id)
         pipe.srem(SOURCES_KEY, source_id)
-        deleted, _ = await pipe.execute()
+        pipe.delete(source_failures_key(source_id))
+        deleted, _, _ = await pipe.execute()
     return bool(deleted)
 
 

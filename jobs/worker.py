@@ -13,8 +13,11 @@ from arq.worker import Function, func
 
 from app.broker import redis_settings
 from app.settings import Settings, get_settings
+from jobs.cleanup import daily_cleanup
 from jobs.email import send_email
+from jobs.export import export
 from jobs.newsletter import send_newsletter
+from jobs.report import daily_report, report
 from jobs.resilience import install, worker_redis
 from jobs.retry import max_tries
 from jobs.scheduler import schedule_sources, scrape_source
@@ -64,11 +67,17 @@ def job_functions(settings: Settings) -> list[Function]:
     see every try and dead-letter the job itself (see jobs.retry.classified)."""
     email_tries = max_tries(settings, "email") + 1
     scrape_tries = max_tries(settings, "scrape") + 1
+    maintenance_tries = max_tries(settings, "maintenance") + 1
     return [
         func(cast(WorkerCoroutine, send_email), name="send_email", max_tries=email_tries),
         func(cast(WorkerCoroutine, send_newsletter), name="send_newsletter", max_tries=email_tries),
         func(cast(WorkerCoroutine, scrape), name="scrape", max_tries=scrape_tries),
         func(cast(WorkerCoroutine, scrape_source), name="scrape_source", max_tries=scrape_tries),
+        *(
+            func(cast(WorkerCoroutine, job), name=job.__name__, max_tries=maintenance_tries)
+            # the daily jobs are plain functions too, so a dead-lettered run can be retried
+            for job in (export, report, daily_cleanup, daily_report)
+        ),
     ]
 
 
@@ -81,6 +90,22 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
             name="schedule_sources",
             second=set(range(0, 60, tick)) if tick < 60 else 0,
             run_at_startup=True,
+        ),
+        cron(
+            cast(WorkerCoroutine, daily_cleanup),
+            name="scheduled_cleanup",
+            hour=settings.cleanup_hour,
+            minute=0,
+            second=0,
+            max_tries=max_tries(settings, "maintenance") + 1,
+        ),
+        cron(
+            cast(WorkerCoroutine, daily_report),
+            name="scheduled_report",
+            hour=settings.report_hour,
+            minute=0,
+            second=0,
+            max_tries=max_tries(settings, "maintenance") + 1,
         ),
     ]
 

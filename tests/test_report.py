@@ -1,0 +1,195 @@
+"""The analysis report: exact figures from known documents, sources and failures; its API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any, cast
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from arq.connections import ArqRedis
+from arq.typing import WorkerCoroutine
+from arq.worker import func
+
+from app.report_routes import add_report_routes
+from app.settings import Settings
+from app.web import create_app
+from jobs.documents import record_unchanged, save_document
+from jobs.report import REPORT_KEY, build_report, latest_report, report
+from jobs.retry import max_tries
+from jobs.sources import SOURCES_KEY, source_failures_key
+from tests.conftest import start_worker, stop_worker
+from tests.helpers import ApiClient
+from tests.jobwait import wait_job
+from tests.test_cleanup import NOW, snapshot
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+EMPTY_BUCKET: dict[str, Any] = {
+    "pages": 0,
+    "changed_last_day": 0,
+    "changed_last_week": 0,
+    "avg_fetch_ms": None,
+    "failures": {},
+}
+
+
+async def save(
+    redis: ArqRedis,
+    url: str,
+    age: timedelta,
+    fetch_ms: float,
+    title: str | None,
+    source_id: str | None = None,
+) -> None:
+    page = snapshot(
+        url, f"text of {url} {age}", NOW - age, source_id=source_id, title=title, fetch_ms=fetch_ms
+    )
+    assert await save_document(redis, page)
+
+
+async def test_report_figures(redis: ArqRedis) -> None:
+    await redis.sadd(SOURCES_KEY, "alpha", "beta")  # type: ignore[misc]
+    await redis.hset(  # type: ignore[misc]
+        source_failures_key("alpha"),
+        mapping={"HTTP 404": 3, "timeout": 1, "disallowed by robots.txt": 2},
+    )
+    await redis.hset(source_failures_key("gone"), mapping={"timeout": 9})  # type: ignore[misc]
+
+    # alpha: changed 2 h, 3 d and 10 d ago; the last one re-checked (unchanged) an hour ago.
+    await save(redis, "https://alpha.example/1", 2 * HOUR, 100, "Python asyncio guide", "alpha")
+    await save(redis, "https://alpha.example/2", 20 * DAY, 999, "old title", "alpha")
+    await save(redis, "https://alpha.example/2", 3 * DAY, 200.5, "Python packaging", "alpha")
+    await save(redis, "https://alpha.example/3", 10 * DAY, 50, None, "alpha")
+    await record_unchanged(redis, "https://alpha.example/3", NOW - HOUR, 60)
+    # ad hoc: changed 5 h ago, 8 d ago (re-checked since), and exactly 7 d ago.
+    await save(redis, "https://adhoc.example/1", 5 * HOUR, 10, "Redis streams explained")
+    await save(redis, "https://adhoc.example/2", 8 * DAY, 30, "Redis: the guide, 2nd edition!")
+    await record_unchanged(redis, "https://adhoc.example/2", NOW - HOUR, 20)
+    await save(redis, "https://adhoc.example/3", 7 * DAY, 0, "PYTHON")
+    # a deleted source's document, not yet cleaned up
+    await save(redis, "https://gone.example/1", HOUR, 5000, "Python redis", "gone")
+
+    built = await build_report(redis, NOW)
+
+    assert built == {
+        "generated_at": "2025-03-01T12:00:00+00:00",
+        "documents": 7,
+        "orphaned_documents": 1,
+        "sources": {
+            "alpha": {
+                "pages": 3,
+                "changed_last_day": 1,
+                "changed_last_week": 2,
+                "avg_fetch_ms": 120.2,  # (100 + 200.5 + 60) / 3
+                "failures": {"HTTP 404": 3, "disallowed by robots.txt": 2, "timeout": 1},
+            },
+            "beta": EMPTY_BUCKET,
+            "ad-hoc": {
+                "pages": 3,
+                "changed_last_day": 1,
+                "changed_last_week": 2,
+                "avg_fetch_ms": 10.0,  # (10 + 20 + 0) / 3
+                "failures": {},
+            },
+        },
+        "top_words": [
+            ["python", 4],
+            ["redis", 3],
+            ["guide", 2],
+            ["asyncio", 1],
+            ["edition", 1],
+            ["explained", 1],
+            ["packaging", 1],
+            ["streams", 1],
+        ],
+    }
+    raw = await redis.get(REPORT_KEY)
+    assert raw is not None and json.loads(raw) == built
+    assert await latest_report(redis) == built
+
+
+async def test_top_words_keeps_twenty_most_frequent(redis: ArqRedis) -> None:
+    """Ties are ordered by word; words are runs of 4+ letters in any script, lowercased."""
+    nato = (
+        "Alfa Bravo Charlie Delta Echo Foxtrot Golf Hotel India Juliett Kilo Lima Mike November "
+        "Oscar Papa Quebec Romeo Sierra Tango Uniform Victor Whiskey Xray Yankee Zulu"
+    )
+    await save(redis, "https://w.example/1", HOUR, 1, nato)
+    await save(redis, "https://w.example/2", HOUR, 1, "zulu YANKEE 2024 abc x-ray Ärger")
+    await save(redis, "https://w.example/3", HOUR, 1, "ärger")
+    built = await build_report(redis, NOW)
+    words = ["alfa", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
+    words += ["juliett", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec"]
+    expected = [["yankee", 2], ["zulu", 2], ["ärger", 2]] + [[w, 1] for w in words]
+    assert built["top_words"] == expected
+    assert len(expected) == 20
+
+
+async def test_report_of_an_empty_store(redis: ArqRedis) -> None:
+    assert await latest_report(redis) is None
+    built = await build_report(redis, NOW)
+    assert built == {
+        "generated_at": "2025-03-01T12:00:00+00:00",
+        "documents": 0,
+        "orphaned_documents": 0,
+        "sources": {"ad-hoc": EMPTY_BUCKET},
+        "top_words": [],
+    }
+
+
+@pytest.fixture
+async def report_api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
+    """The app with the report routes, whether or not app.routes wires them in yet."""
+    app = create_app(settings)
+    if not any(
+        r.resource is not None and r.resource.canonical == "/reports/latest"
+        for r in app.router.routes()
+    ):
+        add_report_routes(app)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield client
+
+
+async def test_report_api_runs_the_job_and_serves_the_latest(
+    report_api: ApiClient, redis: ArqRedis, settings: Settings
+) -> None:
+    missing = await report_api.get("/reports/latest")
+    assert missing.status == 404
+    assert await missing.json() == {
+        "error": "not_found",
+        "message": "no report yet: POST /jobs/report",
+        "details": [],
+    }
+
+    await redis.sadd(SOURCES_KEY, "alpha")  # type: ignore[misc]
+    await save(redis, "https://alpha.example/1", HOUR, 100, "Python asyncio guide", "alpha")
+    headers = {"Idempotency-Key": "report-1"}
+    response = await report_api.post("/jobs/report", headers=headers)
+    assert response.status == 202
+    accepted: dict[str, Any] = await response.json()
+    assert set(accepted) == {"job_id", "status_url"}
+    assert accepted["status_url"] == f"/jobs/{accepted['job_id']}"
+    replayed = await report_api.post("/jobs/report", headers=headers)
+    assert await replayed.json() == accepted
+    assert await redis.zcard(settings.queue_name) == 1
+
+    tries = max_tries(settings, "maintenance") + 1
+    functions = [func(cast(WorkerCoroutine, report), name="report", max_tries=tries)]
+    worker, task = await start_worker(settings, functions=functions)
+    try:
+        status = await wait_job(report_api, accepted["job_id"])
+    finally:
+        await stop_worker(worker, task)
+    assert status["status"] == "complete", status
+    assert status["function"] == "report"
+
+    served = await report_api.get("/reports/latest")
+    assert served.status == 200
+    body = await served.json()
+    assert body == status["result"]
+    assert body["documents"] == 1
+    assert body["sources"]["alpha"]["pages"] == 1
+    assert body["top_words"] == [["asyncio", 1], ["guide", 1], ["python", 1]]
