@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from pydantic import SecretStr
 
 from app.broker import redis_answers
 from app.mailsink import MaildirHandler, server_port, start_smtp_server
@@ -41,6 +43,7 @@ async def run_dev(settings: Settings, var_dir: Path = Path("var")) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    settings = with_api_key(settings)
     async with contextlib.AsyncExitStack() as stack:
         settings = await stack.enter_async_context(local_redis(settings, var_dir))
         settings = await stack.enter_async_context(local_mail_sink(settings, var_dir))
@@ -57,6 +60,15 @@ async def run_dev(settings: Settings, var_dir: Path = Path("var")) -> int:
         worker_exit.cancel()
         log.info("stopping...")
     return 0
+
+
+def with_api_key(settings: Settings) -> Settings:
+    """Dev only: with no API_KEYS set, make one up for this run (printed in the banner)."""
+    if settings.api_keys:
+        return settings
+    key = SecretStr(secrets.token_urlsafe(24))
+    log.info("no API_KEYS set: generated a key for this run")
+    return settings.model_copy(update={"api_keys": [key]})
 
 
 @contextlib.asynccontextmanager
@@ -177,13 +189,18 @@ async def _wait_until(
 
 def print_banner(settings: Settings) -> None:
     base = f"http://{settings.web_host}:{settings.web_port}"
+    key = settings.api_keys[0].get_secret_value()
+    auth = f"-H 'Authorization: Bearer {key}'"
     lines = [
         f"asyncjobs dev stack is up: API on {base}",
+        f"  API key: {key}",
         f"  health:  curl {base}/health",
-        f"  email:   curl -X POST {base}/jobs/email -H 'Content-Type: application/json' "
+        f"  email:   curl -X POST {base}/jobs/email {auth} "
         """-d '{"to": "you@example.com", "subject": "Hello", "text": "Hi!"}'""",
     ]
     if settings.mail_sink_dir:
-        lines.append(f"  mail:    curl {base}/dev/mail   (files in {settings.mail_sink_dir})")
+        lines.append(
+            f"  mail:    curl {auth} {base}/dev/mail   (files in {settings.mail_sink_dir})"
+        )
     lines.append("Press Ctrl-C to stop.")
     print("\n".join(lines), flush=True)

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
 ERROR_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -56,7 +58,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason if exc.text is None else _plain(exc))
+        response = error_response(exc.status, exc.reason if exc.text is None else _plain(exc))
+        for name in KEPT_HEADERS:  # what tells the client how to do better
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
     except (RedisError, ConnectionError) as exc:
         log.warning("broker unavailable on %s %s: %s", request.method, request.path, exc)
         return error_response(503, "the job broker (Redis) is unavailable; try again later")

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from app.appkeys import REDIS, SETTINGS
+from app.auth import PRINCIPAL
 
 IDEMPOTENCY_PREFIX = "asyncjobs:idem:"
 MAX_KEY_LENGTH = 255
@@ -36,7 +37,10 @@ def idempotent(handler: Handler) -> Handler:
             )
         redis = request.app[REDIS]
         ttl = int(request.app[SETTINGS].idempotency_ttl)
-        redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest()
+        # Scoped to the caller: two API keys may pick the same Idempotency-Key independently.
+        principal = request.get(PRINCIPAL)
+        scope = f"{principal.key_id if principal else '-'}:{key}"
+        redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(scope.encode()).hexdigest()
         fingerprint = await request_fingerprint(request)
         pending = json.dumps({"fingerprint": fingerprint, "state": "pending"})
         if not await redis.set(redis_key, pending, nx=True, ex=ttl):

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     queue_name: str = "arq:queue"
 
     # Web API
+    # Bearer keys, comma-separated: full access, and read-only (GET only). From the environment.
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    api_read_keys: Annotated[list[SecretStr], NoDecode] = []
+    # Enqueue requests one key may make per window, counted in Redis across web processes.
+    rate_limit_requests: int = Field(120, ge=1)
+    rate_limit_window: float = Field(60, gt=0, description="seconds")
     web_host: str = "127.0.0.1"
     web_port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
@@ -94,6 +100,8 @@ class Settings(BaseSettings):
     dead_letter_retention: float = Field(30 * 24 * 3600, gt=0)
     maintenance_max_tries: int = Field(3, ge=1)
 
+    # Ports the scraper may connect to; "*" in the environment means any port.
+    scrape_allowed_ports: Annotated[list[int] | None, NoDecode] = [80, 443]
     # Addresses the scraper may reach although they are private/loopback/link-local.
     scrape_allowed_cidrs: Annotated[list[Network], NoDecode] = []
 
@@ -102,6 +110,22 @@ class Settings(BaseSettings):
     def _split_cidrs(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [ip_network(part.strip()) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", "api_read_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("scrape_allowed_ports", mode="before")
+    @classmethod
+    def _split_ports(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip() == "*":
+                return None
+            return [int(part) for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("mail_allowed_sender_domains", mode="before")

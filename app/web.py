@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from app.appkeys import REDIS, SETTINGS
+from app.auth import KEYRING, KeyRing, rate_limit, require_api_key
 from app.broker import connect
 from app.errors import json_errors
 from app.routes import add_routes
@@ -14,8 +15,12 @@ from app.settings import Settings
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[json_errors, require_api_key, rate_limit],
+    )
     app[SETTINGS] = settings
+    app[KEYRING] = KeyRing(settings)
     app.cleanup_ctx.append(_redis_client)
     add_routes(app, settings)
     return app
@@ -29,4 +34,6 @@ async def _redis_client(app: web.Application) -> AsyncIterator[None]:
 
 
 def run_web(settings: Settings) -> None:
+    if not (settings.api_keys or settings.api_read_keys):
+        raise SystemExit("error: set API_KEYS (comma-separated bearer keys); none is configured")
     web.run_app(create_app(settings), host=settings.web_host, port=settings.web_port)

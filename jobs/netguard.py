@@ -8,7 +8,7 @@ addresses at connect time, so a DNS answer that changes between checks (rebindin
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -34,10 +34,15 @@ def is_forbidden(address: IPAddress, allowed: Sequence[Network] = ()) -> bool:
     return not address.is_global or address.is_multicast
 
 
-def check_url(url: URL, allowed: Sequence[Network] = ()) -> None:
-    """Scheme and literal-IP checks that need no DNS."""
+def check_url(
+    url: URL, allowed: Sequence[Network] = (), ports: Collection[int] | None = None
+) -> None:
+    """Scheme, port and literal-IP checks that need no DNS; `ports` None allows any port."""
     if url.scheme not in ALLOWED_SCHEMES:
         raise ForbiddenTargetError(f"scheme {url.scheme!r} is not allowed (use http or https)")
+    if ports is not None and url.port not in ports:
+        allowed_ports = ", ".join(map(str, sorted(ports)))
+        raise ForbiddenTargetError(f"port {url.port} is not allowed (allowed: {allowed_ports})")
     host = url.raw_host or ""
     if not host:
         raise ForbiddenTargetError("URL has no host")

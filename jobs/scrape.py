@@ -155,7 +155,9 @@ class Fetcher:
         """Follow redirects by hand so that every hop passes the SSRF guard and politeness."""
         target = url
         for _ in range(self.settings.scrape_max_redirects + 1):
-            check_url(target, self.settings.scrape_allowed_cidrs)
+            check_url(
+                target, self.settings.scrape_allowed_cidrs, self.settings.scrape_allowed_ports
+            )
             async with (
                 self._slot(target.host or ""),
                 self.session.get(target, allow_redirects=False, headers=headers) as r,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.asyncio import Redis
@@ -20,12 +20,14 @@ from app.mailsink import server_port, start_smtp_server
 from app.settings import Settings
 from app.web import create_app
 from jobs.worker import worker_options
-from tests.helpers import ApiClient
+from tests.helpers import ApiClient, api_client
 from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
 
 # A database of its own, flushed before each test: never the one the dev stack uses (0).
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 LOOPBACK = [ip_network("127.0.0.0/8"), ip_network("::1/128")]
+API_KEY, READ_KEY = "test-key-full-access", "test-key-read-only"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,6 +93,10 @@ def make_settings(smtp: tuple[RecordingSmtpHandler, int]) -> Callable[..., Setti
             "smtp_host": "127.0.0.1",
             "smtp_port": smtp[1],
             "scrape_allowed_cidrs": LOOPBACK,
+            "scrape_allowed_ports": None,  # the test servers listen on random ports
+            "api_keys": [API_KEY],
+            "api_read_keys": [READ_KEY],
+            "rate_limit_requests": 100_000,  # tests enqueue hundreds at once; one test sets it low
             "scrape_timeout": 3,
             "worker_health_interval": 1,
             "retry_base_delay": 0.05,
@@ -112,7 +118,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 @pytest.fixture
 async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
     """The real aiohttp app on a loopback port, with a client for it."""
-    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
+    async with api_client(create_app(settings)) as client:
         yield client
 
 

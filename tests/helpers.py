@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 T = TypeVar("T")
 
@@ -33,6 +33,13 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
         await asyncio.sleep(interval)
+
+
+def api_client(app: web.Application) -> ApiClient:
+    """A client of the real app on a loopback port, sending the tests' full-access API key."""
+    from tests.conftest import AUTH
+
+    return TestClient(TestServer(app, host="127.0.0.1"), headers=AUTH)
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import ClientSession
 
 from app.broker import redis_answers
+from tests.conftest import API_KEY, AUTH
 from tests.helpers import free_port, wait_for
 from tests.servers import SiteStats
 
@@ -26,12 +27,15 @@ async def dev_stack(
 ) -> AsyncIterator[tuple[str, str, Path, asyncio.subprocess.Process]]:
     redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers: the launcher starts one
     web_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "MAIL_", "REDIS_"))}
+    prefixes = ("SMTP_", "MAIL_", "REDIS_", "API_", "SCRAPE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env |= {
         "REDIS_URL": redis_url,
         "WEB_PORT": str(web_port),
         "MAIL_SINK_DIR": str(tmp_path / "mail"),
         "SCRAPE_ALLOWED_CIDRS": "127.0.0.0/8",
+        "SCRAPE_ALLOWED_PORTS": "*",
+        "API_KEYS": API_KEY,
         "PYTHONPATH": str(REPO),
     }
     process = await asyncio.create_subprocess_exec(
@@ -51,7 +55,7 @@ async def test_dev_stack_sends_mail_scrapes_and_stops_cleanly(
 ) -> None:
     base, redis_url, tmp_path, process = dev_stack
     log = tmp_path / "dev.log"
-    async with ClientSession() as http:
+    async with ClientSession(headers=AUTH) as http:
 
         async def healthy() -> bool | None:
             try:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
 from arq.jobs import Job
 from arq.typing import WorkerCoroutine
@@ -45,7 +44,7 @@ from jobs.export import (
 from jobs.retry import max_tries
 from jobs.worker import worker_options
 from tests.conftest import start_worker, stop_worker
-from tests.helpers import ApiClient
+from tests.helpers import ApiClient, api_client
 from tests.jobwait import wait_job
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -250,7 +249,7 @@ async def export_api(export_settings: Settings, redis: ArqRedis) -> AsyncIterato
     app = create_app(export_settings)
     if not any(r.resource and r.resource.canonical == "/jobs/export" for r in app.router.routes()):
         add_export_routes(app)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with api_client(app) as client:
         yield client
 
 

@@ -6,14 +6,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
 from app import __version__
 from app.settings import Settings
 from app.web import create_app
-from tests.helpers import ApiClient, free_port, wait_for
+from tests.helpers import ApiClient, api_client, free_port, wait_for
 
 
 async def test_health_degraded_without_worker(api: ApiClient) -> None:
@@ -42,7 +41,7 @@ async def test_redis_down_gives_503_json_not_a_hang(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> None:
     settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout=1)
-    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
+    async with api_client(create_app(settings)) as client:
         started = time.monotonic()
         response = await client.post(
             "/jobs/email", json={"to": "a@example.com", "subject": "s", "text": "t"}

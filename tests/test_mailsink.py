@@ -7,11 +7,11 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import aiosmtplib
-from aiohttp.test_utils import TestClient, TestServer
 
 from app.mailsink import MaildirHandler, list_messages, read_message, server_port, start_smtp_server
 from app.settings import Settings
 from app.web import create_app
+from tests.helpers import api_client
 
 
 async def test_sink_stores_messages_as_eml_files(tmp_path: Path) -> None:
@@ -43,10 +43,10 @@ async def test_sink_stores_messages_as_eml_files(tmp_path: Path) -> None:
 async def test_mail_endpoints_only_exist_in_dev_mode(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    async with TestClient(TestServer(create_app(make_settings()))) as client:
+    async with api_client(create_app(make_settings())) as client:
         assert (await client.get("/dev/mail")).status == 404
     settings = make_settings(mail_sink_dir=tmp_path)
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with api_client(create_app(settings)) as client:
         response = await client.get("/dev/mail")
         assert response.status == 200
         assert await response.json() == {"messages": []}

@@ -8,7 +8,6 @@ from datetime import timedelta
 from typing import Any, cast
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import func
@@ -21,7 +20,7 @@ from jobs.report import REPORT_KEY, build_report, latest_report, report
 from jobs.retry import max_tries
 from jobs.sources import SOURCES_KEY, source_failures_key
 from tests.conftest import start_worker, stop_worker
-from tests.helpers import ApiClient
+from tests.helpers import ApiClient, api_client
 from tests.jobwait import wait_job
 from tests.test_cleanup import NOW, snapshot
 
@@ -149,7 +148,7 @@ async def report_api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiCl
         for r in app.router.routes()
     ):
         add_report_routes(app)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+    async with api_client(app) as client:
         yield client
 
 

@@ -6,14 +6,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp.test_utils import TestClient, TestServer
-
 from app.broker import connect
 from app.settings import Settings
 from app.web import create_app
 from tests.faults.conftest import delivery_counts, post_emails, wait_all_finished
 from tests.faults.procs import RedisServer, start_worker_process, stop_process
-from tests.helpers import ApiClient, wait_for
+from tests.helpers import ApiClient, api_client, wait_for
 from tests.servers import RecordingSmtpHandler
 
 BEFORE, AFTER = 100, 50
@@ -42,7 +40,7 @@ async def test_redis_restart_loses_no_accepted_job(
     slowest_refusal = 0.0
     try:
         api: ApiClient
-        async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as api:
+        async with api_client(create_app(settings)) as api:
             accepted = await post_emails(api, BEFORE, "before")
 
             async def some_sent() -> bool:

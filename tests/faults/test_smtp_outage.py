@@ -11,7 +11,7 @@ from app.settings import Settings
 from jobs.deadletter import DEAD_INDEX_KEY
 from tests.conftest import start_worker, stop_worker
 from tests.faults.conftest import delivery_counts, job_views, post_emails, wait_all_finished
-from tests.helpers import ApiClient, free_port, wait_for
+from tests.helpers import ApiClient, api_client, free_port, wait_for
 from tests.servers import RecordingSmtpHandler
 
 COUNT = 50
@@ -22,7 +22,6 @@ async def test_emails_wait_out_an_smtp_outage(
     redis: ArqRedis,
     fault_report: Callable[[str], None],
 ) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
 
     from app.web import create_app
 
@@ -34,7 +33,7 @@ async def test_emails_wait_out_an_smtp_outage(
     handler = RecordingSmtpHandler()
     try:
         api: ApiClient
-        async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as api:
+        async with api_client(create_app(settings)) as api:
             accepted = await post_emails(api, COUNT, "outage")
             job_ids = [a["job_id"] for a in accepted]
 

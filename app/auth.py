@@ -1,0 +1,99 @@
+"""API keys (Bearer) and the per-key rate limit on enqueue endpoints.
+
+Keys are kept only as SHA-256 digests and compared in constant time; a key is identified in
+logs, rate-limit counters and idempotency records by a short prefix of its digest, never itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from app.appkeys import REDIS, SETTINGS
+from app.errors import Handler
+from app.settings import Settings
+
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json")})
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+RATE_KEY_PREFIX = "asyncjobs:rate:"
+PRINCIPAL = "principal"  # request key
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    read_only: bool
+
+
+class KeyRing:
+    def __init__(self, settings: Settings) -> None:
+        self._keys = [(_digest(k.get_secret_value()), False) for k in settings.api_keys]
+        self._keys += [(_digest(k.get_secret_value()), True) for k in settings.api_read_keys]
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def identify(self, presented: str) -> Principal | None:
+        digest = _digest(presented)
+        found: Principal | None = None
+        for stored, read_only in self._keys:  # no early exit: the time says nothing
+            if hmac.compare_digest(stored, digest):
+                found = Principal(key_id=digest.hex()[:12], read_only=read_only)
+        return found
+
+
+KEYRING = web.AppKey("keyring", KeyRing)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@web.middleware
+async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if (request.method, request.path) in PUBLIC_ROUTES:
+        return await handler(request)
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    principal = request.app[KEYRING].identify(presented.strip()) if scheme == "Bearer" else None
+    if principal is None:
+        raise web.HTTPUnauthorized(
+            text="send a valid API key: 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": 'Bearer realm="asyncjobs"'},
+        )
+    if principal.read_only and request.method not in READ_METHODS:
+        raise web.HTTPForbidden(text="this API key is read-only")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def is_enqueue(request: web.Request) -> bool:
+    return request.method == "POST" and request.path.startswith(("/jobs/", "/dead-letter/"))
+
+
+@web.middleware
+async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Fixed window per key: at most `rate_limit_requests` enqueues per `rate_limit_window`."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is None or not is_enqueue(request):
+        return await handler(request)
+    settings = request.app[SETTINGS]
+    window = settings.rate_limit_window
+    now = time.time()
+    window_index = int(now // window)
+    key = f"{RATE_KEY_PREFIX}{principal.key_id}:{window_index}"
+    async with request.app[REDIS].pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, math.ceil(window) + 1)
+        count, _ = await pipe.execute()
+    if count > settings.rate_limit_requests:
+        retry_after = max(1, math.ceil((window_index + 1) * window - now))
+        raise web.HTTPTooManyRequests(
+            text=f"rate limit of {settings.rate_limit_requests} requests per {window:g}s reached",
+            headers={"Retry-After": str(retry_after)},
+        )
+    return await handler(request)
