@@ -21,13 +21,15 @@ from app.settings import Settings
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json")})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 RATE_KEY_PREFIX = "asyncjobs:rate:"
-PRINCIPAL = "principal"  # request key
 
 
 @dataclass(frozen=True)
 class Principal:
     key_id: str
     read_only: bool
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)  # who made the request
 
 
 class KeyRing:

@@ -13,6 +13,7 @@ from email.utils import parsedate_to_datetime
 from typing import Annotated, Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from yarl import URL
@@ -84,10 +85,14 @@ class FetchedPage:
         return self.status == 304
 
 
-def make_http_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one client session a worker shares across all scrape jobs (one connection pool)."""
+def make_http_session(
+    settings: Settings, dns: AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    """The one client session a worker shares across all scrape jobs (one connection pool).
+
+    `dns` replaces the system resolver underneath the guard (tests use one that knows names)."""
     connector = aiohttp.TCPConnector(
-        resolver=GuardedResolver(settings.scrape_allowed_cidrs),
+        resolver=GuardedResolver(settings.scrape_allowed_cidrs, inner=dns),
         limit=settings.scrape_max_connections,
         ttl_dns_cache=60,
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from ipaddress import ip_address
+from typing import Any
 
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from arq.connections import ArqRedis
 
 from app.settings import Settings
@@ -82,4 +85,77 @@ async def test_redirect_to_forbidden_address_is_refused(
     finally:
         await session.close()
         await bouncer.close()
+    assert stats.hits == {}
+
+
+class NamesResolver(AbstractResolver):
+    """DNS for names that do not exist on the internet: the one fake the suite needs."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        address = self.names[host]
+        return [{"hostname": host, "host": address, "port": port, "family": socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST}]  # fmt: skip
+
+    async def close(self) -> None:
+        pass
+
+
+async def fetch_refused(settings: Settings, redis: ArqRedis, url: str, dns: Any = None) -> str:
+    session = make_http_session(settings, dns=dns)
+    try:
+        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
+        with pytest.raises(PermanentJobError) as refused:
+            await scrape_page(ctx, {"url": url})
+    finally:
+        await session.close()
+    return str(refused.value)
+
+
+async def test_hostname_resolving_to_loopback_is_refused(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+) -> None:
+    """DNS says a harmless-looking name is 127.0.0.1: the connector's guard refuses it."""
+    base, stats = site
+    port = base.rsplit(":", 1)[1]
+    dns = NamesResolver({"intranet.example": "127.0.0.1"})
+    settings = make_settings(scrape_allowed_cidrs=[])
+    message = await fetch_refused(settings, redis, f"http://intranet.example:{port}/page/1", dns)
+    assert "non-public address(es): 127.0.0.1" in message
+    assert stats.hits == {}
+
+
+@pytest.mark.parametrize(
+    "host", ["0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "[::ffff:7f00:1]", "[::1]"]
+)
+async def test_other_spellings_of_loopback_are_refused(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats], host: str
+) -> None:
+    base, stats = site
+    port = base.rsplit(":", 1)[1]
+    settings = make_settings(scrape_allowed_cidrs=[])
+    message = await fetch_refused(settings, redis, f"http://{host}:{port}/page/1")
+    assert "refused to fetch" in message
+    assert stats.hits == {}
+
+
+async def test_cloud_metadata_address_is_refused_before_connecting(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    settings = make_settings(scrape_allowed_cidrs=[], scrape_allowed_ports=[80, 443])
+    message = await fetch_refused(settings, redis, "http://169.254.169.254/latest/meta-data/")
+    assert "169.254.169.254 is not a public address" in message
+
+
+async def test_ports_outside_the_allowlist_are_refused(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+) -> None:
+    base, stats = site
+    settings = make_settings(scrape_allowed_ports=[80, 443])  # loopback allowed, port not
+    message = await fetch_refused(settings, redis, f"{base}/page/1")
+    assert "is not allowed (allowed: 80, 443)" in message
     assert stats.hits == {}

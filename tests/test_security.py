@@ -1,0 +1,114 @@
+"""The API is not a way in: keys, read-only scope, rate limits, open relay and header injection."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import pytest
+from aiohttp import ClientSession
+
+from app.settings import Settings
+from app.web import create_app
+from tests.conftest import API_KEY, READ_KEY
+from tests.helpers import ApiClient, api_client, wait_for
+
+EMAIL = {"to": "a@example.com", "subject": "Hi", "text": "t"}
+
+
+async def test_health_and_openapi_need_no_key(api: ApiClient) -> None:
+    async with ClientSession() as anonymous:
+        for path in ("/health", "/openapi.json"):
+            async with anonymous.get(api.make_url(path)) as response:
+                assert response.status == 200, path
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer wrong-key", f"Basic {API_KEY}", f"bearer {API_KEY}", API_KEY],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/jobs/abc"), ("POST", "/jobs/email"), ("GET", "/dead-letter"), ("GET", "/sources")],
+)
+async def test_missing_or_wrong_key_is_401(
+    api: ApiClient, authorization: str | None, method: str, path: str
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    url = api.make_url(path)
+    async with (
+        ClientSession() as anonymous,
+        anonymous.request(method, url, json=EMAIL, headers=headers) as response,
+    ):
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await response.json())["error"] == "unauthorized"
+
+
+async def test_read_only_key_reads_but_cannot_enqueue(api: ApiClient) -> None:
+    read_only = {"Authorization": f"Bearer {READ_KEY}"}
+    assert (await api.get("/dead-letter", headers=read_only)).status == 200
+    for method, path in [("POST", "/jobs/email"), ("POST", "/sources"), ("DELETE", "/jobs/x")]:
+        response = await api.request(method, path, json=EMAIL, headers=read_only)
+        assert response.status == 403, (method, path)
+        assert "read-only" in (await response.json())["message"]
+    assert (await api.post("/jobs/email", json=EMAIL)).status == 202  # the full key can
+
+
+async def test_rate_limit_per_key_with_retry_after_and_reset(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(rate_limit_requests=3, rate_limit_window=2)
+    async with api_client(create_app(settings)) as client:
+
+        async def at_window_start() -> bool:  # so that 4 requests fit inside one window
+            return time.time() % 2 < 1.0
+
+        await wait_for(at_window_start, timeout=5, interval=0.01)
+        statuses = [(await client.post("/jobs/email", json=EMAIL)).status for _ in range(3)]
+        assert statuses == [202, 202, 202]
+        limited = await client.post("/jobs/email", json=EMAIL)
+        assert limited.status == 429
+        assert (await limited.json())["error"] == "too_many_requests"
+        retry_after = int(limited.headers["Retry-After"])
+        assert 1 <= retry_after <= math.ceil(settings.rate_limit_window)
+        # reads are not rate limited
+        assert (await client.get("/dead-letter")).status == 200
+
+        async def window_reset() -> bool:
+            return (await client.post("/jobs/email", json=EMAIL)).status == 202
+
+        await wait_for(window_reset, timeout=retry_after + 3, interval=0.2, what="a new window")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("subject", "Hello\r\nBcc: victim@example.com"),
+        ("subject", "Hello\nX-Injected: 1"),
+        ("to", "a@example.com\r\nBcc: victim@example.com"),
+        ("reply_to", "a@example.com\nBcc: victim@example.com"),
+        ("from", "a@example.com\r\nBcc: victim@example.com"),
+    ],
+)
+async def test_header_injection_is_422(api: ApiClient, field: str, value: str) -> None:
+    response = await api.post("/jobs/email", json=EMAIL | {field: value})
+    assert response.status == 422
+    fields = [d["field"] for d in (await response.json())["details"]]
+    assert any(f.split(".")[0] == field for f in fields), fields
+
+
+async def test_open_relay_attempt_from_a_disallowed_sender_is_422(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(mail_allowed_sender_domains=["shop.example"])
+    async with api_client(create_app(settings)) as client:
+        spam = await client.post("/jobs/email", json=EMAIL | {"from": "ceo@bank.example"})
+        assert spam.status == 422
+        assert "not allowed" in (await spam.json())["details"][0]["message"]
+        ok = await client.post("/jobs/email", json=EMAIL | {"from": "news@shop.example"})
+        assert ok.status == 202
+        newsletter = {"recipients": ["a@example.com"], "subject": "s", "text": "t"}
+        relay = await client.post("/jobs/newsletter", json=newsletter | {"from": "x@evil.example"})
+        assert relay.status == 422
