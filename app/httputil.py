@@ -8,7 +8,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-JOB_ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
+# Any arq job id, but not the names of the enqueue endpoints beside it (/jobs/email is no job).
+JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report)$)[A-Za-z0-9_.:-]{1,128}"
 
 
 def json_model(model: BaseModel, status: int = 200) -> web.Response:

@@ -20,12 +20,14 @@ from app.export_routes import add_export_routes
 from app.httputil import JOB_ID_PATTERN, json_model, query_int, read_json_object, status_url
 from app.idempotency import idempotent
 from app.jobstatus import read_job
+from app.openapi import openapi_document
 from app.report_routes import add_report_routes
 from app.schemas import (
     AbortAccepted,
     EmailAccepted,
     EmailSpec,
     Health,
+    MailList,
     NewsletterAccepted,
     ScrapeAccepted,
     ScrapeBatchAccepted,
@@ -163,7 +165,7 @@ async def list_mail(request: web.Request) -> web.Response:
     assert folder is not None
     limit = query_int(request, "limit", default=50, lo=1, hi=500)
     messages = await mailsink.list_messages(folder, limit)
-    return web.json_response({"messages": [m.model_dump(mode="json") for m in messages]})
+    return json_model(MailList(messages=messages))
 
 
 async def show_mail(request: web.Request) -> web.Response:
@@ -186,6 +188,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_get(f"/jobs/{{job_id:{JOB_ID_PATTERN}}}", job_status, name="job_status")
     app.router.add_delete(f"/jobs/{{job_id:{JOB_ID_PATTERN}}}", abort_job)
     app.router.add_get("/health", health)
+    app.router.add_get("/openapi.json", openapi_document)
     add_dead_letter_routes(app)
     add_source_routes(app)
     add_document_routes(app)

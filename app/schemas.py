@@ -5,8 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationInfo,
+    model_validator,
+)
 
+from app.mailsink import MailSummary
 from jobs.deadletter import DeadLetter
 from jobs.documents import DocumentVersion, StoredDocument
 from jobs.email import EmailSpec
@@ -81,6 +90,10 @@ class ScrapeBatchAccepted(BaseModel):
     jobs: list[ScrapeAccepted]
 
 
+class ScrapeAcceptedAny(RootModel[ScrapeAccepted | ScrapeBatchAccepted]):
+    """`POST /jobs/scrape` answers one job for `url`, a list for `urls`."""
+
+
 class JobView(BaseModel):
     job_id: str
     status: JobState
@@ -122,6 +135,10 @@ class DocumentDetail(BaseModel):
     versions: list[DocumentVersion]  # newest first
 
 
+class MailList(BaseModel):
+    messages: list[MailSummary]
+
+
 class ErrorDetail(BaseModel):
     field: str
     message: str
@@ -131,3 +148,7 @@ class ErrorBody(BaseModel):
     error: str
     message: str
     details: list[ErrorDetail] = []
+
+
+class JobNotFound(RootModel[JobView | ErrorBody]):
+    """404 on a job: a JobView with status not_found, or an error for an id no job can have."""

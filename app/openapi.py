@@ -1,0 +1,209 @@
+"""The OpenAPI 3.1 document, generated from the same pydantic models that validate requests and
+shape responses. The table below says which model goes where; the schemas are never written
+by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from app import __version__
+from app.appkeys import SETTINGS
+from app.httputil import JOB_ID_PATTERN
+from app.mailsink import MESSAGE_NAME_PATTERN
+from app.schemas import (
+    AbortAccepted,
+    DeadLetterPage,
+    DocumentDetail,
+    DocumentList,
+    EmailAccepted,
+    EmailSpec,
+    ErrorBody,
+    Health,
+    JobAccepted,
+    JobNotFound,
+    JobView,
+    MailList,
+    NewsletterAccepted,
+    ScrapeAcceptedAny,
+    ScrapeRequest,
+    SourceList,
+)
+from jobs.deadletter import DeadLetter
+from jobs.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
+from jobs.newsletter import NewsletterSpec
+from jobs.sources import Source, SourceFields, SourceSpec
+
+JSON = "application/json"
+ERRORS = {
+    400: "Malformed request (empty body, invalid JSON, bad query parameter)",
+    401: "Missing or wrong API key",
+    403: "The API key may not do this (read-only)",
+    404: "No such resource",
+    413: "Request body too large",
+    422: "The request is invalid; `details` names each field and problem",
+    429: "Rate limit reached; see Retry-After",
+    503: "The job broker (Redis) is unavailable",
+}
+PAGING = [
+    ("offset", {"type": "integer", "minimum": 0}),
+    ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+]
+ID32 = "^[0-9a-f]{32}$"
+JOB_ID = f"^{JOB_ID_PATTERN}$"
+
+
+@dataclass
+class Operation:
+    method: str
+    path: str
+    summary: str
+    ok: int
+    response: type[BaseModel] | None = None  # None: no body (204) or a file (`content`)
+    body: type[BaseModel] | None = None
+    path_params: dict[str, str] = field(default_factory=dict)  # name -> regex
+    query: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    content: dict[str, Any] | None = None  # a non-JSON success body
+    public: bool = False
+    extra: dict[int, tuple[str, type[BaseModel]]] = field(default_factory=dict)
+
+
+OPERATIONS = [
+    Operation("post", "/jobs/email", "Send an email", 202, EmailAccepted, EmailSpec),
+    Operation("post", "/jobs/newsletter", "Send one templated email per recipient", 202,
+              NewsletterAccepted, NewsletterSpec),
+    Operation("post", "/jobs/scrape", "Scrape one URL (`url`) or several (`urls`: one job each)",
+              202, ScrapeAcceptedAny, ScrapeRequest),
+    Operation("post", "/jobs/export", "Export documents to CSV or JSON Lines", 202, JobAccepted,
+              ExportRequest),
+    Operation("post", "/jobs/report", "Compute the analysis report now", 202, JobAccepted),
+    Operation("get", "/jobs/{job_id}", "A job's status, times, tries, result or error", 200,
+              JobView, path_params={"job_id": JOB_ID},
+              extra={404: ("No such job (status not_found)", JobNotFound)}),
+    Operation("delete", "/jobs/{job_id}", "Abort a queued, deferred or running job", 202,
+              AbortAccepted, path_params={"job_id": JOB_ID},
+              extra={409: ("The job has already finished", ErrorBody)}),
+    Operation("get", "/dead-letter", "Jobs that failed for good, newest first", 200,
+              DeadLetterPage, query=PAGING),
+    Operation("get", "/dead-letter/{entry_id}", "One dead-letter entry", 200, DeadLetter,
+              path_params={"entry_id": JOB_ID}),
+    Operation("post", "/dead-letter/{entry_id}/retry", "Enqueue again with a fresh try budget",
+              202, JobAccepted, path_params={"entry_id": JOB_ID}),
+    Operation("delete", "/dead-letter/{entry_id}", "Forget a dead-letter entry", 204,
+              path_params={"entry_id": JOB_ID}),
+    Operation("post", "/sources", "Add a source scraped on a schedule", 201, Source, SourceSpec),
+    Operation("get", "/sources", "All sources", 200, SourceList),
+    Operation("get", "/sources/{source_id}", "One source", 200, Source,
+              path_params={"source_id": ID32}),
+    Operation("patch", "/sources/{source_id}", "Change a source", 200, Source, SourceFields,
+              path_params={"source_id": ID32}),
+    Operation("delete", "/sources/{source_id}", "Delete a source", 204,
+              path_params={"source_id": ID32}),
+    Operation("get", "/documents", "Saved documents, newest change first", 200, DocumentList,
+              query=[("source", {"type": "string", "pattern": ID32}),
+                     ("changed_since", {"type": "string", "format": "date-time"}), *PAGING]),
+    Operation("get", "/documents/{doc_id}", "A document and its versions", 200, DocumentDetail,
+              path_params={"doc_id": ID32}),
+    Operation("get", "/exports/{name}", "Download an export file", 200,
+              path_params={"name": f"^{EXPORT_NAME_PATTERN}$"},
+              content={ctype.split(";")[0]: {"schema": {"type": "string"}}
+                       for ctype in CONTENT_TYPES.values()}),
+    Operation("get", "/reports/latest", "The latest analysis report", 200,
+              content={JSON: {"schema": {"type": "object"}}}),
+    Operation("get", "/health", "Redis reachable, worker heartbeat, version", 200, Health,
+              public=True, extra={503: ("Redis is unreachable", Health)}),
+]  # fmt: skip
+
+DEV_OPERATIONS = [
+    Operation("get", "/dev/mail", "Dev mail sink: messages received", 200, MailList,
+              query=[("limit", {"type": "integer", "minimum": 1, "maximum": 500})]),
+    Operation("get", "/dev/mail/{name}", "Dev mail sink: one raw message", 200,
+              path_params={"name": f"^{MESSAGE_NAME_PATTERN}$"},
+              content={"message/rfc822": {"schema": {"type": "string"}}}),
+]  # fmt: skip
+
+
+def build_openapi(dev_mail: bool = False) -> dict[str, Any]:
+    operations = OPERATIONS + (DEV_OPERATIONS if dev_mail else [])
+    schemas, refs = _component_schemas(operations)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "asyncjobs", "version": __version__,
+                 "description": "Background jobs over arq and Redis: email, scraping, exports."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }  # fmt: skip
+
+
+def _component_schemas(
+    operations: list[Operation],
+) -> tuple[dict[str, Any], dict[tuple[type[BaseModel], str], Any]]:
+    """Every model once, as components; request bodies in validation mode, responses in
+    serialization mode (they differ where aliases or defaults do)."""
+    wanted: set[tuple[type[BaseModel], JsonSchemaMode]] = {(ErrorBody, "serialization")}
+    for op in operations:
+        if op.body:
+            wanted.add((op.body, "validation"))
+        for model in [op.response, *(m for _, m in op.extra.values())]:
+            if model:
+                wanted.add((model, "serialization"))
+    ordered = sorted(wanted, key=lambda pair: (pair[0].__name__, pair[1]))
+    refs, top = models_json_schema(ordered, ref_template="#/components/schemas/{model}")
+    schemas: dict[str, Any] = top.get("$defs", {})
+    return schemas, dict(refs)  # type: ignore[arg-type]
+
+
+def _operation(op: Operation, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    def body(model: type[BaseModel], mode: str = "serialization") -> dict[str, Any]:
+        return {JSON: {"schema": refs[(model, mode)]}}
+
+    error = body(ErrorBody)
+    responses: dict[str, Any] = {}
+    if op.response is not None:
+        responses[str(op.ok)] = {"description": "OK", "content": body(op.response)}
+    elif op.content is not None:
+        responses[str(op.ok)] = {"description": "OK", "content": op.content}
+    else:
+        responses[str(op.ok)] = {"description": "Done, no body"}
+    for status, (description, model) in op.extra.items():
+        responses[str(status)] = {"description": description, "content": body(model)}
+    for status, description in ERRORS.items():
+        if op.public and status in (401, 403, 429):
+            continue
+        responses.setdefault(str(status), {"description": description, "content": error})
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": rx}}
+        for name, rx in op.path_params.items()
+    ]
+    parameters += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in op.query]
+    if op.method == "post" and op.path.startswith("/jobs/"):
+        parameters.append({
+            "name": "Idempotency-Key", "in": "header", "required": False,
+            "description": "Repeat-safe enqueue: the same key returns the first answer",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+        })  # fmt: skip
+    operation: dict[str, Any] = {"summary": op.summary, "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    if op.body is not None:
+        operation["requestBody"] = {"required": True, "content": body(op.body, "validation")}
+    if op.public:
+        operation["security"] = []
+    return operation
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    dev_mail = request.app[SETTINGS].mail_sink_dir is not None
+    return web.json_response(build_openapi(dev_mail))
