@@ -18,15 +18,13 @@ from jobs.email import send_email
 from jobs.export import export
 from jobs.newsletter import send_newsletter
 from jobs.report import daily_report, report
-from jobs.resilience import install, worker_redis
+from jobs.resilience import worker_redis
 from jobs.retry import max_tries
 from jobs.scheduler import schedule_sources, scrape_source
 from jobs.scrape import Fetcher, make_http_session, scrape
 from jobs.smtp import SmtpPool
 
 log = logging.getLogger(__name__)
-
-install()  # every worker built from these options survives Redis restarts
 
 JOB_META_PREFIX = "asyncjobs:job:"  # hash per job: facts arq does not keep (start time)
 

@@ -19,6 +19,7 @@ from app.broker import connect
 from app.mailsink import server_port, start_smtp_server
 from app.settings import Settings
 from app.web import create_app
+from jobs.resilience import install
 from jobs.worker import worker_options
 from tests.helpers import ApiClient, api_client
 from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
@@ -123,6 +124,7 @@ async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
 
 
 async def start_worker(settings: Settings, **overrides: Any) -> tuple[Worker, asyncio.Task[None]]:
+    install()  # as worker_settings.py does for production workers
     options = worker_options(settings) | {"handle_signals": False, "poll_delay": 0.01} | overrides
     worker = Worker(**options, ctx={"settings": settings})
     task = asyncio.create_task(worker.main())
