@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.appkeys import REDIS
-from app.httputil import JOB_ID_PATTERN, json_model, query_int, status_url
+from app.httputil import JOB_ID_PATTERN, enqueue, json_model, query_int, status_url
 from app.schemas import DeadLetterPage, JobAccepted
 from jobs.deadletter import (
     add_dead_letter,
@@ -37,11 +37,10 @@ async def retry_entry(request: web.Request) -> web.Response:
     if entry is None or not await remove_dead_letter(redis, entry.id):
         raise web.HTTPNotFound(text="no such dead-letter entry")
     try:
-        job = await redis.enqueue_job(entry.function, **entry.arguments)
+        job = await enqueue(request, entry.function, **entry.arguments)
     except BaseException:
         await add_dead_letter(redis, entry)
         raise
-    assert job is not None
     accepted = JobAccepted(job_id=job.job_id, status_url=status_url(request, job.job_id))
     return json_model(accepted, status=202)
 

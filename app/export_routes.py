@@ -7,8 +7,8 @@ from uuid import uuid4
 
 from aiohttp import web
 
-from app.appkeys import REDIS, SETTINGS
-from app.httputil import json_model, read_json_object, status_url
+from app.appkeys import SETTINGS
+from app.httputil import enqueue, json_model, read_json_object, status_url
 from app.idempotency import idempotent
 from app.schemas import JobAccepted
 from jobs.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest, export_name
@@ -22,10 +22,13 @@ class ExportAccepted(JobAccepted):
 async def enqueue_export(request: web.Request) -> web.Response:
     spec = ExportRequest.model_validate(await read_json_object(request))
     export_id = uuid4().hex
-    job = await request.app[REDIS].enqueue_job(
-        "export", export_id=export_id, request=spec.model_dump(mode="json"), _job_id=export_id
+    await enqueue(
+        request,
+        "export",
+        export_id=export_id,
+        request=spec.model_dump(mode="json"),
+        _job_id=export_id,
     )
-    assert job is not None  # a fresh random id never collides
     name = export_name(export_id, spec.format)
     accepted = ExportAccepted(
         job_id=export_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.appkeys import REDIS
-from app.httputil import json_model, status_url
+from app.httputil import enqueue, json_model, status_url
 from app.idempotency import idempotent
 from app.schemas import JobAccepted
 from jobs.report import latest_report
@@ -14,8 +14,7 @@ from jobs.report import latest_report
 @idempotent
 async def enqueue_report(request: web.Request) -> web.Response:
     """Building a report scans every document: a worker does it, the caller polls the job."""
-    job = await request.app[REDIS].enqueue_job("report")
-    assert job is not None  # a fresh random id never collides
+    job = await enqueue(request, "report")
     accepted = JobAccepted(job_id=job.job_id, status_url=status_url(request, job.job_id))
     return json_model(accepted, status=202)
 

@@ -17,7 +17,14 @@ from app.appkeys import REDIS, SETTINGS
 from app.dead_letter_routes import add_dead_letter_routes
 from app.document_routes import add_document_routes
 from app.export_routes import add_export_routes
-from app.httputil import JOB_ID_PATTERN, json_model, query_int, read_json_object, status_url
+from app.httputil import (
+    JOB_ID_PATTERN,
+    enqueue,
+    json_model,
+    query_int,
+    read_json_object,
+    status_url,
+)
 from app.idempotency import idempotent
 from app.jobstatus import read_job
 from app.openapi import openapi_document
@@ -55,10 +62,12 @@ async def enqueue_email(request: web.Request) -> web.Response:
     context = sender_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(await read_json_object(request), context=context)
     message_id = new_message_id(spec.from_ or settings.mail_from)
-    job = await request.app[REDIS].enqueue_job(
-        "send_email", email=spec.model_dump(mode="json", by_alias=True), message_id=message_id
+    job = await enqueue(
+        request,
+        "send_email",
+        email=spec.model_dump(mode="json", by_alias=True),
+        message_id=message_id,
     )
-    assert job is not None  # a fresh random id never collides
     accepted = EmailAccepted(
         job_id=job.job_id, status_url=status_url(request, job.job_id), message_id=message_id
     )
@@ -71,13 +80,13 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     context = sender_context(settings, settings.newsletter_max_recipients)
     spec = NewsletterSpec.model_validate(await read_json_object(request), context=context)
     newsletter_id = uuid.uuid4().hex
-    job = await request.app[REDIS].enqueue_job(
+    await enqueue(
+        request,
         "send_newsletter",
         newsletter_id=newsletter_id,
         newsletter=spec.model_dump(mode="json", by_alias=True),
         _job_id=newsletter_id,
     )
-    assert job is not None
     accepted = NewsletterAccepted(
         job_id=newsletter_id,
         status_url=status_url(request, newsletter_id),
@@ -91,11 +100,9 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = {"max_urls": settings.max_urls_per_request, "max_selectors": settings.max_selectors}
     scrape = ScrapeRequest.model_validate(await read_json_object(request), context=context)
-    redis = request.app[REDIS]
     accepted = []
     for target in scrape.targets():
-        job = await redis.enqueue_job("scrape", target=target.model_dump(mode="json"))
-        assert job is not None
+        job = await enqueue(request, "scrape", target=target.model_dump(mode="json"))
         accepted.append(
             ScrapeAccepted(
                 job_id=job.job_id, status_url=status_url(request, job.job_id), url=str(target.url)

@@ -21,6 +21,7 @@ from pydantic import (
 from redis.asyncio import Redis
 
 from jobs.headers import header_name, single_line
+from jobs.monitor import monitor_of
 from jobs.retry import classified
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ async def send_email(
     message = build_message(spec, settings.mail_from, message_id)
     outcome = await ctx["smtp"].send(message, spec.envelope_recipients())
     await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
+    if monitor := monitor_of(ctx):
+        monitor.count("emails_sent")
     log.info("email %s sent to %d recipient(s)", message_id, len(outcome.accepted))
     return {
         "message_id": message_id,

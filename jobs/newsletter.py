@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 
 from jobs.email import BATCH_KEY_PREFIX, MAX_BODY_CHARS, EmailSpec, batch_key, domain_of
 from jobs.headers import header_name
+from jobs.monitor import count_enqueued
 from jobs.retry import classified
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ async def send_newsletter(
             pipe.expire(batch_key(newsletter_id, "failed"), int(settings.sent_marker_ttl))
         await pipe.execute()
     enqueued = len(spec.recipients) - len(invalid)
+    await count_enqueued(redis, "send_email", enqueued)
     log.info(
         "newsletter %s: %d messages enqueued, %d invalid", newsletter_id, enqueued, len(invalid)
     )

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from app.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.documents import now_utc
 from jobs.errors import PermanentJobError, TransientJobError
+from jobs.monitor import monitor_of
 
 log = logging.getLogger(__name__)
 
@@ -55,63 +57,107 @@ def classified(
     """Wrap a job: retry transient errors, dead-letter the rest (then call `on_dead_letter`)."""
 
     def decorate(job: JobFunction) -> JobFunction:
+        attempt = _attempt(job, family, on_dead_letter)
+
         @functools.wraps(job)
         async def run(ctx: dict[str, Any], **kwargs: Any) -> Any:
-            settings: Settings = ctx["settings"]
-            job_try: int = ctx["job_try"]
-            limit = max_tries(settings, family)
+            """Run one try and tell the monitor and the log how it ended."""
+            monitor = monitor_of(ctx)
+            name, job_id = job.__name__, ctx["job_id"]
+            enqueue_time = ctx.get("enqueue_time")
+            if monitor:
+                monitor.started(
+                    job_id, name, enqueue_time.timestamp() * 1000 if enqueue_time else None
+                )
+            started = time.perf_counter()
+            outcome = "cancelled"  # aborted, or the worker is shutting down
             try:
-                if job_try > limit:  # re-runs after worker crashes count as tries too
-                    raise PermanentJobError(f"gave up: started {job_try - 1} times, never finished")
-                async with asyncio.timeout(settings.job_timeout * TIMEOUT_HEADROOM):
-                    return await job(ctx, **kwargs)
-            except TimeoutError as exc:
-                error: Exception = TransientJobError(f"job timed out after {settings.job_timeout}s")
-                error.__cause__ = exc
-            except (PermanentJobError, TransientJobError) as exc:
-                error = exc
-            except RedisError as exc:  # Redis restarting: worth another try once it is back
-                error = TransientJobError(f"Redis unavailable: {exc}")
-            except ValidationError as exc:
-                error = PermanentJobError(f"invalid job arguments: {exc}")
-            except Exception as exc:  # a bug: retrying will not fix it, keep it for a human
-                log.exception("job %s (%s) raised an unexpected error", ctx["job_id"], job.__name__)
-                error = PermanentJobError(f"unexpected error: {type(exc).__name__}: {exc}")
-
-            if isinstance(error, TransientJobError) and job_try < limit:
-                delay = backoff_delay(settings, job_try, error.retry_after)
-                log.warning(
-                    "job %s try %d/%d failed, retrying in %.2fs: %s",
-                    ctx["job_id"], job_try, limit, delay, error,
+                result = await attempt(ctx, **kwargs)
+                outcome = "completed"
+                if monitor and job_id.startswith("cron:"):
+                    monitor.cron_ran(job_id.split(":")[1], result)
+                return result
+            except Retry:
+                outcome = "retried"
+                raise
+            except Exception:
+                outcome = "failed"
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                if monitor:
+                    monitor.finished(job_id, name, outcome, seconds)
+                log.info(
+                    "job %s %s %s in %.0f ms", name, job_id, outcome, seconds * 1000,
+                    extra={"job_id": job_id, "function": name, "try": ctx["job_try"],
+                           "duration_ms": round(seconds * 1000, 1), "outcome": outcome},
                 )  # fmt: skip
-                raise Retry(defer=delay) from error
-            reason: Literal["permanent", "exhausted"] = (
-                "exhausted" if isinstance(error, TransientJobError) else "permanent"
-            )
-            await add_dead_letter(
-                ctx["redis"],
-                DeadLetter(
-                    id=ctx["job_id"],
-                    function=job.__name__,
-                    arguments=kwargs,
-                    error=str(error),
-                    reason=reason,
-                    tries=job_try,
-                    enqueue_time=ctx.get("enqueue_time"),
-                    failed_at=now_utc(),
-                ),
-            )
-            if on_dead_letter is not None:
-                await on_dead_letter(ctx, kwargs)
-            log.error(
-                "job %s dead-lettered (%s after %d tries): %s",
-                ctx["job_id"],
-                reason,
-                job_try,
-                error,
-            )
-            raise error
 
         return run
 
     return decorate
+
+
+def _attempt(
+    job: JobFunction, family: Family, on_dead_letter: DeadLetterHook | None
+) -> JobFunction:
+    """One try: the job's result, `Retry` for a transient error with tries left, or the error
+    (after dead-lettering the job) when there is nothing more to try."""
+
+    async def attempt(ctx: dict[str, Any], **kwargs: Any) -> Any:
+        settings: Settings = ctx["settings"]
+        job_try: int = ctx["job_try"]
+        limit = max_tries(settings, family)
+        try:
+            if job_try > limit:  # re-runs after worker crashes count as tries too
+                raise PermanentJobError(f"gave up: started {job_try - 1} times, never finished")
+            async with asyncio.timeout(settings.job_timeout * TIMEOUT_HEADROOM):
+                return await job(ctx, **kwargs)
+        except TimeoutError as exc:
+            error: Exception = TransientJobError(f"job timed out after {settings.job_timeout}s")
+            error.__cause__ = exc
+        except (PermanentJobError, TransientJobError) as exc:
+            error = exc
+        except RedisError as exc:  # Redis restarting: worth another try once it is back
+            error = TransientJobError(f"Redis unavailable: {exc}")
+        except ValidationError as exc:
+            error = PermanentJobError(f"invalid job arguments: {exc}")
+        except Exception as exc:  # a bug: retrying will not fix it, keep it for a human
+            log.exception("job %s (%s) raised an unexpected error", ctx["job_id"], job.__name__)
+            error = PermanentJobError(f"unexpected error: {type(exc).__name__}: {exc}")
+
+        if isinstance(error, TransientJobError) and job_try < limit:
+            delay = backoff_delay(settings, job_try, error.retry_after)
+            log.warning(
+                "job %s try %d/%d failed, retrying in %.2fs: %s",
+                ctx["job_id"], job_try, limit, delay, error,
+            )  # fmt: skip
+            raise Retry(defer=delay) from error
+        reason: Literal["permanent", "exhausted"] = (
+            "exhausted" if isinstance(error, TransientJobError) else "permanent"
+        )
+        await add_dead_letter(
+            ctx["redis"],
+            DeadLetter(
+                id=ctx["job_id"],
+                function=job.__name__,
+                arguments=kwargs,
+                error=str(error),
+                reason=reason,
+                tries=job_try,
+                enqueue_time=ctx.get("enqueue_time"),
+                failed_at=now_utc(),
+            ),
+        )
+        if on_dead_letter is not None:
+            await on_dead_letter(ctx, kwargs)
+        log.error(
+            "job %s dead-lettered (%s after %d tries): %s",
+            ctx["job_id"],
+            reason,
+            job_try,
+            error,
+        )
+        raise error
+
+    return attempt

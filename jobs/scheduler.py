@@ -13,6 +13,7 @@ from yarl import URL
 from app.settings import Settings
 from jobs.documents import document_id, now_utc
 from jobs.errors import JobError, PermanentJobError
+from jobs.monitor import CRON_KEY_PREFIX, count_enqueued
 from jobs.retry import classified, max_tries
 from jobs.scrape import scrape_url
 from jobs.sources import (
@@ -27,7 +28,7 @@ from jobs.sources import (
 
 log = logging.getLogger(__name__)
 
-TICK_KEY = "asyncjobs:cron:schedule_sources"  # hash: last_run, runs
+TICK_KEY = CRON_KEY_PREFIX + "schedule_sources"  # the monitor's record: last_run, runs
 
 # Failure reasons counted per source, by the start of the error message.
 FAILURE_REASONS = [
@@ -55,6 +56,7 @@ def source_job_id(source_id: str, period: int, url: str | None = None) -> str:
     return f"source:{source_id}:{period}{suffix}"
 
 
+@classified("maintenance")
 async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
     """Cron tick: enqueue the scrape of every source whose current period has not run yet.
 
@@ -77,10 +79,7 @@ async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
         await redis.set(run_key(source.id, period), "1", ex=ttl)
         if job is not None:
             enqueued.append(source.id)
-    async with redis.pipeline(transaction=False) as pipe:  # for operators: is the tick alive?
-        pipe.hset(TICK_KEY, "last_run", now.isoformat())
-        pipe.hincrby(TICK_KEY, "runs", 1)
-        await pipe.execute()
+            await count_enqueued(redis, "scrape_source")
     if enqueued:
         log.info("scheduled %d due source(s): %s", len(enqueued), ", ".join(enqueued))
     return {"enqueued": enqueued}
@@ -141,6 +140,7 @@ async def follow_links(
             await redis.decr(pages_key(source.id, period))
         else:
             followed += 1
+            await count_enqueued(redis, "scrape_source")
     return followed
 
 

@@ -28,8 +28,9 @@ from jobs.documents import (
     record_unchanged,
     save_document,
 )
-from jobs.errors import PermanentJobError, TransientJobError
+from jobs.errors import JobError, PermanentJobError, TransientJobError
 from jobs.html import is_valid_selector, summarize_html
+from jobs.monitor import monitor_of
 from jobs.netguard import ForbiddenTargetError, GuardedResolver, check_url
 from jobs.politeness import Politeness
 from jobs.retry import classified
@@ -283,7 +284,15 @@ async def scrape_url(
     doc_id = document_id(url)
     etag, last_modified = await previous_validators(redis, url)
     started = time.perf_counter()
-    page = await fetcher.fetch_page(url, etag, last_modified)
+    monitor = monitor_of(ctx)
+    try:
+        page = await fetcher.fetch_page(url, etag, last_modified)
+    except JobError:
+        if monitor:
+            monitor.count("pages_scraped", "error")
+        raise
+    if monitor:
+        monitor.count("pages_scraped", f"{page.status // 100}xx")
     fetch_ms = round((time.perf_counter() - started) * 1000, 1)
     if page.not_modified:
         await record_unchanged(redis, url, now_utc(), fetch_ms,

@@ -16,6 +16,7 @@ from app.settings import Settings, get_settings
 from jobs.cleanup import daily_cleanup
 from jobs.email import send_email
 from jobs.export import export
+from jobs.monitor import JobMonitor
 from jobs.newsletter import send_newsletter
 from jobs.report import daily_report, report
 from jobs.resilience import worker_redis
@@ -35,6 +36,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["http"] = make_http_session(settings)
     ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
     ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
+    ctx["monitor"] = JobMonitor(ctx["redis"])
+    ctx["monitor"].start()
     log.info(
         "worker ready: max_jobs=%d smtp=%s:%s",
         settings.worker_max_jobs,
@@ -44,6 +47,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if ctx.get("monitor"):
+        await ctx["monitor"].stop()
     if ctx.get("http"):
         await ctx["http"].close()
     if ctx.get("smtp"):
@@ -85,13 +90,11 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
     return [
         cron(
             cast(WorkerCoroutine, schedule_sources),
-            name="schedule_sources",
             second=set(range(0, 60, tick)) if tick < 60 else 0,
             run_at_startup=True,
         ),
         cron(
             cast(WorkerCoroutine, daily_cleanup),
-            name="scheduled_cleanup",
             hour=settings.cleanup_hour,
             minute=0,
             second=0,
@@ -99,7 +102,6 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
         ),
         cron(
             cast(WorkerCoroutine, daily_report),
-            name="scheduled_report",
             hour=settings.report_hour,
             minute=0,
             second=0,
