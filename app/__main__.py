@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from app.devstack import DevStackError, run_dev
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("dev", help="web + worker + local Redis and mail sink when needed")
     commands.add_parser("web", help="the HTTP API only (run the worker with `arq`)")
     args = parser.parse_args(argv)
+    if args.command == "dev":  # people read the dev console; the worker child inherits this
+        os.environ.setdefault("LOG_FORMAT", "text")
     configure_logging()
     settings = get_settings()
     if args.command == "web":

@@ -114,6 +114,9 @@ OPERATIONS = [
                        for ctype in CONTENT_TYPES.values()}),
     Operation("get", "/reports/latest", "The latest analysis report", 200,
               content={JSON: {"schema": {"type": "object"}}}),
+    Operation("get", "/metrics", "Prometheus metrics: jobs by outcome and function, durations, "
+              "pickup latency, queue depth, workers, emails, pages, HTTP requests", 200,
+              content={"text/plain": {"schema": {"type": "string"}}}),
     Operation("get", "/health", "Redis reachable, worker heartbeat, version", 200, Health,
               public=True, extra={503: ("Redis is unreachable", Health)}),
 ]  # fmt: skip

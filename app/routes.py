@@ -27,6 +27,7 @@ from app.httputil import (
 )
 from app.idempotency import idempotent
 from app.jobstatus import read_job
+from app.metrics import add_metrics
 from app.openapi import openapi_document
 from app.report_routes import add_report_routes
 from app.schemas import (
@@ -44,6 +45,7 @@ from app.schemas import (
 from app.settings import Settings
 from app.source_routes import add_source_routes
 from jobs.email import new_message_id
+from jobs.monitor import read_progress
 from jobs.newsletter import NewsletterSpec, batch_progress
 
 FINISHED = frozenset({"complete", "failed", "aborted"})
@@ -119,6 +121,8 @@ async def job_status(request: web.Request) -> web.Response:
     view = await read_job(redis, job_id, request.app[SETTINGS].queue_name)
     if view.function == "send_newsletter":
         view.progress = await batch_progress(redis, job_id)
+    elif view.function == "export":
+        view.steps = await read_progress(redis, job_id)
     return json_model(view, status=404 if view.status == "not_found" else 200)
 
 
@@ -201,6 +205,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     add_document_routes(app)
     add_export_routes(app)
     add_report_routes(app)
+    add_metrics(app)
     if settings.mail_sink_dir is not None:
         app.router.add_get("/dev/mail", list_mail)
         app.router.add_get(f"/dev/mail/{{name:{mailsink.MESSAGE_NAME_PATTERN}}}", show_mail)

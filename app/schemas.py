@@ -19,6 +19,7 @@ from app.mailsink import MailSummary
 from jobs.deadletter import DeadLetter
 from jobs.documents import DocumentVersion, StoredDocument
 from jobs.email import EmailSpec
+from jobs.monitor import StepProgress
 from jobs.newsletter import BatchProgress
 from jobs.scrape import MAX_URL_LENGTH, ScrapeTarget, Selectors
 from jobs.sources import Source
@@ -105,6 +106,7 @@ class JobView(BaseModel):
     result: Any = None
     error: str | None = None
     progress: BatchProgress | None = None  # bulk jobs: messages sent / failed / pending
+    steps: StepProgress | None = None  # long jobs (exports): done / total, current step
 
 
 class WorkerHealth(BaseModel):

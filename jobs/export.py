@@ -30,6 +30,7 @@ from jobs.documents import (
     source_docs_key,
 )
 from jobs.errors import PermanentJobError
+from jobs.monitor import Progress
 from jobs.retry import classified
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,11 @@ def export_name(export_id: str, fmt: ExportFormat) -> str:
 
 
 async def export_documents(
-    redis: Redis, folder: Path, export_id: str, request: ExportRequest
+    redis: Redis,
+    folder: Path,
+    export_id: str,
+    request: ExportRequest,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write the matching documents to `folder/<export_id>.<format>`; return name, rows, bytes."""
     if not re.fullmatch(EXPORT_ID_PATTERN, export_id):  # it becomes a file name
@@ -104,6 +109,8 @@ async def export_documents(
                 batch = [doc.model_dump(mode="json", include=_FIELD_SET) for doc in docs]
                 await asyncio.to_thread(sink.write, batch)
                 rows += len(batch)
+            if progress is not None:
+                await progress.update(rows, "writing")
         await asyncio.to_thread(sink.close)
         await asyncio.to_thread(os.replace, partial, final)  # atomic within one folder
     except BaseException:
@@ -219,4 +226,17 @@ async def export(ctx: dict[str, Any], export_id: str, request: dict[str, Any]) -
     if not re.fullmatch(EXPORT_ID_PATTERN, export_id):
         raise PermanentJobError(f"export id must be 32 lowercase hex digits, not {export_id!r}")
     spec = ExportRequest.model_validate(request)
-    return await export_documents(ctx["redis"], ctx["settings"].exports_dir, export_id, spec)
+    redis: Redis = ctx["redis"]
+    progress = Progress(redis, ctx["job_id"], total=await _count_matching(redis, spec.filter))
+    result = await export_documents(redis, ctx["settings"].exports_dir, export_id, spec, progress)
+    await progress.update(result["rows"], "done")
+    return result
+
+
+async def _count_matching(redis: Redis, where: ExportFilter) -> int:
+    """Roughly how many rows to expect, for the progress bar (the source filter's time part
+    is applied while writing, so it may over-count)."""
+    if where.source is not None:
+        return int(await redis.scard(source_docs_key(where.source)))  # type: ignore[misc]
+    since = where.changed_since.timestamp() if where.changed_since else "-inf"
+    return int(await redis.zcount(DOC_CHANGED_KEY, since, "+inf"))

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
 from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
@@ -185,3 +186,42 @@ async def count_enqueued(redis: Redis, function: str, n: int = 1) -> None:
 def monitor_of(ctx: dict[str, Any]) -> JobMonitor | None:
     monitor = ctx.get("monitor")
     return monitor if isinstance(monitor, JobMonitor) else None
+
+
+PROGRESS_KEY_PREFIX = "asyncjobs:progress:"  # + job id -> {done, total, step}
+PROGRESS_TTL_S = 24 * 3600
+
+
+class Progress:
+    """A long job's done/total/step, for GET /jobs/{id} and the dashboard."""
+
+    def __init__(self, redis: Redis, job_id: str, total: int | None = None) -> None:
+        self.redis = redis
+        self.key = PROGRESS_KEY_PREFIX + job_id
+        self.total = total
+
+    async def update(self, done: int, step: str) -> None:
+        fields: dict[str, str | int] = {"done": done, "step": step}
+        if self.total is not None:
+            fields["total"] = max(self.total, done)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key, mapping=fields)
+            pipe.expire(self.key, PROGRESS_TTL_S)
+            await pipe.execute()
+
+
+class StepProgress(BaseModel):
+    done: int
+    total: int | None = None
+    step: str
+
+
+async def read_progress(redis: Redis, job_id: str) -> StepProgress | None:
+    raw = await redis.hgetall(PROGRESS_KEY_PREFIX + job_id)  # type: ignore[misc]
+    if not raw:
+        return None
+    return StepProgress.model_validate({_text(k): _text(v) for k, v in raw.items()})
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

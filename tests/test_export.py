@@ -10,13 +10,11 @@ import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job
-from arq.typing import WorkerCoroutine
-from arq.worker import func
 
 from app.export_routes import add_export_routes
 from app.settings import Settings
@@ -41,8 +39,6 @@ from jobs.export import (
     export,
     export_documents,
 )
-from jobs.retry import max_tries
-from jobs.worker import worker_options
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, api_client
 from tests.jobwait import wait_job
@@ -345,20 +341,18 @@ async def test_a_worker_runs_the_export_job(
     export_api: ApiClient, export_settings: Settings, redis: ArqRedis
 ) -> None:
     ids = await save_all(redis, [snapshot(i) for i in range(20)])
-    functions = worker_options(export_settings)["functions"]
-    if "export" not in {f.name for f in functions}:
-        tries = max_tries(export_settings, "maintenance") + 1
-        functions = [
-            *functions,
-            func(cast(WorkerCoroutine, export), name="export", max_tries=tries),
-        ]
-    worker, task = await start_worker(export_settings, functions=functions)
+    worker, task = await start_worker(export_settings)
     try:
         response = await export_api.post("/jobs/export", json={"format": "csv"})
         accepted = await response.json()
         status = await wait_job(export_api, accepted["job_id"])
         assert status["status"] == "complete", status
         assert status["result"]["rows"] == 20
+        assert status["steps"] == {
+            "done": 20,
+            "total": 20,
+            "step": "done",
+        }  # the progress
         download = await export_api.get(accepted["download_url"])
         rows = list(csv.DictReader(io.StringIO(await download.text(), newline="")))
         assert sorted(r["id"] for r in rows) == sorted(ids)

@@ -18,7 +18,7 @@ def served_routes(settings: Settings) -> set[tuple[str, str]]:
     for route in app.router.routes():
         path = route.resource.canonical if route.resource else ""
         path = re.sub(r"\{(\w+)(?::[^}]*)?\}", r"{\1}", path)  # drop the regexes
-        if route.method != "HEAD":
+        if route.method != "HEAD" and not path.startswith("/ui"):  # the dashboard is HTML
             routes.add((route.method.lower(), path))
     return routes
 

@@ -1,0 +1,190 @@
+"""`GET /metrics` in Prometheus text format.
+
+Job metrics happen in worker processes; they reach this endpoint through Redis (see
+jobs/monitor.py: each worker adds its counts there once a second), so every web process serves
+the same cluster-wide totals and a scrape of any one of them is enough. HTTP metrics are per web
+process (each process counts its own requests), as Prometheus expects of a multi-process server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.asyncio import Redis
+
+from app.appkeys import REDIS, SETTINGS
+from app.errors import Handler
+from jobs.deadletter import DEAD_INDEX_KEY
+from jobs.monitor import (
+    COUNTERS_KEY,
+    DURATION_BUCKETS,
+    DURATION_KEY,
+    LATENCY_KEY,
+    RUNNING_KEY,
+    WORKER_KEY_PREFIX,
+    WORKERS_KEY,
+)
+
+JOB_COUNTERS = {
+    "enqueued": "Jobs enqueued",
+    "started": "Job tries started",
+    "completed": "Jobs completed",
+    "failed": "Jobs failed for good (dead-lettered)",
+    "retried": "Job tries that ended in a retry",
+    "dead_lettered": "Jobs put in the dead-letter store",
+    "cancelled": "Job tries cancelled (aborted, or cut by a shutdown)",
+}
+
+
+class HttpMetrics:
+    """This web process's own request counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "asyncjobs_http_requests", "HTTP requests", ["method", "route", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "asyncjobs_http_request_duration_seconds", "HTTP request latency",
+            ["method", "route"], registry=self.registry,
+        )  # fmt: skip
+
+
+HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics = request.app[HTTP_METRICS]
+        metrics.requests.labels(request.method, route, str(status)).inc()
+        metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+
+
+class _Snapshot:
+    """A collector over values already read from Redis (collect() cannot await)."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
+    now_ms = time.time() * 1000
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(COUNTERS_KEY)
+        pipe.hgetall(DURATION_KEY)
+        pipe.hgetall(LATENCY_KEY)
+        pipe.zcount(queue, "-inf", now_ms)
+        pipe.zcount(queue, f"({now_ms}", "+inf")
+        pipe.zcard(RUNNING_KEY)
+        pipe.zcard(DEAD_INDEX_KEY)
+        pipe.smembers(WORKERS_KEY)
+        (
+            counters,
+            durations,
+            latencies,
+            queued,
+            deferred,
+            running,
+            dead,
+            workers,
+        ) = await pipe.execute()
+    # a worker's registry entry expires when it stops refreshing it: only live ones exist
+    alive = await redis.exists(*[WORKER_KEY_PREFIX + _text(w) for w in workers]) if workers else 0
+    counts = _parse_counters(counters)
+    metrics: list[Metric] = []
+    for name, doc in JOB_COUNTERS.items():
+        family = CounterMetricFamily(f"asyncjobs_jobs_{name}", doc, labels=["function"])
+        for function, value in sorted(counts.get(name, {}).items()):
+            family.add_metric([function], value)
+        metrics.append(family)
+    emails = CounterMetricFamily("asyncjobs_emails_sent", "Emails accepted by the SMTP server")
+    emails.add_metric([], sum(counts.get("emails_sent", {}).values()))
+    pages = CounterMetricFamily(
+        "asyncjobs_pages_scraped", "Pages fetched, by HTTP status class", labels=["status_class"]
+    )
+    for status_class, value in sorted(counts.get("pages_scraped", {}).items()):
+        pages.add_metric([status_class], value)
+    metrics += [emails, pages]
+    metrics.append(_histogram("asyncjobs_job_duration_seconds", "Job try duration", durations))
+    metrics.append(_histogram(
+        "asyncjobs_job_pickup_latency_seconds", "Enqueue to start of a try", latencies
+    ))  # fmt: skip
+    depth = GaugeMetricFamily("asyncjobs_queue_depth", "Jobs waiting", labels=["state"])
+    depth.add_metric(["queued"], queued)
+    depth.add_metric(["deferred"], deferred)
+    metrics.append(depth)
+    metrics.append(GaugeMetricFamily("asyncjobs_jobs_running", "Jobs in progress", value=running))
+    metrics.append(GaugeMetricFamily("asyncjobs_dead_letters", "Dead-letter entries", value=dead))
+    metrics.append(GaugeMetricFamily("asyncjobs_workers_alive", "Live workers", value=alive))
+    return metrics
+
+
+def _parse_counters(raw: dict[Any, Any]) -> dict[str, dict[str, int]]:
+    """{"completed|send_email": 3} -> {"completed": {"send_email": 3}}."""
+    counts: dict[str, dict[str, int]] = {}
+    for field, value in raw.items():
+        metric, _, label = _text(field).partition("|")
+        counts.setdefault(metric, {})[label] = int(value)
+    return counts
+
+
+def _histogram(name: str, doc: str, raw: dict[Any, Any]) -> HistogramMetricFamily:
+    """Rebuild cumulative buckets from the per-bucket counts the monitor stores."""
+    per_function: dict[str, dict[str, float]] = {}
+    for field, value in raw.items():
+        function, _, part = _text(field).rpartition("|")
+        per_function.setdefault(function, {})[part] = float(value)
+    family = HistogramMetricFamily(name, doc, labels=["function"])
+    for function, parts in sorted(per_function.items()):
+        cumulative, buckets = 0.0, []
+        for bound in (*(f"{b:g}" for b in DURATION_BUCKETS), "+Inf"):
+            cumulative += parts.get(bound, 0.0)
+            buckets.append((bound, cumulative))
+        family.add_metric([function], buckets, sum_value=parts.get("sum", 0.0))
+    return family
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    registry = CollectorRegistry()
+    registry.register(request.app[HTTP_METRICS].registry)
+    snapshot = await job_metrics(request.app[REDIS], request.app[SETTINGS].queue_name)
+    registry.register(_Snapshot(snapshot))
+    body = generate_latest(registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_metrics(app: web.Application) -> None:
+    app[HTTP_METRICS] = HttpMetrics()
+    app.middlewares.append(count_requests)
+    app.router.add_get("/metrics", metrics_endpoint)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

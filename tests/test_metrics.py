@@ -1,0 +1,81 @@
+"""/metrics parses as Prometheus text and its counters move by exactly what a known batch did.
+The worker's numbers cross processes through Redis; this test reads them through the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arq.worker import Worker
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import ApiClient, wait_for
+from tests.jobwait import wait_job
+from tests.servers import RecordingSmtpHandler, SiteStats
+
+
+async def scrape_metrics(api: ApiClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await api.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_a_known_batch(
+    api: ApiClient,
+    worker: Worker,
+    smtp: tuple[RecordingSmtpHandler, int],
+    site: tuple[str, SiteStats],
+) -> None:
+    before = await scrape_metrics(api)
+    jobs = []
+    for i in range(5):
+        body = {"to": f"m{i}@example.com", "subject": "s", "text": "t"}
+        jobs.append((await (await api.post("/jobs/email", json=body)).json())["job_id"])
+    base = site[0]
+    for path in ("/page/1", "/page/2", "/missing"):
+        jobs.append(
+            (await (await api.post("/jobs/scrape", json={"url": base + path})).json())["job_id"]
+        )
+    for job_id in jobs:
+        await wait_job(api, job_id)
+
+    async def flushed() -> dict[Any, float] | None:  # workers write their counts once a second
+        samples = await scrape_metrics(api)
+        done = value(samples, "asyncjobs_jobs_completed_total", function="send_email") == 5
+        return (
+            samples
+            if done and value(samples, "asyncjobs_jobs_failed_total", function="scrape") == 1
+            else None
+        )
+
+    after = await wait_for(flushed, timeout=10, interval=0.2, what="the worker's counts")
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("asyncjobs_jobs_enqueued_total", function="send_email") == 5
+    assert delta("asyncjobs_jobs_enqueued_total", function="scrape") == 3
+    assert delta("asyncjobs_jobs_started_total", function="send_email") == 5
+    assert delta("asyncjobs_jobs_completed_total", function="scrape") == 2
+    assert delta("asyncjobs_jobs_dead_lettered_total", function="scrape") == 1
+    assert delta("asyncjobs_emails_sent_total") == 5
+    assert delta("asyncjobs_pages_scraped_total", status_class="2xx") == 2
+    assert delta("asyncjobs_pages_scraped_total", status_class="error") == 1
+    assert delta("asyncjobs_job_duration_seconds_count", function="send_email") == 5
+    assert delta("asyncjobs_job_duration_seconds_bucket", function="send_email", le="+Inf") == 5
+    assert delta("asyncjobs_job_pickup_latency_seconds_count", function="scrape") == 3
+    assert value(after, "asyncjobs_dead_letters") == 1
+    assert value(after, "asyncjobs_workers_alive") == 1
+    assert value(after, "asyncjobs_queue_depth", state="queued") == 0
+    posts = value(
+        after, "asyncjobs_http_requests_total", method="POST", route="/jobs/email", status="202"
+    )
+    assert posts == 5
