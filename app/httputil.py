@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from app.appkeys import REDIS
 from jobs.monitor import count_enqueued
+from jobs.resilience import signal_enqueued
 
 # Any arq job id, but not the names of the enqueue endpoints beside it (/jobs/email is no job).
 JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report)$)[A-Za-z0-9_.:-]{1,128}"
@@ -55,4 +56,5 @@ async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> Job:
     if job is None:
         raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
     await count_enqueued(redis, function)
+    await signal_enqueued(redis, redis.default_queue_name)
     return job

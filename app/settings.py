@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     job_timeout: float = Field(300, gt=0)
     keep_result: float = Field(24 * 3600, gt=0, description="seconds arq keeps a job's result")
     worker_health_interval: float = Field(10, gt=0)
+    # A running job's claim lasts this long unless its worker renews it (every second): a
+    # SIGKILLed worker's jobs run again after at most this, a live one's are never taken.
+    job_lease_seconds: float = Field(15, ge=3)
     # SIGTERM: stop taking jobs, let running ones finish for this long, then leave them to re-run.
     shutdown_grace: float = Field(25, ge=0)
     # How long the worker keeps retrying Redis commands while Redis restarts, seconds.

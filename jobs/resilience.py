@@ -1,6 +1,16 @@
-"""Keep a worker alive through a Redis restart instead of letting it crash.
+"""Changes to arq's worker engine, installed by `install()` in each worker process.
 
-arq 0.28 and redis-py 5 leave two gaps, both seen in tests/faults/test_redis_restart.py:
+1. Leases: arq marks a running job "in progress" for job_timeout + 10 s (310 s by default), so
+   the job of a SIGKILLed worker waits that long to run again. Here the mark lasts
+   `lease_seconds` (15 s) and the worker renews it every second for the jobs it is running
+   (jobs/monitor.py), so a dead worker's jobs run again within the lease, while a long, healthy
+   job is never taken from its worker.
+2. Wake-ups: instead of sleeping `poll_delay` between polls, the poll loop waits on an event that
+   is set when a producer signals an enqueue (a blocking BLPOP on `<queue>:wake`) or a job of
+   this worker ends (a slot is free). Producers that use plain arq still get picked up within
+   `poll_delay`.
+3. Surviving a Redis restart instead of crashing. arq 0.28 and redis-py 5 leave two gaps, both
+   seen in tests/faults/test_redis_restart.py:
 - redis-py retries the socket connect but not the handshake after it, so a connection reset by a
   Redis that is shutting down or starting fails the command at once: `HandshakeRetryingConnection`.
 - any Redis error inside arq's poll loop (a WATCH interrupted by the restart, for one) ends the
@@ -10,14 +20,18 @@ arq 0.28 and redis-py 5 leave two gaps, both seen in tests/faults/test_redis_res
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import arq.worker
 from arq.connections import ArqRedis
 from arq.worker import Worker
-from redis.asyncio import Connection, ConnectionPool
+from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -71,6 +85,90 @@ async def _poll_iteration_surviving_redis_errors(self: Worker) -> None:
         await asyncio.sleep(POLL_ERROR_PAUSE_S)
 
 
-def install() -> None:
+_arq_init = Worker.__init__
+_lease = {"seconds": 15.0}
+# One wake-up event per event loop (tests run many loops in one process).
+_wake_events: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _wake_event() -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    if loop not in _wake_events:
+        _wake_events[loop] = asyncio.Event()
+    return _wake_events[loop]
+
+
+@functools.wraps(_arq_init)  # arq's CLI reads the parameters from the signature
+def _init_with_lease(self: Worker, *args: Any, **kwargs: Any) -> None:
+    _arq_init(self, *args, **kwargs)
+    self.in_progress_timeout_s = min(self.in_progress_timeout_s, _lease["seconds"])
+
+
+async def _poll_or_wake(step: float) -> AsyncIterator[float]:
+    """arq's `poll`, except that a wake-up cuts the wait short."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        before = loop.time()
+        yield before - start
+        wait = max(0.0, step - (loop.time() - before))
+        event = _wake_event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), wait)
+        event.clear()
+
+
+def wake_up() -> None:
+    """Poll now: a job was enqueued, or a slot of this worker became free."""
+    _wake_event().set()
+
+
+def wake_key(queue: str) -> str:
+    return f"{queue}:wake"
+
+
+class WakeListener:
+    """Blocks on `<queue>:wake` with a connection of its own and wakes the poll loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=settings.redis_timeout
+        )
+        self._key = wake_key(settings.queue_name)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="wake-listener")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._redis.aclose()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                if await self._redis.blpop([self._key], timeout=1):
+                    wake_up()
+            except (RedisError, OSError):  # Redis restarting: plain polling covers us
+                await asyncio.sleep(1)
+
+
+async def signal_enqueued(redis: Redis, queue: str) -> None:
+    """Producer side: wake one blocked worker. The list never holds more than one item."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.lpush(wake_key(queue), 1)
+        pipe.ltrim(wake_key(queue), 0, 0)
+        await pipe.execute()
+
+
+def install(lease_seconds: float = 15.0) -> None:
     """Patch arq's Worker in this process (arq is pinned to 0.28.x, where this was checked)."""
+    _lease["seconds"] = lease_seconds
+    Worker.__init__ = _init_with_lease  # type: ignore[method-assign]
     Worker._poll_iteration = _poll_iteration_surviving_redis_errors  # type: ignore[method-assign]
+    arq.worker.poll = _poll_or_wake  # type: ignore[attr-defined,assignment]

@@ -19,7 +19,7 @@ from jobs.export import export
 from jobs.monitor import JobMonitor
 from jobs.newsletter import send_newsletter
 from jobs.report import daily_report, report
-from jobs.resilience import worker_redis
+from jobs.resilience import WakeListener, worker_redis
 from jobs.retry import max_tries
 from jobs.scheduler import schedule_sources, scrape_source
 from jobs.scrape import Fetcher, make_http_session, scrape
@@ -36,8 +36,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["http"] = make_http_session(settings)
     ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
     ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
-    ctx["monitor"] = JobMonitor(ctx["redis"])
+    ctx["monitor"] = JobMonitor(ctx["redis"], settings.job_lease_seconds)
     ctx["monitor"].start()
+    ctx["wake_listener"] = WakeListener(settings)
+    ctx["wake_listener"].start()
     log.info(
         "worker ready: max_jobs=%d smtp=%s:%s",
         settings.worker_max_jobs,
@@ -49,6 +51,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def shutdown(ctx: dict[str, Any]) -> None:
     if ctx.get("monitor"):
         await ctx["monitor"].stop()
+    if ctx.get("wake_listener"):
+        await ctx["wake_listener"].stop()
     if ctx.get("http"):
         await ctx["http"].close()
     if ctx.get("smtp"):
