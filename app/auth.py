@@ -19,6 +19,8 @@ from app.errors import Handler
 from app.settings import Settings
 
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json")})
+# The operator dashboard (app/dashboard) checks its own session cookie and CSRF tokens instead.
+PUBLIC_PREFIXES = ("/ui",)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 RATE_KEY_PREFIX = "asyncjobs:rate:"
 
@@ -48,6 +50,13 @@ class KeyRing:
                 found = Principal(key_id=digest.hex()[:12], read_only=read_only)
         return found
 
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether a principal identified earlier (a dashboard session) still has its key."""
+        return any(
+            Principal(key_id=stored.hex()[:12], read_only=read_only) == principal
+            for stored, read_only in self._keys
+        )
+
 
 KEYRING = web.AppKey("keyring", KeyRing)
 
@@ -58,7 +67,7 @@ def _digest(key: str) -> bytes:
 
 @web.middleware
 async def require_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if (request.method, request.path) in PUBLIC_ROUTES:
+    if (request.method, request.path) in PUBLIC_ROUTES or _under_public_prefix(request.path):
         return await handler(request)
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     principal = request.app[KEYRING].identify(presented.strip()) if scheme == "Bearer" else None
@@ -71,6 +80,10 @@ async def require_api_key(request: web.Request, handler: Handler) -> web.StreamR
         raise web.HTTPForbidden(text="this API key is read-only")
     request[PRINCIPAL] = principal
     return await handler(request)
+
+
+def _under_public_prefix(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in PUBLIC_PREFIXES)
 
 
 def is_enqueue(request: web.Request) -> bool:

@@ -9,6 +9,7 @@ from aiohttp import web
 from app.appkeys import REDIS, SETTINGS
 from app.auth import KEYRING, KeyRing, rate_limit, require_api_key
 from app.broker import connect
+from app.dashboard import setup_dashboard
 from app.errors import json_errors
 from app.routes import add_routes
 from app.settings import Settings
@@ -23,6 +24,7 @@ def create_app(settings: Settings) -> web.Application:
     app[KEYRING] = KeyRing(settings)
     app.cleanup_ctx.append(_redis_client)
     add_routes(app, settings)
+    setup_dashboard(app)  # the operator pages under /ui
     return app
 
 

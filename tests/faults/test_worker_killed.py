@@ -32,7 +32,7 @@ async def test_kill_9_mid_batch_loses_nothing_and_sends_nothing_twice(
         "redis_url": TEST_REDIS_URL,
         "smtp_host": "127.0.0.1",
         "smtp_port": smtp_port,
-        "job_timeout": 2,  # a killed worker's jobs are re-run when its lock expires: 2 + 10 s
+        "job_timeout": 2,  # the killed worker's jobs run again when their claim lapses (12 s)
         "worker_max_jobs": 20,
         "smtp_max_connections": 10,
     }
