@@ -1,0 +1,66 @@
+"""What the dashboard's buttons do: the same Redis operations as the API's abort, dead-letter
+retry and export endpoints (app/routes.py, app/dead_letter_routes.py, app/export_routes.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import uuid4
+
+from aiohttp import web
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss
+from arq.utils import timestamp_ms
+
+from app.dashboard.data import ABORTABLE
+from app.jobstatus import read_job
+from app.schemas import JobView
+from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
+from jobs.export import ExportRequest
+from jobs.monitor import count_enqueued
+from jobs.resilience import signal_enqueued
+
+
+async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
+    """Enqueue as the API does (app/httputil.py: counted, and a waiting worker woken up);
+    the new job's id."""
+    job = await redis.enqueue_job(function, **kwargs)
+    if job is None:
+        raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
+    await count_enqueued(redis, function)
+    await signal_enqueued(redis, redis.default_queue_name)
+    return str(job.job_id)
+
+
+async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
+    """Ask the workers to abort a queued, deferred or running job; its state before asking.
+    A job in any other state is left alone."""
+    view = await read_job(redis, job_id, queue_name)
+    if view.status not in ABORTABLE:
+        return view
+    now = timestamp_ms()
+    async with redis.pipeline(transaction=True) as pipe:
+        if view.status == "deferred":  # due now, so a worker picks it up and aborts it at once
+            pipe.zadd(queue_name, {job_id: now}, xx=True)
+        pipe.zadd(abort_jobs_ss, {job_id: now})
+        await pipe.execute()
+    return view
+
+
+async def retry_dead_letter(redis: ArqRedis, entry_id: str) -> str | None:
+    """Enqueue a dead letter again as a new job; None if there is no such entry. Taking the
+    entry out first means two retries cannot both enqueue it; a failed enqueue puts it back."""
+    entry = await get_dead_letter(redis, entry_id)
+    if entry is None or not await remove_dead_letter(redis, entry.id):
+        return None
+    try:
+        return await enqueue(redis, entry.function, **entry.arguments)
+    except BaseException:
+        await add_dead_letter(redis, entry)
+        raise
+
+
+async def export_all_csv(redis: ArqRedis) -> str:
+    """Enqueue an export of every document as CSV; the job id, which is also the export id."""
+    export_id = uuid4().hex
+    request = ExportRequest(format="csv").model_dump(mode="json")
+    return await enqueue(redis, "export", export_id=export_id, request=request, _job_id=export_id)

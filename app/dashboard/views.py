@@ -1,0 +1,416 @@
+"""The dashboard's handlers: read with data.py, act with actions.py, render a template."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+
+from app import mailsink
+from app.appkeys import REDIS, SETTINGS
+from app.auth import KEYRING
+from app.dashboard import actions
+from app.dashboard.data import (
+    ABORTABLE,
+    JOB_STATES,
+    WINDOWS,
+    JobFilter,
+    MinuteCount,
+    list_jobs,
+    read_arguments,
+    read_cron,
+    read_job_with_progress,
+    read_overview,
+    read_sources,
+    redact,
+)
+from app.dashboard.session import (
+    CSRF_FIELD,
+    SESSION,
+    clear_session_cookie,
+    create_session,
+    delete_session,
+    load_session,
+    set_session_cookie,
+)
+from app.errors import Handler
+from app.schemas import JobView
+from app.settings import Settings
+from jobs.deadletter import list_dead_letters
+from jobs.export import CONTENT_TYPES, EXPORT_NAME_PATTERN
+from jobs.worker import cron_jobs, job_functions
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.3  # how often a job's event stream looks at the job
+STREAM_MAX_S = 600  # then the browser's EventSource reconnects: no stream lives for ever
+DEAD_LETTERS_SHOWN = 100
+MAIL_SHOWN = 100
+CHART_WIDTH, CHART_HEIGHT = 600, 120
+
+
+def _redis(request: web.Request) -> ArqRedis:
+    return request.config_dict[REDIS]
+
+
+def _settings(request: web.Request) -> Settings:
+    return request.config_dict[SETTINGS]
+
+
+def _url(request: web.Request, route: str, **parts: str) -> str:
+    return str(request.app.router[route].url_for(**parts))
+
+
+def see_other(location: str) -> web.Response:
+    """After a POST: the browser GETs `location` (and reloading it does not POST again)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def when(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else ""
+
+
+def pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str, ensure_ascii=False)
+
+
+def render(
+    request: web.Request, template: str, context: dict[str, Any], *, status: int = 200
+) -> web.Response:
+    base = {
+        "session": request.get(SESSION),
+        "csrf_field": CSRF_FIELD,
+        "mail_enabled": _settings(request).mail_sink_dir is not None,
+        "path": request.path,
+    }
+    return aiohttp_jinja2.render_template(template, request, base | context, status=status)
+
+
+# -- errors --
+
+
+@web.middleware
+async def html_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Errors on dashboard pages are pages too (the API's JSON errors are for API clients)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = (exc.text or "").removeprefix(f"{exc.status}: ")  # aiohttp's "404: Not Found"
+        context = {
+            "status": exc.status,
+            "reason": exc.reason,
+            "message": "" if message == exc.reason else message,
+        }
+        return render(request, "error.html", context, status=exc.status)
+    except (RedisError, ConnectionError) as exc:
+        log.warning("broker unavailable on %s %s: %s", request.method, request.path, exc)
+        context = {
+            "status": 503,
+            "reason": "Service Unavailable",
+            "message": "The job broker (Redis) is unavailable; try again later.",
+        }
+        return render(request, "error.html", context, status=503)
+
+
+# -- login --
+
+
+async def login_form(request: web.Request) -> web.Response:
+    return render(request, "login.html", {"error": None})
+
+
+async def login(request: web.Request) -> web.Response:
+    form = await request.post()
+    key = form.get("key")
+    keyring = request.config_dict[KEYRING]
+    principal = keyring.identify(key.strip()) if isinstance(key, str) and key.strip() else None
+    if principal is None:
+        return render(request, "login.html", {"error": "That key is not valid."}, status=401)
+    previous = await load_session(request)
+    if previous is not None:  # a fresh id at every login: no session fixation
+        await delete_session(_redis(request), previous)
+    session = await create_session(_redis(request), principal)
+    response = see_other(_url(request, "overview"))
+    set_session_cookie(response, request, session)
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    await delete_session(_redis(request), request[SESSION])
+    response = see_other(_url(request, "login"))
+    clear_session_cookie(response)
+    return response
+
+
+# -- overview --
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    width: float
+    completed_y: float
+    completed_height: float
+    failed_y: float
+    failed_height: float
+    label: str
+
+
+def chart_bars(minutes: list[MinuteCount]) -> list[Bar]:
+    """Stacked bars, completed below failed, scaled to the busiest minute."""
+    peak = max((m.completed + m.failed for m in minutes), default=0) or 1
+    width = CHART_WIDTH / max(len(minutes), 1)
+    bars = []
+    for i, minute in enumerate(minutes):
+        completed_height = CHART_HEIGHT * minute.completed / peak
+        failed_height = CHART_HEIGHT * minute.failed / peak
+        completed_y = CHART_HEIGHT - completed_height
+        bars.append(
+            Bar(
+                x=round(i * width, 1),
+                width=round(width * 0.8, 1),
+                completed_y=round(completed_y, 1),
+                completed_height=round(completed_height, 1),
+                failed_y=round(completed_y - failed_height, 1),
+                failed_height=round(failed_height, 1),
+                label=f"{minute.start:%H:%M} UTC: {minute.completed} completed, "
+                f"{minute.failed} failed",
+            )
+        )
+    return bars
+
+
+async def overview(request: web.Request) -> web.Response:
+    data = await read_overview(_redis(request), _settings(request).queue_name)
+    context = {
+        "overview": data,
+        "bars": chart_bars(data.minutes),
+        "chart_width": CHART_WIDTH,
+        "chart_height": CHART_HEIGHT,
+    }
+    return render(request, "overview.html", context)
+
+
+# -- jobs --
+
+
+def _function_names(settings: Settings) -> list[str]:
+    names = [f.name for f in job_functions(settings)] + [c.name for c in cron_jobs(settings)]
+    return sorted(set(names))
+
+
+async def _filtered_jobs(request: web.Request, where: JobFilter) -> list[JobView]:
+    return await list_jobs(_redis(request), _settings(request).queue_name, where)
+
+
+async def jobs_page(request: web.Request) -> web.Response:
+    where = JobFilter.from_query(request.query)
+    context = {
+        "jobs": await _filtered_jobs(request, where),
+        "filter": where,
+        "functions": _function_names(_settings(request)),
+        "states": JOB_STATES,
+        "windows": list(WINDOWS),
+    }
+    return render(request, "jobs.html", context)
+
+
+async def job_rows(request: web.Request) -> web.Response:
+    """The rows of the jobs table alone: the page fetches them every second."""
+    where = JobFilter.from_query(request.query)
+    return render(request, "job_rows.html", {"jobs": await _filtered_jobs(request, where)})
+
+
+def job_state(request: web.Request, view: JobView) -> dict[str, Any]:
+    """What a job page shows, formatted once here for the page and for its event stream."""
+    return {
+        "job_id": view.job_id,
+        "status": view.status,
+        "function": view.function or "",
+        "tries": "" if view.tries is None else str(view.tries),
+        "enqueue_time": when(view.enqueue_time),
+        "start_time": when(view.start_time),
+        "finish_time": when(view.finish_time),
+        "result": "" if view.result is None else pretty(view.result),
+        "error": view.error or "",
+        "progress": _progress(view),
+        "finished": view.status not in ABORTABLE,
+        "download": _export_download(request, view),
+    }
+
+
+def _progress(view: JobView) -> dict[str, Any] | None:
+    """For the progress bar: a newsletter's messages, or an export's rows."""
+    if view.progress is not None:
+        batch = view.progress
+        text = f"{batch.sent} sent, {batch.failed} failed, {batch.pending} pending of {batch.total}"
+        return {"done": batch.sent + batch.failed, "total": batch.total, "text": text}
+    if view.steps is not None:
+        steps = view.steps
+        total = steps.total if steps.total is not None else steps.done
+        text = f"{steps.step}: {steps.done} of {total}"
+        return {"done": steps.done, "total": total, "text": text}
+    return None
+
+
+def _export_download(request: web.Request, view: JobView) -> str | None:
+    if view.function != "export" or view.status != "complete" or not isinstance(view.result, dict):
+        return None
+    name = view.result.get("name")
+    if not isinstance(name, str) or not re.fullmatch(EXPORT_NAME_PATTERN, name):
+        return None
+    return _url(request, "export_file", name=name)
+
+
+async def job_page(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    redis = _redis(request)
+    view = await read_job_with_progress(redis, _settings(request).queue_name, job_id)
+    if view.status == "not_found":
+        raise web.HTTPNotFound(text=f"No job {job_id}: never enqueued, or its result expired.")
+    arguments = await read_arguments(redis, job_id)
+    context = {
+        "job": job_state(request, view),
+        "arguments": None if arguments is None else pretty(arguments),
+        "events_url": _url(request, "job_events", job_id=job_id),
+        "abort_url": _url(request, "job_abort", job_id=job_id),
+    }
+    return render(request, "job.html", context)
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the job's state each time it changes, then `end` once finished."""
+    job_id = request.match_info["job_id"]
+    redis, queue_name = _redis(request), _settings(request).queue_name
+    # X-Accel-Buffering: a proxy such as nginx passes each event on at once, unbuffered
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STREAM_MAX_S
+    last = ""
+    try:
+        while loop.time() < deadline and not _client_gone(request):
+            state = job_state(request, await read_job_with_progress(redis, queue_name, job_id))
+            payload = json.dumps(state)  # one line: json.dumps escapes newlines in strings
+            if payload != last:
+                await response.write(f"data: {payload}\n\n".encode())
+                last = payload
+            if state["finished"]:
+                await response.write(b"event: end\ndata: {}\n\n")  # so the browser stops
+                break
+            await asyncio.sleep(POLL_INTERVAL_S)
+    except ConnectionResetError:
+        pass  # the browser left
+    except RedisError as exc:  # the headers are sent: end the stream, the browser retries
+        log.warning("job event stream for %s stopped: %s", job_id, exc)
+    return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+async def abort_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    before = await actions.abort(_redis(request), _settings(request).queue_name, job_id)
+    if before.status == "not_found":
+        raise web.HTTPNotFound(text=f"No job {job_id}.")
+    if before.status not in ABORTABLE:
+        raise web.HTTPConflict(text=f"Job {job_id} has already finished ({before.status}).")
+    return see_other(_url(request, "job", job_id=job_id))
+
+
+# -- dead letters --
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    total, entries = await list_dead_letters(_redis(request), 0, DEAD_LETTERS_SHOWN)
+    rows = [(entry, pretty(redact(entry.arguments))) for entry in entries]
+    return render(request, "dead_letter.html", {"total": total, "rows": rows})
+
+
+async def retry_dead_letter(request: web.Request) -> web.Response:
+    job_id = await actions.retry_dead_letter(_redis(request), request.match_info["entry_id"])
+    if job_id is None:
+        raise web.HTTPNotFound(text="No such dead-letter entry (already retried or deleted?).")
+    return see_other(_url(request, "job", job_id=job_id))
+
+
+# -- cron, sources, exports, mail --
+
+
+async def cron_page(request: web.Request) -> web.Response:
+    rows = await read_cron(_redis(request), _settings(request))
+    return render(request, "cron.html", {"rows": rows})
+
+
+async def sources_page(request: web.Request) -> web.Response:
+    return render(request, "sources.html", {"rows": await read_sources(_redis(request))})
+
+
+async def export_csv(request: web.Request) -> web.Response:
+    job_id = await actions.export_all_csv(_redis(request))
+    return see_other(_url(request, "job", job_id=job_id))
+
+
+async def export_file(request: web.Request) -> web.StreamResponse:
+    """The API's GET /exports/{name} wants a bearer key a browser does not send: the same file,
+    for a session."""
+    name = request.match_info["name"]  # the route pattern allows no path separators
+    path = _settings(request).exports_dir / name
+    if not await asyncio.to_thread(path.is_file):
+        raise web.HTTPNotFound(text=f"No export {name}: not finished, expired or never requested.")
+    headers = {
+        "Content-Type": CONTENT_TYPES[name.rpartition(".")[2]],
+        "Content-Disposition": f'attachment; filename="{name}"',
+    }
+    return web.FileResponse(path, headers=headers)
+
+
+async def mail_page(request: web.Request) -> web.Response:
+    folder = _settings(request).mail_sink_dir
+    assert folder is not None  # the route exists only then
+    messages = await mailsink.list_messages(folder, MAIL_SHOWN)
+    return render(request, "mail.html", {"messages": messages})
+
+
+ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"  # any arq job id (a dead letter's id is its job's)
+JOB = f"{{job_id:{ID_PATTERN}}}"
+
+
+def add_dashboard_routes(app: web.Application, settings: Settings) -> None:
+    """Paths are relative to /ui, where the dashboard is mounted."""
+    app.router.add_get("", overview, name="overview")
+    app.router.add_get("/", overview)
+    app.router.add_get("/login", login_form, name="login")
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout, name="logout")
+    app.router.add_get("/jobs", jobs_page, name="jobs")
+    app.router.add_get("/jobs/rows", job_rows, name="job_rows")  # before /jobs/{job_id}
+    app.router.add_get(f"/jobs/{JOB}", job_page, name="job")
+    app.router.add_get(f"/jobs/{JOB}/events", job_events, name="job_events", allow_head=False)
+    app.router.add_post(f"/jobs/{JOB}/abort", abort_job, name="job_abort")
+    app.router.add_get("/dead-letter", dead_letters, name="dead_letters")
+    app.router.add_post(
+        f"/dead-letter/{{entry_id:{ID_PATTERN}}}/retry", retry_dead_letter, name="retry"
+    )
+    app.router.add_get("/cron", cron_page, name="cron")
+    app.router.add_get("/sources", sources_page, name="sources")
+    app.router.add_post("/sources/export", export_csv, name="export_csv")
+    app.router.add_get(f"/exports/{{name:{EXPORT_NAME_PATTERN}}}", export_file, name="export_file")
+    if settings.mail_sink_dir is not None:
+        app.router.add_get("/mail", mail_page, name="mail")
