@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from app import actions
 from app.appkeys import REDIS
-from app.httputil import JOB_ID_PATTERN, enqueue, json_model, query_int, status_url
+from app.httputil import JOB_ID_PATTERN, json_model, query_int, status_url
 from app.schemas import DeadLetterPage, JobAccepted
 from jobs.deadletter import (
-    add_dead_letter,
     get_dead_letter,
     list_dead_letters,
     remove_dead_letter,
@@ -32,16 +32,10 @@ async def show_entry(request: web.Request) -> web.Response:
 async def retry_entry(request: web.Request) -> web.Response:
     """Re-enqueue as a new job (tries start again at 1). Taking the entry out first means two
     concurrent retries cannot both enqueue it; if enqueueing fails the entry is put back."""
-    redis = request.app[REDIS]
-    entry = await get_dead_letter(redis, request.match_info["entry_id"])
-    if entry is None or not await remove_dead_letter(redis, entry.id):
+    job_id = await actions.retry_dead_letter(request.app[REDIS], request.match_info["entry_id"])
+    if job_id is None:
         raise web.HTTPNotFound(text="no such dead-letter entry")
-    try:
-        job = await enqueue(request, entry.function, **entry.arguments)
-    except BaseException:
-        await add_dead_letter(redis, entry)
-        raise
-    accepted = JobAccepted(job_id=job.job_id, status_url=status_url(request, job.job_id))
+    accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
     return json_model(accepted, status=202)
 
 

@@ -18,6 +18,7 @@ from jobs.documents import (
     parse_document,
     source_docs_key,
 )
+from jobs.values import as_text
 
 
 class DocumentQuery(BaseModel):
@@ -53,9 +54,9 @@ async def index(request: web.Request) -> web.Response:
         ids = [m for _, m in ranked[offset : offset + limit]]
     async with redis.pipeline(transaction=False) as pipe:
         for doc_id in ids:
-            pipe.hgetall(DOC_KEY_PREFIX + _text(doc_id))
+            pipe.hgetall(DOC_KEY_PREFIX + as_text(doc_id))
         raws = await pipe.execute()
-    items = [parse_document(_text(i), raw) for i, raw in zip(ids, raws, strict=True)]
+    items = [parse_document(as_text(i), raw) for i, raw in zip(ids, raws, strict=True)]
     documents = [d.model_copy(update={"text": ""}) for d in items if d is not None]
     return json_model(DocumentList(total=total, offset=offset, limit=limit, items=documents))
 
@@ -68,10 +69,6 @@ async def show(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="no such document")
     versions = await load_versions(redis, doc_id)
     return json_model(DocumentDetail(document=document, versions=versions))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def add_document_routes(app: web.Application) -> None:

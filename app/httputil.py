@@ -6,12 +6,10 @@ import json
 from typing import Any
 
 from aiohttp import web
-from arq.jobs import Job
 from pydantic import BaseModel
 
+from app import actions
 from app.appkeys import REDIS
-from jobs.monitor import count_enqueued
-from jobs.resilience import signal_enqueued
 
 # Any arq job id, but not the names of the enqueue endpoints beside it (/jobs/email is no job).
 JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report)$)[A-Za-z0-9_.:-]{1,128}"
@@ -48,13 +46,6 @@ def status_url(request: web.Request, job_id: str) -> str:
     return str(request.app.router["job_status"].url_for(job_id=job_id))
 
 
-async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> Job:
-    """Enqueue an arq job from a handler, counted for the metrics. arq's `_job_id` etc. pass
-    through; a fresh random id never collides, so a job is always returned."""
-    redis = request.app[REDIS]
-    job = await redis.enqueue_job(function, **kwargs)
-    if job is None:
-        raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
-    await count_enqueued(redis, function)
-    await signal_enqueued(redis, redis.default_queue_name)
-    return job
+async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
+    """`app.actions.enqueue` with the app's Redis; the new job's id."""
+    return await actions.enqueue(request.app[REDIS], function, **kwargs)

@@ -35,6 +35,7 @@ from jobs.monitor import (
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
 )
+from jobs.values import as_text
 
 JOB_COUNTERS = {
     "enqueued": "Jobs enqueued",
@@ -116,7 +117,7 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
             workers,
         ) = await pipe.execute()
     # a worker's registry entry expires when it stops refreshing it: only live ones exist
-    alive = await redis.exists(*[WORKER_KEY_PREFIX + _text(w) for w in workers]) if workers else 0
+    alive = await redis.exists(*[WORKER_KEY_PREFIX + as_text(w) for w in workers]) if workers else 0
     counts = _parse_counters(counters)
     metrics: list[Metric] = []
     for name, doc in JOB_COUNTERS.items():
@@ -150,7 +151,7 @@ def _parse_counters(raw: dict[Any, Any]) -> dict[str, dict[str, int]]:
     """{"completed|send_email": 3} -> {"completed": {"send_email": 3}}."""
     counts: dict[str, dict[str, int]] = {}
     for field, value in raw.items():
-        metric, _, label = _text(field).partition("|")
+        metric, _, label = as_text(field).partition("|")
         counts.setdefault(metric, {})[label] = int(value)
     return counts
 
@@ -159,7 +160,7 @@ def _histogram(name: str, doc: str, raw: dict[Any, Any]) -> HistogramMetricFamil
     """Rebuild cumulative buckets from the per-bucket counts the monitor stores."""
     per_function: dict[str, dict[str, float]] = {}
     for field, value in raw.items():
-        function, _, part = _text(field).rpartition("|")
+        function, _, part = as_text(field).rpartition("|")
         per_function.setdefault(function, {})[part] = float(value)
     family = HistogramMetricFamily(name, doc, labels=["function"])
     for function, parts in sorted(per_function.items()):
@@ -184,7 +185,3 @@ def add_metrics(app: web.Application) -> None:
     app[HTTP_METRICS] = HttpMetrics()
     app.middlewares.append(count_requests)
     app.router.add_get("/metrics", metrics_endpoint)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -14,8 +14,8 @@ from jobs.report import latest_report
 @idempotent
 async def enqueue_report(request: web.Request) -> web.Response:
     """Building a report scans every document: a worker does it, the caller polls the job."""
-    job = await enqueue(request, "report")
-    accepted = JobAccepted(job_id=job.job_id, status_url=status_url(request, job.job_id))
+    job_id = await enqueue(request, "report")
+    accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
     return json_model(accepted, status=202)
 
 

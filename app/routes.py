@@ -8,11 +8,10 @@ from __future__ import annotations
 import uuid
 
 from aiohttp import web
-from arq.constants import abort_jobs_ss, health_check_key_suffix
-from arq.utils import timestamp_ms
+from arq.constants import health_check_key_suffix
 from redis.exceptions import RedisError
 
-from app import mailsink
+from app import actions, mailsink
 from app.appkeys import REDIS, SETTINGS
 from app.dead_letter_routes import add_dead_letter_routes
 from app.document_routes import add_document_routes
@@ -48,8 +47,6 @@ from jobs.email import new_message_id
 from jobs.monitor import read_progress
 from jobs.newsletter import NewsletterSpec, batch_progress
 
-FINISHED = frozenset({"complete", "failed", "aborted"})
-
 
 def sender_context(settings: Settings, max_recipients: int) -> dict[str, object]:
     return {
@@ -64,14 +61,14 @@ async def enqueue_email(request: web.Request) -> web.Response:
     context = sender_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(await read_json_object(request), context=context)
     message_id = new_message_id(spec.from_ or settings.mail_from)
-    job = await enqueue(
+    job_id = await enqueue(
         request,
         "send_email",
         email=spec.model_dump(mode="json", by_alias=True),
         message_id=message_id,
     )
     accepted = EmailAccepted(
-        job_id=job.job_id, status_url=status_url(request, job.job_id), message_id=message_id
+        job_id=job_id, status_url=status_url(request, job_id), message_id=message_id
     )
     return json_model(accepted, status=202)
 
@@ -104,10 +101,10 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     scrape = ScrapeRequest.model_validate(await read_json_object(request), context=context)
     accepted = []
     for target in scrape.targets():
-        job = await enqueue(request, "scrape", target=target.model_dump(mode="json"))
+        job_id = await enqueue(request, "scrape", target=target.model_dump(mode="json"))
         accepted.append(
             ScrapeAccepted(
-                job_id=job.job_id, status_url=status_url(request, job.job_id), url=str(target.url)
+                job_id=job_id, status_url=status_url(request, job_id), url=str(target.url)
             )
         )
     if scrape.url is not None:
@@ -131,17 +128,11 @@ async def abort_job(request: web.Request) -> web.Response:
     redis = request.app[REDIS]
     queue = request.app[SETTINGS].queue_name
     job_id = request.match_info["job_id"]
-    view = await read_job(redis, job_id, queue)
+    view = await actions.abort(redis, queue, job_id)
     if view.status == "not_found":
         raise web.HTTPNotFound(text=f"no job {job_id}")
-    if view.status in FINISHED:
+    if view.status not in actions.ABORTABLE:
         raise web.HTTPConflict(text=f"job {job_id} has already finished ({view.status})")
-    now = timestamp_ms()
-    async with redis.pipeline(transaction=True) as pipe:
-        if view.status == "deferred":  # due now, so a worker picks it up and aborts it at once
-            pipe.zadd(queue, {job_id: now}, xx=True)
-        pipe.zadd(abort_jobs_ss, {job_id: now})
-        await pipe.execute()
     accepted = AbortAccepted(
         job_id=job_id, status_url=status_url(request, job_id), status_before=view.status
     )

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from jobs.documents import (
 from jobs.export import EXPORT_NAME_PATTERN
 from jobs.retry import classified
 from jobs.sources import SOURCES_KEY
+from jobs.values import as_text, as_utc
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ return 1
 
 async def cleanup(redis: Redis, settings: Settings, now: datetime) -> dict[str, int]:
     """Remove everything past its retention at `now`; return how many of each kind went."""
-    now = _aware(now)
+    now = as_utc(now)
     docs = await _clean_documents(redis, now - timedelta(seconds=settings.version_retention))
     exports = await asyncio.to_thread(
         remove_expired_exports, settings.exports_dir, now.timestamp() - settings.export_ttl
@@ -128,14 +129,14 @@ async def _clean_documents(redis: Redis, version_cutoff: datetime) -> dict[str, 
     cursor = 0
     while True:
         cursor, entries = await redis.zscan(DOC_INDEX_KEY, cursor, count=CHUNK)
-        doc_ids = [_text(member) for member, _ in entries]
+        doc_ids = [as_text(member) for member, _ in entries]
         if doc_ids:
             async with redis.pipeline(transaction=False) as pipe:
                 for doc_id in doc_ids:
                     pipe.hget(DOC_KEY_PREFIX + doc_id, "source_id")
                     await version_times(keys=[versions_key(doc_id)], client=pipe)
                 replies = await pipe.execute()
-            source_ids = [_text(s) if s else None for s in replies[0::2]]
+            source_ids = [as_text(s) if s else None for s in replies[0::2]]
             live = await _live_sources(redis, {s for s in source_ids if s})
             kinds: list[str] = []  # what each queued command does, to read its reply
             async with redis.pipeline(transaction=False) as pipe:
@@ -151,7 +152,7 @@ async def _clean_documents(redis: Redis, version_cutoff: datetime) -> dict[str, 
                         ]
                         await delete_orphan(keys=keys, args=[doc_id, sid], client=pipe)
                         kinds.append("orphaned_documents")
-                    elif expired := [_text(t) for t in times if _older(t, version_cutoff)]:
+                    elif expired := [as_text(t) for t in times if _older(t, version_cutoff)]:
                         await drop_versions(keys=[versions_key(doc_id)], args=expired, client=pipe)
                         kinds.append("versions")
                 removed = await pipe.execute() if kinds else []
@@ -205,7 +206,7 @@ async def _remove_old_dead_letters(redis: Redis, cutoff: float) -> int:
             return removed
         async with redis.pipeline(transaction=False) as pipe:
             for entry_id in ids:
-                pipe.delete(DEAD_KEY_PREFIX + _text(entry_id))
+                pipe.delete(DEAD_KEY_PREFIX + as_text(entry_id))
                 pipe.zrem(DEAD_INDEX_KEY, entry_id)
             replies = await pipe.execute()
         removed += sum(replies[1::2])  # ZREM's count: a concurrent cleanup's ids are not ours
@@ -216,15 +217,6 @@ def _older(fetched_at: bytes | str, cutoff: datetime) -> bool:
     if not fetched_at:
         return False
     try:
-        return _aware(datetime.fromisoformat(_text(fetched_at))) < cutoff
+        return as_utc(datetime.fromisoformat(as_text(fetched_at))) < cutoff
     except ValueError:
         return False
-
-
-def _aware(moment: datetime) -> datetime:
-    """Stored times are UTC; a naive one is read as UTC rather than as local time."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

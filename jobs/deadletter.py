@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from jobs.values import as_text
+
 DEAD_KEY_PREFIX = "asyncjobs:dead:"
 DEAD_INDEX_KEY = "asyncjobs:dead"
 
@@ -47,7 +49,7 @@ async def list_dead_letters(redis: Redis, offset: int, limit: int) -> tuple[int,
         total, ids = await pipe.execute()
     if not ids:
         return total, []
-    raws = await redis.mget([DEAD_KEY_PREFIX + _text(i) for i in ids])
+    raws = await redis.mget([DEAD_KEY_PREFIX + as_text(i) for i in ids])
     return total, [DeadLetter.model_validate_json(raw) for raw in raws if raw]
 
 
@@ -57,7 +59,3 @@ async def remove_dead_letter(redis: Redis, entry_id: str) -> bool:
         pipe.zrem(DEAD_INDEX_KEY, entry_id)
         deleted, _ = await pipe.execute()
     return bool(deleted)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -18,6 +18,8 @@ from typing import Any
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from jobs.values import as_text
+
 DOC_KEY_PREFIX = "asyncjobs:doc:"
 DOC_INDEX_KEY = "asyncjobs:docs"
 DOC_CHANGED_KEY = "asyncjobs:docs:changed"
@@ -77,7 +79,7 @@ async def save_document(redis: Redis, snapshot: DocumentSnapshot, keep_versions:
     doc_id = document_id(snapshot.url)
     key = DOC_KEY_PREFIX + doc_id
     previous_hash = await redis.hget(key, "content_hash")  # type: ignore[misc]
-    if previous_hash is not None and _text(previous_hash) == snapshot.content_hash:
+    if previous_hash is not None and as_text(previous_hash) == snapshot.content_hash:
         await record_unchanged(
             redis, snapshot.url, snapshot.fetched_at, snapshot.fetch_ms,
             etag=snapshot.etag, last_modified=snapshot.last_modified,
@@ -140,7 +142,7 @@ async def load_document(redis: Redis, doc_id: str) -> StoredDocument | None:
 def parse_document(doc_id: str, raw: dict[Any, Any], versions: int = 1) -> StoredDocument | None:
     if not raw:
         return None
-    fields: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+    fields: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
     fields["extracted"] = json.loads(fields.get("extracted", "{}"))
     return StoredDocument.model_validate(fields | {"id": doc_id, "versions": versions})
 
@@ -155,12 +157,8 @@ async def previous_validators(redis: Redis, url: str) -> tuple[str | None, str |
     etag, last_modified = await redis.hmget(  # type: ignore[misc]
         DOC_KEY_PREFIX + document_id(url), ["etag", "last_modified"]
     )
-    return (_text(etag) if etag else None, _text(last_modified) if last_modified else None)
+    return (as_text(etag) if etag else None, as_text(last_modified) if last_modified else None)
 
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

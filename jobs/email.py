@@ -65,19 +65,35 @@ class EmailSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_body_and_limits(self, info: ValidationInfo) -> EmailSpec:
-        if not (self.text or self.html):
-            raise ValueError("give 'text', 'html' or both")
-        limit = (info.context or {}).get("max_recipients", MAX_RECIPIENTS)
-        count = len(self.to) + len(self.cc) + len(self.bcc)
-        if count > limit:
-            raise ValueError(f"{count} recipients is more than the limit of {limit}")
-        allowed_senders = (info.context or {}).get("allowed_sender_domains")
-        if self.from_ and allowed_senders and domain_of(self.from_) not in allowed_senders:
-            raise ValueError(f"sender domain {domain_of(self.from_)!r} is not allowed")
+        check_message_rules(
+            self.text, self.html, self.from_, len(self.to) + len(self.cc) + len(self.bcc),
+            info, MAX_RECIPIENTS,
+        )  # fmt: skip
         return self
 
     def envelope_recipients(self) -> list[str]:
         return [*self.to, *self.cc, *self.bcc]
+
+
+def check_message_rules(
+    text: str | None,
+    html: str | None,
+    sender: str | None,
+    recipients: int,
+    info: ValidationInfo,
+    max_recipients: int,
+) -> None:
+    """Rules JSON Schema cannot say, shared by single emails and newsletters. Settings arrive as
+    validation context: `max_recipients` and `allowed_sender_domains` (no open relay)."""
+    if not (text or html):
+        raise ValueError("give 'text', 'html' or both")
+    context = info.context or {}
+    limit = context.get("max_recipients", max_recipients)
+    if recipients > limit:
+        raise ValueError(f"{recipients} recipients is more than the limit of {limit}")
+    allowed = context.get("allowed_sender_domains")
+    if sender and allowed and domain_of(sender) not in allowed:
+        raise ValueError(f"sender domain {domain_of(sender)!r} is not allowed")
 
 
 def domain_of(address: str) -> str:

@@ -32,6 +32,7 @@ from jobs.documents import (
 from jobs.errors import PermanentJobError
 from jobs.monitor import Progress
 from jobs.retry import classified
+from jobs.values import as_text
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ async def _changed_ids(redis: Redis, since: datetime | None) -> AsyncIterator[li
         )
         if not page:
             return
-        yield [_text(member) for member, _ in page]
+        yield [as_text(member) for member, _ in page]
         if len(page) < CHUNK:
             return
         last = page[-1][1]
@@ -165,7 +166,7 @@ async def _source_ids(redis: Redis, source: str) -> AsyncIterator[list[str]]:
     while True:
         cursor, members = await redis.sscan(key, cursor, count=CHUNK)
         for start in range(0, len(members), CHUNK):  # small sets come back whole
-            yield [_text(member) for member in members[start : start + CHUNK]]
+            yield [as_text(member) for member in members[start : start + CHUNK]]
         if cursor == 0:
             return
 
@@ -214,10 +215,6 @@ class _Sink:
     def discard(self) -> None:
         self._file.close()
         self._path.unlink(missing_ok=True)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @classified("maintenance")

@@ -24,6 +24,8 @@ from arq.constants import in_progress_key_prefix
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from jobs.values import as_text
+
 log = logging.getLogger(__name__)
 
 PREFIX = "asyncjobs:stats:"
@@ -224,8 +226,4 @@ async def read_progress(redis: Redis, job_id: str) -> StepProgress | None:
     raw = await redis.hgetall(PROGRESS_KEY_PREFIX + job_id)  # type: ignore[misc]
     if not raw:
         return None
-    return StepProgress.model_validate({_text(k): _text(v) for k, v in raw.items()})
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return StepProgress.model_validate({as_text(k): as_text(v) for k, v in raw.items()})

@@ -27,7 +27,14 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
-from jobs.email import BATCH_KEY_PREFIX, MAX_BODY_CHARS, EmailSpec, batch_key, domain_of
+from jobs.email import (
+    BATCH_KEY_PREFIX,
+    MAX_BODY_CHARS,
+    EmailSpec,
+    batch_key,
+    check_message_rules,
+    domain_of,
+)
 from jobs.headers import header_name
 from jobs.monitor import count_enqueued
 from jobs.retry import classified
@@ -88,14 +95,9 @@ class NewsletterSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> NewsletterSpec:
-        if not (self.text or self.html):
-            raise ValueError("give 'text', 'html' or both")
-        limit = (info.context or {}).get("max_recipients", HARD_MAX_RECIPIENTS)
-        if len(self.recipients) > limit:
-            raise ValueError(f"{len(self.recipients)} recipients is more than the limit of {limit}")
-        allowed = (info.context or {}).get("allowed_sender_domains")
-        if self.from_ and allowed and domain_of(self.from_) not in allowed:
-            raise ValueError(f"sender domain {domain_of(self.from_)!r} is not allowed")
+        check_message_rules(
+            self.text, self.html, self.from_, len(self.recipients), info, HARD_MAX_RECIPIENTS
+        )
         return self
 
 

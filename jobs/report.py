@@ -11,7 +11,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from redis.asyncio import Redis
@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from jobs.documents import DOC_INDEX_KEY, DOC_KEY_PREFIX, now_utc
 from jobs.retry import classified
 from jobs.sources import SOURCES_KEY, source_failures_key
+from jobs.values import as_text, as_utc
 
 REPORT_KEY = "asyncjobs:report:latest"
 AD_HOC = "ad-hoc"  # the bucket of documents scraped without a source
@@ -65,8 +66,8 @@ async def build_report(redis: Redis, now: datetime) -> dict[str, Any]:
     `documents` counts every indexed document; those of deleted sources (not yet removed by the
     cleanup) are in no bucket and counted in `orphaned_documents`, so the numbers add up.
     """
-    now = _aware(now)
-    source_ids = sorted({_text(s) async for s in redis.sscan_iter(SOURCES_KEY, count=CHUNK)})
+    now = as_utc(now)
+    source_ids = sorted({as_text(s) async for s in redis.sscan_iter(SOURCES_KEY, count=CHUNK)})
     buckets = {sid: _Bucket() for sid in source_ids}
     ad_hoc = _Bucket()
     words: Counter[str] = Counter()
@@ -75,7 +76,7 @@ async def build_report(redis: Redis, now: datetime) -> dict[str, Any]:
     cursor = 0
     while True:
         cursor, entries = await redis.zscan(DOC_INDEX_KEY, cursor, count=CHUNK)
-        doc_ids = [i for i in (_text(m) for m, _ in entries) if i not in seen]
+        doc_ids = [i for i in (as_text(m) for m, _ in entries) if i not in seen]
         seen.update(doc_ids)
         async with redis.pipeline(transaction=False) as pipe:
             for doc_id in doc_ids:
@@ -86,11 +87,11 @@ async def build_report(redis: Redis, now: datetime) -> dict[str, Any]:
                 continue  # deleted after ZSCAN saw it
             documents += 1
             if title is not None:
-                words.update(w.lower() for w in WORD.findall(_text(title)))
+                words.update(w.lower() for w in WORD.findall(as_text(title)))
             if source_id is None:
                 bucket: _Bucket | None = ad_hoc
             else:
-                bucket = buckets.get(_text(source_id))
+                bucket = buckets.get(as_text(source_id))
             if bucket is None:
                 orphaned += 1
                 continue
@@ -141,7 +142,7 @@ async def _failures(redis: Redis, source_ids: list[str]) -> dict[str, dict[str, 
             pipe.hgetall(source_failures_key(sid))
         hashes = await pipe.execute() if source_ids else []
     return {
-        sid: {_text(reason): int(count) for reason, count in sorted(raw.items())}
+        sid: {as_text(reason): int(count) for reason, count in sorted(raw.items())}
         for sid, raw in zip(source_ids, hashes, strict=True)
     }
 
@@ -150,7 +151,7 @@ def _time(value: bytes | str | None) -> datetime | None:
     if value is None:
         return None
     try:
-        return _aware(datetime.fromisoformat(_text(value)))
+        return as_utc(datetime.fromisoformat(as_text(value)))
     except ValueError:
         return None
 
@@ -162,12 +163,3 @@ def _float(value: bytes | str | None) -> float | None:
         return float(value)
     except ValueError:
         return None
-
-
-def _aware(moment: datetime) -> datetime:
-    """Stored times are UTC; a naive one is read as UTC rather than as local time."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from jobs.documents import now_utc
 from jobs.scrape import MAX_URL_LENGTH, Selectors
+from jobs.values import as_text
 
 SOURCES_KEY = "asyncjobs:sources"
 SOURCE_KEY_PREFIX = "asyncjobs:source:"
@@ -109,7 +110,7 @@ async def get_source(redis: Redis, source_id: str) -> Source | None:
 
 
 async def list_sources(redis: Redis) -> list[Source]:
-    ids = sorted(_text(i) for i in await redis.smembers(SOURCES_KEY))  # type: ignore[misc]
+    ids = sorted(as_text(i) for i in await redis.smembers(SOURCES_KEY))  # type: ignore[misc]
     if not ids:
         return []
     raws = await redis.mget([SOURCE_KEY_PREFIX + i for i in ids])
@@ -136,7 +137,3 @@ async def delete_source(redis: Redis, source_id: str) -> bool:
 
 def source_failures_key(source_id: str) -> str:
     return f"{SOURCE_KEY_PREFIX}{source_id}:failures"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

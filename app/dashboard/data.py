@@ -31,9 +31,9 @@ from jobs.monitor import (
 )
 from jobs.newsletter import batch_progress
 from jobs.sources import Source, list_sources, source_failures_key
+from jobs.values import as_text
 from jobs.worker import cron_jobs
 
-ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
 JOB_STATES = ("queued", "deferred", "in_progress", "complete", "failed", "aborted")
 WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(days=1)}
 # How many ids the jobs list takes from each index: running jobs, queued ones (earliest due
@@ -47,12 +47,8 @@ SECRET_WORDS = ("password", "secret", "token", "key", "authorization")
 REDACTED = "***"
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _texts(fields: Mapping[bytes, bytes]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in fields.items()}
+    return {as_text(k): as_text(v) for k, v in fields.items()}
 
 
 def _seconds(value: str | None) -> datetime | None:
@@ -126,7 +122,7 @@ async def read_overview(redis: ArqRedis, queue_name: str) -> Overview:
         deferred=deferred,
         in_progress=running,
         minutes=counts,
-        workers=await read_workers(redis, sorted(_text(i) for i in worker_ids)),
+        workers=await read_workers(redis, sorted(as_text(i) for i in worker_ids)),
         redis_memory=str(memory.get("used_memory_human", "?")),
     )
 
@@ -195,7 +191,7 @@ async def listed_job_ids(redis: Redis, queue_name: str) -> list[str]:
         pipe.zrange(queue_name, 0, QUEUE_SAMPLE - 1)
         pipe.zrevrange(RECENT_KEY, 0, RECENT_SAMPLE - 1)
         running, queued, recent = await pipe.execute()
-    return list(dict.fromkeys(_text(i) for i in (*running, *queued, *recent)))
+    return list(dict.fromkeys(as_text(i) for i in (*running, *queued, *recent)))
 
 
 async def read_jobs(redis: ArqRedis, queue_name: str, ids: Iterable[str]) -> list[JobView]:

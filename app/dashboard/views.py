@@ -1,4 +1,4 @@
-"""The dashboard's handlers: read with data.py, act with actions.py, render a template."""
+"""The dashboard's handlers: read with data.py, act with app/actions.py, render a template."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from app import mailsink
+from app import actions, mailsink
+from app.actions import ABORTABLE
 from app.appkeys import REDIS, SETTINGS
 from app.auth import KEYRING
-from app.dashboard import actions
 from app.dashboard.data import (
-    ABORTABLE,
     JOB_STATES,
     WINDOWS,
     JobFilter,

@@ -1,5 +1,5 @@
-"""What the dashboard's buttons do: the same Redis operations as the API's abort, dead-letter
-retry and export endpoints (app/routes.py, app/dead_letter_routes.py, app/export_routes.py)."""
+"""Operations on jobs that both the HTTP API and the dashboard's buttons perform: enqueue
+(counted, waking a worker), abort, retry a dead letter, export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
 
-from app.dashboard.data import ABORTABLE
 from app.jobstatus import read_job
 from app.schemas import JobView
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
@@ -19,10 +18,12 @@ from jobs.export import ExportRequest
 from jobs.monitor import count_enqueued
 from jobs.resilience import signal_enqueued
 
+ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
+
 
 async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
-    """Enqueue as the API does (app/httputil.py: counted, and a waiting worker woken up);
-    the new job's id."""
+    """Enqueue an arq job, count it for the metrics and wake a waiting worker; the job's id.
+    arq's `_job_id` etc. pass through (positional-only names leave every keyword to the job)."""
     job = await redis.enqueue_job(function, **kwargs)
     if job is None:
         raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
