@@ -1,0 +1,133 @@
+"""`python -m bench [all|jobs|http] [--quick]`: the same workloads through several engines, side
+by side in one run; prints markdown tables and writes bench/results/latest.json.
+
+It starts everything it needs on loopback (its own redis-server, the HTTP site, the SMTP sink,
+each worker) and stops it all at the end; worker logs are kept in bench/.cache/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.engines import ENGINES, WIDE, CeleryProducer, Services
+from bench.httpbench import HttpResult, run_http
+from bench.report import machine, render, write_json
+from bench.runner import PickupResult, RunResult, run_workload
+from bench.services import CACHE, REPO, BenchError, RedisServer, Sink, Site, celery_python
+from bench.workloads import WORKLOADS, WorkloadName
+
+DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
+HTTP_REQUESTS = {"full": 2000, "quick": 300}
+HTTP_CONCURRENCY = 50
+# The memory probe's pages answer this slowly, so that the worker, which starts a few hundred
+# jobs a second, gets 1,000 of them in flight at once.
+MEMORY_PROBE_PAGE_MS = 5000
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("suite", nargs="?", choices=["all", "jobs", "http"], default="all")
+    parser.add_argument("--quick", action="store_true", help="small workloads (about a minute)")
+    parser.add_argument(
+        "--engines", default=",".join(ENGINES), help="comma-separated (default: all)"
+    )
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)"
+    )
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where results go")
+    args = parser.parse_args(argv)
+    for option, known in (("engines", ENGINES), ("workloads", WORKLOADS)):
+        names = [n for n in getattr(args, option).split(",") if n]
+        unknown = set(names) - set(known)
+        if unknown:
+            parser.error(f"unknown {option}: {', '.join(sorted(unknown))}")
+        setattr(args, option, names)
+    return args
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    mode = "quick" if args.quick else "full"
+    engines = [ENGINES[name] for name in args.engines]
+    workloads: list[WorkloadName] = args.workloads if args.suite != "http" else []
+    logs = CACHE / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    redis, site, sink = RedisServer(logs), Site(logs), Sink(logs)
+    runs: list[RunResult] = []
+    pickups: list[PickupResult] = []
+    http: HttpResult | None = None
+    producer: CeleryProducer | None = None
+    try:
+        venv = None
+        if workloads and any(e.kind == "celery" for e in engines):
+            venv = await asyncio.to_thread(celery_python)
+        await asyncio.gather(redis.started(), site.started(), sink.started())
+        services = Services(redis.url, redis.client, site, sink, logs, venv)
+        if venv is not None:
+            services.celery_producer = producer = CeleryProducer(
+                venv, redis.url, logs / "celery-producer.log"
+            )
+            await producer.start()
+        services.server_pids = {
+            "redis": redis.process.pid,
+            "site": site.process.pid,
+            "sink": sink.process.pid,
+        }
+        for name in workloads:
+            workload = WORKLOADS[name]
+            n = workload.size(args.quick)
+            for engine in engines:
+                say(f"{name} x {engine.name}: {n:,} jobs")
+                began = time.monotonic()
+                result, pickup = await run_workload(engine, workload, n, services, redis)
+                runs.append(result)
+                say(
+                    f"  {result.status}: {result.completed:,}/{n:,} done"
+                    + (f", {result.jobs_per_s:,.0f} jobs/s" if result.jobs_per_s else "")
+                    + (f" ({result.error.splitlines()[0]})" if result.error else "")
+                    + f" [{time.monotonic() - began:.1f} s]"
+                )
+                if pickup is not None:
+                    pickups.append(pickup)
+        if not args.quick and "scrape" in workloads and "asyncjobs" in args.engines:
+            n = WORKLOADS["scrape"].full
+            say(f"memory: scrape x {WIDE.name}: {n:,} jobs")
+            slow = dataclasses.replace(services, page_delay_ms=MEMORY_PROBE_PAGE_MS)
+            wide, _ = await run_workload(WIDE, WORKLOADS["scrape"], n, slow, redis)
+            runs.append(wide)
+        if args.suite in ("all", "http"):
+            requests = HTTP_REQUESTS[mode]
+            say(f"http: {requests:,} x POST /jobs/email, {HTTP_CONCURRENCY} concurrent")
+            http = await run_http(redis, logs / "web.log", requests, HTTP_CONCURRENCY)
+    except BenchError as exc:
+        say(f"error: {exc}")
+        return 2
+    finally:
+        if producer is not None:
+            await producer.stop()
+        await asyncio.gather(
+            redis.stop(), site.process.stop(), sink.process.stop(), return_exceptions=True
+        )
+    info = machine()
+    write_json(args.json, info, mode, runs, pickups, http)
+    print(render(info, mode, runs, pickups, http))
+    say(f"results written to {args.json}; logs in {logs}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Plain arq baselines: the project's job functions and hooks in an otherwise default arq Worker.
+
+No `jobs.resilience.install()` (so arq's own poll loop and in-progress marks), no cron jobs,
+arq's own Redis settings from `REDIS_URL`. Logging is handed to arq's CLI as worker_settings.py
+does, so every arq engine writes the same log lines per job.
+
+- `DefaultSettings`: arq 0.28's defaults (max_jobs=10, poll_delay=0.5).
+- `TunedSettings`: max_jobs=500, poll_delay=0.01, the fair baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import arq.cli
+from arq.connections import RedisSettings
+from arq.typing import WorkerCoroutine
+from arq.worker import func
+
+from app.logs import log_config
+from app.settings import get_settings
+from bench.noop import noop
+from jobs.worker import job_functions, record_job_start, shutdown, startup
+
+arq.cli.default_log_config = log_config  # type: ignore[attr-defined]
+
+_settings = get_settings()
+_base: dict[str, Any] = {
+    "functions": [*job_functions(_settings), func(cast(WorkerCoroutine, noop), name="noop")],
+    "on_startup": startup,
+    "on_shutdown": shutdown,
+    "on_job_start": record_job_start,
+    "redis_settings": RedisSettings.from_dsn(_settings.redis_url),
+}
+DefaultSettings = type("DefaultSettings", (), _base)
+TunedSettings = type("TunedSettings", (), {**_base, "max_jobs": 500, "poll_delay": 0.01})

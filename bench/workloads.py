@@ -1,0 +1,57 @@
+"""The three job workloads: their sizes per mode, deadlines, and the arq jobs they enqueue.
+
+(Celery's equivalent arguments are built in bench/celery_enqueue.py, inside the Celery venv.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, MAIL_FROM, page_url, recipient
+from jobs.email import EmailSpec, new_message_id
+
+WorkloadName = Literal["scrape", "email", "noop"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: WorkloadName
+    title: str
+    full: int
+    quick: int
+    budget_per_job_s: float  # generous: the slowest engine needs well under this
+
+    def size(self, quick: bool) -> int:
+        return self.quick if quick else self.full
+
+    def deadline_s(self, n: int) -> float:
+        """How long an engine may take before it is reported as "timeout"."""
+        return 30.0 + n * self.budget_per_job_s
+
+
+WORKLOADS: dict[WorkloadName, Workload] = {
+    "scrape": Workload(
+        "scrape", "(a) scrape: HTTP GET of a 50 ms, 2 KB page + parse", 2000, 200, 0.05
+    ),
+    "email": Workload("email", "(b) email: one message to the SMTP sink", 5000, 300, 0.02),
+    "noop": Workload("noop", "(c) no-op: jobs that return at once", 10_000, 1000, 0.01),
+}
+
+
+def arq_job(workload: WorkloadName, n: int, site: str) -> tuple[str, dict[str, Any]]:
+    """Function name and keyword arguments of job `n`, exactly as the API would enqueue it."""
+    if workload == "scrape":
+        return "scrape", {"target": {"url": page_url(site, n)}}
+    if workload == "email":
+        spec = EmailSpec.model_validate(
+            {
+                "to": recipient(n),
+                "subject": EMAIL_SUBJECT.format(n=n),
+                "text": EMAIL_TEXT.format(n=n),
+                "html": EMAIL_HTML.format(n=n),
+            }
+        )
+        email = spec.model_dump(mode="json", by_alias=True)
+        return "send_email", {"email": email, "message_id": new_message_id(MAIL_FROM)}
+    return "noop", {}

@@ -1,0 +1,67 @@
+"""`python -m bench --quick` runs end to end and every engine completes every job.
+
+Never asserts a speed (this machine is shared; see README "Benchmarks"): only that the tables are
+printed, that each engine finished all N jobs of each workload without a failure, that the site
+and the sink saw the work, and that the API answered every request with 202. The first run
+creates the bench's Celery venv from PyPI; when that cannot be done the test fails and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.engines import ENGINES
+from bench.runner import PICKUP_JOBS
+from bench.workloads import WORKLOADS
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_TIMEOUT_S = 240
+
+
+@pytest.mark.timeout(BENCH_TIMEOUT_S + 60)
+def test_quick_bench_completes_every_job_of_every_engine(tmp_path: Path) -> None:
+    results = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "bench", "--quick", "--json", str(results)]
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        pytest.fail(f"`python -m bench --quick` ran over {BENCH_TIMEOUT_S} s:\n{stderr[-3000:]}")
+    assert done.returncode == 0, (
+        f"`python -m bench --quick` exited {done.returncode}:\n{done.stderr[-4000:]}"
+    )
+
+    for heading in ("## Benchmark results", "### (a) scrape", "### (b) email", "### (c) no-op",
+                    "### Pickup latency", "### API: `POST /jobs/email`"):  # fmt: skip
+        assert heading in done.stdout, f"no {heading!r} in the output:\n{done.stdout}"
+    assert "| engine | done | jobs/s |" in done.stdout
+
+    data: dict[str, Any] = json.loads(results.read_text())
+    assert data["mode"] == "quick"
+    runs = {(r["engine"], r["workload"]): r for r in data["runs"]}
+    assert set(runs) == {(e, w) for e in ENGINES for w in WORKLOADS}
+    for (engine, workload), run in runs.items():
+        n = WORKLOADS[workload].quick
+        what = f"{engine} x {workload}: {run['status']}, {run['completed']}/{n} done, " + (
+            f"{run['failed']} failed, error: {run['error']}"
+        )
+        assert run["n"] == n, what
+        assert run["status"] == "ok" and run["completed"] == n and run["failed"] == 0, what
+        if workload in ("scrape", "email"):  # the site served each page, the sink got each mail
+            assert run["delivered"] is not None and run["delivered"] >= n, what
+
+    pickups = {p["engine"]: p for p in data["pickup"]}
+    assert set(pickups) == set(ENGINES)
+    for engine, pickup in pickups.items():
+        assert pickup["completed"] == PICKUP_JOBS, f"{engine} pickup: {pickup}"
+
+    http = data["http"]
+    assert http is not None and http["statuses"] == {"202": http["requests"]}, http
