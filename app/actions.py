@@ -15,7 +15,7 @@ from app.jobstatus import read_job
 from app.schemas import JobView
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
 from jobs.export import ExportRequest
-from jobs.monitor import count_enqueued
+from jobs.monitor import COUNTERS_KEY
 from jobs.resilience import signal_enqueued
 
 ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
@@ -27,8 +27,10 @@ async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
     job = await redis.enqueue_job(function, **kwargs)
     if job is None:
         raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
-    await count_enqueued(redis, function)
-    await signal_enqueued(redis, redis.default_queue_name)
+    async with redis.pipeline(transaction=False) as pipe:  # one round trip for both
+        pipe.hincrby(COUNTERS_KEY, f"enqueued|{function}", 1)
+        signal_enqueued(pipe, redis.default_queue_name)
+        await pipe.execute()
     return str(job.job_id)
 
 

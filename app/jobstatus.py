@@ -16,7 +16,7 @@ from arq.jobs import deserialize_job, deserialize_result
 from arq.utils import ms_to_datetime
 
 from app.schemas import JobView
-from jobs.worker import JOB_META_PREFIX
+from jobs.monitor import RUNNING_KEY
 
 
 async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
@@ -25,9 +25,10 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         pipe.exists(in_progress_key_prefix + job_id)
         pipe.zscore(queue_name, job_id)
         pipe.get(job_key_prefix + job_id)
-        pipe.hget(JOB_META_PREFIX + job_id, "started_ms")
+        pipe.zscore(RUNNING_KEY, job_id)  # start ms, written by the worker's monitor
         pipe.get(retry_key_prefix + job_id)
         raw_result, in_progress, score, raw_job, started_ms, tries = await pipe.execute()
+    # (a running job's start time appears within a second: the monitor writes once a second)
 
     if raw_result is not None:
         result = deserialize_result(raw_result)

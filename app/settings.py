@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     scrape_text_max_chars: int = Field(100_000, gt=0, description="text kept per saved document")
     scrape_keep_versions: int = Field(5, ge=1, description="distinct versions kept per URL")
     # Politeness, shared by every worker through Redis.
-    scrape_per_host_concurrency: int = Field(2, ge=1)
+    scrape_per_host_concurrency: int = Field(2, ge=0, description="0: no limit")
     scrape_min_host_delay: float = Field(
         1.0, ge=0, description="seconds between requests to a host"
     )

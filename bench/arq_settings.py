@@ -20,7 +20,7 @@ from arq.worker import func
 from app.logs import log_config
 from app.settings import get_settings
 from bench.noop import noop
-from jobs.worker import job_functions, record_job_start, shutdown, startup
+from jobs.worker import job_functions, shutdown, startup
 
 arq.cli.default_log_config = log_config  # type: ignore[attr-defined]
 
@@ -29,7 +29,6 @@ _base: dict[str, Any] = {
     "functions": [*job_functions(_settings), func(cast(WorkerCoroutine, noop), name="noop")],
     "on_startup": startup,
     "on_shutdown": shutdown,
-    "on_job_start": record_job_start,
     "redis_settings": RedisSettings.from_dsn(_settings.redis_url),
 }
 DefaultSettings = type("DefaultSettings", (), _base)

@@ -181,7 +181,7 @@ def arq_env(services: Services) -> dict[str, Any]:
         "redis_url": services.redis_url,
         "scrape_allowed_cidrs": "127.0.0.0/8",
         "scrape_allowed_ports": "*",
-        "scrape_per_host_concurrency": 100_000,
+        "scrape_per_host_concurrency": 0,  # no limit (0), so no politeness bookkeeping at all
         "scrape_min_host_delay": 0,
         "smtp_host": "127.0.0.1",
         "smtp_port": services.sink.port,

@@ -56,7 +56,8 @@ class Politeness:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.scrape_timeout
         delay_ms = int(s.scrape_min_host_delay * 1000)
-        args: list[str | int] = [token, s.scrape_per_host_concurrency, lease_ms, delay_ms]
+        limit = s.scrape_per_host_concurrency or 1_000_000_000  # 0: no limit, only the delay
+        args: list[str | int] = [token, limit, lease_ms, delay_ms]
         while True:
             wait_ms = int(await self._acquire(keys=[leases, next_at], args=args))
             if wait_ms == 0:

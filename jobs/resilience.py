@@ -32,6 +32,7 @@ import arq.worker
 from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.asyncio import Connection, ConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -158,12 +159,11 @@ class WakeListener:
                 await asyncio.sleep(1)
 
 
-async def signal_enqueued(redis: Redis, queue: str) -> None:
-    """Producer side: wake one blocked worker. The list never holds more than one item."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.lpush(wake_key(queue), 1)
-        pipe.ltrim(wake_key(queue), 0, 0)
-        await pipe.execute()
+def signal_enqueued(pipe: Pipeline, queue: str) -> None:
+    """Producer side, added to the caller's pipeline: wake one blocked worker. The list never
+    holds more than one item."""
+    pipe.lpush(wake_key(queue), 1)
+    pipe.ltrim(wake_key(queue), 0, 0)
 
 
 def install(lease_seconds: float = 15.0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from urllib.robotparser import RobotFileParser
 
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 from yarl import URL
 
 ROBOTS_KEY_PREFIX = "asyncjobs:robots:"
+LOCAL_TTL_S = 60  # a worker re-reads the shared copy in Redis at least this often
 DISALLOW_ALL = "\x00disallow-all"  # cached verdict when robots.txt could not be read (5xx)
 
 # Fetches a URL and returns (status, text); raises JobError subclasses on network failure.
@@ -23,6 +25,7 @@ class RobotsPolicy:
         self._ttl = int(ttl)
         self._fetch_text = fetch_text
         self._inflight: dict[str, asyncio.Future[str]] = {}
+        self._local: dict[str, tuple[float, str]] = {}  # key -> (expires, rules)
 
     async def allowed(self, url: URL) -> bool:
         rules = await self._rules_for(url.origin())
@@ -34,9 +37,14 @@ class RobotsPolicy:
 
     async def _rules_for(self, origin: URL) -> str:
         key = ROBOTS_KEY_PREFIX + str(origin)
+        local = self._local.get(key)
+        if local is not None and local[0] > time.monotonic():  # no Redis trip per page
+            return local[1]
         cached = await self._redis.get(key)
         if cached is not None:
-            return cached.decode() if isinstance(cached, bytes) else str(cached)
+            rules = cached.decode() if isinstance(cached, bytes) else str(cached)
+            self._local[key] = (time.monotonic() + min(LOCAL_TTL_S, self._ttl), rules)
+            return rules
         # Many jobs of one worker hitting a new host at once fetch its robots.txt once.
         if key not in self._inflight:
             self._inflight[key] = asyncio.ensure_future(self._fetch_rules(key, origin))

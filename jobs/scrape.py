@@ -117,7 +117,9 @@ class Fetcher:
     ) -> None:
         self.session = session
         self.settings = settings
-        self.politeness = Politeness(redis, settings) if redis is not None else None
+        polite = settings.scrape_per_host_concurrency > 0 or settings.scrape_min_host_delay > 0
+        # With both limits off there is nothing to keep track of: no Redis round trip per request.
+        self.politeness = Politeness(redis, settings) if redis is not None and polite else None
         self.robots = (
             RobotsPolicy(redis, settings.scrape_user_agent, settings.robots_ttl, self.fetch_text)
             if redis is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC
 from typing import Any, cast
 
@@ -26,8 +25,6 @@ from jobs.scrape import Fetcher, make_http_session, scrape
 from jobs.smtp import SmtpPool
 
 log = logging.getLogger(__name__)
-
-JOB_META_PREFIX = "asyncjobs:job:"  # hash per job: facts arq does not keep (start time)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -57,16 +54,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["http"].close()
     if ctx.get("smtp"):
         await ctx["smtp"].close()
-
-
-async def record_job_start(ctx: dict[str, Any]) -> None:
-    """arq keeps no start time until a job ends; keep one so status can show it while running."""
-    settings: Settings = ctx["settings"]
-    key = JOB_META_PREFIX + ctx["job_id"]
-    async with ctx["redis"].pipeline(transaction=False) as pipe:
-        pipe.hset(key, mapping={"started_ms": int(time.time() * 1000), "try": ctx["job_try"]})
-        pipe.expire(key, int(settings.job_timeout + settings.keep_result))
-        await pipe.execute()
 
 
 def job_functions(settings: Settings) -> list[Function]:
@@ -122,7 +109,6 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "timezone": UTC,  # cron hours in settings are UTC
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "on_job_start": record_job_start,
         "redis_settings": redis_settings(settings),  # read by `arq --check`
         "redis_pool": worker_redis(settings),
         "queue_name": settings.queue_name,
