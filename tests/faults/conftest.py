@@ -10,6 +10,7 @@ from arq.connections import ArqRedis
 
 from app.jobstatus import read_job
 from app.schemas import JobView
+from tests.conftest import TEST_REDIS_URL
 from tests.helpers import ApiClient, wait_for
 from tests.servers import RecordingSmtpHandler
 
@@ -55,3 +56,17 @@ def delivery_counts(
     delivered = len(expected & set(seen))
     duplicates = sum(n - 1 for n in seen.values() if n > 1)
     return delivered, len(expected) - delivered, duplicates
+
+
+def sink_worker_env(smtp_port: int, **extra: object) -> dict[str, object]:
+    """Settings for a worker process that uses the test Redis and the loopback SMTP sink."""
+    return {"redis_url": TEST_REDIS_URL, "smtp_host": "127.0.0.1", "smtp_port": smtp_port} | extra
+
+
+async def wait_in_data(handler: RecordingSmtpHandler, count: int, timeout: float = 30) -> None:
+    """Until `count` messages sit inside the sink's (delayed) DATA phase."""
+
+    async def reached() -> bool:
+        return handler.in_data >= count
+
+    await wait_for(reached, timeout=timeout, what=f"{count} messages inside SMTP DATA")

@@ -13,8 +13,13 @@ from pathlib import Path
 from arq.connections import ArqRedis
 
 from app.jobstatus import read_job
-from tests.conftest import TEST_REDIS_URL
-from tests.faults.conftest import delivery_counts, post_emails, wait_all_finished
+from tests.faults.conftest import (
+    delivery_counts,
+    post_emails,
+    sink_worker_env,
+    wait_all_finished,
+    wait_in_data,
+)
 from tests.faults.procs import start_worker_process, stop_process
 from tests.helpers import ApiClient, wait_for
 from tests.servers import RecordingSmtpHandler
@@ -29,17 +34,14 @@ async def test_killed_workers_job_runs_again_within_the_lease(
 ) -> None:
     handler, port = smtp
     handler.data_delay = 60  # the job is still sending when its worker dies
-    env = {"redis_url": TEST_REDIS_URL, "smtp_host": "127.0.0.1", "smtp_port": port}
+    env = sink_worker_env(port)
     log = tmp_path / "workers.log"
     first = await start_worker_process(log, **env)  # default job_timeout (300 s) and lease
     second = None
     try:
         [accepted] = await post_emails(api, 1, "lease")
 
-        async def sending() -> bool:
-            return handler.in_data == 1
-
-        await wait_for(sending, timeout=30, what="the first try to reach SMTP DATA")
+        await wait_in_data(handler, 1)  # the first try is sending
         os.kill(first.pid, signal.SIGKILL)
         await first.wait()
         killed_at = time.monotonic()
@@ -76,8 +78,7 @@ async def test_idle_worker_picks_up_within_milliseconds(
 ) -> None:
     """Measured, not asserted against a tight bound: the machine is shared. The bound here only
     catches a return to polling (arq's default would be ~250 ms on average)."""
-    env = {"redis_url": TEST_REDIS_URL, "smtp_host": "127.0.0.1", "smtp_port": smtp[1]}
-    worker = await start_worker_process(tmp_path / "worker.log", **env)
+    worker = await start_worker_process(tmp_path / "worker.log", **sink_worker_env(smtp[1]))
     latencies = []
     try:
         await wait_all_finished(redis, [(await post_emails(api, 1, "warm"))[0]["job_id"]])

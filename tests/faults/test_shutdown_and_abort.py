@@ -12,30 +12,19 @@ from pathlib import Path
 from arq.connections import ArqRedis
 
 from app.settings import Settings
-from tests.conftest import TEST_REDIS_URL, start_worker, stop_worker
-from tests.faults.conftest import delivery_counts, job_views, post_emails, wait_all_finished
+from tests.conftest import start_worker, stop_worker
+from tests.faults.conftest import (
+    delivery_counts,
+    job_views,
+    post_emails,
+    sink_worker_env,
+    wait_all_finished,
+    wait_in_data,
+)
 from tests.faults.procs import start_worker_process, stop_process
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
-
-
-def worker_env(smtp_port: int, **extra: object) -> dict[str, object]:
-    base = {
-        "redis_url": TEST_REDIS_URL,
-        "smtp_host": "127.0.0.1",
-        "smtp_port": smtp_port,
-        "smtp_max_connections": 20,
-        "worker_max_jobs": 50,
-    }
-    return base | extra
-
-
-async def in_data(handler: RecordingSmtpHandler, count: int) -> None:
-    async def reached() -> bool:
-        return handler.in_data >= count
-
-    await wait_for(reached, timeout=30, what=f"{count} messages inside SMTP DATA")
 
 
 async def test_sigterm_lets_running_jobs_finish(
@@ -49,10 +38,10 @@ async def test_sigterm_lets_running_jobs_finish(
     handler.data_delay = 1.0  # each job takes a second
     accepted = await post_emails(api, 20, "grace")
     worker = await start_worker_process(
-        tmp_path / "worker.log", **worker_env(port, shutdown_grace=10)
+        tmp_path / "worker.log", **sink_worker_env(port, shutdown_grace=10, smtp_max_connections=20)
     )
     try:
-        await in_data(handler, 20)
+        await wait_in_data(handler, 20)
         worker.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         late = await post_emails(api, 3, "late")  # must not be taken after SIGTERM
@@ -86,9 +75,11 @@ async def test_jobs_still_running_after_grace_are_rerun_not_lost(
     handler.data_delay = 30.0  # far longer than the grace period
     accepted = await post_emails(api, 5, "slow")
     log = tmp_path / "worker.log"
-    first = await start_worker_process(log, **worker_env(port, shutdown_grace=1))
+    first = await start_worker_process(
+        log, **sink_worker_env(port, shutdown_grace=1, smtp_max_connections=20)
+    )
     try:
-        await in_data(handler, 5)
+        await wait_in_data(handler, 5)
         first.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(first.wait(), timeout=15) == 0
     finally:
@@ -97,7 +88,7 @@ async def test_jobs_still_running_after_grace_are_rerun_not_lost(
     assert [v.status for v in views] == ["queued"] * 5  # back in the queue, not lost
 
     handler.data_delay = 0.0
-    second = await start_worker_process(log, **worker_env(port))
+    second = await start_worker_process(log, **sink_worker_env(port))
     try:
         views = await wait_all_finished(redis, [a["job_id"] for a in accepted], timeout=30)
     finally:
@@ -129,7 +120,7 @@ async def test_abort_running_and_queued_jobs(
     try:
         assert (await wait_job(api, queued["job_id"]))["status"] == "aborted"
         [running] = await post_emails(api, 1, "running")
-        await in_data(handler, 1)
+        await wait_in_data(handler, 1)
         response = await api.delete(f"/jobs/{running['job_id']}")
         assert response.status == 202
         assert (await response.json())["status_before"] == "in_progress"

@@ -10,8 +10,12 @@ from pathlib import Path
 from arq.connections import ArqRedis
 
 from jobs.email import SENT_KEY_PREFIX
-from tests.conftest import TEST_REDIS_URL
-from tests.faults.conftest import delivery_counts, post_emails, wait_all_finished
+from tests.faults.conftest import (
+    delivery_counts,
+    post_emails,
+    sink_worker_env,
+    wait_all_finished,
+)
 from tests.faults.procs import start_worker_process, stop_process
 from tests.helpers import ApiClient, wait_for
 from tests.servers import RecordingSmtpHandler
@@ -28,14 +32,12 @@ async def test_kill_9_mid_batch_loses_nothing_and_sends_nothing_twice(
 ) -> None:
     handler, smtp_port = smtp
     handler.data_delay = 0.05
-    worker_settings = {
-        "redis_url": TEST_REDIS_URL,
-        "smtp_host": "127.0.0.1",
-        "smtp_port": smtp_port,
-        "job_timeout": 2,  # the killed worker's jobs run again when their claim lapses (12 s)
-        "worker_max_jobs": 20,
-        "smtp_max_connections": 10,
-    }
+    worker_settings = sink_worker_env(
+        smtp_port,
+        job_timeout=2,  # the killed worker's jobs run again when their claim lapses (12 s)
+        worker_max_jobs=20,
+        smtp_max_connections=10,
+    )
     accepted = await post_emails(api, TOTAL, "kill")
     log = tmp_path / "workers.log"
     first = await start_worker_process(log, **worker_settings)
