@@ -42,6 +42,7 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 HANDSHAKE_ATTEMPTS = 3
+MIN_POLL_GAP_S = 0.01
 POLL_ERROR_PAUSE_S = 0.5
 
 
@@ -108,7 +109,9 @@ def _init_with_lease(self: Worker, *args: Any, **kwargs: Any) -> None:
 
 
 async def _poll_or_wake(step: float) -> AsyncIterator[float]:
-    """arq's `poll`, except that a wake-up cuts the wait short."""
+    """arq's `poll`, except that a wake-up cuts the wait short. Wake-ups closer together than
+    MIN_POLL_GAP_S are merged: a busy worker frees a slot every few hundred microseconds, and
+    polling for each would cost more Redis work than it saves; an idle one wakes at once."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     while True:
@@ -119,6 +122,9 @@ async def _poll_or_wake(step: float) -> AsyncIterator[float]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), wait)
         event.clear()
+        gap = loop.time() - before
+        if gap < MIN_POLL_GAP_S:
+            await asyncio.sleep(MIN_POLL_GAP_S - gap)
 
 
 def wake_up() -> None:
