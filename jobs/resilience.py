@@ -119,8 +119,11 @@ async def _poll_or_wake(step: float) -> AsyncIterator[float]:
         yield before - start
         wait = max(0.0, step - (loop.time() - before))
         event = _wake_event()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as its timeout fires, and the worker would never stop (seen in tests).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), wait)
+            async with asyncio.timeout(wait):
+                await event.wait()
         event.clear()
         gap = loop.time() - before
         if gap < MIN_POLL_GAP_S:
