@@ -46,6 +46,7 @@ from app.source_routes import add_source_routes
 from jobs.email import new_message_id
 from jobs.monitor import read_progress
 from jobs.newsletter import NewsletterSpec, batch_progress
+from jobs.values import as_text
 
 
 def sender_context(settings: Settings, max_recipients: int) -> dict[str, object]:
@@ -152,7 +153,8 @@ async def health(request: web.Request) -> web.Response:
             version=settings.version,
         )
         return json_model(body, status=503)
-    worker = WorkerHealth(alive=heartbeat is not None, heartbeat=_text(heartbeat))
+    beat = as_text(heartbeat) if heartbeat is not None else None
+    worker = WorkerHealth(alive=beat is not None, heartbeat=beat)
     body = Health(
         status="ok" if worker.alive else "degraded",
         redis="ok",
@@ -177,10 +179,6 @@ async def show_mail(request: web.Request) -> web.Response:
     if raw is None:
         raise web.HTTPNotFound(text="no such message")
     return web.Response(body=raw, content_type="message/rfc822")
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
+from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 from arq.worker import Worker
@@ -20,6 +21,7 @@ from app.mailsink import server_port, start_smtp_server
 from app.settings import Settings
 from app.web import create_app
 from jobs.resilience import install
+from jobs.scrape import Fetcher, make_http_session
 from jobs.worker import worker_options
 from tests.helpers import ApiClient, api_client
 from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
@@ -114,6 +116,28 @@ def make_settings(smtp: tuple[RecordingSmtpHandler, int]) -> Callable[..., Setti
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
+
+
+Ctx = dict[str, Any]  # a job's context, as the worker's startup builds it
+
+
+@pytest.fixture
+async def make_ctx(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> AsyncIterator[Callable[..., Ctx]]:
+    """Build job contexts with settings overrides (and optionally a test DNS resolver), each
+    with a real HTTP session, closed at the end of the test."""
+    sessions = []
+
+    def build(dns: AbstractResolver | None = None, **overrides: Any) -> Ctx:
+        settings = make_settings(**overrides)
+        session = make_http_session(settings, dns=dns)
+        sessions.append(session)
+        return {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
+
+    yield build
+    for session in sessions:
+        await session.close()
 
 
 @pytest.fixture

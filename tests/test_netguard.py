@@ -5,17 +5,22 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from ipaddress import ip_address
-from typing import Any
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
-from arq.connections import ArqRedis
 
-from app.settings import Settings
 from jobs.errors import PermanentJobError
 from jobs.netguard import is_forbidden
-from jobs.scrape import Fetcher, make_http_session, scrape_page
+from jobs.scrape import scrape_page
+from tests.conftest import Ctx
 from tests.servers import SiteStats
+
+
+async def fetch_refused(ctx: Ctx, url: str) -> str:
+    """Scrape `url`, which must fail permanently; the error message."""
+    with pytest.raises(PermanentJobError) as refused:
+        await scrape_page(ctx, {"url": url})
+    return str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -43,25 +48,25 @@ def test_allowlist_opens_only_its_networks() -> None:
     assert is_forbidden(ip_address("10.0.0.1"), allowed)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "[::ffff:127.0.0.1]"])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1", "localhost", "2130706433", "[::ffff:127.0.0.1]",  # and other spellings:
+        "0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "[::ffff:7f00:1]", "[::1]",
+    ],
+)  # fmt: skip
 async def test_loopback_refused_without_allowlist(
-    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats], host: str
+    make_ctx: Callable[..., Ctx], site: tuple[str, SiteStats], host: str
 ) -> None:
     base, stats = site
     port = base.rsplit(":", 1)[1]
-    settings = make_settings(scrape_allowed_cidrs=[])
-    session = make_http_session(settings)
-    try:
-        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
-        with pytest.raises(PermanentJobError, match="refused to fetch"):
-            await scrape_page(ctx, {"url": f"http://{host}:{port}/page/1"})
-    finally:
-        await session.close()
+    message = await fetch_refused(make_ctx(scrape_allowed_cidrs=[]), f"http://{host}:{port}/page/1")
+    assert "refused to fetch" in message
     assert stats.hits == {}  # the server never saw a request
 
 
 async def test_redirect_to_forbidden_address_is_refused(
-    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+    make_ctx: Callable[..., Ctx], site: tuple[str, SiteStats]
 ) -> None:
     """An allowed server may not bounce the scraper to a forbidden one (here: 127.0.0.2)."""
     from aiohttp import web
@@ -76,15 +81,12 @@ async def test_redirect_to_forbidden_address_is_refused(
     app.router.add_get("/", bounce)
     bouncer = TestServer(app, host="127.0.0.1")
     await bouncer.start_server()
-    settings = make_settings(scrape_allowed_cidrs=["127.0.0.1/32"])
-    session = make_http_session(settings)
+    ctx = make_ctx(scrape_allowed_cidrs=["127.0.0.1/32"])
     try:
-        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
-        with pytest.raises(PermanentJobError, match=r"127\.0\.0\.2 is not a public address"):
-            await scrape_page(ctx, {"url": f"http://127.0.0.1:{bouncer.port}/"})
+        message = await fetch_refused(ctx, f"http://127.0.0.1:{bouncer.port}/")
     finally:
-        await session.close()
         await bouncer.close()
+    assert "127.0.0.2 is not a public address" in message
     assert stats.hits == {}
 
 
@@ -105,57 +107,32 @@ class NamesResolver(AbstractResolver):
         pass
 
 
-async def fetch_refused(settings: Settings, redis: ArqRedis, url: str, dns: Any = None) -> str:
-    session = make_http_session(settings, dns=dns)
-    try:
-        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
-        with pytest.raises(PermanentJobError) as refused:
-            await scrape_page(ctx, {"url": url})
-    finally:
-        await session.close()
-    return str(refused.value)
-
-
 async def test_hostname_resolving_to_loopback_is_refused(
-    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+    make_ctx: Callable[..., Ctx], site: tuple[str, SiteStats]
 ) -> None:
     """DNS says a harmless-looking name is 127.0.0.1: the connector's guard refuses it."""
     base, stats = site
     port = base.rsplit(":", 1)[1]
     dns = NamesResolver({"intranet.example": "127.0.0.1"})
-    settings = make_settings(scrape_allowed_cidrs=[])
-    message = await fetch_refused(settings, redis, f"http://intranet.example:{port}/page/1", dns)
+    ctx = make_ctx(dns=dns, scrape_allowed_cidrs=[])
+    message = await fetch_refused(ctx, f"http://intranet.example:{port}/page/1")
     assert "non-public address(es): 127.0.0.1" in message
     assert stats.hits == {}
 
 
-@pytest.mark.parametrize(
-    "host", ["0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "[::ffff:7f00:1]", "[::1]"]
-)
-async def test_other_spellings_of_loopback_are_refused(
-    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats], host: str
-) -> None:
-    base, stats = site
-    port = base.rsplit(":", 1)[1]
-    settings = make_settings(scrape_allowed_cidrs=[])
-    message = await fetch_refused(settings, redis, f"http://{host}:{port}/page/1")
-    assert "refused to fetch" in message
-    assert stats.hits == {}
-
-
 async def test_cloud_metadata_address_is_refused_before_connecting(
-    make_settings: Callable[..., Settings], redis: ArqRedis
+    make_ctx: Callable[..., Ctx],
 ) -> None:
-    settings = make_settings(scrape_allowed_cidrs=[], scrape_allowed_ports=[80, 443])
-    message = await fetch_refused(settings, redis, "http://169.254.169.254/latest/meta-data/")
+    ctx = make_ctx(scrape_allowed_cidrs=[], scrape_allowed_ports=[80, 443])
+    message = await fetch_refused(ctx, "http://169.254.169.254/latest/meta-data/")
     assert "169.254.169.254 is not a public address" in message
 
 
 async def test_ports_outside_the_allowlist_are_refused(
-    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+    make_ctx: Callable[..., Ctx], site: tuple[str, SiteStats]
 ) -> None:
     base, stats = site
-    settings = make_settings(scrape_allowed_ports=[80, 443])  # loopback allowed, port not
-    message = await fetch_refused(settings, redis, f"{base}/page/1")
+    ctx = make_ctx(scrape_allowed_ports=[80, 443])  # loopback allowed, port not
+    message = await fetch_refused(ctx, f"{base}/page/1")
     assert "is not allowed (allowed: 80, 443)" in message
     assert stats.hits == {}

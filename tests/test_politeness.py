@@ -5,36 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from arq.connections import ArqRedis
 
-from app.settings import Settings
 from jobs.documents import document_id, load_document, load_versions
 from jobs.errors import PermanentJobError
-from jobs.scrape import Fetcher, make_http_session, scrape_page
+from jobs.scrape import scrape_page
+from tests.conftest import Ctx
 from tests.servers import CrawlStats
-
-Ctx = dict[str, Any]
-
-
-@pytest.fixture
-async def make_ctx(
-    make_settings: Callable[..., Settings], redis: ArqRedis
-) -> AsyncIterator[Callable[..., Ctx]]:
-    sessions = []
-
-    def build(**overrides: Any) -> Ctx:
-        settings = make_settings(**overrides)
-        session = make_http_session(settings)
-        sessions.append(session)
-        return {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
-
-    yield build
-    for session in sessions:
-        await session.close()
 
 
 async def test_robots_txt_is_obeyed_and_cached(

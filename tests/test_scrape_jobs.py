@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
 
-from app.settings import Settings
 from jobs.documents import document_id, load_document
 from jobs.errors import PermanentJobError, TransientJobError
-from jobs.scrape import Fetcher, make_http_session, scrape_page
+from jobs.scrape import scrape_page
+from tests.conftest import Ctx
 from tests.servers import SiteStats
 
 
 @pytest.fixture
-async def ctx(settings: Settings, redis: ArqRedis) -> AsyncIterator[dict[str, Any]]:
+async def ctx(make_ctx: Callable[..., Ctx]) -> Ctx:
     """The same context the worker's startup builds, so the job function runs for real."""
-    session = make_http_session(settings)
-    yield {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
-    await session.close()
+    return make_ctx()
 
 
 async def test_scrape_returns_summary_and_saves_document(
@@ -57,29 +55,19 @@ async def test_redirect_is_followed_and_final_url_reported(
 
 
 async def test_slow_page_times_out(
-    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+    make_ctx: Callable[..., Ctx], site: tuple[str, SiteStats]
 ) -> None:
-    settings = make_settings(scrape_timeout=0.3)
-    session = make_http_session(settings)
-    try:
-        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
-        with pytest.raises(TransientJobError, match=r"timed out after 0.3s"):
-            await scrape_page(ctx, {"url": f"{site[0]}/slow?ms=3000"})
-    finally:
-        await session.close()
+    ctx = make_ctx(scrape_timeout=0.3)
+    with pytest.raises(TransientJobError, match=r"timed out after 0.3s"):
+        await scrape_page(ctx, {"url": f"{site[0]}/slow?ms=3000"})
 
 
 async def test_huge_page_is_cut_off_at_the_size_cap(
-    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+    make_ctx: Callable[..., Ctx], redis: ArqRedis, site: tuple[str, SiteStats]
 ) -> None:
-    settings = make_settings(scrape_max_bytes=100_000)
-    session = make_http_session(settings)
-    try:
-        ctx = {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
-        with pytest.raises(PermanentJobError, match="larger than the 100000 byte limit"):
-            await scrape_page(ctx, {"url": f"{site[0]}/huge"})
-    finally:
-        await session.close()
+    ctx = make_ctx(scrape_max_bytes=100_000)
+    with pytest.raises(PermanentJobError, match="larger than the 100000 byte limit"):
+        await scrape_page(ctx, {"url": f"{site[0]}/huge"})
     assert await redis.zcard("asyncjobs:docs") == 0
 
 
