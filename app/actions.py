@@ -15,23 +15,19 @@ from app.jobstatus import read_job
 from app.schemas import JobView
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
 from jobs.export import ExportRequest
-from jobs.monitor import COUNTERS_KEY
-from jobs.resilience import signal_enqueued
+from jobs.queue import enqueue_job
 
 ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
 
 
 async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
-    """Enqueue an arq job, count it for the metrics and wake a waiting worker; the job's id.
-    arq's `_job_id` etc. pass through (positional-only names leave every keyword to the job)."""
-    job = await redis.enqueue_job(function, **kwargs)
-    if job is None:
+    """Enqueue an arq job, count it for the metrics and wake a waiting worker, in one round
+    trip (jobs.queue.enqueue_job); the job's id. arq's `_job_id` etc. pass through
+    (positional-only names leave every keyword to the job)."""
+    job_id = await enqueue_job(redis, function, **kwargs)
+    if job_id is None:
         raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
-    async with redis.pipeline(transaction=False) as pipe:  # one round trip for both
-        pipe.hincrby(COUNTERS_KEY, f"enqueued|{function}", 1)
-        signal_enqueued(pipe, redis.default_queue_name)
-        await pipe.execute()
-    return str(job.job_id)
+    return job_id
 
 
 async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:

@@ -35,6 +35,7 @@ from jobs.monitor import (
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
 )
+from jobs.queue import waiting_counts
 from jobs.values import as_text
 
 JOB_COUNTERS = {
@@ -137,6 +138,7 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
     metrics.append(_histogram(
         "asyncjobs_job_pickup_latency_seconds", "Enqueue to start of a try", latencies
     ))  # fmt: skip
+    queued, deferred = waiting_counts(queued, deferred, running)
     depth = GaugeMetricFamily("asyncjobs_queue_depth", "Jobs waiting", labels=["state"])
     depth.add_metric(["queued"], queued)
     depth.add_metric(["deferred"], deferred)

@@ -20,7 +20,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from arq.constants import in_progress_key_prefix
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
@@ -72,9 +71,8 @@ class _Pending:
 class JobMonitor:
     """Buffers one worker's job events and flushes them to Redis every second."""
 
-    def __init__(self, redis: Redis, lease_seconds: float = 15.0) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.lease_ms = int(lease_seconds * 1000)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_at = time.time()
         self.completed = 0
@@ -164,8 +162,6 @@ class JobMonitor:
                 pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_KEEP - 1)
             if self._running:
                 pipe.zadd(RUNNING_KEY, {j: at * 1000 for j, at in self._running.items()})
-            for job_id in self._running:  # renew the lease on every job still running here
-                pipe.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
             for name, fields in pending.cron.items():
                 pipe.hset(CRON_KEY_PREFIX + name, mapping=fields)
             worker_key = WORKER_KEY_PREFIX + self.worker_id

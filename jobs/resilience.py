@@ -1,15 +1,17 @@
 """Changes to arq's worker engine, installed by `install()` in each worker process.
 
-1. Leases: arq marks a running job "in progress" for job_timeout + 10 s (310 s by default), so
-   the job of a SIGKILLed worker waits that long to run again. Here the mark lasts
-   `lease_seconds` (15 s) and the worker renews it every second for the jobs it is running
-   (jobs/monitor.py), so a dead worker's jobs run again within the lease, while a long, healthy
-   job is never taken from its worker.
-2. Wake-ups: instead of sleeping `poll_delay` between polls, the poll loop waits on an event that
+1. Claims, runs and finishes go through jobs/engine.py (a few Lua scripts per poll instead of
+   about ten round trips per job).
+2. Leases: arq marks a running job "in progress" for job_timeout + 10 s (310 s by default), so
+   the job of a SIGKILLed worker waits that long to run again. Here the mark (and the job's
+   hidden score in the queue) lasts `lease_seconds` (15 s) and the engine renews it every second
+   for the jobs it runs, so a dead worker's jobs run again within the lease, while a long,
+   healthy job is never taken from its worker.
+3. Wake-ups: instead of sleeping `poll_delay` between polls, the poll loop waits on an event that
    is set when a producer signals an enqueue (a blocking BLPOP on `<queue>:wake`) or a job of
    this worker ends (a slot is free). Producers that use plain arq still get picked up within
    `poll_delay`.
-3. Surviving a Redis restart instead of crashing. arq 0.28 and redis-py 5 leave two gaps, both
+4. Surviving a Redis restart instead of crashing. arq 0.28 and redis-py 5 leave two gaps, both
    seen in tests/faults/test_redis_restart.py:
 - redis-py retries the socket connect but not the handshake after it, so a connection reset by a
   Redis that is shutting down or starting fails the command at once: `HandshakeRetryingConnection`.
@@ -23,8 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,12 +33,13 @@ import arq.worker
 from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.asyncio import Connection, ConnectionPool, Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from app.broker import redis_settings
 from app.settings import Settings
+from jobs.engine import engine_of, wake_event, wake_up
+from jobs.queue import wake_key
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +76,10 @@ def worker_redis(settings: Settings) -> ArqRedis:
     return ArqRedis(pool, default_queue_name=settings.queue_name)
 
 
-_arq_poll_iteration: Callable[[Worker], Awaitable[None]] = Worker._poll_iteration
-
-
-async def _poll_iteration_surviving_redis_errors(self: Worker) -> None:
+async def _poll_iteration(self: Worker) -> None:
+    """One poll by jobs/engine.py; a Redis error is logged and the loop polls again."""
     try:
-        await _arq_poll_iteration(self)
+        await engine_of(self).poll()
     except (RedisError, OSError) as exc:
         log.warning(
             "Redis unavailable while polling (%s: %s); trying again", type(exc).__name__, exc
@@ -89,17 +89,6 @@ async def _poll_iteration_surviving_redis_errors(self: Worker) -> None:
 
 _arq_init = Worker.__init__
 _lease = {"seconds": 15.0}
-# One wake-up event per event loop (tests run many loops in one process).
-_wake_events: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _wake_event() -> asyncio.Event:
-    loop = asyncio.get_running_loop()
-    if loop not in _wake_events:
-        _wake_events[loop] = asyncio.Event()
-    return _wake_events[loop]
 
 
 @functools.wraps(_arq_init)  # arq's CLI reads the parameters from the signature
@@ -118,7 +107,7 @@ async def _poll_or_wake(step: float) -> AsyncIterator[float]:
         before = loop.time()
         yield before - start
         wait = max(0.0, step - (loop.time() - before))
-        event = _wake_event()
+        event = wake_event()
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as its timeout fires, and the worker would never stop (seen in tests).
         with contextlib.suppress(TimeoutError):
@@ -128,15 +117,6 @@ async def _poll_or_wake(step: float) -> AsyncIterator[float]:
         gap = loop.time() - before
         if gap < MIN_POLL_GAP_S:
             await asyncio.sleep(MIN_POLL_GAP_S - gap)
-
-
-def wake_up() -> None:
-    """Poll now: a job was enqueued, or a slot of this worker became free."""
-    _wake_event().set()
-
-
-def wake_key(queue: str) -> str:
-    return f"{queue}:wake"
 
 
 class WakeListener:
@@ -168,16 +148,9 @@ class WakeListener:
                 await asyncio.sleep(1)
 
 
-def signal_enqueued(pipe: Pipeline, queue: str) -> None:
-    """Producer side, added to the caller's pipeline: wake one blocked worker. The list never
-    holds more than one item."""
-    pipe.lpush(wake_key(queue), 1)
-    pipe.ltrim(wake_key(queue), 0, 0)
-
-
 def install(lease_seconds: float = 15.0) -> None:
     """Patch arq's Worker in this process (arq is pinned to 0.28.x, where this was checked)."""
     _lease["seconds"] = lease_seconds
     Worker.__init__ = _init_with_lease  # type: ignore[method-assign]
-    Worker._poll_iteration = _poll_iteration_surviving_redis_errors  # type: ignore[method-assign]
+    Worker._poll_iteration = _poll_iteration  # type: ignore[method-assign]
     arq.worker.poll = _poll_or_wake  # type: ignore[attr-defined,assignment]

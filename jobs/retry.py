@@ -24,7 +24,6 @@ from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.documents import now_utc
 from jobs.errors import PermanentJobError, TransientJobError
 from jobs.monitor import monitor_of
-from jobs.resilience import wake_up
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,6 @@ def classified(
                 raise
             finally:
                 seconds = time.perf_counter() - started
-                wake_up()  # a slot is free: look for the next job now, not at the next poll
                 if monitor:
                     monitor.finished(job_id, name, outcome, seconds)
                 log.info(

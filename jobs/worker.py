@@ -33,7 +33,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["http"] = make_http_session(settings)
     ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
     ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
-    ctx["monitor"] = JobMonitor(ctx["redis"], settings.job_lease_seconds)
+    ctx["monitor"] = JobMonitor(ctx["redis"])
     ctx["monitor"].start()
     ctx["wake_listener"] = WakeListener(settings)
     ctx["wake_listener"].start()

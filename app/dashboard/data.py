@@ -30,6 +30,7 @@ from jobs.monitor import (
     read_progress,
 )
 from jobs.newsletter import batch_progress
+from jobs.queue import waiting_counts
 from jobs.sources import Source, list_sources, source_failures_key
 from jobs.values import as_text
 from jobs.worker import cron_jobs
@@ -116,9 +117,9 @@ async def read_overview(redis: ArqRedis, queue_name: str) -> Overview:
         for minute, fields in zip(minutes, per_minute, strict=True)
     ]
     memory = await redis.info("memory")
+    queued, deferred = waiting_counts(due, deferred, running)
     return Overview(
-        # arq leaves a running job in its queue until it finishes: those are not waiting.
-        queued=max(0, due - running),
+        queued=queued,
         deferred=deferred,
         in_progress=running,
         minutes=counts,

@@ -1,0 +1,351 @@
+"""How this project's arq Worker takes, runs and finishes jobs (installed by jobs.resilience).
+
+arq 0.28's worker claims each job with two transactions and finishes it with a third, about ten
+round trips to Redis per job, and logs two lines per job; at a few hundred jobs per second that
+Redis client work is most of the worker's CPU. Here, per poll: one script claims every job there
+is a free slot for (jobs/queue.py), jobs that end while a finish is being written are written
+together by the next one, and the leases of all running jobs are renewed once a second. The
+job's life is arq's: the same context, timeouts, `Retry`, aborts, results, tries and hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from arq.constants import keep_cronjob_progress, retry_key_prefix
+from arq.cron import CronJob
+from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
+from arq.utils import ms_to_datetime, timestamp_ms, to_ms
+from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
+
+from jobs.queue import Claimed, Finish, claim, finish, renew_leases
+
+log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
+
+RENEW_EVERY_S = 1.0
+# One wake-up event per event loop (tests run many loops in one process).
+_wake_events: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def wake_event() -> asyncio.Event:
+    """Set when the poll loop should poll now instead of after its delay."""
+    loop = asyncio.get_running_loop()
+    if loop not in _wake_events:
+        _wake_events[loop] = asyncio.Event()
+    return _wake_events[loop]
+
+
+def wake_up() -> None:
+    """Poll now: a job was enqueued, or a slot of this worker became free."""
+    wake_event().set()
+
+
+@dataclass
+class _Job:
+    """What run_claimed knows about the job it runs."""
+
+    claimed: Claimed
+    function_name: str = "<unknown>"
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+    enqueue_time_ms: int = 0
+    job_try: int = 0
+
+
+class Engine:
+    """One worker's claims, batched finishes and lease renewals."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.lease_ms = int(worker.in_progress_timeout_s * 1000)
+        self._finishing: list[tuple[Finish, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._renewed_at = time.monotonic()
+
+    # -- one poll --
+    async def poll(self) -> None:
+        w = self.worker
+        aborts, claimed = await self._claim(self._free_slots())
+        for job in claimed:
+            self._start(job)
+        if w.allow_abort_jobs and aborts:
+            self._cancel(aborts)
+        if time.monotonic() - self._renewed_at >= RENEW_EVERY_S:
+            self._renewed_at = time.monotonic()
+            await renew_leases(w.pool, w.queue_name, list(w.tasks), self.lease_ms)
+        await w.heart_beat()
+
+    def _free_slots(self) -> int:
+        w = self.worker
+        if not w.allow_pick_jobs:
+            return 0
+        free = min(w.max_jobs - w.job_counter, w.queue_read_limit)
+        if w.burst and w.max_burst_jobs >= 0:
+            free = min(free, w.max_burst_jobs - w._jobs_started())
+        return max(free, 0)
+
+    async def _claim(self, limit: int) -> tuple[list[str], list[Claimed]]:
+        """Claim, and if the worker is stopped meanwhile, put what was claimed back at once
+        rather than leaving it to wait for its lease to end."""
+        w = self.worker
+        claiming = asyncio.ensure_future(claim(w.pool, w.queue_name, limit, self.lease_ms))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            _, claimed = await claiming
+            back = [Finish(job.job_id, done=False, score=job.score) for job in claimed]
+            await finish(w.pool, w.queue_name, back)
+            raise
+
+    def _start(self, job: Claimed) -> None:
+        w = self.worker
+        w.job_counter += 1
+        task = asyncio.get_running_loop().create_task(run_claimed(w, self, job))
+        w.tasks[job.job_id] = task
+        task.add_done_callback(functools.partial(self._done, job.job_id))
+
+    def _done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        w = self.worker
+        w.job_counter -= 1
+        if w.tasks.get(job_id) is task:
+            del w.tasks[job_id]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("job %s: the engine failed to run it", job_id, exc_info=exc)
+        wake_up()  # a slot is free: look for the next job now, not at the next poll
+
+    def _cancel(self, aborts: list[str]) -> None:
+        w = self.worker
+        for job_id in aborts:
+            task = w.job_tasks.get(job_id)
+            if task is not None and job_id not in w.aborting_tasks:
+                w.aborting_tasks.add(job_id)
+                task.cancel()
+
+    # -- batched finishes --
+    async def finish(self, item: Finish) -> None:
+        """Write how a job ended; returns once it is in Redis. Jobs that end while a write is
+        under way go together in the next one."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finishing.append((item, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="finish-jobs")
+        await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        while self._finishing:
+            batch, self._finishing = self._finishing, []
+            try:
+                await finish(self.worker.pool, self.worker.queue_name, [i for i, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    future.cancel()
+                raise
+            except Exception as exc:  # the jobs run again when their leases end
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+
+def engine_of(worker: Worker) -> Engine:
+    engine = getattr(worker, "_asyncjobs_engine", None)
+    if engine is None:
+        engine = Engine(worker)
+        worker._asyncjobs_engine = engine  # type: ignore[attr-defined]
+    return engine
+
+
+async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
+    """arq's run_job for a job already claimed: check it, run it, write how it ended."""
+    job = _Job(claimed, job_try=claimed.job_try)
+    function, refusal = _check(worker, job)
+    if function is None:
+        await engine.finish(_failed(worker, job, refusal or JobExecutionFailed("no function")))
+        return
+    if job.job_try != claimed.job_try:  # the enqueuer asked for a later try number
+        await worker.pool.setex(retry_key_prefix + claimed.job_id, 88400, str(job.job_try))
+    ctx = {
+        **worker.ctx,
+        "job_id": claimed.job_id,
+        "job_try": job.job_try,
+        "enqueue_time": ms_to_datetime(job.enqueue_time_ms),
+        "score": claimed.score,
+    }
+    if worker.on_job_start:
+        await worker.on_job_start(ctx)
+    item = await _execute(worker, job, function, ctx)
+    if worker.on_job_end:
+        await worker.on_job_end(ctx)
+    await engine.finish(item)
+    if worker.after_job_end:
+        await worker.after_job_end(ctx)
+
+
+def _check(worker: Worker, job: _Job) -> tuple[Function | CronJob | None, BaseException | None]:
+    """The function to run, or why the job is finished without running (arq's checks)."""
+    claimed = job.claimed
+    if claimed.raw is None:
+        log.warning("job %s expired", claimed.job_id)
+        return None, JobExecutionFailed("job expired")
+    try:
+        job.function_name, job.args, job.kwargs, enqueue_try, job.enqueue_time_ms = (
+            deserialize_job_raw(claimed.raw, deserializer=worker.job_deserializer)
+        )
+    except SerializationError as exc:
+        log.exception("deserializing job %s failed", claimed.job_id)
+        return None, exc
+    if claimed.aborted and worker.allow_abort_jobs:
+        log.info("%s:%s aborted before start", claimed.job_id, job.function_name)
+        return None, asyncio.CancelledError()
+    function = worker.functions.get(job.function_name)
+    if function is None:
+        log.warning("job %s, function %r not found", claimed.job_id, job.function_name)
+        return None, JobExecutionFailed(f"function {job.function_name!r} not found")
+    if enqueue_try and enqueue_try > job.job_try:
+        job.job_try = enqueue_try
+    limit = worker.max_tries if function.max_tries is None else function.max_tries
+    if job.job_try > limit:
+        log.warning("job %s: max retries %d exceeded", claimed.job_id, limit)
+        return None, JobExecutionFailed(f"max {limit} retries exceeded")
+    return function, None
+
+
+def _failed(worker: Worker, job: _Job, error: BaseException) -> Finish:
+    worker.jobs_failed += 1
+    now = timestamp_ms()
+    return _done_item(worker, job, None, False, error, now, now)
+
+
+def _done_item(
+    worker: Worker,
+    job: _Job,
+    function: Function | CronJob | None,
+    success: bool,
+    result: Any,
+    start_ms: int,
+    finished_ms: int,
+) -> Finish:
+    """The finish that takes the job out of the queue, with its result if results are kept."""
+    keep_forever = worker.keep_result_forever
+    keep_s: float | None = worker.keep_result_s
+    if function is not None:
+        if function.keep_result_forever is not None:
+            keep_forever = function.keep_result_forever
+        if function.keep_result_s is not None:
+            keep_s = function.keep_result_s
+    data = None
+    if keep_forever or (keep_s or 0) > 0:
+        data = serialize_result(
+            job.function_name,
+            job.args,
+            job.kwargs or {},
+            job.job_try,
+            job.enqueue_time_ms,
+            success,
+            result,
+            start_ms,
+            finished_ms,
+            _ref(job, function),
+            worker.queue_name,
+            job_id=job.claimed.job_id,
+            serializer=worker.job_serializer,
+        )
+    return Finish(
+        job.claimed.job_id,
+        done=True,
+        result=data,
+        result_ttl_ms=0 if keep_forever else to_ms(keep_s) or 0,
+        keep_in_progress_ms=_keep_in_progress_ms(function),
+    )
+
+
+def _ref(job: _Job, function: Function | CronJob | None) -> str:
+    if isinstance(function, CronJob):
+        return job.function_name
+    return f"{job.claimed.job_id}:{job.function_name}"
+
+
+def _keep_in_progress_ms(function: Function | CronJob | None) -> int:
+    """arq keeps a cron job's in-progress key a while after it ends, so it is not run twice."""
+    return int(keep_cronjob_progress * 1000) if isinstance(function, CronJob) else 0
+
+
+async def _execute(
+    worker: Worker, job: _Job, function: Function | CronJob, ctx: dict[str, Any]
+) -> Finish:
+    """Run the job's coroutine in a task of its own (an abort cancels that task only) within
+    its timeout; how it ended, as arq would record it."""
+    job_id = job.claimed.job_id
+    timeout_s = worker.job_timeout_s if function.timeout_s is None else function.timeout_s
+    start_ms = timestamp_ms()
+    log.debug("→ %s try=%d", _ref(job, function), job.job_try)
+    task = asyncio.get_running_loop().create_task(
+        function.coroutine(ctx, *job.args, **(job.kwargs or {}))
+    )
+    worker.job_tasks[job_id] = task
+    try:
+        async with asyncio.timeout(timeout_s):
+            result = await task
+    except Retry as exc:
+        if not worker.retry_jobs:
+            return _crashed(worker, job, function, exc, start_ms)
+        worker.jobs_retried += 1
+        delay_ms = exc.defer_score or 0
+        log.debug("↻ %s retrying in %.2fs", _ref(job, function), delay_ms / 1000)
+        return _again(job, function, timestamp_ms() + delay_ms if delay_ms else None)
+    except asyncio.CancelledError as exc:
+        if job_id in worker.aborting_tasks:
+            worker.aborting_tasks.discard(job_id)
+            worker.jobs_failed += 1
+            log.info("⊘ %s aborted", _ref(job, function))
+            return _done_item(worker, job, function, False, exc, start_ms, timestamp_ms())
+        if not worker.retry_jobs:
+            return _crashed(worker, job, function, exc, start_ms)
+        worker.jobs_retried += 1  # the worker is stopping: another one runs it again
+        log.info("↻ %s cancelled, will be run again", _ref(job, function))
+        return _again(job, function)
+    except RetryJob as exc:
+        if not worker.retry_jobs:
+            return _crashed(worker, job, function, exc, start_ms)
+        worker.jobs_retried += 1
+        return _again(job, function)
+    except Exception as exc:
+        return _crashed(worker, job, function, exc, start_ms)
+    finally:
+        del worker.job_tasks[job_id]
+    worker.jobs_complete += 1
+    log.debug("← %s", _ref(job, function))
+    return _done_item(worker, job, function, True, result, start_ms, timestamp_ms())
+
+
+def _again(job: _Job, function: Function | CronJob, score: int | None = None) -> Finish:
+    """Back in the queue: at `score` (a retry's delay), else where it was (it runs next)."""
+    return Finish(
+        job.claimed.job_id,
+        done=False,
+        score=job.claimed.score if score is None else score,
+        keep_in_progress_ms=_keep_in_progress_ms(function),
+    )
+
+
+def _crashed(
+    worker: Worker,
+    job: _Job,
+    function: Function | CronJob,
+    exc: BaseException,
+    start_ms: int,
+) -> Finish:
+    worker.jobs_failed += 1
+    log.error("! %s failed, %s: %s", _ref(job, function), type(exc).__name__, exc, exc_info=exc)
+    return _done_item(worker, job, function, False, exc, start_ms, timestamp_ms())
