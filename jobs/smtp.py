@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.message import Message
 
 import aiosmtplib
 
@@ -43,7 +43,7 @@ class SmtpPool:
         self._slots = asyncio.Semaphore(settings.smtp_max_connections)
         self._idle: list[_Idle] = []
 
-    async def send(self, message: EmailMessage, recipients: list[str]) -> SendOutcome:
+    async def send(self, message: Message, recipients: list[str]) -> SendOutcome:
         async with self._slots:
             client = await self._acquire()
             try:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from email import message_from_bytes, policy
+from email.message import EmailMessage, Message
+
+from aiosmtplib.email import flatten_message
+
 from jobs.email import EmailSpec, build_message
 from tests.helpers import ApiClient
 from tests.jobwait import wait_job
@@ -88,3 +93,42 @@ def test_html_only_message_is_single_part() -> None:
     message = build_message(spec, "noreply@example.com", "<id@example.com>")
     assert message.get_content_type() == "text/html"
     assert message["From"] == "noreply@example.com"
+
+
+def _sent_form(message: Message) -> EmailMessage:
+    """The message as the SMTP server receives it, parsed back with the modern parser."""
+    parsed = message_from_bytes(flatten_message(message), policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def test_non_ascii_headers_and_bodies_are_encoded_and_read_back() -> None:
+    spec = EmailSpec.model_validate({
+        "to": "a@example.com", "subject": "Grüße — " + "long subject " * 30,
+        "text": "héllo", "html": "<p>héllo</p>", "headers": {"X-Note": "ça va"},
+    })  # fmt: skip
+    raw = flatten_message(build_message(spec, "noreply@example.com", "<id@example.com>"))
+    assert raw.isascii()  # RFC 2047 words and base64 bodies: nothing needs SMTPUTF8
+    assert max(len(line) for line in raw.splitlines()) <= 78  # long headers are folded
+    received = _sent_form(build_message(spec, "noreply@example.com", "<id@example.com>"))
+    assert received["Subject"] == spec.subject
+    assert received["X-Note"] == "ça va"
+    plain, html = received.get_body(("plain",)), received.get_body(("html",))
+    assert plain is not None and plain.get_content() == "héllo"
+    assert html is not None and html.get_content() == "<p>héllo</p>"
+
+
+def test_many_recipients_fold_into_short_lines() -> None:
+    to = [f"reader{n}@example.com" for n in range(200)]
+    spec = EmailSpec.model_validate({"to": to, "subject": "s", "text": "t"})
+    raw = flatten_message(build_message(spec, "noreply@example.com", "<id@example.com>"))
+    assert max(len(line) for line in raw.splitlines()) <= 998  # SMTP's line limit
+    received = _sent_form(build_message(spec, "noreply@example.com", "<id@example.com>"))
+    assert [a.addr_spec for a in received["To"].addresses] == to
+
+
+def test_an_internationalized_address_is_written_by_the_modern_email_package() -> None:
+    spec = EmailSpec.model_validate({"to": "zoë@example.com", "subject": "s", "text": "t"})
+    message = build_message(spec, "noreply@example.com", "<id@example.com>")
+    assert isinstance(message, EmailMessage)
+    assert message["To"] == "zoë@example.com"
