@@ -74,17 +74,33 @@ def source_docs_key(source_id: str) -> str:
     return f"asyncjobs:source:{source_id}:docs"
 
 
+# KEYS: document, versions, index, changed index, source's documents.
+# ARGV: content hash, fetched_at, fetch_ms, etag, last_modified (both "" for none), fetch time
+# (unix s), doc id, version JSON, versions to keep, "1" if a source's, then the hash's fields.
+_SAVE = """
+if redis.call('HGET', KEYS[1], 'content_hash') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'fetched_at', ARGV[2], 'fetch_ms', ARGV[3])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'etag', ARGV[4]) end
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_modified', ARGV[5]) end
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+redis.call('LPUSH', KEYS[2], ARGV[8])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[9]) - 1)
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[7])
+if ARGV[10] == '1' then redis.call('SADD', KEYS[5], ARGV[7]) end
+return 1
+"""
+
+
 async def save_document(redis: Redis, snapshot: DocumentSnapshot, keep_versions: int = 5) -> bool:
-    """Store a fetch of `snapshot.url`; True when its content changed (a new version)."""
+    """Store a fetch of `snapshot.url`; True when its content changed (a new version).
+    One script: the comparison with the stored content and the write cannot interleave with
+    another worker's save of the same URL, and it is one round trip."""
     doc_id = document_id(snapshot.url)
-    key = DOC_KEY_PREFIX + doc_id
-    previous_hash = await redis.hget(key, "content_hash")  # type: ignore[misc]
-    if previous_hash is not None and as_text(previous_hash) == snapshot.content_hash:
-        await record_unchanged(
-            redis, snapshot.url, snapshot.fetched_at, snapshot.fetch_ms,
-            etag=snapshot.etag, last_modified=snapshot.last_modified,
-        )  # fmt: skip
-        return False
     fields: dict[str, Any] = snapshot.model_dump(mode="json")
     fields["extracted"] = json.dumps(fields["extracted"])
     fields["changed_at"] = fields["fetched_at"]
@@ -95,18 +111,30 @@ async def save_document(redis: Redis, snapshot: DocumentSnapshot, keep_versions:
         text_length=snapshot.text_length,
         text=snapshot.text,
     )
-    when = snapshot.fetched_at.timestamp()
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(key)
-        pipe.hset(key, mapping={k: str(v) for k, v in fields.items() if v is not None})
-        pipe.lpush(versions_key(doc_id), version.model_dump_json())
-        pipe.ltrim(versions_key(doc_id), 0, keep_versions - 1)
-        pipe.zadd(DOC_INDEX_KEY, {doc_id: when})
-        pipe.zadd(DOC_CHANGED_KEY, {doc_id: when})
-        if snapshot.source_id:
-            pipe.sadd(source_docs_key(snapshot.source_id), doc_id)
-        await pipe.execute()
-    return True
+    keys = [
+        DOC_KEY_PREFIX + doc_id,
+        versions_key(doc_id),
+        DOC_INDEX_KEY,
+        DOC_CHANGED_KEY,
+        source_docs_key(snapshot.source_id or "-"),
+    ]
+    args: list[str | int | float] = [
+        snapshot.content_hash,
+        fields["fetched_at"],
+        str(snapshot.fetch_ms),
+        snapshot.etag or "",
+        snapshot.last_modified or "",
+        snapshot.fetched_at.timestamp(),
+        doc_id,
+        version.model_dump_json(),
+        keep_versions,
+        "1" if snapshot.source_id else "0",
+    ]
+    for name, value in fields.items():
+        if value is not None:
+            args += [name, str(value)]
+    script = redis.register_script(_SAVE)  # cheap: a SHA of a short string
+    return bool(await script(keys=keys, args=args))
 
 
 async def record_unchanged(
