@@ -107,6 +107,11 @@ class Engine:
 
     def _start(self, job: Claimed) -> None:
         w = self.worker
+        if job.job_id in w.tasks:  # our own lease lapsed (a stalled loop): one run is enough
+            log.warning(
+                "job %s claimed again while it runs here; not starting it twice", job.job_id
+            )
+            return
         w.job_counter += 1
         task = asyncio.get_running_loop().create_task(run_claimed(w, self, job))
         w.tasks[job.job_id] = task
@@ -323,7 +328,7 @@ async def _execute(
     except Exception as exc:
         return _crashed(worker, job, function, exc, start_ms)
     finally:
-        del worker.job_tasks[job_id]
+        worker.job_tasks.pop(job_id, None)
     worker.jobs_complete += 1
     log.debug("← %s", _ref(job, function))
     return _done_item(worker, job, function, True, result, start_ms, timestamp_ms())

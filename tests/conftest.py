@@ -148,7 +148,7 @@ async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
 
 
 async def start_worker(settings: Settings, **overrides: Any) -> tuple[Worker, asyncio.Task[None]]:
-    install()  # as worker_settings.py does for production workers
+    install(settings.job_lease_seconds)  # as worker_settings.py does for production workers
     options = worker_options(settings) | {"handle_signals": False, "poll_delay": 0.01} | overrides
     worker = Worker(**options, ctx={"settings": settings})
     task = asyncio.create_task(worker.main())

@@ -1,0 +1,69 @@
+"""The worker engine (jobs/engine.py) with real workers: leases, shared queues, results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from arq.connections import ArqRedis
+from arq.jobs import Job, JobStatus
+
+from app.settings import Settings
+from jobs.queue import enqueue_job
+from tests.conftest import start_worker, stop_worker
+from tests.helpers import wait_for
+from tests.servers import SiteStats
+
+
+async def test_a_job_longer_than_its_lease_is_not_taken_by_another_worker(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+) -> None:
+    """A 4.5 s page with a 3 s lease: the running worker renews the lease every second, so the
+    idle second worker never starts the job again (the page is fetched once)."""
+    base, stats = site
+    settings = make_settings(job_lease_seconds=3, scrape_timeout=10)
+    workers = [await start_worker(settings), await start_worker(settings)]
+    try:
+        url = f"{base}/slow?ms=4500"
+        job_id = await enqueue_job(redis, "scrape", target={"url": url})
+        assert job_id is not None
+        job = Job(job_id, redis)
+
+        async def finished() -> bool:
+            return await job.status() == JobStatus.complete
+
+        await wait_for(finished, timeout=30, interval=0.1, what="the slow scrape")
+        info = await job.result_info()
+        assert info is not None and info.success and info.job_try == 1
+        assert stats.hits["/slow"] == 1
+    finally:
+        for worker, task in workers:
+            await stop_worker(worker, task)
+
+
+async def test_two_workers_share_a_backlog_and_run_each_job_once(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+) -> None:
+    """100 pages of 200 ms queued before two workers of 20 slots start: neither can hold the
+    whole backlog, both take part, and every page is fetched once."""
+    base, stats = site
+    ids = [
+        await enqueue_job(redis, "scrape", target={"url": f"{base}/slow?ms=200&n={n}"})
+        for n in range(100)
+    ]
+    settings = make_settings(worker_max_jobs=20)
+    # no cron jobs, so that jobs_complete counts the scrapes only
+    workers = [await start_worker(settings, cron_jobs=[]) for _ in range(2)]
+    try:
+
+        async def all_complete() -> bool:
+            return all([await Job(str(i), redis).status() == JobStatus.complete for i in ids])
+
+        await wait_for(all_complete, timeout=60, interval=0.2, what="100 scrapes")
+        results = [await Job(str(i), redis).result_info() for i in ids]
+        assert all(r is not None and r.success and r.job_try == 1 for r in results)
+        assert stats.hits["/slow"] == 100
+        done = [worker.jobs_complete for worker, _ in workers]
+        assert sum(done) == 100 and min(done) > 0, done
+    finally:
+        for worker, task in workers:
+            await stop_worker(worker, task)
