@@ -29,23 +29,33 @@ from jobs.queue import Claimed, Finish, claim, finish, renew_leases
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
 
 RENEW_EVERY_S = 1.0
-# One wake-up event per event loop (tests run many loops in one process).
-_wake_events: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
+
+
+class WakeUp:
+    """Tells the poll loop to poll now; one per event loop (tests run many loops in one
+    process). `running` counts the jobs of this loop's workers: a busy worker's wake-ups are
+    merged (see jobs.resilience), an idle one's are not."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.running = 0
+
+
+_wake_ups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WakeUp] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def wake_event() -> asyncio.Event:
-    """Set when the poll loop should poll now instead of after its delay."""
+def wake_state() -> WakeUp:
     loop = asyncio.get_running_loop()
-    if loop not in _wake_events:
-        _wake_events[loop] = asyncio.Event()
-    return _wake_events[loop]
+    if loop not in _wake_ups:
+        _wake_ups[loop] = WakeUp()
+    return _wake_ups[loop]
 
 
 def wake_up() -> None:
     """Poll now: a job was enqueued, or a slot of this worker became free."""
-    wake_event().set()
+    wake_state().event.set()
 
 
 @dataclass
@@ -113,6 +123,7 @@ class Engine:
             )
             return
         w.job_counter += 1
+        wake_state().running += 1
         task = asyncio.get_running_loop().create_task(run_claimed(w, self, job))
         w.tasks[job.job_id] = task
         task.add_done_callback(functools.partial(self._done, job.job_id))
@@ -120,6 +131,7 @@ class Engine:
     def _done(self, job_id: str, task: asyncio.Task[None]) -> None:
         w = self.worker
         w.job_counter -= 1
+        wake_state().running -= 1
         if w.tasks.get(job_id) is task:
             del w.tasks[job_id]
         if not task.cancelled() and (exc := task.exception()) is not None:

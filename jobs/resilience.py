@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from app.broker import redis_settings
 from app.settings import Settings
-from jobs.engine import engine_of, wake_event, wake_up
+from jobs.engine import engine_of, wake_state, wake_up
 from jobs.queue import wake_key
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ async def _poll_or_wake(step: float) -> AsyncIterator[float]:
         before = loop.time()
         yield before - start
         wait = max(0.0, step - (loop.time() - before))
-        event = wake_event()
+        state = wake_state()
+        event = state.event
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as its timeout fires, and the worker would never stop (seen in tests).
         with contextlib.suppress(TimeoutError):
@@ -115,7 +116,7 @@ async def _poll_or_wake(step: float) -> AsyncIterator[float]:
                 await event.wait()
         event.clear()
         gap = loop.time() - before
-        if gap < MIN_POLL_GAP_S:
+        if gap < MIN_POLL_GAP_S and state.running:
             await asyncio.sleep(MIN_POLL_GAP_S - gap)
 
 
