@@ -24,7 +24,7 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
-from jobs.queue import Claimed, Finish, claim, finish, renew_leases
+from jobs.queue import RETRY_KEY_TTL_S, Claimed, Finish, claim, finish, renew_leases
 
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
 
@@ -186,12 +186,13 @@ def engine_of(worker: Worker) -> Engine:
 async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
     """arq's run_job for a job already claimed: check it, run it, write how it ended."""
     job = _Job(claimed, job_try=claimed.job_try)
-    function, refusal = _check(worker, job)
-    if function is None:
-        await engine.finish(_failed(worker, job, refusal or JobExecutionFailed("no function")))
+    function = _check(worker, job)
+    if isinstance(function, BaseException):  # finished without running
+        await engine.finish(_failed(worker, job, function))
         return
     if job.job_try != claimed.job_try:  # the enqueuer asked for a later try number
-        await worker.pool.setex(retry_key_prefix + claimed.job_id, 88400, str(job.job_try))
+        key = retry_key_prefix + claimed.job_id
+        await worker.pool.setex(key, RETRY_KEY_TTL_S, str(job.job_try))
     ctx = {
         **worker.ctx,
         "job_id": claimed.job_id,
@@ -209,33 +210,33 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
         await worker.after_job_end(ctx)
 
 
-def _check(worker: Worker, job: _Job) -> tuple[Function | CronJob | None, BaseException | None]:
+def _check(worker: Worker, job: _Job) -> Function | CronJob | BaseException:
     """The function to run, or why the job is finished without running (arq's checks)."""
     claimed = job.claimed
     if claimed.raw is None:
         log.warning("job %s expired", claimed.job_id)
-        return None, JobExecutionFailed("job expired")
+        return JobExecutionFailed("job expired")
     try:
         job.function_name, job.args, job.kwargs, enqueue_try, job.enqueue_time_ms = (
             deserialize_job_raw(claimed.raw, deserializer=worker.job_deserializer)
         )
     except SerializationError as exc:
         log.exception("deserializing job %s failed", claimed.job_id)
-        return None, exc
+        return exc
     if claimed.aborted and worker.allow_abort_jobs:
         log.info("%s:%s aborted before start", claimed.job_id, job.function_name)
-        return None, asyncio.CancelledError()
+        return asyncio.CancelledError()
     function = worker.functions.get(job.function_name)
     if function is None:
         log.warning("job %s, function %r not found", claimed.job_id, job.function_name)
-        return None, JobExecutionFailed(f"function {job.function_name!r} not found")
+        return JobExecutionFailed(f"function {job.function_name!r} not found")
     if enqueue_try and enqueue_try > job.job_try:
         job.job_try = enqueue_try
     limit = worker.max_tries if function.max_tries is None else function.max_tries
     if job.job_try > limit:
         log.warning("job %s: max retries %d exceeded", claimed.job_id, limit)
-        return None, JobExecutionFailed(f"max {limit} retries exceeded")
-    return function, None
+        return JobExecutionFailed(f"max {limit} retries exceeded")
+    return function
 
 
 def _failed(worker: Worker, job: _Job, error: BaseException) -> Finish:

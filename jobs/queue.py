@@ -142,15 +142,13 @@ class QueueScripts:
         self.renew = redis.register_script(_RENEW)
 
 
-_scripts: dict[int, QueueScripts] = {}
-
-
 def scripts_for(redis: Redis) -> QueueScripts:
-    """One registration per client, so each script's SHA is computed once."""
-    found = _scripts.get(id(redis))
-    if found is None or found.redis is not redis:
-        found = _scripts[id(redis)] = QueueScripts(redis)
-    return found
+    """Registered once per client (kept on it), so each script's SHA is computed once."""
+    scripts = getattr(redis, "_asyncjobs_scripts", None)
+    if scripts is None:
+        scripts = QueueScripts(redis)
+        redis._asyncjobs_scripts = scripts  # type: ignore[attr-defined]
+    return scripts
 
 
 async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str | None:
