@@ -188,6 +188,19 @@ async def _fetch(redis: Redis, ids: list[str]) -> list[StoredDocument]:
     return docs
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula ("CSV injection"); scraped
+# titles and texts come from anyone's pages.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula gets a leading apostrophe (OWASP's
+    advice), so it shows as text; JSONL keeps values as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class _Sink:
     """The open export file; every method blocks, so callers run them in a thread."""
 
@@ -201,7 +214,7 @@ class _Sink:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if self._format == "csv":
-            self._csv.writerows([[row[field] for field in FIELDS] for row in rows])
+            self._csv.writerows([[csv_cell(row[field]) for field in FIELDS] for row in rows])
         else:
             lines = (json.dumps({field: row[field] for field in FIELDS}) for row in rows)
             self._file.write("".join(f"{line}\n" for line in lines))

