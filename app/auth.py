@@ -1,4 +1,5 @@
-"""API keys (Bearer) and the per-key rate limit on enqueue endpoints.
+"""API keys (Bearer), the per-key rate limit on enqueue endpoints, and the fixed-window counter
+it uses (also for failed dashboard sign-ins).
 
 Keys are kept only as SHA-256 digests and compared in constant time; a key is identified in
 logs, rate-limit counters and idempotency records by a short prefix of its digest, never itself.
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from app.appkeys import REDIS, SETTINGS
 from app.errors import Handler
@@ -90,6 +92,32 @@ def is_enqueue(request: web.Request) -> bool:
     return request.method == "POST" and request.path.startswith(("/jobs/", "/dead-letter/"))
 
 
+@dataclass(frozen=True)
+class Window:
+    """A fixed-window counter in Redis, shared by every web process."""
+
+    name: str  # what is counted, and for whom: "<kind>:<id>"
+    seconds: float
+
+    def _key(self, now: float) -> str:
+        return f"{RATE_KEY_PREFIX}{self.name}:{int(now // self.seconds)}"
+
+    def retry_after(self, now: float) -> int:
+        """Whole seconds until the next window."""
+        return max(1, math.ceil((int(now // self.seconds) + 1) * self.seconds - now))
+
+    async def add(self, redis: Redis, now: float) -> int:
+        """Count one more; the count in this window."""
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.incr(self._key(now))
+            pipe.expire(self._key(now), math.ceil(self.seconds) + 1)
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def count(self, redis: Redis, now: float) -> int:
+        return int(await redis.get(self._key(now)) or 0)
+
+
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Fixed window per key: at most `rate_limit_requests` enqueues per `rate_limit_window`."""
@@ -97,18 +125,12 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     if principal is None or not is_enqueue(request):
         return await handler(request)
     settings = request.app[SETTINGS]
-    window = settings.rate_limit_window
+    window = Window(principal.key_id, settings.rate_limit_window)
     now = time.time()
-    window_index = int(now // window)
-    key = f"{RATE_KEY_PREFIX}{principal.key_id}:{window_index}"
-    async with request.app[REDIS].pipeline(transaction=True) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, math.ceil(window) + 1)
-        count, _ = await pipe.execute()
-    if count > settings.rate_limit_requests:
-        retry_after = max(1, math.ceil((window_index + 1) * window - now))
+    if await window.add(request.app[REDIS], now) > settings.rate_limit_requests:
         raise web.HTTPTooManyRequests(
-            text=f"rate limit of {settings.rate_limit_requests} requests per {window:g}s reached",
-            headers={"Retry-After": str(retry_after)},
+            text=f"rate limit of {settings.rate_limit_requests} requests per "
+            f"{settings.rate_limit_window:g}s reached",
+            headers={"Retry-After": str(window.retry_after(now))},
         )
     return await handler(request)

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     # Enqueue requests one key may make per window, counted in Redis across web processes.
     rate_limit_requests: int = Field(120, ge=1)
     rate_limit_window: float = Field(60, gt=0, description="seconds")
+    # Failed dashboard sign-ins per client address, per window (seconds).
+    login_max_failures: int = Field(10, ge=1)
+    login_failure_window: float = Field(300, gt=0)
     web_host: str = "127.0.0.1"
     web_port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)

@@ -92,6 +92,28 @@ async def test_login_sets_a_strict_cookie_and_logout_ends_the_session(
     assert (await ui.get("/ui", allow_redirects=False)).status == 303
 
 
+async def test_failed_sign_ins_are_limited_per_address(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    """Three failures allowed: the fourth try is 429 with Retry-After, even with the right key;
+    once the window has ended the right key works again."""
+    app = create_app(make_settings(login_max_failures=3, login_failure_window=2))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as ui:
+        for _ in range(3):
+            assert (await ui.post("/ui/login", data={"key": "guess"})).status == 401
+        blocked = await ui.post("/ui/login", data={"key": API_KEY}, allow_redirects=False)
+        assert blocked.status == 429
+        assert 1 <= int(blocked.headers["Retry-After"]) <= 2
+        assert "Too many failed sign-ins" in await blocked.text()
+        assert "Set-Cookie" not in blocked.headers
+
+        async def signed_in() -> bool:
+            response = await ui.post("/ui/login", data={"key": API_KEY}, allow_redirects=False)
+            return response.status == 303
+
+        await wait_for(signed_in, timeout=10, interval=0.25, what="the window to end")
+
+
 async def test_cookie_is_secure_behind_a_tls_proxy(ui: ApiClient) -> None:
     response = await ui.post(
         "/ui/login",

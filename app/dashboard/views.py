@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +19,7 @@ from redis.exceptions import RedisError
 from app import actions, mailsink
 from app.actions import ABORTABLE
 from app.appkeys import REDIS, SETTINGS
-from app.auth import KEYRING
+from app.auth import KEYRING, Window
 from app.dashboard.data import (
     JOB_STATES,
     WINDOWS,
@@ -130,11 +131,25 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
+    """Sign in with an API key. Failed tries are counted per client address in Redis: past
+    `login_max_failures` in `login_failure_window` seconds, the form answers 429 until the
+    window ends (keys are long and random; this keeps guessing from being free)."""
+    settings = request.config_dict[SETTINGS]
+    failures = Window(f"login:{request.remote or '-'}", settings.login_failure_window)
+    now = time.time()
+    if await failures.count(_redis(request), now) >= settings.login_max_failures:
+        retry_after = failures.retry_after(now)
+        context = {"error": f"Too many failed sign-ins; try again in {retry_after} s."}
+        response = render(request, "login.html", context, status=429)
+        response.headers["Retry-After"] = str(retry_after)
+        return response
     form = await request.post()
     key = form.get("key")
     keyring = request.config_dict[KEYRING]
     principal = keyring.identify(key.strip()) if isinstance(key, str) and key.strip() else None
     if principal is None:
+        await failures.add(_redis(request), now)
+        log.warning("dashboard sign-in with an invalid key from %s", request.remote)
         return render(request, "login.html", {"error": "That key is not valid."}, status=401)
     previous = await load_session(request)
     if previous is not None:  # a fresh id at every login: no session fixation
