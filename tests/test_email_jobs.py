@@ -8,6 +8,7 @@ from email.message import EmailMessage, Message
 from aiosmtplib.email import flatten_message
 
 from jobs.email import EmailSpec, build_message
+from jobs.smtp import message_bytes
 from tests.helpers import ApiClient
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
@@ -97,7 +98,7 @@ def test_html_only_message_is_single_part() -> None:
 
 def _sent_form(message: Message) -> EmailMessage:
     """The message as the SMTP server receives it, parsed back with the modern parser."""
-    parsed = message_from_bytes(flatten_message(message), policy=policy.default)
+    parsed = message_from_bytes(message_bytes(message), policy=policy.default)
     assert isinstance(parsed, EmailMessage)
     return parsed
 
@@ -107,7 +108,7 @@ def test_non_ascii_headers_and_bodies_are_encoded_and_read_back() -> None:
         "to": "a@example.com", "subject": "Grüße — " + "long subject " * 30,
         "text": "héllo", "html": "<p>héllo</p>", "headers": {"X-Note": "ça va"},
     })  # fmt: skip
-    raw = flatten_message(build_message(spec, "noreply@example.com", "<id@example.com>"))
+    raw = message_bytes(build_message(spec, "noreply@example.com", "<id@example.com>"))
     assert raw.isascii()  # RFC 2047 words and base64 bodies: nothing needs SMTPUTF8
     assert max(len(line) for line in raw.splitlines()) <= 78  # long headers are folded
     received = _sent_form(build_message(spec, "noreply@example.com", "<id@example.com>"))
@@ -121,7 +122,7 @@ def test_non_ascii_headers_and_bodies_are_encoded_and_read_back() -> None:
 def test_many_recipients_fold_into_short_lines() -> None:
     to = [f"reader{n}@example.com" for n in range(200)]
     spec = EmailSpec.model_validate({"to": to, "subject": "s", "text": "t"})
-    raw = flatten_message(build_message(spec, "noreply@example.com", "<id@example.com>"))
+    raw = message_bytes(build_message(spec, "noreply@example.com", "<id@example.com>"))
     assert max(len(line) for line in raw.splitlines()) <= 998  # SMTP's line limit
     received = _sent_form(build_message(spec, "noreply@example.com", "<id@example.com>"))
     assert [a.addr_spec for a in received["To"].addresses] == to
@@ -132,3 +133,17 @@ def test_an_internationalized_address_is_written_by_the_modern_email_package() -
     message = build_message(spec, "noreply@example.com", "<id@example.com>")
     assert isinstance(message, EmailMessage)
     assert message["To"] == "zoë@example.com"
+
+
+def test_smtp_bytes_are_the_email_packages_own_with_crlf() -> None:
+    """message_bytes skips compat32's folding only where folding would change nothing."""
+    spec = EmailSpec.model_validate({
+        "to": [f"reader{n}@example.com" for n in range(30)], "cc": "c@example.com",
+        "subject": "Grüße " + "word " * 40, "text": "plain\nbody", "html": "<p>x</p>",
+        "headers": {"X-Short": "v", "X-Long": "y " * 60},
+    })  # fmt: skip
+    message = build_message(spec, "noreply@example.com", "<id@example.com>")
+    ours = message_bytes(message)
+    theirs = flatten_message(message)  # aiosmtplib: the email package's compat32 generator
+    assert b"\r\n" in ours and b"\n" not in ours.replace(b"\r\n", b"")
+    assert ours == theirs.replace(b"\n", b"\r\n")
