@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 from arq.connections import ArqRedis
 from arq.constants import (
@@ -74,3 +75,17 @@ def describe_error(exc: object) -> str:
         text = str(exc)
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return str(exc)
+
+
+READ_CONCURRENCY = 16  # read_job round trips in flight at once, to spare the connection pool
+
+
+async def read_jobs(redis: ArqRedis, queue_name: str, ids: Iterable[str]) -> list[JobView]:
+    """Several jobs' states, in the order of `ids`."""
+    limiter = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def one(job_id: str) -> JobView:
+        async with limiter:
+            return await read_job(redis, job_id, queue_name)
+
+    return list(await asyncio.gather(*(one(job_id) for job_id in ids)))

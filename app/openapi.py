@@ -30,6 +30,7 @@ from app.schemas import (
     MailList,
     NewsletterAccepted,
     ScrapeAcceptedAny,
+    ScrapeBatch,
     ScrapeRequest,
     SourceList,
 )
@@ -81,6 +82,8 @@ OPERATIONS = [
     Operation("post", "/jobs/export", "Export documents to CSV or JSON Lines", 202, JobAccepted,
               ExportRequest),
     Operation("post", "/jobs/report", "Compute the analysis report now", 202, JobAccepted),
+    Operation("get", "/batches/{batch_id}", "Progress of a multi-URL scrape: each job's status",
+              200, ScrapeBatch, path_params={"batch_id": ID32}),
     Operation("get", "/jobs/{job_id}", "A job's status, times, tries, result or error", 200,
               JobView, path_params={"job_id": JOB_ID},
               extra={404: ("No such job (status not_found)", JobNotFound)}),

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from app import actions, mailsink
 from app.appkeys import REDIS, SETTINGS
+from app.batch_routes import add_batch_routes, batch_url, save_batch
 from app.dead_letter_routes import add_dead_letter_routes
 from app.document_routes import add_document_routes
 from app.export_routes import add_export_routes
@@ -110,7 +111,12 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
         )
     if scrape.url is not None:
         return json_model(accepted[0], status=202)
-    return json_model(ScrapeBatchAccepted(jobs=accepted), status=202)
+    batch_id = uuid.uuid4().hex
+    await save_batch(request.app[REDIS], batch_id, accepted)
+    batch = ScrapeBatchAccepted(
+        batch_id=batch_id, batch_url=batch_url(request, batch_id), jobs=accepted
+    )
+    return json_model(batch, status=202)
 
 
 async def job_status(request: web.Request) -> web.Response:
@@ -190,6 +196,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/openapi.json", openapi_document)
     add_dead_letter_routes(app)
+    add_batch_routes(app)
     add_source_routes(app)
     add_document_routes(app)
     add_export_routes(app)

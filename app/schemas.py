@@ -88,7 +88,26 @@ class DeadLetterPage(BaseModel):
 
 
 class ScrapeBatchAccepted(BaseModel):
+    batch_id: str
+    batch_url: str  # GET it for the progress of the whole batch
     jobs: list[ScrapeAccepted]
+
+
+class ScrapeBatchJob(BaseModel):
+    job_id: str
+    url: str
+    status: JobState
+    status_url: str
+
+
+class ScrapeBatch(BaseModel):
+    """`GET /batches/{batch_id}`: the jobs of a multi-URL scrape and how far they are."""
+
+    batch_id: str
+    total: int
+    finished: int  # complete, failed or aborted
+    by_status: dict[str, int]
+    jobs: list[ScrapeBatchJob]
 
 
 class ScrapeAcceptedAny(RootModel[ScrapeAccepted | ScrapeBatchAccepted]):

@@ -128,3 +128,13 @@ async def test_scrape_batch_enqueues_one_job_per_url(api: ApiClient, redis: ArqR
     assert await redis.zcard("arq:queue") == 2
     statuses = [(await (await api.get(j["status_url"])).json())["status"] for j in jobs]
     assert statuses == ["queued", "queued"]
+    batch = await (await api.get((await response.json())["batch_url"])).json()
+    assert (batch["total"], batch["finished"], batch["by_status"]) == (2, 0, {"queued": 2})
+    listed = [(j["job_id"], j["url"]) for j in batch["jobs"]]
+    assert listed == [(j["job_id"], j["url"]) for j in jobs]
+
+
+async def test_unknown_batch_is_404(api: ApiClient) -> None:
+    response = await api.get("/batches/" + "0" * 32)
+    assert response.status == 404
+    assert (await response.json())["error"] == "not_found"

@@ -80,3 +80,21 @@ async def test_one_worker_runs_slow_scrapes_concurrently(
     # measured in the jobs themselves too: their run windows overlap
     windows = sorted((s["start_time"], s["finish_time"]) for s in final.values())
     assert windows[-1][0] < windows[0][1], "the last job started only after the first finished"
+
+
+async def test_a_batch_reports_the_progress_of_its_scrapes(
+    api: ApiClient, worker: Worker, site: tuple[str, SiteStats]
+) -> None:
+    base, _ = site
+    urls = [f"{base}/page/1", f"{base}/missing", f"{base}/page/2"]  # /missing answers 404
+    accepted = await (await api.post("/jobs/scrape", json={"urls": urls})).json()
+    assert accepted["batch_url"] == f"/batches/{accepted['batch_id']}"
+
+    async def finished() -> dict[str, Any] | None:
+        batch: dict[str, Any] = await (await api.get(accepted["batch_url"])).json()
+        return batch if batch["finished"] == batch["total"] else None
+
+    batch = await wait_for(finished, timeout=30, interval=0.1, what="the batch")
+    assert batch["by_status"] == {"complete": 2, "failed": 1}
+    assert [j["status"] for j in batch["jobs"]] == ["complete", "failed", "complete"]
+    assert [j["url"] for j in batch["jobs"]] == urls

@@ -3,10 +3,9 @@ monitor writes (jobs/monitor.py) and the stores of dead letters, sources and doc
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +15,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import DeserializationError, JobDef, deserialize_job, deserialize_result
 from redis.asyncio import Redis
 
-from app.jobstatus import read_job
+from app.jobstatus import read_job, read_jobs
 from app.schemas import JobView
 from app.settings import Settings
 from jobs.documents import source_docs_key
@@ -42,7 +41,6 @@ WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timede
 RUNNING_SAMPLE = 200
 QUEUE_SAMPLE = 100
 RECENT_SAMPLE = 200
-READ_CONCURRENCY = 16  # read_job round trips in flight at once, to spare the connection pool
 CHART_MINUTES = 60
 SECRET_WORDS = ("password", "secret", "token", "key", "authorization")
 REDACTED = "***"
@@ -193,16 +191,6 @@ async def listed_job_ids(redis: Redis, queue_name: str) -> list[str]:
         pipe.zrevrange(RECENT_KEY, 0, RECENT_SAMPLE - 1)
         running, queued, recent = await pipe.execute()
     return list(dict.fromkeys(as_text(i) for i in (*running, *queued, *recent)))
-
-
-async def read_jobs(redis: ArqRedis, queue_name: str, ids: Iterable[str]) -> list[JobView]:
-    limiter = asyncio.Semaphore(READ_CONCURRENCY)
-
-    async def one(job_id: str) -> JobView:
-        async with limiter:
-            return await read_job(redis, job_id, queue_name)
-
-    return list(await asyncio.gather(*(one(job_id) for job_id in ids)))
 
 
 async def list_jobs(redis: ArqRedis, queue_name: str, where: JobFilter) -> list[JobView]:
