@@ -67,3 +67,27 @@ async def test_two_workers_share_a_backlog_and_run_each_job_once(
     finally:
         for worker, task in workers:
             await stop_worker(worker, task)
+
+
+async def test_jobs_from_plain_arq_producers_are_picked_up_by_polling(
+    make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
+) -> None:
+    """arq's own enqueue_job pushes no wake-up: the worker still finds its jobs at its next poll
+    (every 0.1 s, production's poll_delay); the bound is loose, the machine is shared."""
+    base, stats = site
+    worker, task = await start_worker(make_settings(), poll_delay=0.1, cron_jobs=[])
+    try:
+        for n in range(5):
+            job = await redis.enqueue_job("scrape", target={"url": f"{base}/page/{n}"})
+            assert job is not None
+
+            async def done(job: Job = job) -> bool:
+                return await job.status() == JobStatus.complete
+
+            await wait_for(done, timeout=10, interval=0.01, what="a plain arq job")
+            info = await job.result_info()
+            assert info is not None and info.success
+            assert (info.start_time - info.enqueue_time).total_seconds() < 1.0
+        assert sum(stats.hits.get(f"/page/{n}", 0) for n in range(5)) == 5
+    finally:
+        await stop_worker(worker, task)
