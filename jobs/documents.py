@@ -23,6 +23,7 @@ from jobs.values import as_text
 DOC_KEY_PREFIX = "asyncjobs:doc:"
 DOC_INDEX_KEY = "asyncjobs:docs"
 DOC_CHANGED_KEY = "asyncjobs:docs:changed"
+MAX_STORED_LINKS = 500  # links kept per document, for following them after a 304
 
 
 class DocumentSnapshot(BaseModel):
@@ -96,14 +97,22 @@ return 1
 """
 
 
-async def save_document(redis: Redis, snapshot: DocumentSnapshot, keep_versions: int = 5) -> bool:
+async def save_document(
+    redis: Redis,
+    snapshot: DocumentSnapshot,
+    keep_versions: int = 5,
+    links: list[str] | None = None,
+) -> bool:
     """Store a fetch of `snapshot.url`; True when its content changed (a new version).
     One script: the comparison with the stored content and the write cannot interleave with
-    another worker's save of the same URL, and it is one round trip."""
+    another worker's save of the same URL, and it is one round trip. The page's `links` are
+    kept with it, so a later 304 (not modified) can still follow them."""
     doc_id = document_id(snapshot.url)
     fields: dict[str, Any] = snapshot.model_dump(mode="json")
     fields["extracted"] = json.dumps(fields["extracted"])
     fields["changed_at"] = fields["fetched_at"]
+    if links is not None:
+        fields["links"] = json.dumps(links[:MAX_STORED_LINKS])
     version = DocumentVersion(
         content_hash=snapshot.content_hash,
         fetched_at=snapshot.fetched_at,
@@ -178,6 +187,13 @@ def parse_document(doc_id: str, raw: dict[Any, Any], versions: int = 1) -> Store
 async def load_versions(redis: Redis, doc_id: str) -> list[DocumentVersion]:
     raws = await redis.lrange(versions_key(doc_id), 0, -1)  # type: ignore[misc]
     return [DocumentVersion.model_validate_json(raw) for raw in raws]
+
+
+async def stored_links(redis: Redis, url: str) -> list[str]:
+    """The links of the stored snapshot of `url` (none before the first save)."""
+    raw = await redis.hget(DOC_KEY_PREFIX + document_id(url), "links")  # type: ignore[misc]
+    links: list[str] = json.loads(raw) if raw else []
+    return links
 
 
 async def previous_validators(redis: Redis, url: str) -> tuple[str | None, str | None]:

@@ -27,6 +27,7 @@ from jobs.documents import (
     previous_validators,
     record_unchanged,
     save_document,
+    stored_links,
 )
 from jobs.errors import JobError, PermanentJobError, TransientJobError
 from jobs.html import is_valid_selector, summarize_html
@@ -279,7 +280,7 @@ async def scrape_url(
 ) -> tuple[dict[str, Any], list[str]]:
     """Fetch (conditionally, if the URL was seen before), summarize and save `url`.
 
-    Returns the job result and the page's links (empty when the page did not change)."""
+    Returns the job result and the page's links (the stored ones when the server says 304)."""
     settings: Settings = ctx["settings"]
     redis: Redis = ctx["redis"]
     fetcher: Fetcher = ctx["fetcher"]
@@ -300,7 +301,8 @@ async def scrape_url(
         await record_unchanged(redis, url, now_utc(), fetch_ms,
                                etag=page.etag, last_modified=page.last_modified)  # fmt: skip
         log.info("scraped %s -> 304 not modified (%.0f ms)", url, fetch_ms)
-        return {"document_id": doc_id, "url": url, "status": 304, "changed": False}, []
+        result = {"document_id": doc_id, "url": url, "status": 304, "changed": False}
+        return result, await stored_links(redis, url)  # the page is the same: so are its links
     html = decode_body(page.body, page.charset)
     if len(page.body) > PARSE_IN_THREAD_BYTES:
         summary = await asyncio.to_thread(summarize_html, html, selectors)
@@ -324,7 +326,7 @@ async def scrape_url(
         etag=page.etag,
         last_modified=page.last_modified,
     )
-    changed = await save_document(redis, snapshot, settings.scrape_keep_versions)
+    changed = await save_document(redis, snapshot, settings.scrape_keep_versions, summary.links)
     log.info("scraped %s -> %s (%d chars, %.0f ms, %s)", url, page.status, len(summary.text),
              fetch_ms, "changed" if changed else "unchanged")  # fmt: skip
     result = {

@@ -11,9 +11,9 @@ from arq.connections import ArqRedis
 
 from app.settings import Settings
 from jobs.documents import DOC_INDEX_KEY, document_id, load_document
-from jobs.scheduler import TICK_KEY, run_key
-from jobs.sources import source_failures_key
-from tests.conftest import start_worker, stop_worker
+from jobs.scheduler import TICK_KEY, run_key, scrape_source, source_job_id
+from jobs.sources import SourceSpec, create_source, source_failures_key
+from tests.conftest import Ctx, start_worker, stop_worker
 from tests.helpers import ApiClient, wait_for
 from tests.servers import CrawlStats
 
@@ -135,3 +135,23 @@ async def test_two_workers_scrape_each_due_source_once_per_period(
         f"cron uniqueness: 2 workers, {ticks} ticks, 3 sources -> page fetches "
         f"{[stats.hits[f'/plain/{n}'] for n in range(3)]} for periods {list(periods.values())}"
     )
+
+
+async def test_a_start_page_that_did_not_change_still_has_its_links_followed(
+    make_ctx: Callable[..., Ctx], redis: ArqRedis, crawl_site: tuple[int, CrawlStats]
+) -> None:
+    """Next period the server answers 304 for /news: no new version, but the links stored with
+    the page are followed again, so the run still reaches the articles."""
+    port, stats = crawl_site
+    spec = SourceSpec(url=f"http://127.0.0.1:{port}/news", schedule="hourly", follow_links=1)
+    source = await create_source(redis, spec)
+    ctx = make_ctx(scheduler_tick_seconds=1) | {"job_try": 1, "job_id": "test"}
+    first = await scrape_source(ctx, source_id=source.id, period=1)
+    second = await scrape_source(ctx, source_id=source.id, period=2)
+    assert (first["status"], second["status"], second["changed"]) == (200, 304, False)
+    assert first["followed"] == second["followed"] == 6  # /news/1-5 and /private (robots later)
+    queued = {m.decode() for m in await redis.zrange("arq:queue", 0, -1)}
+    for n in range(1, 6):
+        link = f"http://127.0.0.1:{port}/news/{n}"
+        assert {source_job_id(source.id, 1, link), source_job_id(source.id, 2, link)} <= queued
+    assert stats.hits["/news"] == 2
