@@ -83,6 +83,7 @@ class Engine:
     celery_concurrency: int | None = None
     http_pool: int = HTTP_POOL  # arq engines: SCRAPE_MAX_CONNECTIONS
     settings: tuple[tuple[str, object], ...] = ()  # arq engines: more environment settings
+    processes: int = 1  # arq engines: worker processes (started by bench/workers.py)
 
     def producer(self) -> tuple[str, Producer]:
         """How jobs are enqueued: (description, producer); arq engines only."""
@@ -90,7 +91,9 @@ class Engine:
 
     def scrape_concurrency(self) -> int:
         """Requests in flight at most: an arq worker's jobs share one aiohttp pool."""
-        return min(self.max_jobs, self.http_pool) if self.kind == "arq" else self.max_jobs
+        if self.kind == "arq":
+            return min(self.max_jobs, self.http_pool) * self.processes
+        return self.max_jobs
 
     # --- the worker ---------------------------------------------------------------------
 
@@ -98,6 +101,8 @@ class Engine:
         if self.kind == "arq":
             env = child_env(**(arq_env(services) | dict(self.settings)))
             command = python_module("arq", self.target)
+            if self.processes > 1:
+                command = python_module("bench.workers", str(self.processes), *command)
         else:
             if services.celery_python is None:
                 raise BenchError("the Celery venv is not set up")
@@ -271,6 +276,8 @@ ENGINES: dict[str, Engine] = {
     for engine in (
         Engine("asyncjobs", "arq", ASYNCJOBS_SETTINGS, 500,
                "this project's worker as production runs it (+ a no-op job)"),
+        Engine("asyncjobs-2", "arq", ASYNCJOBS_SETTINGS, 500,
+               "the same, two worker processes (for CPU-bound jobs)", processes=2),
         Engine("arq-default", "arq", "bench.arq_settings.DefaultSettings", 10,
                "plain arq 0.28, default settings (max_jobs=10, poll_delay=0.5)"),
         Engine("arq-tuned", "arq", "bench.arq_settings.TunedSettings", 500,

@@ -104,8 +104,9 @@ def workload_table(name: str, results: list[RunResult]) -> list[str]:
         for r in results:
             engine = ENGINES[r.engine]
             limit = n * PAGE_DELAY_S / r.concurrency
+            per = f"{engine.processes} processes, each " if engine.processes > 1 else ""
             why = (
-                f" (max_jobs {engine.max_jobs}, HTTP pool {engine.http_pool})"
+                f" ({per}max_jobs {engine.max_jobs}, HTTP pool {engine.http_pool})"
                 if engine.kind == "arq"
                 else ""
             )
@@ -211,9 +212,11 @@ def targets(runs: list[RunResult], pickups: list[PickupResult]) -> list[tuple[st
             f"{p50:.1f} / {p99:.1f} ms",
             "met" if p50 <= 5 and p99 <= 25 else "missed",
         ))  # fmt: skip
-    email = _rate(runs, "email", "asyncjobs")
-    if email is not None:
-        rows.append(("email ≥ 1,000/s", f"{email:,.0f}/s", "met" if email >= 1000 else "missed"))
+    for engine in ("asyncjobs", "asyncjobs-2"):  # the target does not say how many processes
+        email = _rate(runs, "email", engine)
+        if email is not None:
+            verdict = "met" if email >= 1000 else "missed"
+            rows.append((f"email ≥ 1,000/s ({engine})", f"{email:,.0f}/s", verdict))
     wide = next((r for r in runs if r.engine == WIDE.name and r.peak_rss_mb is not None), None)
     if wide is not None:
         assert wide.peak_rss_mb is not None
