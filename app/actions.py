@@ -15,7 +15,7 @@ from app.jobstatus import read_job
 from app.schemas import JobView
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
 from jobs.export import ExportRequest
-from jobs.queue import enqueue_job
+from jobs.queue import enqueue_job, enqueue_jobs
 
 ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
 
@@ -28,6 +28,15 @@ async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
     if job_id is None:
         raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
     return job_id
+
+
+async def enqueue_many(redis: ArqRedis, function: str, calls: list[dict[str, Any]]) -> list[str]:
+    """`enqueue` for many jobs of one function in one round trip; their ids, in order."""
+    ids = await enqueue_jobs(redis, function, calls)
+    taken = [call.get("_job_id") for call, job_id in zip(calls, ids, strict=True) if not job_id]
+    if taken:
+        raise web.HTTPConflict(text=f"jobs {', '.join(map(str, taken))} already exist")
+    return [job_id for job_id in ids if job_id]
 
 
 async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:

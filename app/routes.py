@@ -20,6 +20,7 @@ from app.export_routes import add_export_routes
 from app.httputil import (
     JOB_ID_PATTERN,
     enqueue,
+    enqueue_many,
     json_model,
     query_int,
     read_json_object,
@@ -101,14 +102,13 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = {"max_urls": settings.max_urls_per_request, "max_selectors": settings.max_selectors}
     scrape = ScrapeRequest.model_validate(await read_json_object(request), context=context)
-    accepted = []
-    for target in scrape.targets():
-        job_id = await enqueue(request, "scrape", target=target.model_dump(mode="json"))
-        accepted.append(
-            ScrapeAccepted(
-                job_id=job_id, status_url=status_url(request, job_id), url=str(target.url)
-            )
-        )
+    targets = scrape.targets()
+    calls = [{"target": target.model_dump(mode="json")} for target in targets]
+    job_ids = await enqueue_many(request, "scrape", calls)
+    accepted = [
+        ScrapeAccepted(job_id=job_id, status_url=status_url(request, job_id), url=str(target.url))
+        for job_id, target in zip(job_ids, targets, strict=True)
+    ]
     if scrape.url is not None:
         return json_model(accepted[0], status=202)
     batch_id = uuid.uuid4().hex

@@ -155,6 +155,31 @@ async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str |
     """arq's `enqueue_job` in one round trip, which also counts the job for the metrics and
     wakes a waiting worker: the new job's id, or None if a job with `_job_id` exists.
     Takes arq's options: `_job_id`, `_queue_name`, `_defer_by`, `_expires`, `_job_try`."""
+    job_id, keys, args = _enqueue_call(redis, function, kwargs)
+    added = await scripts_for(redis).enqueue(keys=keys, args=args)
+    return job_id if added else None
+
+
+async def enqueue_jobs(
+    redis: ArqRedis, function: str, calls: Sequence[dict[str, Any]]
+) -> list[str | None]:
+    """`enqueue_job` for many jobs of one function, in one pipelined round trip."""
+    script = scripts_for(redis).enqueue
+    ids = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for kwargs in calls:
+            job_id, keys, args = _enqueue_call(redis, function, dict(kwargs))
+            await script(keys=keys, args=args, client=pipe)
+            ids.append(job_id)
+        added = await pipe.execute()
+    return [job_id if ok else None for job_id, ok in zip(ids, added, strict=True)]
+
+
+def _enqueue_call(
+    redis: ArqRedis, function: str, kwargs: dict[str, Any]
+) -> tuple[str, list[str], list[Any]]:
+    """(job id, keys, arguments) of the enqueue script for one job; takes arq's options out of
+    `kwargs`, leaving the job's own arguments."""
     job_id: str = kwargs.pop("_job_id", None) or uuid4().hex
     queue: str = kwargs.pop("_queue_name", None) or redis.default_queue_name
     defer_ms = to_ms(kwargs.pop("_defer_by", None)) or 0
@@ -173,9 +198,7 @@ async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str |
         wake_key(queue),
     ]
     expires = expires_ms or defer_ms + redis.expires_extra_ms
-    args = [job, expires, score, job_id, f"enqueued|{function}"]
-    added = await scripts_for(redis).enqueue(keys=keys, args=args)
-    return job_id if added else None
+    return job_id, keys, [job, expires, score, job_id, f"enqueued|{function}"]
 
 
 def waiting_counts(due: int, not_due: int, running: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import Job, JobStatus, deserialize_job_raw
 
 from jobs.monitor import COUNTERS_KEY
-from jobs.queue import Finish, claim, enqueue_job, finish, renew_leases, wake_key
+from jobs.queue import Finish, claim, enqueue_job, enqueue_jobs, finish, renew_leases, wake_key
 
 QUEUE = "arq:queue"
 LEASE_MS = 15_000
@@ -117,3 +117,13 @@ async def test_a_job_costs_fewer_redis_commands_than_plain_arq(redis: ArqRedis) 
 async def _command_calls(redis: ArqRedis) -> int:
     stats = await redis.info("commandstats")
     return sum(int(v["calls"]) for v in stats.values())
+
+
+async def test_enqueue_many_is_one_pipeline_and_refuses_taken_ids(redis: ArqRedis) -> None:
+    await enqueue_job(redis, "noop", _job_id="taken")
+    ids = await enqueue_jobs(redis, "scrape", [{"n": 1}, {"n": 2, "_job_id": "taken"}, {"n": 3}])
+    assert ids[1] is None and ids[0] and ids[2] and ids[0] != ids[2]
+    assert await redis.zcard(QUEUE) == 3
+    raw = await redis.get(job_key_prefix + str(ids[2]))
+    assert deserialize_job_raw(raw)[:3] == ("scrape", (), {"n": 3})
+    assert await redis.hget(COUNTERS_KEY, "enqueued|scrape") == b"2"  # type: ignore[misc]
