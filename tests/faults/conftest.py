@@ -47,6 +47,12 @@ async def wait_all_finished(
     return await wait_for(finished, timeout=timeout, interval=0.25, what="all jobs to finish")
 
 
+def job_outcomes(views: list[JobView]) -> tuple[int, int]:
+    """(jobs complete, jobs that ran more than once) among `views`."""
+    completed = sum(v.status == "complete" for v in views)
+    return completed, sum((v.tries or 0) > 1 for v in views)
+
+
 def delivery_counts(
     handler: RecordingSmtpHandler, accepted: list[dict[str, Any]]
 ) -> tuple[int, int, int]:

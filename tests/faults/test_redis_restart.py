@@ -9,7 +9,12 @@ from pathlib import Path
 from app.broker import connect
 from app.settings import Settings
 from app.web import create_app
-from tests.faults.conftest import delivery_counts, post_emails, wait_all_finished
+from tests.faults.conftest import (
+    delivery_counts,
+    job_outcomes,
+    post_emails,
+    wait_all_finished,
+)
 from tests.faults.procs import RedisServer, start_worker_process, stop_process
 from tests.helpers import ApiClient, api_client, wait_for
 from tests.servers import RecordingSmtpHandler
@@ -68,8 +73,7 @@ async def test_redis_restart_loses_no_accepted_job(
         await own_redis.aclose(close_connection_pool=True)
         await server.stop()
 
-    completed = sum(v.status == "complete" for v in views)
-    rerun = sum((v.tries or 0) > 1 for v in views)
+    completed, rerun = job_outcomes(views)
     _, lost, duplicates = delivery_counts(handler, accepted)
     fault_report(
         f"Redis restart: enqueued={len(accepted)} completed={completed} lost={lost} "

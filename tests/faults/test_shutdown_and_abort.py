@@ -15,6 +15,7 @@ from app.settings import Settings
 from tests.conftest import start_worker, stop_worker
 from tests.faults.conftest import (
     delivery_counts,
+    job_outcomes,
     job_views,
     post_emails,
     sink_worker_env,
@@ -53,7 +54,7 @@ async def test_sigterm_lets_running_jobs_finish(
     views = await job_views(redis, [a["job_id"] for a in accepted])
     late_views = await job_views(redis, [a["job_id"] for a in late])
     delivered, lost, duplicates = delivery_counts(handler, accepted)
-    completed = sum(v.status == "complete" for v in views)
+    completed, _ = job_outcomes(views)
     fault_report(
         f"SIGTERM with 20 running 1-second jobs: completed={completed} lost={lost} "
         f"duplicates={duplicates}, worker exited {took:.1f}s after SIGTERM (grace 10 s)"

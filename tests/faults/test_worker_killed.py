@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from jobs.email import SENT_KEY_PREFIX
 from tests.faults.conftest import (
     delivery_counts,
+    job_outcomes,
     post_emails,
     sink_worker_env,
     wait_all_finished,
@@ -72,8 +73,7 @@ async def test_kill_9_mid_batch_loses_nothing_and_sends_nothing_twice(
     finally:
         await stop_process(first)
 
-    completed = sum(v.status == "complete" for v in views)
-    rerun = sum((v.tries or 0) > 1 for v in views)
+    completed, rerun = job_outcomes(views)
     delivered, lost, duplicates = delivery_counts(handler, accepted)
     fault_report(
         f"kill -9 mid-batch: enqueued={TOTAL} completed={completed} delivered={delivered} "
