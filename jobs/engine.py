@@ -16,7 +16,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from arq.constants import keep_cronjob_progress, retry_key_prefix
 from arq.cron import CronJob
@@ -29,6 +29,7 @@ from jobs.queue import RETRY_KEY_TTL_S, Claimed, Finish, claim, finish, renew_le
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
 
 RENEW_EVERY_S = 1.0
+T = TypeVar("T")
 
 
 class WakeUp:
@@ -76,7 +77,11 @@ class Engine:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.lease_ms = int(worker.in_progress_timeout_s * 1000)
-        self._finishing: list[tuple[Finish, asyncio.Future[None]]] = []
+        # ends waiting to be written; a future for each that a job task waits on (None: a
+        # claim handed back, which nobody waits for)
+        self._finishing: list[tuple[Finish, asyncio.Future[None] | None]] = []
+        # claimed jobs whose end is not yet on its way to Redis, by id
+        self._unwritten: dict[str, Claimed] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._renewed_at = time.monotonic()
 
@@ -110,9 +115,9 @@ class Engine:
         try:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
-            _, claimed = await claiming
+            (_, claimed), _ = await outlast_cancellation(claiming)
             back = [Finish(job.job_id, done=False, score=job.score) for job in claimed]
-            await finish(w.pool, w.queue_name, back)
+            await outlast_cancellation(asyncio.ensure_future(finish(w.pool, w.queue_name, back)))
             raise
 
     def _start(self, job: Claimed) -> None:
@@ -124,6 +129,7 @@ class Engine:
             return
         w.job_counter += 1
         wake_state().running += 1
+        self._unwritten[job.job_id] = job
         task = asyncio.get_running_loop().create_task(run_claimed(w, self, job))
         w.tasks[job.job_id] = task
         task.add_done_callback(functools.partial(self._done, job.job_id))
@@ -136,6 +142,10 @@ class Engine:
             del w.tasks[job_id]
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("job %s: the engine failed to run it", job_id, exc_info=exc)
+        if (job := self._unwritten.pop(job_id, None)) is not None:
+            # Ended without writing its end: cancelled before it ran (the worker is stopping)
+            # or the engine failed. Hand it back to run again now, not when its lease ends.
+            self._write(Finish(job_id, done=False, score=job.score), None)
         wake_up()  # a slot is free: look for the next job now, not at the next poll
 
     def _cancel(self, aborts: list[str]) -> None:
@@ -149,30 +159,72 @@ class Engine:
     # -- batched finishes --
     async def finish(self, item: Finish) -> None:
         """Write how a job ended; returns once it is in Redis. Jobs that end while a write is
-        under way go together in the next one."""
+        under way go together in the next one.
+
+        A cancellation that arrives meanwhile (the worker is stopping: arq cancels every task
+        it has) is absorbed: the job has already ended, so there is nothing left to stop, and
+        its task ends normally once the write is done instead of leaving it half made."""
+        self._unwritten.pop(item.job_id, None)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._write(item, future)
+        _, cancels = await outlast_cancellation(future)
+        task = asyncio.current_task()
+        for _ in range(cancels):
+            if task is not None:
+                task.uncancel()
+
+    def _write(self, item: Finish, future: asyncio.Future[None] | None) -> None:
         self._finishing.append((item, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="finish-jobs")
-        await asyncio.shield(future)
+
+    async def drain(self) -> None:
+        """Wait until every end handed to the engine is written (the worker is closing)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
     async def _flush(self) -> None:
         while self._finishing:
             batch, self._finishing = self._finishing, []
+            futures = [future for _, future in batch if future is not None]
             try:
                 await finish(self.worker.pool, self.worker.queue_name, [i for i, _ in batch])
             except asyncio.CancelledError:
-                for _, future in batch:
+                for future in futures:
                     future.cancel()
                 raise
             except Exception as exc:  # the jobs run again when their leases end
-                for _, future in batch:
+                if len(futures) < len(batch):
+                    log.warning(
+                        "handing claimed jobs back failed (%s); they run again "
+                        "when their leases end",
+                        exc,
+                    )
+                for future in futures:
                     if not future.done():
                         future.set_exception(exc)
             else:
-                for _, future in batch:
+                for future in futures:
                     if not future.done():
                         future.set_result(None)
+
+
+async def outlast_cancellation(future: asyncio.Future[T]) -> tuple[T, int]:
+    """Wait for `future` even if the caller is cancelled meanwhile, any number of times; its
+    result and how many cancellations arrived. Only a cancellation of `future` itself (the
+    loop is closing) ends the wait early.
+
+    For writes that record what already happened (a job's end, claims handed back): dropped
+    halfway, they would leave jobs hidden until their lease ends or run a finished job again.
+    """
+    cancels = 0
+    while True:
+        try:
+            return await asyncio.shield(future), cancels
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            cancels += 1
 
 
 def engine_of(worker: Worker) -> Engine:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_ATTEMPTS = 3
 MIN_POLL_GAP_S = 0.01
 POLL_ERROR_PAUSE_S = 0.5
+DEFAULT_LEASE_S = Settings.model_fields["job_lease_seconds"].default
 
 
 class HandshakeRetryingConnection(Connection):
@@ -88,13 +90,16 @@ async def _poll_iteration(self: Worker) -> None:
 
 
 _arq_init = Worker.__init__
-_lease = {"seconds": 15.0}
 
 
 @functools.wraps(_arq_init)  # arq's CLI reads the parameters from the signature
 def _init_with_lease(self: Worker, *args: Any, **kwargs: Any) -> None:
+    """The lease comes from the worker's own settings (its ctx), not from the process: two
+    workers in one process (tests) each keep theirs."""
     _arq_init(self, *args, **kwargs)
-    self.in_progress_timeout_s = min(self.in_progress_timeout_s, _lease["seconds"])
+    settings = self.ctx.get("settings")
+    lease = settings.job_lease_seconds if isinstance(settings, Settings) else DEFAULT_LEASE_S
+    self.in_progress_timeout_s = min(self.in_progress_timeout_s, lease)
 
 
 async def _poll_or_wake(step: float) -> AsyncIterator[float]:
@@ -118,6 +123,25 @@ async def _poll_or_wake(step: float) -> AsyncIterator[float]:
         gap = loop.time() - before
         if gap < MIN_POLL_GAP_S and state.running:
             await asyncio.sleep(MIN_POLL_GAP_S - gap)
+
+
+async def _close(self: Worker) -> None:
+    """arq's `close`, except that it waits for every job task whatever way it ended, then for
+    the engine's last writes. arq gathers the tasks without `return_exceptions`, so one task
+    that ended cancelled (stopped before it ran) raised CancelledError out of `close`: the
+    shutdown hook never ran, the Redis pool and HTTP session stayed open, and the jobs the
+    task held stayed hidden until their leases ended."""
+    if not self._handle_signals:
+        self.handle_sig(signal.SIGUSR1)
+    if not self._pool:
+        return
+    await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+    await engine_of(self).drain()
+    await self.pool.delete(self.health_check_key)
+    if self.on_shutdown:
+        await self.on_shutdown(self.ctx)
+    await self.pool.aclose(close_connection_pool=True)
+    self._pool = None
 
 
 class WakeListener:
@@ -149,9 +173,10 @@ class WakeListener:
                 await asyncio.sleep(1)
 
 
-def install(lease_seconds: float = 15.0) -> None:
-    """Patch arq's Worker in this process (arq is pinned to 0.28.x, where this was checked)."""
-    _lease["seconds"] = lease_seconds
+def install() -> None:
+    """Patch arq's Worker in this process (arq is pinned to 0.28.x, where this was checked).
+    Idempotent; holds no state of its own."""
     Worker.__init__ = _init_with_lease  # type: ignore[method-assign]
     Worker._poll_iteration = _poll_iteration  # type: ignore[method-assign]
+    Worker.close = _close  # type: ignore[method-assign]
     arq.worker.poll = _poll_or_wake  # type: ignore[attr-defined,assignment]
