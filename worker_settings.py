@@ -13,6 +13,6 @@ from jobs.worker import worker_options
 # arq's CLI configures logging right after importing this module: give it our config (JSON
 # lines, or text with LOG_FORMAT=text) instead of its own.
 arq.cli.default_log_config = log_config  # type: ignore[attr-defined]
-install(get_settings().job_lease_seconds)  # leases, wake-ups, Redis restarts: jobs/resilience.py
+install()  # leases, wake-ups, Redis restarts: jobs/resilience.py
 
 WorkerSettings = type("WorkerSettings", (), worker_options(get_settings()))

@@ -119,4 +119,5 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "poll_delay": 0.1,
         "allow_abort_jobs": True,
         "job_completion_wait": settings.shutdown_grace,
+        "ctx": {"settings": settings},  # the jobs' settings, and the engine's lease
     }

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import ip_network
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import ClientSession
@@ -18,7 +19,7 @@ from redis.asyncio import Redis
 
 from app.broker import connect
 from app.mailsink import server_port, start_smtp_server
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from app.web import create_app
 from jobs.resilience import install
 from jobs.scrape import Fetcher, make_http_session
@@ -26,11 +27,47 @@ from jobs.worker import worker_options
 from tests.helpers import ApiClient, api_client
 from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
 
+pytest_plugins = ["pytester"]  # tests/test_isolation.py runs pytest on small test files
+
 # A database of its own, flushed before each test: never the one the dev stack uses (0).
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 LOOPBACK = [ip_network("127.0.0.0/8"), ip_network("::1/128")]
 API_KEY, READ_KEY = "test-key-full-access", "test-key-read-only"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+T = TypeVar("T")
+
+
+def isolated_teardown(
+    fixture: Callable[..., AsyncIterator[T]],
+) -> Callable[..., AsyncIterator[T]]:
+    """Make a failed teardown an ordinary error that fails this test alone.
+
+    A teardown that raises a BaseException (an asyncio.CancelledError) stops pytest from running
+    the test's other finalizers; their fixtures stay cached and the next tests get them (the
+    same Redis client, never flushed; the same TestClient; a worker never closed), so one
+    failure spread to dozens of tests. An Exception lets pytest finish the teardown."""
+
+    @functools.wraps(fixture)
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[T]:
+        steps = fixture(*args, **kwargs)
+        yield await anext(steps)
+        try:
+            await anext(steps)
+        except StopAsyncIteration:
+            return
+        except asyncio.CancelledError as exc:
+            raise RuntimeError(f"the teardown of {fixture.__name__} was cancelled") from exc
+        raise RuntimeError(f"fixture {fixture.__name__} yielded twice")
+
+    return wrapper
+
+
+@pytest.fixture(autouse=True)
+def _no_state_from_earlier_tests() -> Iterator[None]:
+    """Settings read from the environment are cached per process: each test reads its own."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,6 +88,7 @@ def _redis_must_answer() -> None:
 
 
 @pytest.fixture
+@isolated_teardown
 async def redis() -> AsyncIterator[ArqRedis]:
     client = connect(Settings(_env_file=None, redis_url=TEST_REDIS_URL))
     await client.flushdb()
@@ -59,6 +97,7 @@ async def redis() -> AsyncIterator[ArqRedis]:
 
 
 @pytest.fixture
+@isolated_teardown
 async def smtp() -> AsyncIterator[tuple[RecordingSmtpHandler, int]]:
     handler = RecordingSmtpHandler()
     server = await start_smtp_server(handler)
@@ -68,6 +107,7 @@ async def smtp() -> AsyncIterator[tuple[RecordingSmtpHandler, int]]:
 
 
 @pytest.fixture
+@isolated_teardown
 async def site() -> AsyncIterator[tuple[str, SiteStats]]:
     """Base URL (http://127.0.0.1:PORT) of the test site, and its hit counters."""
     stats = SiteStats()
@@ -78,6 +118,7 @@ async def site() -> AsyncIterator[tuple[str, SiteStats]]:
 
 
 @pytest.fixture
+@isolated_teardown
 async def crawl_site() -> AsyncIterator[tuple[int, CrawlStats]]:
     """The crawl site's port (reach it as 127.0.0.1 or localhost: two hosts) and its stats."""
     stats = CrawlStats()
@@ -122,6 +163,7 @@ Ctx = dict[str, Any]  # a job's context, as the worker's startup builds it
 
 
 @pytest.fixture
+@isolated_teardown
 async def make_ctx(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> AsyncIterator[Callable[..., Ctx]]:
@@ -141,6 +183,7 @@ async def make_ctx(
 
 
 @pytest.fixture
+@isolated_teardown
 async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
     """The real aiohttp app on a loopback port, with a client for it."""
     async with api_client(create_app(settings)) as client:
@@ -148,9 +191,9 @@ async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
 
 
 async def start_worker(settings: Settings, **overrides: Any) -> tuple[Worker, asyncio.Task[None]]:
-    install(settings.job_lease_seconds)  # as worker_settings.py does for production workers
+    install()  # as worker_settings.py does for production workers
     options = worker_options(settings) | {"handle_signals": False, "poll_delay": 0.01} | overrides
-    worker = Worker(**options, ctx={"settings": settings})
+    worker = Worker(**options)
     task = asyncio.create_task(worker.main())
     return worker, task
 
@@ -162,6 +205,7 @@ async def stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
 
 
 @pytest.fixture
+@isolated_teardown
 async def worker(settings: Settings, redis: ArqRedis) -> AsyncIterator[Worker]:
     """A real arq Worker running in this test's event loop."""
     running, task = await start_worker(settings)
@@ -170,6 +214,7 @@ async def worker(settings: Settings, redis: ArqRedis) -> AsyncIterator[Worker]:
 
 
 @pytest.fixture
+@isolated_teardown
 async def http() -> AsyncIterator[ClientSession]:
     async with ClientSession() as session:
         yield session
