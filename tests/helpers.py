@@ -35,6 +35,22 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def start_of_a_window(seconds: float) -> int:
+    """Wait until a fixed window of `seconds` (as the rate limits count them) has just begun,
+    so a short burst of requests lands in one window whichever side of a boundary the test
+    started on; the window's number. The caller asserts that its burst stayed inside it."""
+
+    async def early() -> bool:
+        return time.time() % seconds < seconds / 8
+
+    await wait_for(early, timeout=seconds + 1, interval=0.01, what="the start of a window")
+    return window_number(seconds)
+
+
+def window_number(seconds: float) -> int:
+    return int(time.time() // seconds)
+
+
 def api_client(app: web.Application) -> ApiClient:
     """A client of the real app on a loopback port, sending the tests' full-access API key."""
     from tests.conftest import AUTH

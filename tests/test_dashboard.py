@@ -21,7 +21,7 @@ from jobs.deadletter import get_dead_letter
 from jobs.documents import source_docs_key
 from jobs.sources import source_failures_key
 from tests.conftest import API_KEY, READ_KEY
-from tests.helpers import ApiClient, wait_for
+from tests.helpers import ApiClient, start_of_a_window, wait_for, window_number
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
 
@@ -97,13 +97,16 @@ async def test_failed_sign_ins_are_limited_per_address(
 ) -> None:
     """Three failures allowed: the fourth try is 429 with Retry-After, even with the right key;
     once the window has ended the right key works again."""
-    app = create_app(make_settings(login_max_failures=3, login_failure_window=2))
+    window = 4.0
+    app = create_app(make_settings(login_max_failures=3, login_failure_window=window))
     async with TestClient(TestServer(app, host="127.0.0.1")) as ui:
+        started = await start_of_a_window(window)
         for _ in range(3):
             assert (await ui.post("/ui/login", data={"key": "guess"})).status == 401
         blocked = await ui.post("/ui/login", data={"key": API_KEY}, allow_redirects=False)
+        assert window_number(window) == started, "4 sign-ins took longer than 3.5 s"
         assert blocked.status == 429
-        assert 1 <= int(blocked.headers["Retry-After"]) <= 2
+        assert 1 <= int(blocked.headers["Retry-After"]) <= window
         assert "Too many failed sign-ins" in await blocked.text()
         assert "Set-Cookie" not in blocked.headers
 

@@ -202,9 +202,9 @@ async def test_overview_screenshot_is_not_blank(
 
     await wait_for(counted, what="the completed job on the overview")
     await expect(page.locator("#workers")).to_have_text("1")
-    await expect(page.locator("svg.chart rect.ok").last).to_have_attribute(
-        "height", re.compile(r"^[1-9]")
-    )
+    # Some minute's bar has a height: which one depends on the side of a minute boundary the
+    # jobs ran (the last bar is the current minute, empty if they ended in the one before).
+    await expect(page.locator('svg.chart rect.ok:not([height="0.0"])')).not_to_have_count(0)
 
     shot = tmp_path / "overview.png"
     await page.screenshot(path=shot, full_page=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import pytest
@@ -12,7 +11,7 @@ from aiohttp import ClientSession
 from app.settings import Settings
 from app.web import create_app
 from tests.conftest import API_KEY, READ_KEY
-from tests.helpers import ApiClient, api_client, wait_for
+from tests.helpers import ApiClient, api_client, start_of_a_window, wait_for, window_number
 
 EMAIL = {"to": "a@example.com", "subject": "Hi", "text": "t"}
 
@@ -59,16 +58,14 @@ async def test_read_only_key_reads_but_cannot_enqueue(api: ApiClient) -> None:
 async def test_rate_limit_per_key_with_retry_after_and_reset(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(rate_limit_requests=3, rate_limit_window=2)
+    window = 4.0
+    settings = make_settings(rate_limit_requests=3, rate_limit_window=window)
     async with api_client(create_app(settings)) as client:
-
-        async def at_window_start() -> bool:  # so that 4 requests fit inside one window
-            return time.time() % 2 < 1.0
-
-        await wait_for(at_window_start, timeout=5, interval=0.01)
+        started = await start_of_a_window(window)
         statuses = [(await client.post("/jobs/email", json=EMAIL)).status for _ in range(3)]
         assert statuses == [202, 202, 202]
         limited = await client.post("/jobs/email", json=EMAIL)
+        assert window_number(window) == started, "4 requests took longer than 3.5 s"
         assert limited.status == 429
         assert (await limited.json())["error"] == "too_many_requests"
         retry_after = int(limited.headers["Retry-After"])
