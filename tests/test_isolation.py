@@ -7,7 +7,7 @@ import pytest
 
 from tests.faults.procs import REPO
 
-INNER = '''
+INNER = """
 import asyncio
 import pytest
 from tests.conftest import isolated_teardown
@@ -34,7 +34,7 @@ async def test_first(resource):
 async def test_second_gets_fresh_fixtures(resource, client):
     assert closed == [made[0]], "the first test's client was never closed"
     assert len(made) == 2 and client is made[1], "the first test's client was reused"
-'''
+"""
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
