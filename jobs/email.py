@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from jobs.headers import header_name, single_line
 from jobs.monitor import monitor_of
 from jobs.retry import classified
+from jobs.smtp import SendOutcome
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +210,12 @@ async def send_email(
 ) -> dict[str, Any]:
     """arq job: send one message at most once, however often the job itself runs.
 
-    arq runs a job at least once (again after a worker crash). The sent marker, written right
-    after the SMTP server accepts the message, turns that into exactly-once delivery except for
-    one window: a crash after the server's 250 reply and before the marker write (a single Redis
-    round trip) sends the message again on the re-run, with the same Message-ID.
+    arq runs a job at least once (again after a worker crash). The sent marker turns that into
+    effectively-once delivery: it is written as soon as the server accepts the message, before
+    that SMTP connection carries anything else (see SmtpPool.send). The one window left is the
+    message's final reply: a crash after the server has the whole message (the final ".") and
+    before the marker is written sends it again on the re-run, with the same Message-ID. At
+    most one message per open SMTP connection (SMTP_MAX_CONNECTIONS) is in that window.
     """
     settings = ctx["settings"]
     redis: Redis = ctx["redis"]
@@ -222,8 +225,11 @@ async def send_email(
         return {"message_id": message_id, "skipped": "already sent"}
     spec = EmailSpec.model_validate(email)  # the queue is a boundary too
     message = build_message(spec, settings.mail_from, message_id)
-    outcome = await ctx["smtp"].send(message, spec.envelope_recipients())
-    await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
+
+    async def mark_sent(_: SendOutcome) -> None:
+        await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
+
+    outcome = await ctx["smtp"].send(message, spec.envelope_recipients(), on_accepted=mark_sent)
     if monitor := monitor_of(ctx):
         monitor.count("emails_sent")
     log.info("email %s sent to %d recipient(s)", message_id, len(outcome.accepted))

@@ -7,6 +7,7 @@ import contextlib
 import io
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email._policybase import Compat32
 from email.generator import BytesGenerator
@@ -76,7 +77,15 @@ class SmtpPool:
         self._slots = asyncio.Semaphore(settings.smtp_max_connections)
         self._idle: list[_Idle] = []
 
-    async def send(self, message: Message, recipients: list[str]) -> SendOutcome:
+    async def send(
+        self,
+        message: Message,
+        recipients: list[str],
+        on_accepted: Callable[[SendOutcome], Awaitable[None]] | None = None,
+    ) -> SendOutcome:
+        """Send one message. `on_accepted` (the sent marker) runs as soon as the server has
+        accepted it and before its connection carries anything else, so a crash can leave at
+        most one accepted-but-unmarked message per connection: the one in its final reply."""
         async with self._slots:
             client = await self._acquire()
             try:
@@ -85,6 +94,11 @@ class SmtpPool:
                 else:
                     data = message_bytes(message)
                     errors, response = await client.sendmail(message["From"], recipients, data)
+                refused = {rcpt: f"{err.code} {err.message}" for rcpt, err in errors.items()}
+                accepted = [rcpt for rcpt in recipients if rcpt not in refused]
+                outcome = SendOutcome(accepted=accepted, refused=refused, response=response)
+                if on_accepted is not None:
+                    await on_accepted(outcome)
             except aiosmtplib.SMTPException as exc:
                 self._discard(client)
                 raise classify_smtp_error(exc) from exc
@@ -95,9 +109,7 @@ class SmtpPool:
                 self._discard(client)
                 raise
             self._idle.append(_Idle(client, time.monotonic()))
-        refused = {rcpt: f"{err.code} {err.message}" for rcpt, err in errors.items()}
-        accepted = [rcpt for rcpt in recipients if rcpt not in refused]
-        return SendOutcome(accepted=accepted, refused=refused, response=response)
+        return outcome
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

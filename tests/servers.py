@@ -36,6 +36,9 @@ class RecordingSmtpHandler:
     - `gate`: while cleared, finished DATA waits before being accepted.
     - A message whose client is gone by the time it would be accepted is not kept: the 250
       reply could not reach it, so the client rightly thinks it was not delivered.
+    - `unacknowledged`: accepted messages whose client has sent nothing since on that
+      connection (no MAIL, RSET, NOOP or QUIT). After a client is killed, those are the ones
+      that were in their final reply: the only ones it may send again without knowing.
     """
 
     messages: list[ReceivedMail] = field(default_factory=list)
@@ -45,9 +48,48 @@ class RecordingSmtpHandler:
     in_data: int = 0
     dropped: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    # per connection (the aiosmtpd protocol object): the message accepted last, until the client
+    # sends its next command there
+    _last_accepted: dict[SMTP, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.gate.set()
+
+    def unacknowledged(self) -> list[str]:
+        """Message-IDs accepted on connections whose client has said nothing since."""
+        return list(self._last_accepted.values())
+
+    def open_connections_with_unacknowledged(self) -> int:
+        return sum(
+            1
+            for s in self._last_accepted
+            if s.transport is not None and not s.transport.is_closing()
+        )
+
+    def _acknowledged(self, server: SMTP) -> None:
+        self._last_accepted.pop(server, None)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self._acknowledged(server)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._acknowledged(server)
+        return "250 OK"
+
+    async def handle_NOOP(
+        self, server: SMTP, session: Session, envelope: Envelope, arg: str
+    ) -> str:
+        self._acknowledged(server)
+        return "250 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._acknowledged(server)
+        return "221 Bye"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -78,6 +120,7 @@ class RecordingSmtpHandler:
         self.messages.append(
             ReceivedMail(envelope.mail_from or "", list(envelope.rcpt_tos), parsed)
         )
+        self._last_accepted[server] = str(parsed["Message-ID"])
         return "250 OK"
 
     def message_ids(self) -> list[str]:
