@@ -18,6 +18,7 @@ from arq.utils import ms_to_datetime
 
 from app.schemas import JobView
 from jobs.monitor import RUNNING_KEY
+from jobs.retry import RETRYING_KEY_PREFIX
 
 
 async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
@@ -28,7 +29,8 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         pipe.get(job_key_prefix + job_id)
         pipe.zscore(RUNNING_KEY, job_id)  # start ms, written by the worker's monitor
         pipe.get(retry_key_prefix + job_id)
-        raw_result, in_progress, score, raw_job, started_ms, tries = await pipe.execute()
+        pipe.hgetall(RETRYING_KEY_PREFIX + job_id)
+        raw_result, in_progress, score, raw_job, started_ms, tries, retrying = await pipe.execute()
     # (a running job's start time appears within a second: the monitor writes once a second)
 
     if raw_result is not None:
@@ -58,6 +60,7 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         status = "deferred"
     else:
         status = "queued"
+    next_try_ms = retrying.get(b"next_try_ms")
     return JobView(
         job_id=job_id,
         status=status,
@@ -65,6 +68,8 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         enqueue_time=definition.enqueue_time,
         start_time=ms_to_datetime(int(started_ms)) if started_ms and in_progress else None,
         tries=int(tries) if tries else 0,
+        error=retrying[b"error"].decode() if b"error" in retrying else None,
+        next_try_at=ms_to_datetime(int(next_try_ms)) if next_try_ms and not in_progress else None,
     )
 
 

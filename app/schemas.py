@@ -123,7 +123,8 @@ class JobView(BaseModel):
     finish_time: datetime | None = None
     tries: int | None = None
     result: Any = None
-    error: str | None = None
+    error: str | None = None  # why it failed; while it waits for a retry, why the last try failed
+    next_try_at: datetime | None = None  # deferred for a retry: when the next try is due
     progress: BatchProgress | None = None  # bulk jobs: messages sent / failed / pending
     steps: StepProgress | None = None  # long jobs (exports): done / total, current step
 

@@ -53,10 +53,16 @@ class Settings(BaseSettings):
     worker_redis_retry_seconds: float = Field(30, ge=0)
 
     # Retries of transient failures: exponential backoff with jitter, per job family.
-    email_max_tries: int = Field(5, ge=1)
     scrape_max_tries: int = Field(3, ge=1)
     retry_base_delay: float = Field(2.0, gt=0)
     retry_max_delay: float = Field(600, gt=0)
+    # Email retries as an MTA does them: a transient failure (connect error, timeout, 4xx) is
+    # tried again from 1 minute to every hour for 2 days after the message was enqueued
+    # (Postfix: 5 min to 67 min, for 5 days); a 5xx goes to the dead-letter store at once.
+    email_retry_base_delay: float = Field(60, gt=0, description="seconds")
+    email_retry_max_delay: float = Field(3600, gt=0, description="seconds")
+    email_retry_lifetime: float = Field(2 * 24 * 3600, gt=0, description="seconds")
+    email_max_tries: int = Field(500, ge=1, description="a ceiling; the lifetime ends it first")
     sent_marker_ttl: float = Field(7 * 24 * 3600, gt=0, description="dedup window for emails")
     idempotency_ttl: float = Field(24 * 3600, gt=0)
 

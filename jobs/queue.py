@@ -36,6 +36,7 @@ from jobs.monitor import COUNTERS_KEY
 
 RETRY_KEY_TTL_S = 88400  # arq's
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
+KEEP_AFTER_NEXT_TRY_MS = 24 * 3600 * 1000  # arq's expires_extra_ms
 
 
 def wake_key(queue: str) -> str:
@@ -85,12 +86,16 @@ end
 return {aborts, claimed}
 """
 
-# KEYS: queue, abort set. ARGV: the prefixes of the in-progress, job, retry and result keys, then
-# six fields per job: id, "done" or "again", result bytes ("" for none), result TTL ms (0: for
-# ever), new score (for "again"), ms to keep the in-progress key (0: delete it).
+# KEYS: queue, abort set. ARGV: the prefixes of the in-progress, job, retry and result keys, now
+# (ms), how long past its next try a job's data is kept (ms), then six fields per job: id, "done"
+# or "again", result bytes ("" for none), result TTL ms (0: for ever), new score (for "again"),
+# ms to keep the in-progress key (0: delete it).
+# A job put back for a later try keeps its data and its try count at least until then: arq sets
+# their TTLs once (a day), and an email retried for two days would otherwise vanish midway.
 _FINISH = """
 local check_abort = redis.call('ZCARD', KEYS[2]) > 0
-for i = 5, #ARGV, 6 do
+local now, extra = tonumber(ARGV[5]), tonumber(ARGV[6])
+for i = 7, #ARGV, 6 do
   local id, mode, result = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local result_ttl, score, keep = tonumber(ARGV[i + 3]), ARGV[i + 4], tonumber(ARGV[i + 5])
   local in_progress = ARGV[1] .. id
@@ -113,6 +118,11 @@ for i = 5, #ARGV, 6 do
   else
     redis.call('ZADD', KEYS[1], 'XX', score, id)
     if keep == 0 then redis.call('DEL', in_progress) end
+    local until_ms = tonumber(score) - now + extra
+    for _, key in ipairs({ARGV[2] .. id, ARGV[3] .. id}) do
+      local ttl = redis.call('PTTL', key)
+      if ttl >= 0 and ttl < until_ms then redis.call('PEXPIRE', key, until_ms) end
+    end
   end
 end
 return #ARGV
@@ -258,7 +268,7 @@ async def finish(redis: Redis, queue: str, finishes: Sequence[Finish]) -> None:
     """Write how each job ended, FINISH_BATCH at a time."""
     script = scripts_for(redis).finish
     for start in range(0, len(finishes), FINISH_BATCH):
-        args: list[Any] = [*_PREFIXES, result_key_prefix]
+        args: list[Any] = [*_PREFIXES, result_key_prefix, timestamp_ms(), KEEP_AFTER_NEXT_TRY_MS]
         for item in finishes[start : start + FINISH_BATCH]:
             args.extend(item.fields())
         await script(keys=[queue, abort_jobs_ss], args=args)

@@ -13,10 +13,13 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from arq.worker import Retry
 from pydantic import ValidationError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.settings import Settings
@@ -34,21 +37,61 @@ DeadLetterHook = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 TIMEOUT_HEADROOM = 0.95
 
 
+# Why a deferred job is waiting, for GET /jobs/{id}: last error, try, next try (ms).
+RETRYING_KEY_PREFIX = "asyncjobs:retrying:"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a family retries transient failures: backoff from `base_delay` to `max_delay`, at
+    most `max_tries` tries, and (email) no new try `lifetime` seconds after the enqueue."""
+
+    base_delay: float
+    max_delay: float
+    max_tries: int
+    lifetime: float | None = None
+
+    def expired(self, enqueue_time: datetime | None) -> bool:
+        if self.lifetime is None or enqueue_time is None:
+            return False
+        return (now_utc() - enqueue_time).total_seconds() >= self.lifetime
+
+
+def retry_policy(settings: Settings, family: Family) -> RetryPolicy:
+    if family == "email":
+        return RetryPolicy(
+            settings.email_retry_base_delay,
+            settings.email_retry_max_delay,
+            settings.email_max_tries,
+            settings.email_retry_lifetime,
+        )
+    tries = settings.scrape_max_tries if family == "scrape" else settings.maintenance_max_tries
+    return RetryPolicy(settings.retry_base_delay, settings.retry_max_delay, tries)
+
+
 def max_tries(settings: Settings, family: Family) -> int:
-    return {
-        "email": settings.email_max_tries,
-        "scrape": settings.scrape_max_tries,
-        "maintenance": settings.maintenance_max_tries,
-    }[family]
+    return retry_policy(settings, family).max_tries
 
 
-def backoff_delay(settings: Settings, job_try: int, retry_after: float | None = None) -> float:
+def backoff_delay(policy: RetryPolicy, job_try: int, retry_after: float | None = None) -> float:
     """Exponential backoff with "equal jitter"; a server's Retry-After is a floor (within cap)."""
-    ceiling = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** (job_try - 1))
+    ceiling = min(policy.max_delay, policy.base_delay * 2 ** (job_try - 1))
     delay = random.uniform(ceiling / 2, ceiling)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, settings.retry_max_delay))
+        delay = max(delay, min(retry_after, policy.max_delay))
     return delay
+
+
+async def record_retry(
+    redis: Redis, job_id: str, error: Exception, job_try: int, delay: float
+) -> None:
+    """What GET /jobs/{id} shows while the job waits: the last error and the next try."""
+    key = RETRYING_KEY_PREFIX + job_id
+    next_try_ms = int((time.time() + delay) * 1000)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping={"error": str(error), "try": job_try, "next_try_ms": next_try_ms})
+        pipe.expire(key, int(delay) + 24 * 3600)
+        await pipe.execute()
 
 
 def classified(
@@ -107,12 +150,16 @@ def _attempt(
     async def attempt(ctx: dict[str, Any], **kwargs: Any) -> Any:
         settings: Settings = ctx["settings"]
         job_try: int = ctx["job_try"]
-        limit = max_tries(settings, family)
+        policy = retry_policy(settings, family)
+        limit = policy.max_tries
         try:
             if job_try > limit:  # re-runs after worker crashes count as tries too
                 raise PermanentJobError(f"gave up: started {job_try - 1} times, never finished")
             async with asyncio.timeout(settings.job_timeout * TIMEOUT_HEADROOM):
-                return await job(ctx, **kwargs)
+                result = await job(ctx, **kwargs)
+            if job_try > 1:  # it waited for a retry: nothing to explain any more
+                await ctx["redis"].delete(RETRYING_KEY_PREFIX + ctx["job_id"])
+            return result
         except TimeoutError as exc:
             error: Exception = TransientJobError(f"job timed out after {settings.job_timeout}s")
             error.__cause__ = exc
@@ -126,16 +173,19 @@ def _attempt(
             log.exception("job %s (%s) raised an unexpected error", ctx["job_id"], job.__name__)
             error = PermanentJobError(f"unexpected error: {type(exc).__name__}: {exc}")
 
-        if isinstance(error, TransientJobError) and job_try < limit:
-            delay = backoff_delay(settings, job_try, error.retry_after)
+        transient = isinstance(error, TransientJobError)
+        if (
+            isinstance(error, TransientJobError)
+            and job_try < limit
+            and not policy.expired(ctx.get("enqueue_time"))
+        ):
+            delay = backoff_delay(policy, job_try, error.retry_after)
             log.warning(
-                "job %s try %d/%d failed, retrying in %.2fs: %s",
-                ctx["job_id"], job_try, limit, delay, error,
-            )  # fmt: skip
+                "job %s try %d failed, retrying in %.2fs: %s", ctx["job_id"], job_try, delay, error
+            )
+            await record_retry(ctx["redis"], ctx["job_id"], error, job_try, delay)
             raise Retry(defer=delay) from error
-        reason: Literal["permanent", "exhausted"] = (
-            "exhausted" if isinstance(error, TransientJobError) else "permanent"
-        )
+        reason: Literal["permanent", "exhausted"] = "exhausted" if transient else "permanent"
         await add_dead_letter(
             ctx["redis"],
             DeadLetter(

@@ -163,6 +163,8 @@ class SmtpPool:
 
 def classify_smtp_error(exc: aiosmtplib.SMTPException) -> JobError:
     """SMTP 5xx and refused recipients are permanent; 4xx, timeouts and lost connections are not."""
+    if isinstance(exc, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPConnectTimeoutError):
+        return TransientJobError(f"could not connect to the SMTP server: {exc}")
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)

@@ -148,6 +148,8 @@ def make_settings(smtp: tuple[RecordingSmtpHandler, int]) -> Callable[..., Setti
             "scrape_per_host_concurrency": 1000,
             "scrape_min_host_delay": 0,
             "retry_max_delay": 0.5,
+            "email_retry_base_delay": 0.05,
+            "email_retry_max_delay": 0.5,
         }
         return Settings(_env_file=None, **(values | overrides))
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import time
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import (
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import Job, JobStatus, deserialize_job_raw
 
 from jobs.monitor import COUNTERS_KEY
@@ -127,3 +132,20 @@ async def test_enqueue_many_is_one_pipeline_and_refuses_taken_ids(redis: ArqRedi
     raw = await redis.get(job_key_prefix + str(ids[2]))
     assert deserialize_job_raw(raw)[:3] == ("scrape", (), {"n": 3})
     assert await redis.hget(COUNTERS_KEY, "enqueued|scrape") == b"2"  # type: ignore[misc]
+
+
+async def test_a_job_put_back_for_a_later_try_keeps_its_data_until_then(
+    redis: ArqRedis,
+) -> None:
+    """arq gives a job's data a TTL once (a day past its due time); an email retried for two
+    days must not lose its data or its try count between tries."""
+    await enqueue_job(redis, "send_email", _job_id="late", _expires=60)  # data: 60 s to live
+    await enqueue_job(redis, "send_email", _job_id="soon")
+    _, claimed = await claim(redis, QUEUE, 10, LEASE_MS)
+    next_try = int(time.time() * 1000) + 36 * 3600 * 1000  # in 36 hours
+    await finish(redis, QUEUE, [Finish(c.job_id, done=False, score=next_try) for c in claimed])
+    for job_id in ("late", "soon"):
+        for key in (job_key_prefix + job_id, retry_key_prefix + job_id):
+            ttl_ms = await redis.pttl(key)
+            assert ttl_ms > next_try - time.time() * 1000, (key, ttl_ms)
+    assert await redis.zscore(QUEUE, "late") == next_try

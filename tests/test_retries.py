@@ -12,7 +12,7 @@ from arq.worker import Worker
 
 from app.settings import Settings
 from jobs.deadletter import get_dead_letter
-from jobs.retry import backoff_delay
+from jobs.retry import RetryPolicy, backoff_delay, retry_policy
 from jobs.scrape import parse_retry_after
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
@@ -89,13 +89,13 @@ async def test_retry_after_is_honoured(
 def test_backoff_grows_exponentially_with_jitter_and_cap(
     make_settings: Callable[..., Settings],
 ) -> None:
-    settings = make_settings(retry_base_delay=1.0, retry_max_delay=10.0)
+    policy = retry_policy(make_settings(retry_base_delay=1.0, retry_max_delay=10.0), "scrape")
     for job_try, (lo, hi) in {1: (0.5, 1), 2: (1, 2), 3: (2, 4), 4: (4, 8), 9: (5, 10)}.items():
-        delays = [backoff_delay(settings, job_try) for _ in range(200)]
+        delays = [backoff_delay(policy, job_try) for _ in range(200)]
         assert lo <= min(delays) and max(delays) <= hi, job_try
         assert len(set(delays)) > 100  # jittered, not constant
-    assert backoff_delay(settings, 1, retry_after=7) >= 7
-    assert backoff_delay(settings, 1, retry_after=3600) <= 10  # capped
+    assert backoff_delay(policy, 1, retry_after=7) >= 7
+    assert backoff_delay(policy, 1, retry_after=3600) <= 10  # capped
 
 
 def test_parse_retry_after() -> None:
@@ -105,3 +105,23 @@ def test_parse_retry_after() -> None:
     assert parsed is not None and 55 < parsed <= 60
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+def test_default_email_retries_span_more_than_a_day_like_an_mta() -> None:
+    """With the defaults, even the shortest jittered schedule keeps trying a transient SMTP
+    failure for over 24 hours, waits at most an hour between tries, and ends at the lifetime."""
+    settings = Settings(_env_file=None)
+    policy = retry_policy(settings, "email")
+    shortest = [backoff_delay_floor(policy, t) for t in range(1, policy.max_tries)]
+    assert policy.lifetime is not None
+    assert sum(shortest) > policy.lifetime >= 24 * 3600  # the lifetime ends it, not max_tries
+    assert max(backoff_delay(policy, t) for t in range(1, 60)) <= 3600
+    assert backoff_delay(policy, 1) <= 60  # the first retry comes within a minute
+    now = datetime.now(UTC)
+    assert not policy.expired(now - timedelta(hours=47))
+    assert policy.expired(now - timedelta(hours=48))
+
+
+def backoff_delay_floor(policy: RetryPolicy, job_try: int) -> float:
+    """The least `backoff_delay` can return for a try ("equal jitter": half the ceiling)."""
+    return min(policy.max_delay, policy.base_delay * 2.0 ** (job_try - 1)) / 2

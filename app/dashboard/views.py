@@ -256,6 +256,7 @@ def job_state(request: web.Request, view: JobView) -> dict[str, Any]:
         "enqueue_time": when(view.enqueue_time),
         "start_time": when(view.start_time),
         "finish_time": when(view.finish_time),
+        "next_try_at": when(view.next_try_at),
         "result": "" if view.result is None else pretty(view.result),
         "error": view.error or "",
         "progress": _progress(view),

@@ -36,7 +36,8 @@ function showJob(job) {
   const status = document.getElementById("status");
   status.textContent = job.status;
   status.className = "badge " + job.status;
-  for (const field of ["function", "tries", "enqueue_time", "start_time", "finish_time"]) {
+  const fields = ["function", "tries", "enqueue_time", "start_time", "finish_time", "next_try_at"];
+  for (const field of fields) {
     setText(field, job[field]);
   }
   setText("result", job.result);
