@@ -38,13 +38,19 @@ async def test_sigterm_lets_running_jobs_finish(
     handler, port = smtp
     handler.data_delay = 1.0  # each job takes a second
     accepted = await post_emails(api, 20, "grace")
+    log = tmp_path / "worker.log"
     worker = await start_worker_process(
-        tmp_path / "worker.log", **sink_worker_env(port, shutdown_grace=10, smtp_max_connections=20)
+        log, **sink_worker_env(port, shutdown_grace=10, smtp_max_connections=20)
     )
     try:
         await wait_in_data(handler, 20)
         worker.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
+
+        async def signal_handled() -> bool:  # arq's handler has stopped taking jobs
+            return "shutdown on SIGTERM" in log.read_text(errors="replace")
+
+        await wait_for(signal_handled, what="the worker to log the SIGTERM")
         late = await post_emails(api, 3, "late")  # must not be taken after SIGTERM
         assert await asyncio.wait_for(worker.wait(), timeout=15) == 0
         took = time.monotonic() - stopped_at
