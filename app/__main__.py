@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("dev", help="web + worker + local Redis and mail sink when needed")
     commands.add_parser("web", help="the HTTP API only (run the worker with `arq`)")
     args = parser.parse_args(argv)
-    if args.command == "dev":  # people read the dev console; the worker child inherits this
-        os.environ.setdefault("LOG_FORMAT", "text")
+    if args.command == "dev":  # the worker child inherits these
+        os.environ.setdefault("LOG_FORMAT", "text")  # people read the dev console
+        os.environ.setdefault("MAIL_ALLOW_LOCAL_DOMAINS", "true")  # you@localhost, on a laptop
     configure_logging()
     settings = get_settings()
     if args.command == "web":

@@ -45,23 +45,16 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.source_routes import add_source_routes
-from jobs.email import new_message_id
+from jobs.email import new_message_id, validation_context
 from jobs.monitor import read_progress
 from jobs.newsletter import NewsletterSpec, batch_progress
 from jobs.values import as_text
 
 
-def sender_context(settings: Settings, max_recipients: int) -> dict[str, object]:
-    return {
-        "max_recipients": max_recipients,
-        "allowed_sender_domains": settings.mail_allowed_sender_domains,
-    }
-
-
 @idempotent
 async def enqueue_email(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    context = sender_context(settings, settings.mail_max_recipients)
+    context = validation_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(await read_json_object(request), context=context)
     message_id = new_message_id(spec.from_ or settings.mail_from)
     job_id = await enqueue(
@@ -79,7 +72,7 @@ async def enqueue_email(request: web.Request) -> web.Response:
 @idempotent
 async def enqueue_newsletter(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    context = sender_context(settings, settings.newsletter_max_recipients)
+    context = validation_context(settings, settings.newsletter_max_recipients)
     spec = NewsletterSpec.model_validate(await read_json_object(request), context=context)
     newsletter_id = uuid.uuid4().hex
     await enqueue(

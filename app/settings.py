@@ -7,10 +7,11 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app import __version__
+from jobs.addresses import check_address
 
 Network = IPv4Network | IPv6Network
 
@@ -75,7 +76,10 @@ class Settings(BaseSettings):
     smtp_start_tls: bool | None = None  # None: use STARTTLS when the server offers it
     smtp_timeout: float = Field(30, gt=0)
     smtp_max_connections: int = Field(10, gt=0)
-    mail_from: str = "asyncjobs@localhost"
+    # The default sender; checked at start against the rules below, as every address is.
+    mail_from: str = "asyncjobs@localhost.localdomain"
+    # Dotless domains (you@localhost, ops@mailhost): off by default, on in `python -m app dev`.
+    mail_allow_local_domains: bool = False
     mail_max_recipients: int = Field(50, gt=0)
     # When set, callers may only send `from` these domains (the service is not an open relay).
     mail_allowed_sender_domains: Annotated[list[str], NoDecode] = []
@@ -139,6 +143,14 @@ class Settings(BaseSettings):
                 return None
             return [int(part) for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _mail_from_is_an_address_we_accept(self) -> Settings:
+        try:  # the settings are frozen: checked, not rewritten
+            check_address(self.mail_from, self.mail_allow_local_domains)
+        except ValueError as exc:
+            raise ValueError(f"MAIL_FROM={self.mail_from!r}: {exc}") from None
+        return self
 
     @field_validator("mail_allowed_sender_domains", mode="before")
     @classmethod

@@ -16,7 +16,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
-    EmailStr,
     Field,
     ValidationInfo,
     field_validator,
@@ -24,6 +23,8 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
+from app.settings import Settings
+from jobs.addresses import Address, unique_addresses
 from jobs.headers import header_name, single_line
 from jobs.monitor import monitor_of
 from jobs.retry import classified
@@ -36,7 +37,7 @@ MAX_RECIPIENTS = 1000
 MAX_BODY_CHARS = 512 * 1024
 
 SingleLine = Annotated[str, AfterValidator(single_line)]
-Recipients = Annotated[list[EmailStr], Field(min_length=1, max_length=MAX_RECIPIENTS)]
+Recipients = Annotated[list[Address], Field(min_length=1, max_length=MAX_RECIPIENTS)]
 
 
 class EmailSpec(BaseModel):
@@ -45,13 +46,13 @@ class EmailSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=False)
 
     to: Recipients
-    cc: list[EmailStr] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
-    bcc: list[EmailStr] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    cc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     subject: SingleLine = Field(min_length=1, max_length=998)
     text: str | None = Field(None, max_length=MAX_BODY_CHARS)
     html: str | None = Field(None, max_length=MAX_BODY_CHARS)
-    from_: EmailStr | None = Field(None, alias="from")
-    reply_to: EmailStr | None = None
+    from_: Address | None = Field(None, alias="from")
+    reply_to: Address | None = None
     headers: dict[str, SingleLine] = Field(default_factory=dict, max_length=20)
 
     @field_validator("to", "cc", "bcc", mode="before")
@@ -70,6 +71,11 @@ class EmailSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_body_and_limits(self, info: ValidationInfo) -> EmailSpec:
+        # each address once, in the first field it appears in: to, then cc, then bcc
+        seen: set[str] = set()
+        self.to = unique_addresses(self.to, seen)
+        self.cc = unique_addresses(self.cc, seen)
+        self.bcc = unique_addresses(self.bcc, seen)
         check_message_rules(
             self.text, self.html, self.from_, len(self.to) + len(self.cc) + len(self.bcc),
             info, MAX_RECIPIENTS,
@@ -78,6 +84,16 @@ class EmailSpec(BaseModel):
 
     def envelope_recipients(self) -> list[str]:
         return [*self.to, *self.cc, *self.bcc]
+
+
+def validation_context(settings: Settings, max_recipients: int) -> dict[str, object]:
+    """What EmailSpec and NewsletterSpec check beyond their fields, from the settings: the API
+    and the worker validate with the same context."""
+    return {
+        "max_recipients": max_recipients,
+        "allowed_sender_domains": settings.mail_allowed_sender_domains,
+        "allow_local_domains": settings.mail_allow_local_domains,
+    }
 
 
 def check_message_rules(
@@ -223,7 +239,8 @@ async def send_email(
         await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
         log.info("email %s already sent; not sending again", message_id)
         return {"message_id": message_id, "skipped": "already sent"}
-    spec = EmailSpec.model_validate(email)  # the queue is a boundary too
+    context = validation_context(settings, settings.mail_max_recipients)
+    spec = EmailSpec.model_validate(email, context=context)  # the queue is a boundary too
     message = build_message(spec, settings.mail_from, message_id)
 
     async def mark_sent(_: SendOutcome) -> None:

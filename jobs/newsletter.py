@@ -18,7 +18,6 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
     BaseModel,
     ConfigDict,
-    EmailStr,
     Field,
     ValidationError,
     ValidationInfo,
@@ -27,6 +26,7 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
+from jobs.addresses import Address, unique_addresses
 from jobs.email import (
     BATCH_KEY_PREFIX,
     MAX_BODY_CHARS,
@@ -34,6 +34,7 @@ from jobs.email import (
     batch_key,
     check_message_rules,
     domain_of,
+    validation_context,
 )
 from jobs.headers import header_name
 from jobs.monitor import count_enqueued
@@ -52,7 +53,7 @@ _html_env = SandboxedEnvironment(autoescape=True)
 class Recipient(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: EmailStr
+    email: Address
     vars: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=50)
 
 
@@ -65,8 +66,8 @@ class NewsletterSpec(BaseModel):
     subject: str = Field(min_length=1, max_length=998)
     text: str | None = Field(None, max_length=MAX_BODY_CHARS)
     html: str | None = Field(None, max_length=MAX_BODY_CHARS)
-    from_: EmailStr | None = Field(None, alias="from")
-    reply_to: EmailStr | None = None
+    from_: Address | None = Field(None, alias="from")
+    reply_to: Address | None = None
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
 
     @field_validator("recipients", mode="before")
@@ -95,13 +96,18 @@ class NewsletterSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> NewsletterSpec:
+        # each address once (its first entry's vars): a list pasted twice is not sent twice
+        seen: set[str] = set()
+        self.recipients = [r for r in self.recipients if unique_addresses([r.email], seen)]
         check_message_rules(
             self.text, self.html, self.from_, len(self.recipients), info, HARD_MAX_RECIPIENTS
         )
         return self
 
 
-def render_for(spec: NewsletterSpec, recipient: Recipient) -> dict[str, Any]:
+def render_for(
+    spec: NewsletterSpec, recipient: Recipient, context: dict[str, object]
+) -> dict[str, Any]:
     """One recipient's EmailSpec as job arguments; raises ValidationError if it renders badly."""
     variables = {"email": recipient.email, **recipient.vars}
     email = EmailSpec.model_validate(
@@ -113,7 +119,8 @@ def render_for(spec: NewsletterSpec, recipient: Recipient) -> dict[str, Any]:
             "from": spec.from_,
             "reply_to": spec.reply_to,
             "headers": spec.headers,
-        }
+        },
+        context=context,
     )
     return email.model_dump(mode="json", by_alias=True)
 
@@ -145,14 +152,17 @@ async def send_newsletter(
 ) -> dict[str, Any]:
     settings = ctx["settings"]
     redis: Redis = ctx["redis"]
-    spec = NewsletterSpec.model_validate(newsletter)
+    spec = NewsletterSpec.model_validate(
+        newsletter, context=validation_context(settings, settings.newsletter_max_recipients)
+    )
+    child_context = validation_context(settings, settings.mail_max_recipients)
     sender = spec.from_ or settings.mail_from
     invalid: dict[str, str] = {}
     chunk: list[tuple[str, dict[str, Any]]] = []
     for index, recipient in enumerate(spec.recipients):
         message_id = child_message_id(newsletter_id, index, sender)
         try:
-            email = render_for(spec, recipient)
+            email = render_for(spec, recipient, child_context)
         except ValidationError as exc:
             invalid[message_id] = f"{recipient.email}: {exc.errors()[0]['msg']}"
             continue
