@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 import uuid
 from datetime import UTC, datetime
@@ -47,14 +48,23 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-async def start_smtp_server(handler: Any, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
-    """Serve SMTP with `handler` inside the running event loop (no thread, unlike Controller)."""
+async def start_smtp_server(
+    handler: Any, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+) -> asyncio.Server:
+    """Serve SMTP with `handler` inside the running event loop (no thread, unlike Controller);
+    with `tls`, STARTTLS is offered (and required before MAIL)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: SMTP(handler, hostname="asyncjobs-sink", data_size_limit=MAX_MESSAGE_BYTES),
-        host=host,
-        port=port,
-    )
+
+    def protocol() -> SMTP:
+        return SMTP(
+            handler,
+            hostname="asyncjobs-sink",
+            data_size_limit=MAX_MESSAGE_BYTES,
+            tls_context=tls,
+            require_starttls=tls is not None,
+        )
+
+    return await loop.create_server(protocol, host=host, port=port)
 
 
 def server_port(server: asyncio.Server) -> int:

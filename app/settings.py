@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_use_tls: bool = False  # implicit TLS (port 465)
     smtp_start_tls: bool | None = None  # None: use STARTTLS when the server offers it
+    # Verify the server's certificate (implicit TLS or STARTTLS) against the system's CAs, or
+    # against SMTP_TLS_CA_FILE (a private CA). false is logged as a warning when a worker starts.
+    smtp_tls_verify: bool = True
+    smtp_tls_ca_file: Path | None = None
     smtp_timeout: float = Field(30, gt=0)
     smtp_max_connections: int = Field(10, gt=0)
     # The default sender; checked at start against the rules below, as every address is.

@@ -74,6 +74,12 @@ class SmtpPool:
         if not settings.smtp_host:
             raise ValueError("SMTP_HOST is not set")
         self._settings = settings
+        if not settings.smtp_tls_verify:
+            log.warning(
+                "SMTP_TLS_VERIFY=false: the certificate of %s is not checked; anyone on the "
+                "path can read and change the mail (set SMTP_TLS_CA_FILE for a private CA)",
+                settings.smtp_host,
+            )
         self._slots = asyncio.Semaphore(settings.smtp_max_connections)
         self._idle: list[_Idle] = []
 
@@ -146,6 +152,8 @@ class SmtpPool:
             password=s.smtp_password.get_secret_value() if s.smtp_password else None,
             use_tls=s.smtp_use_tls,
             start_tls=s.smtp_start_tls,
+            validate_certs=s.smtp_tls_verify,
+            cert_bundle=str(s.smtp_tls_ca_file) if s.smtp_tls_ca_file else None,
             timeout=s.smtp_timeout,
         )
         try:
