@@ -8,12 +8,13 @@ is the size of the batch's sent / failed sets (see jobs.email.record_sent).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
-from jinja2 import TemplateSyntaxError
+from jinja2 import Template, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
     BaseModel,
@@ -105,17 +106,45 @@ class NewsletterSpec(BaseModel):
         return self
 
 
+@dataclass(frozen=True)
+class Templates:
+    """A newsletter's templates, compiled once for all its recipients (a few ms each)."""
+
+    subject: Template
+    text: Template | None
+    html: Template | None
+
+    @classmethod
+    def compile(cls, spec: NewsletterSpec) -> Templates:
+        return cls(
+            subject=_text_env.from_string(spec.subject),
+            text=_text_env.from_string(spec.text) if spec.text else None,
+            html=_html_env.from_string(spec.html) if spec.html else None,
+        )
+
+
+class RenderError(ValueError):
+    """One recipient's variables made a template fail: that recipient fails, not the rest."""
+
+
 def render_for(
-    spec: NewsletterSpec, recipient: Recipient, context: dict[str, object]
+    spec: NewsletterSpec, templates: Templates, recipient: Recipient, context: dict[str, object]
 ) -> dict[str, Any]:
-    """One recipient's EmailSpec as job arguments; raises ValidationError if it renders badly."""
+    """One recipient's EmailSpec as job arguments; raises ValidationError if the result is not
+    a valid email, RenderError if the recipient's variables break a template."""
     variables = {"email": recipient.email, **recipient.vars}
+    try:
+        subject = templates.subject.render(variables)
+        text = templates.text.render(variables) if templates.text else None
+        html = templates.html.render(variables) if templates.html else None
+    except Exception as exc:  # the sandbox's errors and whatever the template itself raises
+        raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from exc
     email = EmailSpec.model_validate(
         {
             "to": [recipient.email],
-            "subject": _text_env.from_string(spec.subject).render(variables),
-            "text": _text_env.from_string(spec.text).render(variables) if spec.text else None,
-            "html": _html_env.from_string(spec.html).render(variables) if spec.html else None,
+            "subject": subject,
+            "text": text,
+            "html": html,
             "from": spec.from_,
             "reply_to": spec.reply_to,
             "headers": spec.headers,
@@ -156,15 +185,19 @@ async def send_newsletter(
         newsletter, context=validation_context(settings, settings.newsletter_max_recipients)
     )
     child_context = validation_context(settings, settings.mail_max_recipients)
+    templates = Templates.compile(spec)
     sender = spec.from_ or settings.mail_from
     invalid: dict[str, str] = {}
     chunk: list[tuple[str, dict[str, Any]]] = []
     for index, recipient in enumerate(spec.recipients):
         message_id = child_message_id(newsletter_id, index, sender)
         try:
-            email = render_for(spec, recipient, child_context)
+            email = render_for(spec, templates, recipient, child_context)
         except ValidationError as exc:
             invalid[message_id] = f"{recipient.email}: {exc.errors()[0]['msg']}"
+            continue
+        except RenderError as exc:
+            invalid[message_id] = f"{recipient.email}: {exc}"
             continue
         kwargs = {"email": email, "message_id": message_id, "batch_id": newsletter_id}
         chunk.append((child_job_id(newsletter_id, index), kwargs))

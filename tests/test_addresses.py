@@ -104,3 +104,24 @@ async def test_a_newsletter_sends_each_address_once(
     assert sorted(m.rcpt_tos[0] for m in smtp[0].messages) == ["r@example.com", "s@example.com"]
     first = next(m for m in smtp[0].messages if m.rcpt_tos == ["r@example.com"])
     assert first.message["Subject"] == "Hi 1"  # the first entry's vars
+
+
+async def test_a_recipient_whose_variables_break_the_template_fails_alone(
+    api: ApiClient, worker: Worker, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    recipients = [{"email": f"r{d}@example.com", "vars": {"d": d}} for d in (1, 0, 2)]
+    body = {"recipients": recipients, "subject": "s", "text": "{{ 10 // d }}"}
+    response = await api.post("/jobs/newsletter", json=body)
+    assert response.status == 202, await response.text()
+    job_id = (await response.json())["job_id"]
+
+    async def settled() -> dict[str, Any] | None:
+        view: dict[str, Any] = await (await api.get(f"/jobs/{job_id}")).json()
+        progress = view.get("progress")
+        return view if progress and progress["pending"] == 0 else None
+
+    view = await wait_for(settled, what="the newsletter to settle")
+    assert view["progress"] == {"total": 3, "sent": 2, "failed": 1, "pending": 0}
+    assert sorted(m.rcpt_tos[0] for m in smtp[0].messages) == ["r1@example.com", "r2@example.com"]
+    [invalid] = view["result"]["invalid"]
+    assert invalid.startswith("r0@example.com: template failed: ZeroDivisionError"), invalid
