@@ -17,7 +17,8 @@ from arq.jobs import deserialize_job, deserialize_result
 from arq.utils import ms_to_datetime
 
 from app.schemas import JobView
-from jobs.monitor import RUNNING_KEY
+from jobs.monitor import RUNNING_KEY, read_progress
+from jobs.newsletter import batch_progress
 from jobs.retry import RETRYING_KEY_PREFIX
 
 
@@ -40,6 +41,7 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         if failed and isinstance(result.result, asyncio.CancelledError):
             status = "aborted"
         return JobView(
+            warning=None if failed else result_warning(result.result),
             job_id=job_id,
             status=status,
             function=result.function,
@@ -71,6 +73,38 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         error=retrying[b"error"].decode() if b"error" in retrying else None,
         next_try_at=ms_to_datetime(int(next_try_ms)) if next_try_ms and not in_progress else None,
     )
+
+
+async def read_job_with_progress(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
+    """As GET /jobs/{id} shows it: with a newsletter's or an export's progress."""
+    view = await read_job(redis, job_id, queue_name)
+    if view.function == "send_newsletter":
+        view.progress = await batch_progress(redis, job_id)
+        newsletter_phase(view)
+    elif view.function == "export":
+        view.steps = await read_progress(redis, job_id)
+    return view
+
+
+def newsletter_phase(view: JobView) -> None:
+    """A newsletter is done when its last message is, not when its job has fanned out: until
+    then it is in progress, `fanning_out` (its job runs) or `sending` (its messages are)."""
+    if view.status == "in_progress":
+        view.phase = "fanning_out"
+    elif view.status == "complete" and view.progress and view.progress.pending > 0:
+        view.status, view.phase = "in_progress", "sending"
+
+
+def result_warning(result: object) -> str | None:
+    """What a complete job's result says went partly wrong: an email some recipients refused."""
+    if not isinstance(result, dict):
+        return None
+    refused, accepted = result.get("refused"), result.get("accepted") or []
+    if not refused or not isinstance(refused, dict):
+        return None
+    total = len(refused) + len(accepted)
+    details = "; ".join(f"{rcpt}: {why}" for rcpt, why in refused.items())
+    return f"{len(refused)} of {total} recipients refused: {details}"
 
 
 def describe_error(exc: object) -> str:

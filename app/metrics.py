@@ -133,7 +133,12 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
     )
     for status_class, value in sorted(counts.get("pages_scraped", {}).items()):
         pages.add_metric([status_class], value)
-    metrics += [emails, pages]
+    refused = CounterMetricFamily(
+        "asyncjobs_email_recipients_refused",
+        "Recipients the SMTP server refused in messages it accepted for the others",
+    )
+    refused.add_metric([], sum(counts.get("recipients_refused", {}).values()))
+    metrics += [emails, refused, pages]
     metrics.append(_histogram("asyncjobs_job_duration_seconds", "Job try duration", durations))
     metrics.append(_histogram(
         "asyncjobs_job_pickup_latency_seconds", "Enqueue to start of a try", latencies

@@ -27,7 +27,7 @@ from app.httputil import (
     status_url,
 )
 from app.idempotency import idempotent
-from app.jobstatus import read_job
+from app.jobstatus import read_job_with_progress
 from app.metrics import add_metrics
 from app.openapi import openapi_document
 from app.report_routes import add_report_routes
@@ -46,8 +46,7 @@ from app.schemas import (
 from app.settings import Settings
 from app.source_routes import add_source_routes
 from jobs.email import new_message_id, validation_context
-from jobs.monitor import read_progress
-from jobs.newsletter import NewsletterSpec, batch_progress
+from jobs.newsletter import NewsletterSpec, start_progress
 from jobs.values import as_text
 
 
@@ -75,6 +74,8 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     context = validation_context(settings, settings.newsletter_max_recipients)
     spec = NewsletterSpec.model_validate(await read_json_object(request), context=context)
     newsletter_id = uuid.uuid4().hex
+    total = len(spec.recipients)
+    await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
     await enqueue(
         request,
         "send_newsletter",
@@ -85,7 +86,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     accepted = NewsletterAccepted(
         job_id=newsletter_id,
         status_url=status_url(request, newsletter_id),
-        recipients=len(spec.recipients),
+        recipients=total,
     )
     return json_model(accepted, status=202)
 
@@ -115,11 +116,7 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
 async def job_status(request: web.Request) -> web.Response:
     redis = request.app[REDIS]
     job_id = request.match_info["job_id"]
-    view = await read_job(redis, job_id, request.app[SETTINGS].queue_name)
-    if view.function == "send_newsletter":
-        view.progress = await batch_progress(redis, job_id)
-    elif view.function == "export":
-        view.steps = await read_progress(redis, job_id)
+    view = await read_job_with_progress(redis, request.app[SETTINGS].queue_name, job_id)
     return json_model(view, status=404 if view.status == "not_found" else 200)
 
 

@@ -124,7 +124,10 @@ class JobView(BaseModel):
     tries: int | None = None
     result: Any = None
     error: str | None = None  # why it failed; while it waits for a retry, why the last try failed
+    warning: str | None = None  # complete, with something to look at (recipients refused)
     next_try_at: datetime | None = None  # deferred for a retry: when the next try is due
+    # a newsletter in progress: its job fans out the messages, then they are sent
+    phase: Literal["fanning_out", "sending"] | None = None
     progress: BatchProgress | None = None  # bulk jobs: messages sent / failed / pending
     steps: StepProgress | None = None  # long jobs (exports): done / total, current step
 

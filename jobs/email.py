@@ -249,7 +249,15 @@ async def send_email(
     outcome = await ctx["smtp"].send(message, spec.envelope_recipients(), on_accepted=mark_sent)
     if monitor := monitor_of(ctx):
         monitor.count("emails_sent")
+        if outcome.refused:
+            monitor.count("recipients_refused", n=len(outcome.refused))
     log.info("email %s sent to %d recipient(s)", message_id, len(outcome.accepted))
+    if outcome.refused:  # the server took the message for the others: not an error, a warning
+        log.warning(
+            "email %s: %d of %d recipient(s) refused: %s",
+            message_id, len(outcome.refused), len(spec.envelope_recipients()),
+            "; ".join(f"{rcpt}: {why}" for rcpt, why in outcome.refused.items()),
+        )  # fmt: skip
     return {
         "message_id": message_id,
         "accepted": outcome.accepted,

@@ -226,6 +226,14 @@ async def send_newsletter(
     }
 
 
+async def start_progress(redis: Redis, newsletter_id: str, total: int, ttl: float) -> None:
+    """The newsletter's progress exists from its 202 on: every message pending."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(BATCH_KEY_PREFIX + newsletter_id, mapping={"total": total})
+        pipe.expire(BATCH_KEY_PREFIX + newsletter_id, int(ttl))
+        await pipe.execute()
+
+
 class BatchProgress(BaseModel):
     total: int
     sent: int

@@ -125,3 +125,33 @@ async def test_a_recipient_whose_variables_break_the_template_fails_alone(
     assert sorted(m.rcpt_tos[0] for m in smtp[0].messages) == ["r1@example.com", "r2@example.com"]
     [invalid] = view["result"]["invalid"]
     assert invalid.startswith("r0@example.com: template failed: ZeroDivisionError"), invalid
+
+
+async def test_a_newsletter_is_in_progress_until_its_last_message_is_sent(
+    api: ApiClient, worker: Worker, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    """Progress from the 202 on, and never `complete` while a message is pending: the job that
+    fans out ends long before the messages it enqueued are sent."""
+    smtp[0].data_delay = 0.02  # 60 messages over 10 connections: over 100 ms of sending
+    recipients = [f"r{i}@example.com" for i in range(60)]
+    response = await api.post(
+        "/jobs/newsletter", json={"recipients": recipients, "subject": "s", "text": "t"}
+    )
+    assert response.status == 202
+    status_url = (await response.json())["status_url"]
+    first: dict[str, Any] = await (await api.get(status_url)).json()
+    assert first["progress"]["total"] == 60, first  # there from the first request on
+    phases = set()
+
+    async def done() -> dict[str, Any] | None:
+        view: dict[str, Any] = await (await api.get(status_url)).json()
+        if view["progress"]["pending"] > 0:
+            assert view["status"] != "complete", view
+            if view["status"] == "in_progress":
+                phases.add(view["phase"])
+        return view if view["status"] == "complete" else None
+
+    view = await wait_for(done, interval=0.005, what="the newsletter to complete")
+    assert view["progress"] == {"total": 60, "sent": 60, "failed": 0, "pending": 0}
+    assert view["phase"] is None
+    assert "sending" in phases, phases

@@ -79,3 +79,23 @@ async def test_metrics_count_a_known_batch(
         after, "asyncjobs_http_requests_total", method="POST", route="/jobs/email", status="202"
     )
     assert posts == 5
+
+
+async def test_a_partly_refused_message_is_complete_with_a_warning_and_counted(
+    api: ApiClient, worker: Worker, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    smtp[0].refuse_rcpt = {"gone@example.com"}
+    before = await scrape_metrics(api)
+    body = {"to": ["ok@example.com", "gone@example.com"], "subject": "s", "text": "t"}
+    response = await api.post("/jobs/email", json=body)
+    status = await wait_job(api, (await response.json())["job_id"])
+    assert status["status"] == "complete"
+    assert status["warning"].startswith("1 of 2 recipients refused: gone@example.com: 550"), status
+    assert [m.rcpt_tos for m in smtp[0].messages] == [["ok@example.com"]]
+
+    async def counted() -> bool:  # workers write their counts once a second
+        after = await scrape_metrics(api)
+        name = "asyncjobs_email_recipients_refused_total"
+        return value(after, name) - value(before, name) == 1
+
+    await wait_for(counted, timeout=10, interval=0.2, what="the refused recipient counted")

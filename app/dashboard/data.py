@@ -15,7 +15,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import DeserializationError, JobDef, deserialize_job, deserialize_result
 from redis.asyncio import Redis
 
-from app.jobstatus import read_job, read_jobs
+from app.jobstatus import read_jobs
 from app.schemas import JobView
 from app.settings import Settings
 from jobs.documents import source_docs_key
@@ -26,9 +26,7 @@ from jobs.monitor import (
     RUNNING_KEY,
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
-    read_progress,
 )
-from jobs.newsletter import batch_progress
 from jobs.queue import waiting_counts
 from jobs.sources import Source, list_sources, source_failures_key
 from jobs.values import as_text
@@ -198,16 +196,6 @@ async def list_jobs(redis: ArqRedis, queue_name: str, where: JobFilter) -> list[
     now = datetime.now(UTC)
     # a finished job whose result has expired is gone from arq: nothing left to show
     return [v for v in views if v.status != "not_found" and where.matches(v, now)]
-
-
-async def read_job_with_progress(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
-    """As GET /jobs/{id} shows it: with a newsletter's or an export's progress."""
-    view = await read_job(redis, job_id, queue_name)
-    if view.function == "send_newsletter":
-        view.progress = await batch_progress(redis, job_id)
-    elif view.function == "export":
-        view.steps = await read_progress(redis, job_id)
-    return view
 
 
 async def read_arguments(redis: Redis, job_id: str) -> dict[str, Any] | None:

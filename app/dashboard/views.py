@@ -28,7 +28,6 @@ from app.dashboard.data import (
     list_jobs,
     read_arguments,
     read_cron,
-    read_job_with_progress,
     read_overview,
     read_sources,
     redact,
@@ -43,6 +42,7 @@ from app.dashboard.session import (
     set_session_cookie,
 )
 from app.errors import Handler
+from app.jobstatus import read_job_with_progress
 from app.schemas import JobView
 from app.settings import Settings
 from jobs.deadletter import list_dead_letters
