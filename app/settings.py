@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     smtp_tls_ca_file: Path | None = None
     smtp_timeout: float = Field(30, gt=0)
     smtp_max_connections: int = Field(10, gt=0)
+    # Messages per second across every worker (shared through Redis); 0: no limit. Messages
+    # over the rate wait for their turn (in the queue when it is over 10 s away), never fail.
+    smtp_max_per_second: float = Field(0, ge=0)
     # The default sender; checked at start against the rules below, as every address is.
     mail_from: str = "asyncjobs@localhost.localdomain"
     # Dotless domains (you@localhost, ops@mailhost): off by default, on in `python -m app dev`.

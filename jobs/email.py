@@ -242,6 +242,8 @@ async def send_email(
     context = validation_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(email, context=context)  # the queue is a boundary too
     message = build_message(spec, settings.mail_from, message_id)
+    if send_rate := ctx.get("send_rate"):
+        await send_rate.wait_for_slot()
 
     async def mark_sent(_: SendOutcome) -> None:
         await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)

@@ -12,6 +12,9 @@ class PermanentJobError(JobError):
 class TransientJobError(JobError):
     """The failure may go away by itself (timeout, connection reset, HTTP 5xx, SMTP 4xx)."""
 
+    # False: `retry_after` is when to try again, not a floor under the family's backoff
+    backoff = True
+
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after  # seconds the remote side asked us to wait, if it did

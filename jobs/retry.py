@@ -179,7 +179,10 @@ def _attempt(
             and job_try < limit
             and not policy.expired(ctx.get("enqueue_time"))
         ):
-            delay = backoff_delay(policy, job_try, error.retry_after)
+            if error.backoff or error.retry_after is None:
+                delay = backoff_delay(policy, job_try, error.retry_after)
+            else:  # told when: a little past it, so a crowd of deferred jobs spreads out
+                delay = error.retry_after * random.uniform(1.0, 1.1)
             log.warning(
                 "job %s try %d failed, retrying in %.2fs: %s", ctx["job_id"], job_try, delay, error
             )

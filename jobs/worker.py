@@ -22,6 +22,7 @@ from jobs.resilience import WakeListener, worker_redis
 from jobs.retry import max_tries
 from jobs.scheduler import schedule_sources, scrape_source
 from jobs.scrape import Fetcher, make_http_session, scrape
+from jobs.sendrate import SendRate
 from jobs.smtp import SmtpPool
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["http"] = make_http_session(settings)
     ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
     ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
+    if settings.smtp_max_per_second:
+        ctx["send_rate"] = SendRate(ctx["redis"], settings.smtp_max_per_second)
     ctx["monitor"] = JobMonitor(ctx["redis"])
     ctx["monitor"].start()
     ctx["wake_listener"] = WakeListener(settings)

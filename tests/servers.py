@@ -25,6 +25,7 @@ class ReceivedMail:
     mail_from: str
     rcpt_tos: list[str]
     message: EmailMessage
+    received_at: float = 0.0  # the event loop's clock when it was accepted
 
 
 @dataclass
@@ -118,7 +119,12 @@ class RecordingSmtpHandler:
         parsed = email.message_from_bytes(envelope.original_content or b"", policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         self.messages.append(
-            ReceivedMail(envelope.mail_from or "", list(envelope.rcpt_tos), parsed)
+            ReceivedMail(
+                envelope.mail_from or "",
+                list(envelope.rcpt_tos),
+                parsed,
+                asyncio.get_running_loop().time(),
+            )
         )
         self._last_accepted[server] = str(parsed["Message-ID"])
         return "250 OK"
