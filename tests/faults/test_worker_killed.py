@@ -10,7 +10,6 @@ test asserts duplicates <= that count <= SMTP_MAX_CONNECTIONS.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from collections.abc import Callable
@@ -58,7 +57,7 @@ async def test_kill_9_loses_nothing_and_duplicates_only_messages_in_their_final_
     max_jobs: int,
 ) -> None:
     handler, smtp_port = smtp
-    handler.data_delay = 0.005  # a real MTA takes a few ms to queue a message before its 250
+    handler.data_delay = 0.05  # a real MTA takes a while to queue a message (fsync) before its 250
     worker_settings = sink_worker_env(
         smtp_port,
         worker_max_jobs=max_jobs,
@@ -66,22 +65,21 @@ async def test_kill_9_loses_nothing_and_duplicates_only_messages_in_their_final_
         job_lease_seconds=3,  # the killed worker's jobs run again 3 s after the kill
     )
     log = tmp_path / "workers.log"
+    if moment != "after enqueueing":  # a backlog the worker is in the middle of at the kill
+        accepted = await post_emails(api, TOTAL, "kill")
     first = await start_worker_process(log, **worker_settings)
     try:
+        if moment == "after enqueueing":  # the worker sends while the API takes the requests
 
-        async def worker_up() -> bool:  # its first health check is written when it polls
-            return bool(await redis.exists(HEALTH_CHECK_KEY))
+            async def worker_up() -> bool:  # its first health check is written when it polls
+                return bool(await redis.exists(HEALTH_CHECK_KEY))
 
-        await wait_for(worker_up, what=f"the worker to start; see {log}")
-        if moment == "after enqueueing":
+            await wait_for(worker_up, what=f"the worker to start; see {log}")
             accepted = await post_emails(api, TOTAL, "kill")
         else:
-            posting = asyncio.create_task(post_emails(api, TOTAL, "kill"))
             await kill_when(moment, handler)
         os.kill(first.pid, signal.SIGKILL)
         await first.wait()
-        if moment != "after enqueueing":
-            accepted = await posting
         sent_before_kill = len(handler.messages)
 
         async def killed_connections_closed() -> bool:
