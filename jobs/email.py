@@ -199,13 +199,16 @@ def batch_key(batch_id: str, outcome: Literal["sent", "failed"]) -> str:
 async def record_sent(
     redis: Redis, message_id: str, batch_id: str | None, marker_ttl: float
 ) -> None:
-    """The sent marker (and batch progress) in one transaction, right after the server said 250."""
+    """The sent marker (and batch progress) in one transaction, right after the server said 250.
+    A message of no batch needs one SET: no MULTI/EXEC around it (two commands fewer)."""
+    if not batch_id:
+        await redis.set(SENT_KEY_PREFIX + message_id, "1", ex=int(marker_ttl))
+        return
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(SENT_KEY_PREFIX + message_id, "1", ex=int(marker_ttl))
-        if batch_id:
-            pipe.sadd(batch_key(batch_id, "sent"), message_id)
-            pipe.srem(batch_key(batch_id, "failed"), message_id)
-            pipe.expire(batch_key(batch_id, "sent"), int(marker_ttl))
+        pipe.sadd(batch_key(batch_id, "sent"), message_id)
+        pipe.srem(batch_key(batch_id, "failed"), message_id)
+        pipe.expire(batch_key(batch_id, "sent"), int(marker_ttl))
         await pipe.execute()
 
 
