@@ -41,7 +41,6 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         if failed and isinstance(result.result, asyncio.CancelledError):
             status = "aborted"
         return JobView(
-            warning=None if failed else result_warning(result.result),
             job_id=job_id,
             status=status,
             function=result.function,
@@ -51,6 +50,7 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
             tries=result.job_try,
             result=None if failed else result.result,
             error=describe_error(result.result) if failed else None,
+            warning=None if failed else result_warning(result.result),
         )
     if raw_job is None:
         return JobView(job_id=job_id, status="not_found")
