@@ -25,10 +25,35 @@ class ForbiddenTargetError(OSError):
     """Raised (as an OSError, so aiohttp treats it like a failed connect) for forbidden targets."""
 
 
+# IPv6 ranges that carry an IPv4 address in their last 32 bits: NAT64 (RFC 6052 well-known and
+# RFC 8215 local-use prefixes) and the deprecated IPv4-compatible ::a.b.c.d.
+_LAST_32_BITS_IS_IPV4 = (
+    IPv6Network("64:ff9b::/96"),
+    IPv6Network("64:ff9b:1::/48"),
+    IPv6Network("::/96"),
+)
+
+
+def embedded_ipv4(address: IPv6Address) -> list[IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: mapped (::ffff:a.b.c.d), 6to4 (2002::/16),
+    Teredo (2001::/32: its server and client), NAT64 and IPv4-compatible. A gateway on the path
+    turns them into IPv4 traffic, so they are judged by those, not by the IPv6 ranges."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if any(address in net for net in _LAST_32_BITS_IS_IPV4) and int(address) > 1:  # not :: ::1
+        return [IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
 def is_forbidden(address: IPAddress, allowed: Sequence[Network] = ()) -> bool:
-    """Everything but global unicast is forbidden: loopback, private, link-local, multicast..."""
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Everything but global unicast is forbidden: loopback, private, link-local, multicast...
+    An IPv6 address that embeds IPv4 addresses is judged by them."""
+    if isinstance(address, IPv6Address) and (embedded := embedded_ipv4(address)):
+        return any(is_forbidden(v4, allowed) for v4 in embedded)
     if any(address.version == net.version and address in net for net in allowed):
         return False
     return not address.is_global or address.is_multicast

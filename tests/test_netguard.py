@@ -39,12 +39,33 @@ def test_public_addresses_are_allowed(address: str) -> None:
     assert not is_forbidden(ip_address(address))
 
 
+TEREDO_TO_LOOPBACK = "2001:0:4136:e378:8000:63bf:80ff:fffe"  # client 127.0.0.1 (obfuscated)
+TEREDO_TO_PUBLIC = "2001:0:4136:e378:8000:63bf:f7f7:f7f7"  # client 8.8.8.8
+
+
+@pytest.mark.parametrize(
+    ("address", "forbidden"),
+    [
+        ("64:ff9b::7f00:1", True), ("64:ff9b::a00:1", True), ("64:ff9b::808:808", False),
+        ("64:ff9b:1::a9fe:a9fe", True), ("64:ff9b:1::808:808", False),  # RFC 8215 local-use
+        ("2002:7f00:1::", True), ("2002:a9fe:a9fe::1", True), ("2002:808:808::1", False),
+        ("::7f00:1", True), ("::a00:1", True), ("::808:808", False),  # IPv4-compatible
+        (TEREDO_TO_LOOPBACK, True), (TEREDO_TO_PUBLIC, False),
+    ],
+)  # fmt: skip
+def test_ipv6_addresses_that_embed_ipv4_are_judged_by_it(address: str, forbidden: bool) -> None:
+    """NAT64, 6to4, Teredo and IPv4-compatible addresses reach the IPv4 address they carry
+    through a gateway: [64:ff9b::7f00:1] is 127.0.0.1 (they used to pass as global IPv6)."""
+    assert is_forbidden(ip_address(address)) is forbidden
+
+
 def test_allowlist_opens_only_its_networks() -> None:
     from ipaddress import ip_network
 
     allowed = [ip_network("127.0.0.0/8")]
     assert not is_forbidden(ip_address("127.0.0.1"), allowed)
     assert not is_forbidden(ip_address("::ffff:127.0.0.1"), allowed)
+    assert not is_forbidden(ip_address("64:ff9b::7f00:1"), allowed)  # judged by 127.0.0.1
     assert is_forbidden(ip_address("10.0.0.1"), allowed)
 
 
@@ -53,6 +74,7 @@ def test_allowlist_opens_only_its_networks() -> None:
     [
         "127.0.0.1", "localhost", "2130706433", "[::ffff:127.0.0.1]",  # and other spellings:
         "0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "[::ffff:7f00:1]", "[::1]",
+        "[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::7f00:1]",  # NAT64, 6to4, IPv4-compatible
     ],
 )  # fmt: skip
 async def test_loopback_refused_without_allowlist(
