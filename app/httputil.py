@@ -26,18 +26,43 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError as exc:  # "[[[[..." deeper than the parser's own recursion limit
+        raise web.HTTPBadRequest(text=_TOO_DEEP) from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also a 5,000-digit number
         raise web.HTTPBadRequest(text=f"request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise web.HTTPUnprocessableEntity(text="request body must be a JSON object")
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise web.HTTPBadRequest(text=_TOO_DEEP)
     return data
+
+
+MAX_JSON_DEPTH = 32  # no request body of this API nests more than a few levels
+_TOO_DEEP = f"request body nests deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and objects more than `limit` deep (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def query_int(request: web.Request, name: str, *, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    # ASCII digits only: str.isdigit() is also true of "²", which int() refuses
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or not lo <= int(raw) <= hi:
         raise web.HTTPBadRequest(text=f"query parameter {name!r} must be an integer {lo}..{hi}")
     return int(raw)
 

@@ -138,3 +138,23 @@ async def test_unknown_batch_is_404(api: ApiClient) -> None:
     response = await api.get("/batches/" + "0" * 32)
     assert response.status == 404
     assert (await response.json())["error"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "text"),
+    [
+        ("POST", "/jobs/email", b"[" * 100_000, "nests deeper than 32 levels"),
+        ("POST", "/jobs/email", b'{"to": ' + b"[" * 40 + b"]" * 40 + b"}", "nests deeper"),
+        ("POST", "/sources", b'{"url": "http://example.com/", "schedule": "daily", '
+         b'"max_pages": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        ("GET", "/documents?limit=%C2%B2", None, "must be an integer"),
+        ("GET", "/documents?limit=" + "9" * 5000, None, "must be an integer"),
+    ],
+)  # fmt: skip
+async def test_hostile_inputs_are_a_400_not_a_500(
+    api: ApiClient, method: str, path: str, raw: bytes | None, text: str
+) -> None:
+    """Found by an attacker with a key: each of these was a 500 with a stack trace."""
+    headers = {"Content-Type": "application/json"}
+    response = await api.request(method, path, data=raw, headers=headers)
+    await assert_error(response, 400, text=text)
