@@ -5,29 +5,28 @@ import re
 # RFC 5322 field names, restricted to the printable ASCII subset people actually use.
 HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,75}$")
 
-# Headers the service writes itself; a caller must not override or duplicate them.
-RESERVED_HEADERS = frozenset(
+# Headers a sender may set besides X-*: list and thread headers, and the flags that tell
+# auto-responders to stay quiet. Everything else is refused by name: a denylist let
+# Authentication-Results, DKIM-Signature, Delivered-To, Resent-Sender and the like through.
+ALLOWED_HEADERS = frozenset(
     name.lower()
     for name in (
-        "From",
-        "To",
-        "Cc",
-        "Bcc",
-        "Subject",
-        "Reply-To",
-        "Sender",
-        "Date",
-        "Message-ID",
-        "MIME-Version",
-        "Content-Type",
-        "Content-Transfer-Encoding",
-        "Content-Disposition",
-        "Return-Path",
-        "Received",
-        "Resent-From",
-        "Resent-To",
-        "Resent-Cc",
-        "Resent-Bcc",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "List-Id",
+        "List-Help",
+        "List-Archive",
+        "List-Owner",
+        "List-Post",
+        "List-Subscribe",
+        "Precedence",
+        "Auto-Submitted",
+        "In-Reply-To",
+        "References",
+        "Keywords",
+        "Comments",
+        "Importance",
+        "Priority",
     )
 )
 
@@ -42,6 +41,8 @@ def single_line(value: str) -> str:
 def header_name(name: str) -> str:
     if not HEADER_NAME.match(name):
         raise ValueError(f"invalid header name {name!r}: use letters, digits and '-'")
-    if name.lower() in RESERVED_HEADERS:
-        raise ValueError(f"header {name!r} is set by the service and cannot be overridden")
+    lowered = name.lower()
+    if not (lowered.startswith("x-") or lowered in ALLOWED_HEADERS):
+        allowed = ", ".join(sorted(ALLOWED_HEADERS))
+        raise ValueError(f"header {name!r} is not allowed: use X-* or one of {allowed}")
     return name

@@ -147,3 +147,19 @@ def test_smtp_bytes_are_the_email_packages_own_with_crlf() -> None:
     theirs = flatten_message(message)  # aiosmtplib: the email package's compat32 generator
     assert b"\r\n" in ours and b"\n" not in ours.replace(b"\r\n", b"")
     assert ours == theirs.replace(b"\n", b"\r\n")
+
+
+def test_headers_a_sender_sets_are_allowed_by_name() -> None:
+    headers = {
+        "X-Campaign": "spring",
+        "List-Unsubscribe": "<mailto:unsub@example.com>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "Precedence": "bulk",
+        "Auto-Submitted": "auto-generated",
+        "In-Reply-To": "<a@example.com>",
+        "References": "<a@example.com>",
+    }
+    spec = EmailSpec.model_validate(
+        {"to": "a@example.com", "subject": "s", "text": "t", "headers": headers}
+    )
+    assert spec.headers == headers
