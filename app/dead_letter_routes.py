@@ -7,8 +7,10 @@ from aiohttp import web
 from app import actions
 from app.appkeys import REDIS
 from app.httputil import JOB_ID_PATTERN, json_model, query_int, status_url
+from app.redaction import redact
 from app.schemas import DeadLetterPage, JobAccepted
 from jobs.deadletter import (
+    DeadLetter,
     get_dead_letter,
     list_dead_letters,
     remove_dead_letter,
@@ -19,14 +21,21 @@ async def list_entries(request: web.Request) -> web.Response:
     offset = query_int(request, "offset", default=0, lo=0, hi=10_000_000)
     limit = query_int(request, "limit", default=50, lo=1, hi=500)
     total, items = await list_dead_letters(request.app[REDIS], offset, limit)
-    return json_model(DeadLetterPage(total=total, offset=offset, limit=limit, items=items))
+    page = DeadLetterPage(total=total, offset=offset, limit=limit, items=list(map(shown, items)))
+    return json_model(page)
 
 
 async def show_entry(request: web.Request) -> web.Response:
     entry = await get_dead_letter(request.app[REDIS], request.match_info["entry_id"])
     if entry is None:
         raise web.HTTPNotFound(text="no such dead-letter entry")
-    return json_model(entry)
+    return json_model(shown(entry))
+
+
+def shown(entry: DeadLetter) -> DeadLetter:
+    """What any key may read: the arguments with secrets redacted, as the dashboard shows
+    them. A retry re-enqueues the stored arguments, not these."""
+    return entry.model_copy(update={"arguments": redact(entry.arguments)})
 
 
 async def retry_entry(request: web.Request) -> web.Response:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp import ClientSession
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import deserialize_job_raw
 
 from app.settings import Settings
 from app.web import create_app
+from jobs.deadletter import DeadLetter, add_dead_letter
 from tests.conftest import API_KEY, READ_KEY
 from tests.helpers import ApiClient, api_client, start_of_a_window, wait_for, window_number
 
@@ -109,3 +114,32 @@ async def test_open_relay_attempt_from_a_disallowed_sender_is_422(
         newsletter = {"recipients": ["a@example.com"], "subject": "s", "text": "t"}
         relay = await client.post("/jobs/newsletter", json=newsletter | {"from": "x@evil.example"})
         assert relay.status == 422
+
+
+async def test_dead_letter_arguments_are_redacted_for_every_reader_but_retried_whole(
+    api: ApiClient, redis: ArqRedis
+) -> None:
+    """The dashboard redacted a dead job's secrets; the API showed them to any key, read-only
+    ones included. A retry still sends the job its real arguments."""
+    secret = "Bearer s3cret-value"
+    arguments = {"target": {"url": "http://example.com/", "headers": {"Authorization": secret}},
+                 "api_token": "t0ken"}  # fmt: skip
+    entry = DeadLetter(
+        id="deadbeef", function="scrape", arguments=arguments, error="HTTP 500", reason="exhausted",
+        tries=3, enqueue_time=None, failed_at=datetime.now(UTC),
+    )  # fmt: skip
+    await add_dead_letter(redis, entry)
+    read_only = {"Authorization": f"Bearer {READ_KEY}"}
+    shown = await (await api.get("/dead-letter/deadbeef", headers=read_only)).json()
+    listed = (await (await api.get("/dead-letter", headers=read_only)).json())["items"]
+    for view in (shown, listed[0]):
+        assert view["arguments"] == {
+            "target": {"url": "http://example.com/", "headers": {"Authorization": "***"}},
+            "api_token": "***",
+        }, view
+    retried = await api.post("/dead-letter/deadbeef/retry")
+    assert retried.status == 202
+    job_id = (await retried.json())["job_id"]
+    _, _, kwargs, _, _ = deserialize_job_raw(await redis.get(job_key_prefix + job_id))
+    assert kwargs["target"]["headers"]["Authorization"] == secret
+    assert kwargs["api_token"] == "t0ken"

@@ -16,6 +16,7 @@ from arq.jobs import DeserializationError, JobDef, deserialize_job, deserialize_
 from redis.asyncio import Redis
 
 from app.jobstatus import read_jobs
+from app.redaction import redact
 from app.schemas import JobView
 from app.settings import Settings
 from jobs.documents import source_docs_key
@@ -40,8 +41,6 @@ RUNNING_SAMPLE = 200
 QUEUE_SAMPLE = 100
 RECENT_SAMPLE = 200
 CHART_MINUTES = 60
-SECRET_WORDS = ("password", "secret", "token", "key", "authorization")
-REDACTED = "***"
 
 
 def _texts(fields: Mapping[bytes, bytes]) -> dict[str, str]:
@@ -220,20 +219,6 @@ async def read_arguments(redis: Redis, job_id: str) -> dict[str, Any] | None:
         arguments["*args"] = list(job.args)
     redacted: dict[str, Any] = redact(arguments)
     return redacted
-
-
-def redact(value: Any) -> Any:
-    """A copy with the value of every key that sounds secret replaced, at any depth."""
-    if isinstance(value, Mapping):
-        return {k: REDACTED if _sounds_secret(k) else redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(item) for item in value]
-    return value
-
-
-def _sounds_secret(name: object) -> bool:
-    lowered = str(name).lower()
-    return any(word in lowered for word in SECRET_WORDS)
 
 
 # -- cron --

@@ -30,7 +30,6 @@ from app.dashboard.data import (
     read_cron,
     read_overview,
     read_sources,
-    redact,
 )
 from app.dashboard.session import (
     CSRF_FIELD,
@@ -43,6 +42,7 @@ from app.dashboard.session import (
 )
 from app.errors import Handler
 from app.jobstatus import read_job_with_progress
+from app.redaction import redact
 from app.schemas import JobView
 from app.settings import Settings
 from jobs.deadletter import list_dead_letters
