@@ -114,8 +114,9 @@ class Window:
             count, _ = await pipe.execute()
         return int(count)
 
-    async def count(self, redis: Redis, now: float) -> int:
-        return int(await redis.get(self._key(now)) or 0)
+    async def give_back(self, redis: Redis, now: float) -> None:
+        """Count one fewer (what `add` counted turned out not to count)."""
+        await redis.decr(self._key(now))
 
 
 @web.middleware

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -346,3 +347,20 @@ async def test_mail_page_lists_the_sink(ui: ApiClient, settings: Settings) -> No
     page = await (await ui.get("/ui/mail")).text()
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "b@example.com" in page
     assert 'href="/ui/mail"' in page
+
+
+async def test_concurrent_wrong_keys_are_counted_one_by_one(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    """200 wrong keys at once: exactly the limit are checked (401), the rest are refused (429).
+    The check and the count used to be two steps: all 200 got 401 and the count reached 200."""
+    window = 4.0
+    app = create_app(make_settings(login_max_failures=10, login_failure_window=window))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as ui:
+        started = await start_of_a_window(window)
+        responses = await asyncio.gather(
+            *(ui.post("/ui/login", data={"key": f"guess-{n}"}) for n in range(200))
+        )
+        assert window_number(window) == started, "200 sign-ins took longer than 3.5 s"
+    statuses = sorted(r.status for r in responses)
+    assert statuses.count(401) == 10 and statuses.count(429) == 190, statuses

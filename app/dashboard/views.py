@@ -137,7 +137,10 @@ async def login(request: web.Request) -> web.Response:
     settings = request.config_dict[SETTINGS]
     failures = Window(f"login:{request.remote or '-'}", settings.login_failure_window)
     now = time.time()
-    if await failures.count(_redis(request), now) >= settings.login_max_failures:
+    # Counted as a failure before the key is looked at, in one Redis command: N concurrent
+    # tries count N (a check, then a count, let 200 concurrent guesses through a limit of 10).
+    # A good key gives its count back.
+    if await failures.add(_redis(request), now) > settings.login_max_failures:
         retry_after = failures.retry_after(now)
         context = {"error": f"Too many failed sign-ins; try again in {retry_after} s."}
         response = render(request, "login.html", context, status=429)
@@ -148,9 +151,9 @@ async def login(request: web.Request) -> web.Response:
     keyring = request.config_dict[KEYRING]
     principal = keyring.identify(key.strip()) if isinstance(key, str) and key.strip() else None
     if principal is None:
-        await failures.add(_redis(request), now)
         log.warning("dashboard sign-in with an invalid key from %s", request.remote)
         return render(request, "login.html", {"error": "That key is not valid."}, status=401)
+    await failures.give_back(_redis(request), now)
     previous = await load_session(request)
     if previous is not None:  # a fresh id at every login: no session fixation
         await delete_session(_redis(request), previous)
