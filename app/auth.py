@@ -88,10 +88,6 @@ def _under_public_prefix(path: str) -> bool:
     return any(path == prefix or path.startswith(prefix + "/") for prefix in PUBLIC_PREFIXES)
 
 
-def is_enqueue(request: web.Request) -> bool:
-    return request.method == "POST" and request.path.startswith(("/jobs/", "/dead-letter/"))
-
-
 @dataclass(frozen=True)
 class Window:
     """A fixed-window counter in Redis, shared by every web process."""
@@ -106,32 +102,51 @@ class Window:
         """Whole seconds until the next window."""
         return max(1, math.ceil((int(now // self.seconds) + 1) * self.seconds - now))
 
-    async def add(self, redis: Redis, now: float) -> int:
-        """Count one more; the count in this window."""
+    async def add(self, redis: Redis, now: float, n: int = 1) -> int:
+        """Count `n` more; the count in this window."""
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.incr(self._key(now))
+            pipe.incrby(self._key(now), n)
             pipe.expire(self._key(now), math.ceil(self.seconds) + 1)
             count, _ = await pipe.execute()
         return int(count)
 
-    async def give_back(self, redis: Redis, now: float) -> None:
-        """Count one fewer (what `add` counted turned out not to count)."""
-        await redis.decr(self._key(now))
+    async def give_back(self, redis: Redis, now: float, n: int = 1) -> None:
+        """Count `n` fewer (what `add` counted turned out not to count)."""
+        await redis.decrby(self._key(now), n)
 
 
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Fixed window per key: at most `rate_limit_requests` enqueues per `rate_limit_window`."""
+    """Fixed window per key: every request that changes something (enqueues, aborts, retries,
+    sources) counts against `rate_limit_requests` per `rate_limit_window`."""
     principal: Principal | None = request.get(PRINCIPAL)
-    if principal is None or not is_enqueue(request):
-        return await handler(request)
-    settings = request.app[SETTINGS]
-    window = Window(principal.key_id, settings.rate_limit_window)
+    if principal is not None and request.method not in READ_METHODS:
+        await charge(request, principal.key_id)
+    return await handler(request)
+
+
+async def charge(
+    request: web.Request, key_id: str, weight: int = 1, refund_if_refused: bool = False
+) -> None:
+    """Count `weight` against the key's window; 429 past the limit. A request is charged 1 on
+    arrival; an enqueue then charges what it really asks for beyond that (one per message:
+    recipients after de-duplication, URLs), so a 10,000-recipient newsletter is not one hit."""
+    settings = request.config_dict[SETTINGS]
+    window = Window(key_id, settings.rate_limit_window)
     now = time.time()
-    if await window.add(request.app[REDIS], now) > settings.rate_limit_requests:
+    redis = request.config_dict[REDIS]
+    if await window.add(redis, now, weight) > settings.rate_limit_requests:
+        if refund_if_refused:  # nothing will be sent for it
+            await window.give_back(redis, now, weight)
         raise web.HTTPTooManyRequests(
             text=f"rate limit of {settings.rate_limit_requests} requests per "
             f"{settings.rate_limit_window:g}s reached",
             headers={"Retry-After": str(window.retry_after(now))},
         )
-    return await handler(request)
+
+
+async def charge_more(request: web.Request, weight: int) -> None:
+    """The rest of an enqueue's weight (its first unit was charged on arrival)."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is not None and weight > 1:
+        await charge(request, principal.key_id, weight - 1, refund_if_refused=True)

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from app import actions, mailsink
 from app.appkeys import REDIS, SETTINGS
+from app.auth import charge_more
 from app.batch_routes import add_batch_routes, batch_url, save_batch
 from app.dead_letter_routes import add_dead_letter_routes
 from app.document_routes import add_document_routes
@@ -55,6 +56,7 @@ async def enqueue_email(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = validation_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(await read_json_object(request), context=context)
+    await charge_more(request, len(spec.envelope_recipients()))  # one per message sent
     message_id = new_message_id(spec.from_ or settings.mail_from)
     job_id = await enqueue(
         request,
@@ -75,6 +77,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     spec = NewsletterSpec.model_validate(await read_json_object(request), context=context)
     newsletter_id = uuid.uuid4().hex
     total = len(spec.recipients)
+    await charge_more(request, total)
     await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
     await enqueue(
         request,
@@ -97,6 +100,7 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     context = {"max_urls": settings.max_urls_per_request, "max_selectors": settings.max_selectors}
     scrape = ScrapeRequest.model_validate(await read_json_object(request), context=context)
     targets = scrape.targets()
+    await charge_more(request, len(targets))
     calls = [{"target": target.model_dump(mode="json")} for target in targets]
     job_ids = await enqueue_many(request, "scrape", calls)
     accepted = [

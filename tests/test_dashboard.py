@@ -364,3 +364,21 @@ async def test_concurrent_wrong_keys_are_counted_one_by_one(
         assert window_number(window) == started, "200 sign-ins took longer than 3.5 s"
     statuses = sorted(r.status for r in responses)
     assert statuses.count(401) == 10 and statuses.count(429) == 190, statuses
+
+
+async def test_dashboard_actions_count_against_the_keys_rate_limit(
+    make_settings: Callable[..., Settings], redis: ArqRedis, tmp_path: Path
+) -> None:
+    window = 8.0
+    settings = make_settings(
+        rate_limit_requests=2, rate_limit_window=window, exports_dir=tmp_path / "exports"
+    )
+    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as ui:
+        csrf = await log_in(ui)
+        started = await start_of_a_window(window)
+        statuses = [
+            (await ui.post("/ui/sources/export", data={"csrf": csrf}, allow_redirects=False)).status
+            for _ in range(3)
+        ]
+        assert window_number(window) == started, "three posts took longer than the window"
+    assert statuses[2] == 429 and 429 not in statuses[:2], statuses

@@ -143,3 +143,24 @@ async def test_dead_letter_arguments_are_redacted_for_every_reader_but_retried_w
     _, _, kwargs, _, _ = deserialize_job_raw(await redis.get(job_key_prefix + job_id))
     assert kwargs["target"]["headers"]["Authorization"] == secret
     assert kwargs["api_token"] == "t0ken"
+
+
+async def test_every_change_counts_its_real_weight_against_the_key(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """One unit per message or URL, and every mutating route: a 10-recipient email used to be
+    one hit, and POST /sources was not limited at all."""
+    window = 8.0
+    settings = make_settings(rate_limit_requests=10, rate_limit_window=window)
+    async with api_client(create_app(settings)) as client:
+        started = await start_of_a_window(window)
+        eight = EMAIL | {"to": [f"r{n}@example.com" for n in range(8)] + ["r0@example.com"]}
+        assert (await client.post("/jobs/email", json=eight)).status == 202  # 8 after de-dup
+        three = EMAIL | {"to": ["a@example.com", "b@example.com", "c@example.com"]}
+        refused = await client.post("/jobs/email", json=three)
+        assert refused.status == 429  # 8 + 3 > 10
+        source = {"url": "http://example.com/", "schedule": "daily"}
+        statuses = [(await client.post("/sources", json=source)).status for _ in range(3)]
+        assert window_number(window) == started, "the requests took longer than the window"
+    # 8; +1 for the refused one (counted on arrival, its 2 more given back): 9; a source: 10
+    assert statuses == [201, 429, 429], statuses

@@ -16,7 +16,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.appkeys import REDIS
-from app.auth import KEYRING, Principal
+from app.auth import KEYRING, Principal, charge
 from app.errors import Handler
 
 SESSION_KEY_PREFIX = "asyncjobs:session:"
@@ -133,5 +133,7 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
             raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page, try again")
         if session.read_only and request.path != LOGOUT_PATH:
             raise web.HTTPForbidden(text="this API key is read-only")
+        if request.path != LOGOUT_PATH:  # the key's rate limit, as through the API
+            await charge(request, session.key_id)
     request[SESSION] = session
     return await handler(request)
