@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.appkeys import REDIS
+from app.appkeys import REDIS, SETTINGS
 from app.httputil import json_model, read_json_object
 from app.schemas import SourceList
 from jobs.sources import (
@@ -22,7 +22,7 @@ SOURCE_ID_PATTERN = r"[0-9a-f]{32}"
 
 
 async def create(request: web.Request) -> web.Response:
-    spec = SourceSpec.model_validate(await read_json_object(request))
+    spec = SourceSpec.model_validate(await read_json_object(request), context=_context(request))
     source = await create_source(request.app[REDIS], spec)
     response = json_model(source, status=201)
     response.headers["Location"] = f"/sources/{source.id}"
@@ -38,9 +38,15 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def change(request: web.Request) -> web.Response:
-    changes = SourceFields.model_validate(await read_json_object(request))
+    changes = SourceFields.model_validate(
+        await read_json_object(request), context=_context(request)
+    )
     source = await update_source(request.app[REDIS], await _existing(request), changes)
     return json_model(source)
+
+
+def _context(request: web.Request) -> dict[str, object]:
+    return {"max_pages": request.app[SETTINGS].source_max_pages}
 
 
 async def remove(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from croniter import croniter
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from redis.asyncio import Redis
 
 from jobs.documents import now_utc
@@ -54,6 +54,16 @@ class SourceFields(BaseModel):
     @classmethod
     def _schedule_ok(cls, schedule: str | None) -> str | None:
         return None if schedule is None else check_schedule(schedule)
+
+    @field_validator("max_pages")
+    @classmethod
+    def _within_the_runs_cap(cls, max_pages: int | None, info: ValidationInfo) -> int | None:
+        """Runs stop at SOURCE_MAX_PAGES (validation context `max_pages`): asking for more
+        is refused rather than accepted and quietly cut."""
+        cap = (info.context or {}).get("max_pages")
+        if max_pages is not None and cap is not None and max_pages > cap:
+            raise ValueError(f"at most {cap} pages per run (SOURCE_MAX_PAGES)")
+        return max_pages
 
 
 class SourceSpec(SourceFields):

@@ -28,6 +28,8 @@ GOOD = {"url": "http://example.com/news", "schedule": "daily"}
         (GOOD | {"url": "ftp://example.com/"}, "url", "scheme"),
         (GOOD | {"follow_links": 3}, "follow_links", "less than or equal to 2"),
         (GOOD | {"max_pages": 0}, "max_pages", "greater than or equal to 1"),
+        (GOOD | {"max_pages": 51}, "max_pages", "at most 50 pages per run (SOURCE_MAX_PAGES)"),
+        (GOOD | {"max_pages": 10**30}, "max_pages", "less than or equal to 500"),
         (GOOD | {"selectors": {"x": "p[["}}, "selectors", "not a valid CSS"),
         ({"url": "http://example.com/"}, "schedule", "field required"),
         (GOOD | {"colour": "red"}, "colour", "extra inputs"),
@@ -57,6 +59,8 @@ async def test_source_crud(api: ApiClient) -> None:
     assert body["schedule"] == "*/15 * * * *" and body["url"] == GOOD["url"]
     bad_patch = await api.patch(f"/sources/{source['id']}", json={"follow_links": 9})
     assert bad_patch.status == 422
+    over_cap = await api.patch(f"/sources/{source['id']}", json={"max_pages": 200})
+    assert over_cap.status == 422 and "SOURCE_MAX_PAGES" in await over_cap.text()
 
     assert (await api.delete(f"/sources/{source['id']}")).status == 204
     assert (await api.get(f"/sources/{source['id']}")).status == 404
