@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # Messages per second across every worker (shared through Redis); 0: no limit. Messages
     # over the rate wait for their turn (in the queue when it is over 10 s away), never fail.
     smtp_max_per_second: float = Field(0, ge=0)
+    # Work whose cost a caller's input decides (CSS selectors, newsletter templates) runs in
+    # CPU_WORKERS pool processes and is stopped after CPU_LIMIT_SECONDS (the job fails for good).
+    cpu_limit_seconds: float = Field(5, gt=0)
+    cpu_workers: int = Field(2, ge=1, le=32)
     # The default sender; checked at start against the rules below, as every address is.
     mail_from: str = "asyncjobs@localhost.localdomain"
     # Dotless domains (you@localhost, ops@mailhost): off by default, on in `python -m app dev`.

@@ -21,16 +21,12 @@ class PageSummary:
     extracted: dict[str, list[str]] = field(default_factory=dict)
 
 
-def summarize_html(html: str, selectors: dict[str, str] | None = None) -> PageSummary:
+def summarize_html(html: str) -> PageSummary:
+    """The page's title, description, links and text: work that grows with the page's size
+    alone (capped by SCRAPE_MAX_BYTES), unlike a caller's selectors (see select)."""
     tree = HTMLParser(html)
     title_node = tree.css_first("title")
     description_node = tree.css_first('meta[name="description" i]')
-    extracted = {
-        name: [node.text(separator=" ", strip=True) for node in tree.css(css)][
-            :MAX_MATCHES_PER_SELECTOR
-        ]
-        for name, css in (selectors or {}).items()
-    }
     hrefs = [node.attributes.get("href") or "" for node in tree.css("a[href]")]
     tree.strip_tags(NON_CONTENT_TAGS)
     root = tree.body or tree.root
@@ -43,8 +39,20 @@ def summarize_html(html: str, selectors: dict[str, str] | None = None) -> PageSu
         links_count=len(hrefs),
         text=text,
         links=[h for h in hrefs if h][:MAX_LINKS],
-        extracted=extracted,
     )
+
+
+def select(html: str, selectors: dict[str, str]) -> dict[str, list[str]]:
+    """The text of what each of a caller's selectors matches. Its cost depends on the selector
+    and the page's nesting (`span div div div div div` on 100 nested divs: seconds), so it runs
+    in a pool process under a deadline (jobs.cpulimit)."""
+    tree = HTMLParser(html)
+    return {
+        name: [node.text(separator=" ", strip=True) for node in tree.css(css)][
+            :MAX_MATCHES_PER_SELECTOR
+        ]
+        for name, css in selectors.items()
+    }
 
 
 def is_valid_selector(css: str) -> bool:

@@ -30,7 +30,7 @@ from jobs.documents import (
     stored_links,
 )
 from jobs.errors import JobError, PermanentJobError, TransientJobError
-from jobs.html import is_valid_selector, summarize_html
+from jobs.html import is_valid_selector, select, summarize_html
 from jobs.monitor import monitor_of
 from jobs.netguard import ForbiddenTargetError, GuardedResolver, check_url
 from jobs.politeness import Politeness
@@ -305,9 +305,11 @@ async def scrape_url(
         return result, await stored_links(redis, url)  # the page is the same: so are its links
     html = decode_body(page.body, page.charset)
     if len(page.body) > PARSE_IN_THREAD_BYTES:
-        summary = await asyncio.to_thread(summarize_html, html, selectors)
+        summary = await asyncio.to_thread(summarize_html, html)
     else:
-        summary = summarize_html(html, selectors)
+        summary = summarize_html(html)
+    if selectors:
+        summary.extracted = await ctx["cpu"].run("the CSS selectors", select, html, selectors)
     snapshot = DocumentSnapshot(
         url=url,
         final_url=page.final_url,

@@ -13,6 +13,7 @@ from arq.worker import Function, func
 from app.broker import redis_settings
 from app.settings import Settings, get_settings
 from jobs.cleanup import daily_cleanup
+from jobs.cpulimit import CpuPool
 from jobs.email import send_email
 from jobs.export import export
 from jobs.monitor import JobMonitor
@@ -34,6 +35,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["http"] = make_http_session(settings)
     ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
     ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
+    ctx["cpu"] = CpuPool(settings.cpu_workers, settings.cpu_limit_seconds)
     if settings.smtp_max_per_second:
         ctx["send_rate"] = SendRate(ctx["redis"], settings.smtp_max_per_second)
     ctx["monitor"] = JobMonitor(ctx["redis"])
@@ -57,6 +59,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["http"].close()
     if ctx.get("smtp"):
         await ctx["smtp"].close()
+    if ctx.get("cpu"):
+        await ctx["cpu"].close()
 
 
 def job_functions(settings: Settings) -> list[Function]:

@@ -21,6 +21,7 @@ from app.broker import connect
 from app.mailsink import server_port, start_smtp_server
 from app.settings import Settings, get_settings
 from app.web import create_app
+from jobs.cpulimit import CpuPool
 from jobs.resilience import install
 from jobs.scrape import Fetcher, make_http_session
 from jobs.worker import worker_options
@@ -171,17 +172,23 @@ async def make_ctx(
 ) -> AsyncIterator[Callable[..., Ctx]]:
     """Build job contexts with settings overrides (and optionally a test DNS resolver), each
     with a real HTTP session, closed at the end of the test."""
-    sessions = []
+    sessions, pools = [], []
 
     def build(dns: AbstractResolver | None = None, **overrides: Any) -> Ctx:
         settings = make_settings(**overrides)
         session = make_http_session(settings, dns=dns)
         sessions.append(session)
-        return {"settings": settings, "redis": redis, "fetcher": Fetcher(session, settings, redis)}
+        pools.append(CpuPool(settings.cpu_workers, settings.cpu_limit_seconds))
+        fetcher = Fetcher(session, settings, redis)
+        return {"settings": settings, "redis": redis, "fetcher": fetcher, "cpu": pools[-1]}
 
-    yield build
-    for session in sessions:
-        await session.close()
+    try:
+        yield build
+    finally:
+        for session in sessions:
+            await session.close()
+        for pool in pools:
+            await pool.close()
 
 
 @pytest.fixture

@@ -139,7 +139,8 @@ class SiteStats:
 
 
 def make_site(stats: SiteStats) -> web.Application:
-    """Pages: /page/{n}, /slow?ms=, /huge, /loop, /error, /json, /redirect, /flaky, /missing."""
+    """Pages: /page/{n}, /slow?ms=, /huge, /loop, /error, /json, /redirect, /flaky, /missing,
+    /nested?depth= (divs inside divs)."""
 
     @web.middleware
     async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
@@ -187,8 +188,14 @@ def make_site(stats: SiteStats) -> web.Application:
             return web.Response(status=int(request.query.get("status", "503")), headers=headers)
         return web.Response(text=PAGE_HTML.format(n="flaky"), content_type="text/html")
 
+    async def nested(request: web.Request) -> web.Response:
+        depth = int(request.query.get("depth", "100"))
+        body = "<html><body>" + "<div>" * depth + "deep" + "</div>" * depth + "</body></html>"
+        return web.Response(text=body, content_type="text/html")
+
     app = web.Application(middlewares=[count])
     app.router.add_get("/page/{n}", page)
+    app.router.add_get("/nested", nested)
     app.router.add_get("/slow", slow)
     app.router.add_get("/huge", huge)
     app.router.add_get("/loop", loop)
