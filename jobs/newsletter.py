@@ -15,6 +15,7 @@ from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from jinja2 import Template, TemplateSyntaxError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
     BaseModel,
@@ -46,9 +47,32 @@ log = logging.getLogger(__name__)
 HARD_MAX_RECIPIENTS = 100_000
 ENQUEUE_CHUNK = 500
 
+MAX_RENDERED_CHARS = MAX_BODY_CHARS  # what one rendered template may grow to
+TOO_LONG = f"template output exceeded {MAX_RENDERED_CHARS} characters"
+
+
+class LimitedSandbox(SandboxedEnvironment):
+    """Jinja2's sandbox (no Python internals), and no string, list or number built bigger than
+    a message may be: `{{ 'x' * 10000000 }}` used to be built in full before the size check.
+    Loops are bounded by the sandbox's `range` (100,000 items) and, in all, by the deadline of
+    the pool process that renders (jobs.cpulimit)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+                if sized and len(seq) * times > MAX_RENDERED_CHARS:
+                    raise SecurityError(TOO_LONG)
+        if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+            raise SecurityError("template exponent larger than 1000")
+        return super().call_binop(context, operator, left, right)
+
+
 # Templates come from API callers: the sandbox keeps them away from Python internals.
-_text_env = SandboxedEnvironment(autoescape=False)
-_html_env = SandboxedEnvironment(autoescape=True)
+_text_env = LimitedSandbox(autoescape=False)
+_html_env = LimitedSandbox(autoescape=True)
 
 
 class Recipient(BaseModel):
@@ -134,9 +158,9 @@ def render_for(
     a valid email, RenderError if the recipient's variables break a template."""
     variables = {"email": recipient.email, **recipient.vars}
     try:
-        subject = templates.subject.render(variables)
-        text = templates.text.render(variables) if templates.text else None
-        html = templates.html.render(variables) if templates.html else None
+        subject = _render(templates.subject, variables)
+        text = _render(templates.text, variables) if templates.text else None
+        html = _render(templates.html, variables) if templates.html else None
     except Exception as exc:  # the sandbox's errors and whatever the template itself raises
         raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from exc
     email = EmailSpec.model_validate(
@@ -152,6 +176,44 @@ def render_for(
         context=context,
     )
     return email.model_dump(mode="json", by_alias=True)
+
+
+def _render(template: Template, variables: dict[str, Any]) -> str:
+    """The template's output, stopped as soon as it grows past MAX_RENDERED_CHARS."""
+    parts, size = [], 0
+    for part in template.generate(variables):
+        size += len(part)
+        if size > MAX_RENDERED_CHARS:
+            raise SecurityError(TOO_LONG)
+        parts.append(part)
+    return "".join(parts)
+
+
+Rendered = tuple[dict[str, Any] | None, str | None]  # (job arguments, or why not)
+
+
+def render_chunk(
+    newsletter: dict[str, Any],
+    first: int,
+    count: int,
+    contexts: tuple[dict[str, object], dict[str, object]],
+) -> list[Rendered]:
+    """Recipients first..first+count-1 rendered: their email job arguments, or the reason one
+    cannot be sent. Runs in a pool process under a deadline (jobs.cpulimit): the templates are
+    a caller's code, and their cost is the caller's choice. `contexts`: the newsletter's
+    validation context and its messages'."""
+    newsletter_context, context = contexts
+    spec = NewsletterSpec.model_validate(newsletter, context=newsletter_context)
+    templates = Templates.compile(spec)
+    rendered: list[Rendered] = []
+    for recipient in spec.recipients[first : first + count]:
+        try:
+            rendered.append((render_for(spec, templates, recipient, context), None))
+        except ValidationError as exc:
+            rendered.append((None, f"{recipient.email}: {exc.errors()[0]['msg']}"))
+        except RenderError as exc:
+            rendered.append((None, f"{recipient.email}: {exc}"))
+    return rendered
 
 
 def child_job_id(newsletter_id: str, index: int) -> str:
@@ -181,31 +243,27 @@ async def send_newsletter(
 ) -> dict[str, Any]:
     settings = ctx["settings"]
     redis: Redis = ctx["redis"]
-    spec = NewsletterSpec.model_validate(
-        newsletter, context=validation_context(settings, settings.newsletter_max_recipients)
+    contexts = (  # the newsletter's, as the API checked it, and its messages'
+        validation_context(settings, settings.newsletter_max_recipients),
+        validation_context(settings, settings.mail_max_recipients),
     )
-    child_context = validation_context(settings, settings.mail_max_recipients)
-    templates = Templates.compile(spec)
+    spec = NewsletterSpec.model_validate(newsletter, context=contexts[0])
     sender = spec.from_ or settings.mail_from
     invalid: dict[str, str] = {}
-    chunk: list[tuple[str, dict[str, Any]]] = []
-    for index, recipient in enumerate(spec.recipients):
-        message_id = child_message_id(newsletter_id, index, sender)
-        try:
-            email = render_for(spec, templates, recipient, child_context)
-        except ValidationError as exc:
-            invalid[message_id] = f"{recipient.email}: {exc.errors()[0]['msg']}"
-            continue
-        except RenderError as exc:
-            invalid[message_id] = f"{recipient.email}: {exc}"
-            continue
-        kwargs = {"email": email, "message_id": message_id, "batch_id": newsletter_id}
-        chunk.append((child_job_id(newsletter_id, index), kwargs))
-        if len(chunk) >= ENQUEUE_CHUNK:
+    for first in range(0, len(spec.recipients), ENQUEUE_CHUNK):
+        rendered = await ctx["cpu"].run(
+            "the newsletter's templates", render_chunk, newsletter, first, ENQUEUE_CHUNK, contexts
+        )
+        chunk: list[tuple[str, dict[str, Any]]] = []
+        for index, (email, problem) in enumerate(rendered, start=first):
+            message_id = child_message_id(newsletter_id, index, sender)
+            if email is None:
+                invalid[message_id] = problem or "not sent"
+                continue
+            kwargs = {"email": email, "message_id": message_id, "batch_id": newsletter_id}
+            chunk.append((child_job_id(newsletter_id, index), kwargs))
+        if chunk:
             await enqueue_children(redis, settings.queue_name, chunk)
-            chunk = []
-    if chunk:
-        await enqueue_children(redis, settings.queue_name, chunk)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(BATCH_KEY_PREFIX + newsletter_id, mapping={"total": len(spec.recipients)})
         pipe.expire(BATCH_KEY_PREFIX + newsletter_id, int(settings.sent_marker_ttl))

@@ -87,3 +87,63 @@ async def test_a_hostile_selector_neither_stalls_the_worker_nor_runs_past_its_li
     # In the loop, the probes waited for the whole 2 s and more; off it, a blocked loop is
     # the only thing that could make one wait a second.
     assert max(pickups) < 1.0, pickups
+
+
+async def test_a_hostile_template_is_stopped_at_its_limit_and_stalls_nothing(
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    smtp: tuple[RecordingSmtpHandler, int],
+    fault_report: Callable[[str], None],
+) -> None:
+    """10,000 x 10,000 empty loop iterations stalled the worker 8.4 s (at 15,000, longer than
+    the lease: a second worker ran the healthy job again). Now the templates render in a pool
+    process and the newsletter fails for good at the limit."""
+    settings = make_settings(cpu_limit_seconds=LIMIT_S)
+    worker, task = await start_worker(settings)
+    loops = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"
+    try:
+        async with api_client(create_app(settings)) as api:
+            body = {"recipients": ["a@example.com"], "subject": "s", "text": loops}
+            hostile: str = (await (await api.post("/jobs/newsletter", json=body)).json())["job_id"]
+
+            async def running() -> bool:
+                view: dict[str, Any] = await (await api.get(f"/jobs/{hostile}")).json()
+                return bool(view["status"] == "in_progress")
+
+            await wait_for(running, what="the hostile newsletter to start")
+            pickups = await probe_pickups(api)
+            ended = await wait_job(api, hostile, timeout=30)
+    finally:
+        await stop_worker(worker, task)
+    took = _seconds(ended["finish_time"]) - _seconds(ended["start_time"])
+    fault_report(
+        f"hostile template (limit {LIMIT_S:g} s): stopped after {took:.1f} s; {PROBES} email "
+        f"probes beside it started after p99 {p99(pickups) * 1000:.0f} ms, "
+        f"max {max(pickups) * 1000:.0f} ms"
+    )
+    assert ended["status"] == "failed"
+    assert "the newsletter's templates took more than 2 s" in ended["error"], ended
+    assert LIMIT_S <= took < LIMIT_S + 3
+    assert max(pickups) < 1.0, pickups
+    assert [m.rcpt_tos for m in smtp[0].messages] == [
+        [f"probe{n}@example.com"] for n in range(PROBES)
+    ]
+
+
+async def test_output_that_would_be_too_big_is_refused_before_it_is_built(
+    api: ApiClient, worker: Any, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    """`{{ 'x' * 10000000 }}` was built in full (10 MB) before the size check; now the sandbox
+    refuses the multiplication, and only that recipient fails."""
+    recipients = [{"email": "big@example.com", "vars": {"n": 10_000_000}}, "ok@example.com"]
+    text = "{% if n is defined %}{{ 'x' * n }}{% else %}hello{% endif %}"
+    body = {"recipients": recipients, "subject": "s", "text": text}
+    response = await api.post("/jobs/newsletter", json=body)
+    view = await wait_job(api, (await response.json())["job_id"], timeout=30)
+    assert view["status"] == "complete"
+    assert view["progress"] == {"total": 2, "sent": 1, "failed": 1, "pending": 0}
+    [problem] = view["result"]["invalid"]
+    assert problem.startswith("big@example.com: template failed: SecurityError: template output"), (
+        problem
+    )
+    assert [m.rcpt_tos for m in smtp[0].messages] == [["ok@example.com"]]
