@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage, Message
 
 from aiosmtplib.email import flatten_message
+from arq.connections import ArqRedis
 
+from app.settings import Settings
+from jobs.deadletter import DeadLetter, get_dead_letter
 from jobs.email import EmailSpec, build_message
 from jobs.smtp import message_bytes
-from tests.helpers import ApiClient
+from tests.conftest import start_worker, stop_worker
+from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
 
@@ -163,3 +168,33 @@ def test_headers_a_sender_sets_are_allowed_by_name() -> None:
         {"to": "a@example.com", "subject": "s", "text": "t", "headers": headers}
     )
     assert spec.headers == headers
+
+
+async def test_plain_arq_producers_get_the_apis_rules(
+    redis: ArqRedis, make_settings: Callable[..., Settings], smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    """An email enqueued with arq's own enqueue_job is checked by the worker with the API's
+    limits: 120 recipients (the API caps at 50) and a sender domain the settings do not allow
+    both fail for good, and nothing is sent."""
+    settings = make_settings(mail_allowed_sender_domains=["example.com"])
+    worker, task = await start_worker(settings)
+    many = {"to": [f"r{n}@example.com" for n in range(120)], "subject": "s", "text": "t"}
+    other = {"to": ["a@example.com"], "subject": "s", "text": "t", "from": "x@evil.example.org"}
+    try:
+        ids = []
+        for n, email in enumerate((many, other)):
+            job = await redis.enqueue_job("send_email", email=email, message_id=f"<m{n}@x>")
+            assert job is not None
+            ids.append(job.job_id)
+
+        async def both_dead() -> list[DeadLetter] | None:
+            entries = [await get_dead_letter(redis, job_id) for job_id in ids]
+            return [e for e in entries if e is not None] if all(entries) else None
+
+        entries = await wait_for(both_dead, what="both emails in the dead-letter store")
+    finally:
+        await stop_worker(worker, task)
+    assert [e.reason for e in entries] == ["permanent", "permanent"]
+    assert "120 recipients is more than the limit of 50" in entries[0].error
+    assert "sender domain 'evil.example.org' is not allowed" in entries[1].error
+    assert smtp[0].messages == []
