@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from app.broker import redis_answers
 from app.mailsink import MaildirHandler, server_port, start_smtp_server
 from app.settings import Settings
-from app.web import create_app
+from app.web import app_runner
 
 log = logging.getLogger("app.dev")
 
@@ -136,7 +136,7 @@ async def worker_process(settings: Settings) -> AsyncIterator[asyncio.subprocess
 
 @contextlib.asynccontextmanager
 async def web_server(settings: Settings) -> AsyncIterator[web.AppRunner]:
-    runner = web.AppRunner(create_app(settings))
+    runner = app_runner(settings)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.web_host, settings.web_port).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from app import actions
-from app.appkeys import REDIS
+from app.appkeys import REDIS, SETTINGS
 
 # Any arq job id, but not the names of the enqueue endpoints beside it (/jobs/email is no job).
 JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report)$)[A-Za-z0-9_.:-]{1,128}"
@@ -21,7 +22,14 @@ def json_model(model: BaseModel, status: int = 200) -> web.Response:
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; 400 for empty or malformed JSON, 413 (by aiohttp) if too big."""
-    raw = await request.read()
+    timeout = request.config_dict[SETTINGS].http_body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive within {timeout:g} s"
+        ) from None
     if not raw.strip():
         raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
     try:

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     api_read_keys: Annotated[list[SecretStr], NoDecode] = []
     # Enqueue requests one key may make per window, counted in Redis across web processes.
+    # Slow clients: a request body must arrive within HTTP_BODY_TIMEOUT seconds (else 408), and
+    # an idle keep-alive connection is closed after HTTP_KEEPALIVE_TIMEOUT. Headers that trickle
+    # in are a reverse proxy's to time out (README, "Running in production").
+    http_body_timeout: float = Field(10, gt=0)
+    http_keepalive_timeout: float = Field(15, gt=0)
     rate_limit_requests: int = Field(120, ge=1)
     rate_limit_window: float = Field(60, gt=0, description="seconds")
     # Failed dashboard sign-ins per client address, per window (seconds).

@@ -35,7 +35,17 @@ async def _redis_client(app: web.Application) -> AsyncIterator[None]:
     await app[REDIS].aclose(close_connection_pool=True)
 
 
+def app_runner(settings: Settings) -> web.AppRunner:
+    """The app as it is served: idle keep-alive connections closed after a while."""
+    return web.AppRunner(create_app(settings), keepalive_timeout=settings.http_keepalive_timeout)
+
+
 def run_web(settings: Settings) -> None:
     if not (settings.api_keys or settings.api_read_keys):
         raise SystemExit("error: set API_KEYS (comma-separated bearer keys); none is configured")
-    web.run_app(create_app(settings), host=settings.web_host, port=settings.web_port)
+    web.run_app(
+        create_app(settings),
+        host=settings.web_host,
+        port=settings.web_port,
+        keepalive_timeout=settings.http_keepalive_timeout,
+    )
