@@ -44,6 +44,37 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[98]
 
 
+async def beside_probes(
+    settings: Settings, path: str, body: dict[str, Any], what: str
+) -> tuple[dict[str, Any], list[float], float]:
+    """Enqueue the hostile job with a real worker, probe while it runs, wait for its end: its
+    final status, the probes' pickups and how long it ran (s)."""
+    worker, task = await start_worker(settings)
+    try:
+        async with api_client(create_app(settings)) as api:
+            hostile: str = (await (await api.post(path, json=body)).json())["job_id"]
+
+            async def running() -> bool:
+                view: dict[str, Any] = await (await api.get(f"/jobs/{hostile}")).json()
+                return bool(view["status"] == "in_progress")
+
+            await wait_for(running, what=f"the hostile {what} to start")
+            pickups = await probe_pickups(api)
+            ended = await wait_job(api, hostile, timeout=30)
+    finally:
+        await stop_worker(worker, task)
+    took = _seconds(ended["finish_time"]) - _seconds(ended["start_time"])
+    return ended, pickups, took
+
+
+def report(what: str, took: float, pickups: list[float]) -> str:
+    return (
+        f"hostile {what} (limit {LIMIT_S:g} s): stopped after {took:.1f} s; {PROBES} email "
+        f"probes beside it started after p50 {statistics.median(pickups) * 1000:.0f} ms, "
+        f"p99 {p99(pickups) * 1000:.0f} ms, max {max(pickups) * 1000:.0f} ms"
+    )
+
+
 async def test_a_hostile_selector_neither_stalls_the_worker_nor_runs_past_its_limit(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,
@@ -53,36 +84,14 @@ async def test_a_hostile_selector_neither_stalls_the_worker_nor_runs_past_its_li
 ) -> None:
     """`span div div div div div` on 100 nested divs ran 11.6 s inside the event loop: an email
     enqueued beside it waited 9.3 s. Now it runs in a pool process and is stopped at 2 s."""
-    base, _ = site
+    body = {"url": f"{site[0]}/nested?depth=100", "selectors": {"s": "span div div div div div"}}
     settings = make_settings(cpu_limit_seconds=LIMIT_S)
-    worker, task = await start_worker(settings)
-    try:
-        async with api_client(create_app(settings)) as api:
-            body: dict[str, Any] = {
-                "url": f"{base}/nested?depth=100",
-                "selectors": {"s": "span div div div div div"},
-            }
-            hostile: str = (await (await api.post("/jobs/scrape", json=body)).json())["job_id"]
-
-            async def running() -> bool:
-                view: dict[str, Any] = await (await api.get(f"/jobs/{hostile}")).json()
-                return bool(view["status"] == "in_progress")
-
-            await wait_for(running, what="the hostile scrape to start")
-            pickups = await probe_pickups(api)
-            ended = await wait_job(api, hostile, timeout=30)
-    finally:
-        await stop_worker(worker, task)
-    took = _seconds(ended["finish_time"]) - _seconds(ended["start_time"])
-    fault_report(
-        f"hostile selector (limit {LIMIT_S:g} s): stopped after {took:.1f} s; {PROBES} email "
-        f"probes beside it started after p50 {statistics.median(pickups) * 1000:.0f} ms, "
-        f"p99 {p99(pickups) * 1000:.0f} ms, max {max(pickups) * 1000:.0f} ms"
-    )
+    ended, pickups, took = await beside_probes(settings, "/jobs/scrape", body, "scrape")
+    fault_report(report("selector", took, pickups))
     assert ended["status"] == "failed"
     assert "the CSS selectors took more than 2 s" in ended["error"], ended
     assert LIMIT_S <= took < LIMIT_S + 3
-    entry = await get_dead_letter(redis, hostile)
+    entry = await get_dead_letter(redis, ended["job_id"])
     assert entry is not None and entry.reason == "permanent" and entry.tries == 1
     # In the loop, the probes waited for the whole 2 s and more; off it, a blocked loop is
     # the only thing that could make one wait a second.
@@ -98,29 +107,11 @@ async def test_a_hostile_template_is_stopped_at_its_limit_and_stalls_nothing(
     """10,000 x 10,000 empty loop iterations stalled the worker 8.4 s (at 15,000, longer than
     the lease: a second worker ran the healthy job again). Now the templates render in a pool
     process and the newsletter fails for good at the limit."""
-    settings = make_settings(cpu_limit_seconds=LIMIT_S)
-    worker, task = await start_worker(settings)
     loops = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"
-    try:
-        async with api_client(create_app(settings)) as api:
-            body = {"recipients": ["a@example.com"], "subject": "s", "text": loops}
-            hostile: str = (await (await api.post("/jobs/newsletter", json=body)).json())["job_id"]
-
-            async def running() -> bool:
-                view: dict[str, Any] = await (await api.get(f"/jobs/{hostile}")).json()
-                return bool(view["status"] == "in_progress")
-
-            await wait_for(running, what="the hostile newsletter to start")
-            pickups = await probe_pickups(api)
-            ended = await wait_job(api, hostile, timeout=30)
-    finally:
-        await stop_worker(worker, task)
-    took = _seconds(ended["finish_time"]) - _seconds(ended["start_time"])
-    fault_report(
-        f"hostile template (limit {LIMIT_S:g} s): stopped after {took:.1f} s; {PROBES} email "
-        f"probes beside it started after p99 {p99(pickups) * 1000:.0f} ms, "
-        f"max {max(pickups) * 1000:.0f} ms"
-    )
+    body = {"recipients": ["a@example.com"], "subject": "s", "text": loops}
+    settings = make_settings(cpu_limit_seconds=LIMIT_S)
+    ended, pickups, took = await beside_probes(settings, "/jobs/newsletter", body, "newsletter")
+    fault_report(report("template", took, pickups))
     assert ended["status"] == "failed"
     assert "the newsletter's templates took more than 2 s" in ended["error"], ended
     assert LIMIT_S <= took < LIMIT_S + 3
