@@ -193,20 +193,17 @@ Rendered = tuple[dict[str, Any] | None, str | None]  # (job arguments, or why no
 
 
 def render_chunk(
-    newsletter: dict[str, Any],
-    first: int,
-    count: int,
-    contexts: tuple[dict[str, object], dict[str, object]],
+    newsletter: dict[str, Any], contexts: tuple[dict[str, object], dict[str, object]]
 ) -> list[Rendered]:
-    """Recipients first..first+count-1 rendered: their email job arguments, or the reason one
-    cannot be sent. Runs in a pool process under a deadline (jobs.cpulimit): the templates are
-    a caller's code, and their cost is the caller's choice. `contexts`: the newsletter's
-    validation context and its messages'."""
+    """The newsletter's recipients (a chunk of them) rendered: their email job arguments, or
+    the reason one cannot be sent. Runs in a pool process under a deadline (jobs.cpulimit):
+    the templates are a caller's code, and their cost is the caller's choice. `contexts`: the
+    newsletter's validation context and its messages'."""
     newsletter_context, context = contexts
     spec = NewsletterSpec.model_validate(newsletter, context=newsletter_context)
     templates = Templates.compile(spec)
     rendered: list[Rendered] = []
-    for recipient in spec.recipients[first : first + count]:
+    for recipient in spec.recipients:
         try:
             rendered.append((render_for(spec, templates, recipient, context), None))
         except ValidationError as exc:
@@ -248,12 +245,12 @@ async def send_newsletter(
         validation_context(settings, settings.mail_max_recipients),
     )
     spec = NewsletterSpec.model_validate(newsletter, context=contexts[0])
+    checked = spec.model_dump(mode="json", by_alias=True)  # recipients de-duplicated
     sender = spec.from_ or settings.mail_from
     invalid: dict[str, str] = {}
     for first in range(0, len(spec.recipients), ENQUEUE_CHUNK):
-        rendered = await ctx["cpu"].run(
-            "the newsletter's templates", render_chunk, newsletter, first, ENQUEUE_CHUNK, contexts
-        )
+        part = checked | {"recipients": checked["recipients"][first : first + ENQUEUE_CHUNK]}
+        rendered = await ctx["cpu"].run("the newsletter's templates", render_chunk, part, contexts)
         chunk: list[tuple[str, dict[str, Any]]] = []
         for index, (email, problem) in enumerate(rendered, start=first):
             message_id = child_message_id(newsletter_id, index, sender)
