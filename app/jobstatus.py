@@ -23,7 +23,7 @@ from jobs.retry import RETRYING_KEY_PREFIX
 
 
 async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
-    async with redis.pipeline(transaction=False) as pipe:
+    async with redis.pipeline(transaction=True) as pipe:
         pipe.get(result_key_prefix + job_id)
         pipe.exists(in_progress_key_prefix + job_id)
         pipe.zscore(queue_name, job_id)
