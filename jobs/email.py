@@ -188,7 +188,7 @@ def _build_email_message(spec: EmailSpec, sender: str, message_id: str) -> Email
     return message
 
 
-SENT_KEY_PREFIX = "asyncjobs:sent:"  # message id -> sent marker (exactly-once delivery)
+SENT_KEY_PREFIX = "asyncjobs:sent:"  # message id -> sent marker (effectively-once delivery)
 BATCH_KEY_PREFIX = "asyncjobs:batch:"  # batch id -> sets of sent / failed message ids
 
 
