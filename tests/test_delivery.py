@@ -1,4 +1,4 @@
-"""Exactly-once email over at-least-once jobs, Idempotency-Key, dead letters, newsletters."""
+"""Effectively-once email over at-least-once jobs, Idempotency-Key, dead letters, newsletters."""
 
 from __future__ import annotations
 
