@@ -31,6 +31,7 @@ class DocumentSnapshot(BaseModel):
     final_url: str
     status: int
     content_type: str
+    encoding: str | None = None  # the codec the page was read with (jobs/encoding.py)
     title: str | None = None  # None fields are not stored in the hash
     description: str | None = None
     links_count: int

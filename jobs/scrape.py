@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import logging
 import time
@@ -29,6 +28,7 @@ from jobs.documents import (
     save_document,
     stored_links,
 )
+from jobs.encoding import decode_page
 from jobs.errors import JobError, PermanentJobError, TransientJobError
 from jobs.html import is_valid_selector, select, summarize_html
 from jobs.monitor import monitor_of
@@ -254,14 +254,6 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - now_utc()).total_seconds())
 
 
-def decode_body(body: bytes, charset: str | None) -> str:
-    try:
-        codec = codecs.lookup(charset or "utf-8").name
-    except LookupError:
-        codec = "utf-8"
-    return body.decode(codec, errors="replace")
-
-
 @classified("scrape")
 async def scrape(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     """arq job: fetch, summarize and save one page; returns the summary."""
@@ -303,7 +295,7 @@ async def scrape_url(
         log.info("scraped %s -> 304 not modified (%.0f ms)", url, fetch_ms)
         result = {"document_id": doc_id, "url": url, "status": 304, "changed": False}
         return result, await stored_links(redis, url)  # the page is the same: so are its links
-    html = decode_body(page.body, page.charset)
+    html, encoding = decode_page(page.body, page.charset)
     if len(page.body) > PARSE_IN_THREAD_BYTES:
         summary = await asyncio.to_thread(summarize_html, html)
     else:
@@ -315,6 +307,7 @@ async def scrape_url(
         final_url=page.final_url,
         status=page.status,
         content_type=page.content_type,
+        encoding=encoding,
         title=summary.title,
         description=summary.description,
         links_count=summary.links_count,
