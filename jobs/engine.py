@@ -24,6 +24,7 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
+from jobs.errors import JobError
 from jobs.queue import RETRY_KEY_TTL_S, Claimed, Finish, claim, finish, renew_leases
 
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
@@ -417,5 +418,8 @@ def _crashed(
     start_ms: int,
 ) -> Finish:
     worker.jobs_failed += 1
-    log.error("! %s failed, %s: %s", _ref(job, function), type(exc).__name__, exc, exc_info=exc)
+    if isinstance(exc, JobError):  # expected (a 404, a refused address): the job's own wrapper
+        log.debug("! %s failed: %s", _ref(job, function), exc)  # logged it, with its reason
+    else:  # nobody expected this one: the traceback is what an operator needs
+        log.error("! %s failed, %s: %s", _ref(job, function), type(exc).__name__, exc, exc_info=exc)
     return _done_item(worker, job, function, False, exc, start_ms, timestamp_ms())

@@ -204,12 +204,10 @@ def _attempt(
         )
         if on_dead_letter is not None:
             await on_dead_letter(ctx, kwargs)
-        log.error(
-            "job %s dead-lettered (%s after %d tries): %s",
-            ctx["job_id"],
-            reason,
-            job_try,
-            error,
+        # One line with the reason: a 404 or a refused address is expected, not a crash (an
+        # unexpected error already logged its traceback above).
+        log.warning(
+            "job %s dead-lettered (%s after %d tries): %s", ctx["job_id"], reason, job_try, error
         )
         raise error
 

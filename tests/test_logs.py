@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
+import pytest
 from arq.connections import ArqRedis
+from arq.jobs import Job, JobStatus
+from arq.typing import WorkerCoroutine
+from arq.worker import func
 
 from app.logs import JsonFormatter
-from tests.conftest import TEST_REDIS_URL
+from app.settings import Settings
+from jobs.queue import enqueue_job
+from jobs.retry import classified
+from tests.conftest import TEST_REDIS_URL, start_worker, stop_worker
 from tests.faults.procs import start_worker_process, stop_process
-from tests.helpers import ApiClient
+from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
-from tests.servers import RecordingSmtpHandler
+from tests.servers import RecordingSmtpHandler, SiteStats
 
 
 async def test_worker_logs_are_json_lines_with_the_job_id(
@@ -51,3 +62,57 @@ def test_json_formatter_keeps_extras_and_exceptions() -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "failed a" and entry["job_id"] == "abc"
     assert "ValueError: boom" in entry["exception"]
+
+
+async def test_an_expected_failure_is_one_warning_line_without_a_traceback(
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    site: tuple[str, SiteStats],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 404 used to write two ERROR lines and a full traceback; it is one WARNING line that
+    says why. A bug still gets its traceback, at ERROR."""
+    worker, task = await start_worker(make_settings())
+    try:
+        with caplog.at_level(logging.DEBUG):
+            missing = await enqueue_job(redis, "scrape", target={"url": f"{site[0]}/missing"})
+            job = Job(str(missing), redis)
+
+            async def failed() -> bool:
+                return await job.status() == JobStatus.complete  # arq's word for "finished"
+
+            await wait_for(failed, what="the 404 scrape to end")
+    finally:
+        await stop_worker(worker, task)
+    about_it = [r for r in caplog.records if str(missing) in r.getMessage()]
+    loud = [r for r in about_it if r.levelno >= logging.WARNING]
+    assert [r.levelname for r in loud] == ["WARNING"], [(r.levelname, r.getMessage()) for r in loud]
+    assert "HTTP 404" in loud[0].getMessage()
+    assert all(r.exc_info is None for r in about_it)
+
+
+async def test_an_unexpected_error_keeps_its_traceback(
+    make_settings: Callable[..., Settings], redis: ArqRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    @classified("maintenance")
+    async def broken(ctx: dict[str, Any]) -> None:
+        raise ValueError("a bug")
+
+    worker, task = await start_worker(
+        make_settings(),
+        functions=[func(cast(WorkerCoroutine, broken), name="broken")],
+        cron_jobs=[],
+    )
+    try:
+        with caplog.at_level(logging.WARNING):
+            job_id = str(await enqueue_job(redis, "broken"))
+
+            async def ended() -> bool:
+                return await Job(job_id, redis).status() == JobStatus.complete
+
+            await wait_for(ended, what="the broken job to end")
+    finally:
+        await stop_worker(worker, task)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and job_id in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert "ValueError: a bug" in "".join(traceback.format_exception(*errors[0].exc_info))
