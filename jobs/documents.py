@@ -78,12 +78,19 @@ def source_docs_key(source_id: str) -> str:
 
 # KEYS: document, versions, index, changed index, source's documents.
 # ARGV: content hash, fetched_at, fetch_ms, etag, last_modified (both "" for none), fetch time
-# (unix s), doc id, version JSON, versions to keep, "1" if a source's, then the hash's fields.
+# (unix s), doc id, version JSON, versions to keep, the source's id ("" for none), then the
+# hash's fields.
+# A page fetched for a source belongs to it whether it changed or not (a document may belong
+# to several sources: each has its set); its `source_id` names the first source that has it.
 _SAVE = """
 if redis.call('HGET', KEYS[1], 'content_hash') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'fetched_at', ARGV[2], 'fetch_ms', ARGV[3])
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'etag', ARGV[4]) end
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_modified', ARGV[5]) end
+  if ARGV[10] ~= '' then
+    redis.call('HSETNX', KEYS[1], 'source_id', ARGV[10])
+    redis.call('SADD', KEYS[5], ARGV[7])
+  end
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
   return 0
 end
@@ -93,7 +100,7 @@ redis.call('LPUSH', KEYS[2], ARGV[8])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[9]) - 1)
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[7])
-if ARGV[10] == '1' then redis.call('SADD', KEYS[5], ARGV[7]) end
+if ARGV[10] ~= '' then redis.call('SADD', KEYS[5], ARGV[7]) end
 return 1
 """
 
@@ -138,7 +145,7 @@ async def save_document(
         doc_id,
         version.model_dump_json(),
         keep_versions,
-        "1" if snapshot.source_id else "0",
+        snapshot.source_id or "",
     ]
     for name, value in fields.items():
         if value is not None:
@@ -155,8 +162,10 @@ async def record_unchanged(
     *,
     etag: str | None = None,
     last_modified: str | None = None,
+    source_id: str | None = None,
 ) -> None:
-    """A fetch that found the same content (or a 304): refresh the check time, no new version."""
+    """A fetch that found the same content (or a 304): refresh the check time, no new version;
+    fetched for a source, the page belongs to it (see _SAVE)."""
     doc_id = document_id(url)
     fields: dict[str, str] = {"fetched_at": fetched_at.isoformat(), "fetch_ms": str(fetch_ms)}
     if etag:
@@ -166,6 +175,9 @@ async def record_unchanged(
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(DOC_KEY_PREFIX + doc_id, mapping=fields)
         pipe.zadd(DOC_INDEX_KEY, {doc_id: fetched_at.timestamp()})
+        if source_id:
+            pipe.hsetnx(DOC_KEY_PREFIX + doc_id, "source_id", source_id)
+            pipe.sadd(source_docs_key(source_id), doc_id)
         await pipe.execute()
 
 

@@ -290,8 +290,8 @@ async def scrape_url(
         monitor.count("pages_scraped", f"{page.status // 100}xx")
     fetch_ms = round((time.perf_counter() - started) * 1000, 1)
     if page.not_modified:
-        await record_unchanged(redis, url, now_utc(), fetch_ms,
-                               etag=page.etag, last_modified=page.last_modified)  # fmt: skip
+        await record_unchanged(redis, url, now_utc(), fetch_ms, etag=page.etag,
+                               last_modified=page.last_modified, source_id=source_id)  # fmt: skip
         log.info("scraped %s -> 304 not modified (%.0f ms)", url, fetch_ms)
         result = {"document_id": doc_id, "url": url, "status": 304, "changed": False}
         return result, await stored_links(redis, url)  # the page is the same: so are its links

@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from app.settings import Settings
 from jobs.documents import DOC_INDEX_KEY, document_id, load_document
 from jobs.scheduler import TICK_KEY, run_key, scrape_source, source_job_id
+from jobs.scrape import scrape_page
 from jobs.sources import SourceSpec, create_source, source_failures_key
 from tests.conftest import Ctx, start_worker, stop_worker
 from tests.helpers import ApiClient, wait_for
@@ -158,4 +159,33 @@ async def test_a_start_page_that_did_not_change_still_has_its_links_followed(
     for n in range(1, 6):
         link = f"http://127.0.0.1:{port}/news/{n}"
         assert {source_job_id(source.id, 1, link), source_job_id(source.id, 2, link)} <= queued
+    assert stats.hits["/news"] == 2
+
+
+async def test_a_source_keeps_pages_it_reaches_unchanged_or_not_modified(
+    make_ctx: Callable[..., Ctx],
+    api: ApiClient,
+    redis: ArqRedis,
+    crawl_site: tuple[int, CrawlStats],
+) -> None:
+    """Pages stored before (here by plain scrapes) and found the same by a source's run, one
+    by a 304 (/news has an ETag), one by the same content (/plain/1 has none), belong to the
+    source; and a document can belong to two sources. Both were missing from the source."""
+    port, stats = crawl_site
+    news, plain = f"http://127.0.0.1:{port}/news", f"http://127.0.0.1:{port}/plain/1"
+    ctx = make_ctx() | {"job_try": 1, "job_id": "test"}
+    for url in (news, plain):
+        await scrape_page(ctx, {"url": url})
+    sources = [
+        await create_source(redis, SourceSpec(url=url, schedule="hourly"))
+        for url in (news, plain, plain)
+    ]
+    results = [await scrape_source(ctx, source_id=s.id, period=1) for s in sources]
+    assert [r["status"] for r in results] == [304, 200, 200]
+    assert [r.get("changed") for r in results] == [False, False, False]
+    for source, url in zip(sources, (news, plain, plain), strict=True):
+        listed = await (await api.get(f"/documents?source={source.id}")).json()
+        assert [d["url"] for d in listed["items"]] == [url], (source.id, listed)
+    doc = await load_document(redis, document_id(plain))
+    assert doc is not None and doc.source_id == sources[1].id  # the first source that has it
     assert stats.hits["/news"] == 2
