@@ -48,7 +48,16 @@ def run_key(source_id: str, period: int) -> str:
 
 
 def pages_key(source_id: str, period: int) -> str:
+    """How many pages the run has taken into its budget (the start page not counted)."""
     return f"{SOURCE_KEY_PREFIX}{source_id}:pages:{period}"
+
+
+def seen_key(source_id: str, period: int) -> str:
+    """The links the run has met: each takes a place in the budget once."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:seen:{period}"
+
+
+RUN_KEYS_TTL_S = 2 * 24 * 3600
 
 
 def source_job_id(source_id: str, period: int, url: str | None = None) -> str:
@@ -127,18 +136,25 @@ async def follow_links(
     settings: Settings = ctx["settings"]
     redis: ArqRedis = ctx["redis"]
     budget = min(source.max_pages, settings.source_max_pages) - 1  # the start page counts
+    start = str(URL(source.url).with_fragment(None))
+    seen, taken = seen_key(source.id, period), pages_key(source.id, period)
     followed = 0
     for link in same_host_links(base, links, URL(source.url).host):
-        if await redis.incr(pages_key(source.id, period)) > budget:
+        # A link the run has already met takes no place in the budget (the start page is the
+        # run's first job, under another id). Repeats used to take a place and give it back
+        # later, so pages running at the same time found the budget full: 41 of 49 fetched.
+        if link == start or not await redis.sadd(seen, link):  # type: ignore[misc]
+            continue
+        await redis.expire(seen, RUN_KEYS_TTL_S)
+        if await redis.incr(taken) > budget:
+            await redis.decr(taken)  # every place is taken by a distinct page: the run is full
             break
-        await redis.expire(pages_key(source.id, period), 2 * 24 * 3600)
+        await redis.expire(taken, RUN_KEYS_TTL_S)
         job = await redis.enqueue_job(
             "scrape_source", source_id=source.id, period=period, url=link, depth=depth + 1,
             _job_id=source_job_id(source.id, period, link),
         )  # fmt: skip
-        if job is None:  # already part of this run
-            await redis.decr(pages_key(source.id, period))
-        else:
+        if job is not None:
             followed += 1
             await count_enqueued(redis, "scrape_source")
     return followed

@@ -265,7 +265,16 @@ def make_crawl_site(stats: CrawlStats, slow_ms: int = 200) -> web.Application:
         n = request.match_info["n"]
         return web.Response(text=f"<title>Plain {n}</title><p>same</p>", content_type="text/html")
 
+    async def cycle(request: web.Request) -> web.Response:
+        """Links back to the start, to itself, twice to the next page, and three pages on."""
+        n = int(request.match_info["n"])
+        hrefs = ["/cycle/0", f"/cycle/{n}", f"/cycle/{n + 1}", f"/cycle/{n + 1}#again",
+                 *(f"/cycle/{n + k}" for k in (2, 3, 4))]  # fmt: skip
+        links = "".join(f'<a href="{href}">{href}</a>' for href in hrefs)
+        return web.Response(text=f"<title>Cycle {n}</title>{links}", content_type="text/html")
+
     app = web.Application(middlewares=[record])
+    app.router.add_get("/cycle/{n}", cycle)
     app.router.add_get("/robots.txt", robots)
     app.router.add_get("/news", news)
     app.router.add_get("/news/{n}", article)

@@ -189,3 +189,34 @@ async def test_a_source_keeps_pages_it_reaches_unchanged_or_not_modified(
     doc = await load_document(redis, document_id(plain))
     assert doc is not None and doc.source_id == sources[1].id  # the first source that has it
     assert stats.hits["/news"] == 2
+
+
+@pytest.mark.parametrize("max_pages", [1, 4, 9])
+async def test_a_run_fetches_exactly_its_budget_of_distinct_pages(
+    make_ctx: Callable[..., Ctx],
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    crawl_site: tuple[int, CrawlStats],
+    max_pages: int,
+) -> None:
+    """Links with repeats, a cycle back to the start page and self-links: a run of max_pages N
+    fetches exactly N distinct pages, each once, the start page included (it used to be
+    fetched twice, and places taken by repeats were not given back)."""
+    port, stats = crawl_site
+    spec = SourceSpec(url=f"http://127.0.0.1:{port}/cycle/0", schedule="hourly",
+                      follow_links=2, max_pages=max_pages)  # fmt: skip
+    source = await create_source(redis, spec)
+    ctx = make_ctx() | {"job_try": 1, "job_id": "test"}
+    await scrape_source(ctx, source_id=source.id, period=1)
+    worker, task = await start_worker(make_settings(), cron_jobs=[])
+    try:
+
+        async def run_done() -> bool:  # every page job of the run finished
+            return await redis.zcard("arq:queue") == 0 and not worker.tasks
+
+        await wait_for(run_done, what="the source's run")
+    finally:
+        await stop_worker(worker, task)
+    pages = {path: hits for path, hits in stats.hits.items() if path.startswith("/cycle/")}
+    assert len(pages) == max_pages, pages
+    assert set(pages.values()) == {1}, pages  # each page once, the start page included
