@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from jobs.addresses import Address, unique_addresses
 from jobs.email import (
@@ -132,7 +133,8 @@ class NewsletterSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Templates:
-    """A newsletter's templates, compiled once for all its recipients (a few ms each)."""
+    """A newsletter's templates, compiled once per chunk of recipients (a few ms each), not
+    once per recipient."""
 
     subject: Template
     text: Template | None
@@ -262,8 +264,8 @@ async def send_newsletter(
         if chunk:
             await enqueue_children(redis, settings.queue_name, chunk)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(BATCH_KEY_PREFIX + newsletter_id, mapping={"total": len(spec.recipients)})
-        pipe.expire(BATCH_KEY_PREFIX + newsletter_id, int(settings.sent_marker_ttl))
+        # again, for producers that enqueue a newsletter without the API
+        set_total(pipe, newsletter_id, len(spec.recipients), settings.sent_marker_ttl)
         if invalid:
             pipe.sadd(batch_key(newsletter_id, "failed"), *invalid)
             pipe.expire(batch_key(newsletter_id, "failed"), int(settings.sent_marker_ttl))
@@ -284,9 +286,14 @@ async def send_newsletter(
 async def start_progress(redis: Redis, newsletter_id: str, total: int, ttl: float) -> None:
     """The newsletter's progress exists from its 202 on: every message pending."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(BATCH_KEY_PREFIX + newsletter_id, mapping={"total": total})
-        pipe.expire(BATCH_KEY_PREFIX + newsletter_id, int(ttl))
+        set_total(pipe, newsletter_id, total, ttl)
         await pipe.execute()
+
+
+def set_total(pipe: Pipeline, newsletter_id: str, total: int, ttl: float) -> None:
+    """Queue on `pipe` the newsletter's message count, which its progress is measured against."""
+    pipe.hset(BATCH_KEY_PREFIX + newsletter_id, mapping={"total": total})
+    pipe.expire(BATCH_KEY_PREFIX + newsletter_id, int(ttl))
 
 
 class BatchProgress(BaseModel):

@@ -173,7 +173,6 @@ def _attempt(
             log.exception("job %s (%s) raised an unexpected error", ctx["job_id"], job.__name__)
             error = PermanentJobError(f"unexpected error: {type(exc).__name__}: {exc}")
 
-        transient = isinstance(error, TransientJobError)
         if (
             isinstance(error, TransientJobError)
             and job_try < limit
@@ -188,7 +187,9 @@ def _attempt(
             )
             await record_retry(ctx["redis"], ctx["job_id"], error, job_try, delay)
             raise Retry(defer=delay) from error
-        reason: Literal["permanent", "exhausted"] = "exhausted" if transient else "permanent"
+        reason: Literal["permanent", "exhausted"] = (
+            "exhausted" if isinstance(error, TransientJobError) else "permanent"
+        )
         await add_dead_letter(
             ctx["redis"],
             DeadLetter(
