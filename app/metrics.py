@@ -40,10 +40,11 @@ from jobs.values import as_text
 
 JOB_COUNTERS = {
     "enqueued": "Jobs enqueued",
-    "started": "Job tries started",
+    "started": "Job runs started (tries, and runs that postponed themselves)",
     "completed": "Jobs completed",
     "failed": "Jobs failed for good (dead-lettered)",
     "retried": "Job tries that ended in a retry",
+    "postponed": "Job runs postponed without counting a try (a scrape waiting for its host)",
     "dead_lettered": "Jobs put in the dead-letter store",
     "cancelled": "Job tries cancelled (aborted, or cut by a shutdown)",
 }
@@ -141,7 +142,9 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
     metrics += [emails, refused, pages]
     metrics.append(_histogram("asyncjobs_job_duration_seconds", "Job try duration", durations))
     metrics.append(_histogram(
-        "asyncjobs_job_pickup_latency_seconds", "Enqueue to start of a try", latencies
+        "asyncjobs_job_pickup_latency_seconds",
+        "From when a run was due (enqueued, or a retry's or postponement's time) to its start",
+        latencies,
     ))  # fmt: skip
     queued, deferred = waiting_counts(queued, deferred, running)
     depth = GaugeMetricFamily("asyncjobs_queue_depth", "Jobs waiting", labels=["state"])

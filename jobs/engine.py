@@ -11,6 +11,7 @@ job's life is arq's: the same context, timeouts, `Retry`, aborts, results, tries
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -24,7 +25,7 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
-from jobs.errors import JobError
+from jobs.errors import JobError, Postpone
 from jobs.queue import RETRY_KEY_TTL_S, Claimed, Finish, claim, finish, renew_leases
 
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
@@ -375,6 +376,10 @@ async def _execute(
         delay_ms = exc.defer_score or 0
         log.debug("↻ %s retrying in %.2fs", _ref(job, function), delay_ms / 1000)
         return _again(job, function, timestamp_ms() + delay_ms if delay_ms else None)
+    except Postpone as exc:
+        log.debug("⏸ %s postponed %.2fs: %s", _ref(job, function), exc.delay, exc)
+        later = _again(job, function, timestamp_ms() + int(exc.delay * 1000))
+        return dataclasses.replace(later, counts_as_try=False)
     except asyncio.CancelledError as exc:
         if job_id in worker.aborting_tasks:
             worker.aborting_tasks.discard(job_id)

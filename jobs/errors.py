@@ -18,3 +18,12 @@ class TransientJobError(JobError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after  # seconds the remote side asked us to wait, if it did
+
+
+class Postpone(Exception):
+    """Not a failure: run the job again `delay` seconds from now, and do not count this run as
+    a try (a scrape waiting its turn at a polite host gives its worker slot back this way)."""
+
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = max(0.0, delay)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 PREFIX = "asyncjobs:stats:"
 COUNTERS_KEY = PREFIX + "counters"  # "<metric>|<label>" -> count
 DURATION_KEY = PREFIX + "duration"  # "<function>|<bucket>" -> count, "|sum", "|count"
-LATENCY_KEY = PREFIX + "latency"  # enqueue -> start, same layout
+LATENCY_KEY = PREFIX + "latency"  # due (enqueued, retry or postponement) -> start, same layout
 MINUTE_KEY_PREFIX = PREFIX + "minute:"  # + epoch minute -> {completed, failed}
 RUNNING_KEY = "asyncjobs:running"  # zset job id -> start ms
 RECENT_KEY = "asyncjobs:recent"  # zset job id -> finish ms, the last RECENT_KEEP
@@ -90,12 +90,12 @@ class JobMonitor:
         sums = self._pending.sums
         sums[(key, f"{function}|sum")] = sums.get((key, f"{function}|sum"), 0.0) + seconds
 
-    def started(self, job_id: str, function: str, enqueue_ms: float | None) -> None:
+    def started(self, job_id: str, function: str, due_ms: float | None) -> None:
         now = time.time()
         self._running[job_id] = now
         self.count("started", function)
-        if enqueue_ms is not None:
-            self._observe(LATENCY_KEY, function, max(0.0, now - enqueue_ms / 1000))
+        if due_ms is not None:
+            self._observe(LATENCY_KEY, function, max(0.0, now - due_ms / 1000))
 
     def finished(self, job_id: str, function: str, outcome: str, seconds: float) -> None:
         now = time.time()

@@ -87,9 +87,10 @@ return {aborts, claimed}
 """
 
 # KEYS: queue, abort set. ARGV: the prefixes of the in-progress, job, retry and result keys, now
-# (ms), how long past its next try a job's data is kept (ms), then six fields per job: id, "done"
-# or "again", result bytes ("" for none), result TTL ms (0: for ever), new score (for "again"),
-# ms to keep the in-progress key (0: delete it).
+# (ms), how long past its next try a job's data is kept (ms), then six fields per job: id, "done",
+# "again" or "later" (again, but this run was not a try: see jobs.errors.Postpone), result bytes
+# ("" for none), result TTL ms (0: for ever), new score (for "again"), ms to keep the in-progress
+# key (0: delete it).
 # A job put back for a later try keeps its data and its try count at least until then: arq sets
 # their TTLs once (a day), and an email retried for two days would otherwise vanish midway.
 _FINISH = """
@@ -118,6 +119,9 @@ for i = 7, #ARGV, 6 do
   else
     redis.call('ZADD', KEYS[1], 'XX', score, id)
     if keep == 0 then redis.call('DEL', in_progress) end
+    if mode == 'later' and tonumber(redis.call('GET', ARGV[3] .. id) or '0') > 0 then
+      redis.call('DECR', ARGV[3] .. id)
+    end
     local until_ms = tonumber(score) - now + extra
     for _, key in ipairs({ARGV[2] .. id, ARGV[3] .. id}) do
       local ttl = redis.call('PTTL', key)
@@ -257,9 +261,10 @@ class Finish:
     result_ttl_ms: int = 0  # 0: keep the result for ever
     score: int = 0
     keep_in_progress_ms: int = 0  # cron jobs keep their in-progress key a while (arq's rule)
+    counts_as_try: bool = True  # False: a postponed run, the job's try count is given back
 
     def fields(self) -> tuple[str, str, bytes, int, int, int]:
-        mode = "done" if self.done else "again"
+        mode = "done" if self.done else "again" if self.counts_as_try else "later"
         result = self.result or b""
         return (self.job_id, mode, result, self.result_ttl_ms, self.score, self.keep_in_progress_ms)
 

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from app.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.documents import now_utc
-from jobs.errors import PermanentJobError, TransientJobError
+from jobs.errors import PermanentJobError, Postpone, TransientJobError
 from jobs.monitor import monitor_of
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,8 @@ def classified(
             """Run one try and tell the monitor and the log how it ended."""
             monitor = monitor_of(ctx)
             name, job_id = job.__name__, ctx["job_id"]
-            enqueue_time = ctx.get("enqueue_time")
             if monitor:
-                monitor.started(
-                    job_id, name, enqueue_time.timestamp() * 1000 if enqueue_time else None
-                )
+                monitor.started(job_id, name, due_ms(ctx))
             started = time.perf_counter()
             outcome = "cancelled"  # aborted, or the worker is shutting down
             try:
@@ -122,6 +119,9 @@ def classified(
                 return result
             except Retry:
                 outcome = "retried"
+                raise
+            except Postpone:
+                outcome = "postponed"
                 raise
             except Exception:
                 outcome = "failed"
@@ -139,6 +139,15 @@ def classified(
         return run
 
     return decorate
+
+
+def due_ms(ctx: dict[str, Any]) -> float | None:
+    """When this run became due: its queue score (enqueued, or a retry's or postponement's
+    time), so pickup latency is not inflated by waits the job asked for."""
+    if ctx.get("score"):
+        return float(ctx["score"])
+    enqueue_time = ctx.get("enqueue_time")
+    return enqueue_time.timestamp() * 1000 if enqueue_time else None
 
 
 def _attempt(
@@ -160,6 +169,8 @@ def _attempt(
             if job_try > 1:  # it waited for a retry: nothing to explain any more
                 await ctx["redis"].delete(RETRYING_KEY_PREFIX + ctx["job_id"])
             return result
+        except Postpone:
+            raise  # not a failure: the job runs again later, and this run is not a try
         except TimeoutError as exc:
             error: Exception = TransientJobError(f"job timed out after {settings.job_timeout}s")
             error.__cause__ = exc

@@ -33,7 +33,7 @@ from jobs.errors import JobError, PermanentJobError, TransientJobError
 from jobs.html import is_valid_selector, select, summarize_html
 from jobs.monitor import monitor_of
 from jobs.netguard import ForbiddenTargetError, GuardedResolver, check_url
-from jobs.politeness import Politeness
+from jobs.politeness import HostWait, Politeness
 from jobs.retry import classified
 from jobs.robots import RobotsPolicy
 
@@ -81,6 +81,8 @@ class FetchedPage:
     body: bytes
     etag: str | None = None
     last_modified: str | None = None
+    fetch_ms: float = 0.0  # the request alone
+    queued_for_host_ms: float = 0.0  # waiting for the host's turn (politeness), before it
 
     @property
     def not_modified(self) -> bool:
@@ -128,9 +130,14 @@ class Fetcher:
         )
 
     async def fetch_page(
-        self, url: str, etag: str | None = None, last_modified: str | None = None
+        self,
+        url: str,
+        etag: str | None = None,
+        last_modified: str | None = None,
+        waiter: str | None = None,
     ) -> FetchedPage:
-        """GET an HTML page; conditional when validators of a previous fetch are given."""
+        """GET an HTML page; conditional when validators of a previous fetch are given. With a
+        `waiter` (the job's id) a wait for the host's turn postpones the job (see politeness)."""
         target = URL(url)
         if self.robots is not None:
             with translate_errors(target, self.settings):
@@ -142,35 +149,43 @@ class Fetcher:
             headers["If-None-Match"] = etag
         if last_modified:
             headers["If-Modified-Since"] = last_modified
+        wait = HostWait()
+        started = time.perf_counter()
         with translate_errors(target, self.settings):
-            async with asyncio.timeout(self.settings.scrape_timeout):
-                async with self._get(target, headers) as response:
-                    return await _read_page(response, self.settings.scrape_max_bytes)
-        raise AssertionError("unreachable")  # translate_errors always raises or returns above
+            async with self._get(target, headers, wait, waiter) as response:
+                page = await _read_page(response, self.settings.scrape_max_bytes)
+        page.fetch_ms = round((time.perf_counter() - started - wait.in_place_s) * 1000, 1)
+        page.queued_for_host_ms = round(wait.queued_s * 1000, 1)
+        return page
 
     async def fetch_text(self, url: URL) -> tuple[int, str]:
         """GET any text (robots.txt): status and at most ROBOTS_MAX_BYTES of body."""
         with translate_errors(url, self.settings):
-            async with asyncio.timeout(self.settings.scrape_timeout):
-                async with self._get(url, {}) as response:
-                    body = await response.content.read(ROBOTS_MAX_BYTES)
-                    return response.status, body.decode("utf-8", errors="replace")
-        raise AssertionError("unreachable")
+            async with self._get(url, {}, HostWait()) as response:
+                body = await response.content.read(ROBOTS_MAX_BYTES)
+                return response.status, body.decode("utf-8", errors="replace")
+        raise AssertionError("unreachable")  # translate_errors always raises or returns above
 
     @contextlib.asynccontextmanager
     async def _get(
-        self, url: URL, headers: dict[str, str]
+        self, url: URL, headers: dict[str, str], wait: HostWait, waiter: str | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Follow redirects by hand so that every hop passes the SSRF guard and politeness."""
+        """Follow redirects by hand so that every hop passes the SSRF guard and politeness.
+        Each hop's timeout starts once it has its host's slot: waiting for a turn is not the
+        request being slow. Only the first hop may postpone the job (later ones would lose it
+        the hops before), so only it books a turn."""
         target = url
-        for _ in range(self.settings.scrape_max_redirects + 1):
+        for hop in range(self.settings.scrape_max_redirects + 1):
             check_url(
                 target, self.settings.scrape_allowed_cidrs, self.settings.scrape_allowed_ports
             )
             async with (
-                self._slot(target.host or ""),
+                self._slot(target.host or "", waiter if hop == 0 else None) as waited,
+                asyncio.timeout(self.settings.scrape_timeout),
                 self.session.get(target, allow_redirects=False, headers=headers) as r,
             ):
+                wait.queued_s += waited.queued_s
+                wait.in_place_s += waited.in_place_s
                 location = r.headers.get("Location")
                 if r.status not in REDIRECT_STATUSES or not location:
                     yield r
@@ -178,8 +193,12 @@ class Fetcher:
             target = target.join(URL(location, encoded=True))
         raise PermanentJobError(f"more than {self.settings.scrape_max_redirects} redirects")
 
-    def _slot(self, host: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return self.politeness.slot(host) if self.politeness else contextlib.nullcontext()
+    def _slot(
+        self, host: str, waiter: str | None
+    ) -> contextlib.AbstractAsyncContextManager[HostWait]:
+        if self.politeness is None:
+            return contextlib.nullcontext(HostWait())
+        return self.politeness.slot(host, waiter)
 
 
 @contextlib.contextmanager
@@ -202,12 +221,9 @@ def translate_errors(target: URL, settings: Settings) -> Iterator[None]:
 
 
 async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> FetchedPage:
-    validators = {
-        "etag": response.headers.get("ETag"),
-        "last_modified": response.headers.get("Last-Modified"),
-    }
+    etag, last_modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
     if response.status == 304:
-        return FetchedPage(str(response.url), 304, "", None, b"", **validators)
+        return FetchedPage(str(response.url), 304, "", None, b"", etag, last_modified)
     _check_status(response)
     if response.content_type not in HTML_TYPES:
         raise PermanentJobError(f"not an HTML page (Content-Type: {response.content_type})")
@@ -224,7 +240,8 @@ async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> Fetche
         content_type=response.content_type,
         charset=response.charset,
         body=bytes(body),
-        **validators,
+        etag=etag,
+        last_modified=last_modified,
     )
 
 
@@ -278,22 +295,22 @@ async def scrape_url(
     fetcher: Fetcher = ctx["fetcher"]
     doc_id = document_id(url)
     etag, last_modified = await previous_validators(redis, url)
-    started = time.perf_counter()
     monitor = monitor_of(ctx)
     try:
-        page = await fetcher.fetch_page(url, etag, last_modified)
+        page = await fetcher.fetch_page(url, etag, last_modified, waiter=ctx.get("job_id"))
     except JobError:
         if monitor:
             monitor.count("pages_scraped", "error")
         raise
     if monitor:
         monitor.count("pages_scraped", f"{page.status // 100}xx")
-    fetch_ms = round((time.perf_counter() - started) * 1000, 1)
+    fetch_ms, queued_ms = page.fetch_ms, page.queued_for_host_ms
     if page.not_modified:
         await record_unchanged(redis, url, now_utc(), fetch_ms, etag=page.etag,
                                last_modified=page.last_modified, source_id=source_id)  # fmt: skip
         log.info("scraped %s -> 304 not modified (%.0f ms)", url, fetch_ms)
-        result = {"document_id": doc_id, "url": url, "status": 304, "changed": False}
+        result = {"document_id": doc_id, "url": url, "status": 304, "changed": False,
+                  "fetch_ms": fetch_ms, "queued_for_host_ms": queued_ms}  # fmt: skip
         return result, await stored_links(redis, url)  # the page is the same: so are its links
     html, encoding = decode_page(page.body, page.charset)
     if len(page.body) > PARSE_IN_THREAD_BYTES:
@@ -330,5 +347,6 @@ async def scrape_url(
         **snapshot.model_dump(
             mode="json", exclude={"text", "content_type", "etag", "last_modified", "source_id"}
         ),
+        "queued_for_host_ms": queued_ms,
     }
     return result, summary.links

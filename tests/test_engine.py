@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
+from arq.typing import WorkerCoroutine
+from arq.worker import func
 
 from app.settings import Settings
+from jobs.errors import Postpone
+from jobs.monitor import COUNTERS_KEY
 from jobs.queue import enqueue_job
+from jobs.retry import classified
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import wait_for
 from tests.servers import SiteStats
@@ -89,5 +97,51 @@ async def test_jobs_from_plain_arq_producers_are_picked_up_by_polling(
             assert info is not None and info.success
             assert (info.start_time - info.enqueue_time).total_seconds() < 1.0
         assert sum(stats.hits.get(f"/page/{n}", 0) for n in range(5)) == 5
+    finally:
+        await stop_worker(worker, task)
+
+
+RUNS: dict[str, list[float]] = {}  # job id -> when each run of `postpones` started
+POSTPONEMENTS = 5  # more than the family's 3 tries: postponed runs must not count as tries
+
+
+@classified("scrape")
+async def postpones(ctx: dict[str, Any], delay: float) -> int:
+    """Postpones itself POSTPONEMENTS times, then returns its try number."""
+    runs = RUNS.setdefault(ctx["job_id"], [])
+    runs.append(time.monotonic())
+    if len(runs) <= POSTPONEMENTS:
+        raise Postpone(delay, "not yet")
+    return int(ctx["job_try"])
+
+
+async def test_a_postponed_job_runs_again_later_without_counting_a_try(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    settings = make_settings()
+    worker, task = await start_worker(
+        settings, functions=[func(cast(WorkerCoroutine, postpones))], cron_jobs=[]
+    )
+    try:
+        job_id = await enqueue_job(redis, "postpones", delay=0.2)
+        assert job_id is not None
+        job = Job(job_id, redis)
+
+        async def finished() -> bool:
+            return await job.status() == JobStatus.complete
+
+        await wait_for(finished, timeout=30, interval=0.05, what="the postponed job")
+        info = await job.result_info()
+        assert info is not None and info.success and info.result == 1 and info.job_try == 1
+        runs = RUNS[job_id]
+        assert len(runs) == POSTPONEMENTS + 1
+        assert min(b - a for a, b in itertools.pairwise(runs)) >= 0.19  # not before
+
+        async def counted() -> bool:
+            count = await redis.hget(COUNTERS_KEY, "postponed|postpones")  # type: ignore[misc]
+            return bool(count == str(POSTPONEMENTS).encode())
+
+        await wait_for(counted, timeout=10, what="the monitor's count of postponed runs")
+        assert worker.jobs_retried == 0
     finally:
         await stop_worker(worker, task)

@@ -10,8 +10,16 @@ from collections.abc import Callable
 import pytest
 from arq.connections import ArqRedis
 
+from app.settings import Settings
 from jobs.documents import document_id, load_document, load_versions
-from jobs.errors import PermanentJobError
+from jobs.errors import PermanentJobError, Postpone
+from jobs.politeness import (
+    BUSY_RETRY_MS,
+    HOST_KEY_PREFIX,
+    WAIT_IN_PLACE_S,
+    WAKE_EARLY_S,
+    Politeness,
+)
 from jobs.scrape import scrape_page
 from tests.conftest import Ctx
 from tests.servers import CrawlStats
@@ -70,7 +78,8 @@ async def test_conditional_requests_and_change_detection(
     first = await scrape_page(ctx, {"url": url})
     assert first["changed"] is True
     second = await scrape_page(ctx, {"url": url})
-    assert second == {"document_id": document_id(url), "url": url, "status": 304, "changed": False}
+    assert second == {"document_id": document_id(url), "url": url, "status": 304, "changed": False,
+                      "fetch_ms": second["fetch_ms"], "queued_for_host_ms": 0}  # fmt: skip
     assert stats.headers["/news"][1]["If-None-Match"] == '"v1"'
     assert len(await load_versions(redis, document_id(url))) == 1
 
@@ -108,3 +117,29 @@ async def test_no_limits_means_no_politeness_bookkeeping(
     await scrape_page(ctx, {"url": f"http://127.0.0.1:{port}/plain/1"})
     assert stats.hits["/plain/1"] == 1
     assert [k async for k in redis.scan_iter(match="asyncjobs:host:*")] == []
+
+
+async def test_a_turn_due_while_the_host_is_full_is_postponed_and_keeps_its_wait(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    """Host limit 1: job B's turn comes while A still holds the host's only slot (a slow page);
+    B waits in place briefly, then gives its worker slot back (Postpone) with a new turn. Once
+    A is done, B gets the slot, and its reported wait spans both runs."""
+    politeness = Politeness(
+        redis, make_settings(scrape_per_host_concurrency=1, scrape_min_host_delay=0.2)
+    )
+    loop = asyncio.get_running_loop()
+    async with politeness.slot("slow.test", waiter="job-a") as a_wait:
+        assert a_wait.queued_s == 0
+        first_try = loop.time()
+        with pytest.raises(Postpone) as postponed:
+            async with politeness.slot("slow.test", waiter="job-b"):
+                raise AssertionError("the host's only slot is taken")
+        in_place = loop.time() - first_try
+        assert WAIT_IN_PLACE_S * 0.9 <= in_place <= WAIT_IN_PLACE_S + 0.5  # bounded, then gave up
+        assert postponed.value.delay >= BUSY_RETRY_MS / 1000 - WAKE_EARLY_S - 0.05
+        assert await redis.exists(f"{HOST_KEY_PREFIX}slow.test:turn:job-b")
+    await asyncio.sleep(postponed.value.delay)
+    async with politeness.slot("slow.test", waiter="job-b") as b_wait:
+        assert b_wait.queued_s >= loop.time() - first_try - 0.05  # both runs' wait, not this one's
+    assert not await redis.exists(f"{HOST_KEY_PREFIX}slow.test:turn:job-b")  # used up
