@@ -1,18 +1,23 @@
 """Entry point of the worker: `arq worker_settings.WorkerSettings`.
 
-Every option comes from environment variables through `app.settings.Settings`; see README.
+Every option comes from environment variables through `core.settings.Settings`; see
+docs/operations.md.
 """
 
 import arq.cli
 
-from app.logs import log_config
-from app.settings import get_settings
-from jobs.resilience import install
+from core.logs import log_config
+from core.settings import get_settings
+from jobs.engine.worker import EngineWorker, let_settings_choose_worker_class
 from jobs.worker import worker_options
 
 # arq's CLI configures logging right after importing this module: give it our config (JSON
 # lines, or text with LOG_FORMAT=text) instead of its own.
 arq.cli.default_log_config = log_config  # type: ignore[attr-defined]
-install()  # leases, wake-ups, Redis restarts: jobs/resilience.py
+# arq's CLI builds `worker_class` for these settings (leases, wake-ups, Redis restarts:
+# jobs/engine/worker.py) and arq's own Worker for any other.
+let_settings_choose_worker_class()
 
-WorkerSettings = type("WorkerSettings", (), worker_options(get_settings()))
+WorkerSettings = type(
+    "WorkerSettings", (), {**worker_options(get_settings()), "worker_class": EngineWorker}
+)

@@ -1,3 +1,4 @@
-"""asyncjobs: an asyncio-native background-job service (aiohttp API + arq worker over Redis)."""
+"""asyncjobs: an asyncio-native background-job service (aiohttp API + arq worker over Redis).
 
-__version__ = "0.1.0"
+The web side: it validates requests and enqueues jobs (routes/), shows them (dashboard/) and
+serves metrics; the worker side is jobs/, and what both share is core/."""

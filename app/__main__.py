@@ -8,9 +8,9 @@ import os
 import sys
 
 from app.devstack import DevStackError, run_dev
-from app.logs import configure_logging
-from app.settings import get_settings
 from app.web import run_web
+from core.logs import configure_logging
+from core.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:

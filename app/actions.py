@@ -14,15 +14,15 @@ from arq.utils import timestamp_ms
 from app.jobstatus import read_job
 from app.schemas import JobView
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
-from jobs.export import ExportRequest
-from jobs.queue import enqueue_job, enqueue_jobs
+from jobs.engine.queue import enqueue_job, enqueue_jobs
+from jobs.housekeeping.export import ExportRequest
 
 ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
 
 
 async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
     """Enqueue an arq job, count it for the metrics and wake a waiting worker, in one round
-    trip (jobs.queue.enqueue_job); the job's id. arq's `_job_id` etc. pass through
+    trip (jobs.engine.queue.enqueue_job); the job's id. arq's `_job_id` etc. pass through
     (positional-only names leave every keyword to the job)."""
     job_id = await enqueue_job(redis, function, **kwargs)
     if job_id is None:

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.appkeys import REDIS, SETTINGS
 from app.errors import Handler
-from app.settings import Settings
+from app.state import REDIS, SETTINGS
+from core.keys import RATE_KEY_PREFIX
+from core.settings import Settings
 
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json")})
 # The operator dashboard (app/dashboard) checks its own session cookie and CSRF tokens instead.
 PUBLIC_PREFIXES = ("/ui",)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-RATE_KEY_PREFIX = "asyncjobs:rate:"
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import SecretStr
 
-from app.broker import redis_answers
 from app.mailsink import MaildirHandler, server_port, start_smtp_server
-from app.settings import Settings
 from app.web import app_runner
+from core.redis import redis_answers
+from core.settings import Settings
 
 log = logging.getLogger("app.dev")
 

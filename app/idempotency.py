@@ -16,10 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from app.appkeys import REDIS, SETTINGS
 from app.auth import PRINCIPAL
+from app.state import REDIS, SETTINGS
+from core.keys import IDEMPOTENCY_KEY_PREFIX
 
-IDEMPOTENCY_PREFIX = "asyncjobs:idem:"
 MAX_KEY_LENGTH = 255
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -40,7 +40,7 @@ def idempotent(handler: Handler) -> Handler:
         # Scoped to the caller: two API keys may pick the same Idempotency-Key independently.
         principal = request.get(PRINCIPAL)
         scope = f"{principal.key_id if principal else '-'}:{key}"
-        redis_key = IDEMPOTENCY_PREFIX + hashlib.sha256(scope.encode()).hexdigest()
+        redis_key = IDEMPOTENCY_KEY_PREFIX + hashlib.sha256(scope.encode()).hexdigest()
         fingerprint = await request_fingerprint(request)
         pending = json.dumps({"fingerprint": fingerprint, "state": "pending"})
         if not await redis.set(redis_key, pending, nx=True, ex=ttl):

@@ -17,9 +17,9 @@ from arq.jobs import deserialize_job, deserialize_result
 from arq.utils import ms_to_datetime
 
 from app.schemas import JobView
-from jobs.monitor import RUNNING_KEY, read_progress
-from jobs.newsletter import batch_progress
-from jobs.retry import RETRYING_KEY_PREFIX
+from core.keys import RETRYING_KEY_PREFIX, RUNNING_KEY
+from jobs.engine.monitor import read_progress
+from jobs.mail.newsletter import batch_progress
 
 
 async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:

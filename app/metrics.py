@@ -1,9 +1,10 @@
 """`GET /metrics` in Prometheus text format.
 
 Job metrics happen in worker processes; they reach this endpoint through Redis (see
-jobs/monitor.py: each worker adds its counts there once a second), so every web process serves
-the same cluster-wide totals and a scrape of any one of them is enough. HTTP metrics are per web
-process (each process counts its own requests), as Prometheus expects of a multi-process server.
+jobs/engine/monitor.py: each worker adds its counts there once a second), so every web process
+serves the same cluster-wide totals and a scrape of any one of them is enough. HTTP metrics are
+per web process (each process counts its own requests), as Prometheus expects of a multi-process
+server.
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 
-from app.appkeys import REDIS, SETTINGS
 from app.errors import Handler
-from jobs.deadletter import DEAD_INDEX_KEY
-from jobs.monitor import (
+from app.state import REDIS, SETTINGS
+from core.keys import (
     COUNTERS_KEY,
-    DURATION_BUCKETS,
+    DEAD_INDEX_KEY,
     DURATION_KEY,
     LATENCY_KEY,
     RUNNING_KEY,
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
 )
-from jobs.queue import waiting_counts
+from jobs.engine.monitor import DURATION_BUCKETS
+from jobs.engine.queue import waiting_counts
 from jobs.values import as_text
 
 JOB_COUNTERS = {

@@ -11,9 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from app import __version__
-from app.appkeys import SETTINGS
-from app.httputil import JOB_ID_PATTERN
+from app.http import JOB_ID_PATTERN
 from app.mailsink import MESSAGE_NAME_PATTERN
 from app.schemas import (
     AbortAccepted,
@@ -34,10 +32,12 @@ from app.schemas import (
     ScrapeRequest,
     SourceList,
 )
+from app.state import SETTINGS
+from core import __version__
 from jobs.deadletter import DeadLetter
-from jobs.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
-from jobs.newsletter import NewsletterSpec
-from jobs.sources import Source, SourceFields, SourceSpec
+from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
+from jobs.mail.newsletter import NewsletterSpec
+from jobs.scrape.sources import Source, SourceFields, SourceSpec
 
 JSON = "application/json"
 ERRORS = {

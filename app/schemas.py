@@ -17,12 +17,12 @@ from pydantic import (
 
 from app.mailsink import MailSummary
 from jobs.deadletter import DeadLetter
-from jobs.documents import DocumentVersion, StoredDocument
-from jobs.email import EmailSpec
-from jobs.monitor import StepProgress
-from jobs.newsletter import BatchProgress
-from jobs.scrape import MAX_URL_LENGTH, ScrapeTarget, Selectors
-from jobs.sources import Source
+from jobs.engine.monitor import StepProgress
+from jobs.mail.email import EmailSpec
+from jobs.mail.newsletter import BatchProgress
+from jobs.scrape.documents import DocumentVersion, StoredDocument
+from jobs.scrape.page import MAX_URL_LENGTH, ScrapeTarget, Selectors
+from jobs.scrape.sources import Source
 
 __all__ = ["EmailSpec", "ScrapeRequest"]
 

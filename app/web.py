@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app.appkeys import REDIS, SETTINGS
 from app.auth import KEYRING, KeyRing, rate_limit, require_api_key
-from app.broker import connect
 from app.dashboard import setup_dashboard
 from app.errors import json_errors
 from app.routes import add_routes
-from app.settings import Settings
+from app.state import REDIS, SETTINGS
+from core.redis import connect
+from core.settings import Settings
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -1,6 +1,6 @@
 """Plain arq baselines: the project's job functions and hooks in an otherwise default arq Worker.
 
-No `jobs.resilience.install()` (so arq's own poll loop and in-progress marks), no cron jobs,
+No `worker_class` (so arq's own poll loop and in-progress marks), no cron jobs,
 arq's own Redis settings from `REDIS_URL`. Logging is handed to arq's CLI as worker_settings.py
 does, so every arq engine writes the same log lines per job.
 
@@ -17,9 +17,9 @@ from arq.connections import RedisSettings
 from arq.typing import WorkerCoroutine
 from arq.worker import func
 
-from app.logs import log_config
-from app.settings import get_settings
 from bench.noop import noop
+from core.logs import log_config
+from core.settings import get_settings
 from jobs.worker import job_functions, shutdown, startup
 
 arq.cli.default_log_config = log_config  # type: ignore[attr-defined]

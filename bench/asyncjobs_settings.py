@@ -1,7 +1,7 @@
 """`python -m arq bench.asyncjobs_settings.WorkerSettings`: the production worker plus a no-op job.
 
 It imports worker_settings.py itself, so the bench's worker is set up exactly as production's
-(logging handed to arq's CLI, `jobs.resilience.install()`, `jobs.worker.worker_options` from
+(logging handed to arq's CLI, the `EngineWorker` class, `jobs.worker.worker_options` from
 the environment) and stays so when that entry point changes; the one addition is `noop`.
 """
 

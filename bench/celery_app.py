@@ -84,7 +84,7 @@ def _timed(times_key: str, n: int, enqueued: float, work: Callable[[], None]) ->
 
 
 def summarize(html: str) -> dict[str, str]:
-    """What the project's jobs.html.summarize_html keeps: title, description, links, text."""
+    """What the project's jobs.scrape.html.summarize_html keeps: title, description, links, text."""
     tree = LexborHTMLParser(html)
     title = tree.css_first("title")
     description = tree.css_first('meta[name="description" i]')

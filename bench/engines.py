@@ -185,7 +185,7 @@ class Engine:
 
 
 def arq_env(services: Services) -> dict[str, Any]:
-    """The settings every arq engine runs with (app/settings.py names, upper-cased)."""
+    """The settings every arq engine runs with (core/settings.py names, upper-cased)."""
     return {
         "redis_url": services.redis_url,
         "scrape_allowed_cidrs": "127.0.0.0/8",

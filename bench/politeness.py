@@ -27,10 +27,10 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.constants import default_queue_name, health_check_key_suffix
 from arq.jobs import Job
 
-from app.settings import Settings
 from bench.common import page_url
 from bench.services import ChildProcess, RedisServer, Site, child_env, python_module, wait_until
-from jobs.queue import enqueue_job
+from core.settings import Settings
+from jobs.engine.queue import enqueue_job
 
 
 def _default(name: str) -> Any:

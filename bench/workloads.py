@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, MAIL_FROM, page_url, recipient
-from jobs.email import EmailSpec, new_message_id
+from jobs.mail.email import EmailSpec, new_message_id
 
 WorkloadName = Literal["scrape", "email", "noop"]
 

@@ -12,10 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from core.keys import DEAD_INDEX_KEY, DEAD_KEY_PREFIX
 from jobs.values import as_text
-
-DEAD_KEY_PREFIX = "asyncjobs:dead:"
-DEAD_INDEX_KEY = "asyncjobs:dead"
 
 
 class DeadLetter(BaseModel):

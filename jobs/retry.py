@@ -22,11 +22,12 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.settings import Settings
+from core.keys import RETRYING_KEY_PREFIX
+from core.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
-from jobs.documents import now_utc
+from jobs.engine.monitor import monitor_of
 from jobs.errors import PermanentJobError, Postpone, TransientJobError
-from jobs.monitor import monitor_of
+from jobs.values import now_utc
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ TIMEOUT_HEADROOM = 0.95
 
 
 # Why a deferred job is waiting, for GET /jobs/{id}: last error, try, next try (ms).
-RETRYING_KEY_PREFIX = "asyncjobs:retrying:"
 
 
 @dataclass(frozen=True)

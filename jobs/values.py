@@ -1,4 +1,4 @@
-"""Small conversions of values read back from Redis."""
+"""Small conversions of values read back from Redis, and the current time as stored."""
 
 from datetime import UTC, datetime
 
@@ -11,3 +11,7 @@ def as_text(value: bytes | str) -> str:
 def as_utc(moment: datetime) -> datetime:
     """Stored times are UTC; a naive one is read as UTC rather than as local time."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

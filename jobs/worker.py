@@ -10,21 +10,18 @@ from arq.cron import CronJob, cron
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, func
 
-from app.broker import redis_settings
-from app.settings import Settings, get_settings
-from jobs.cleanup import daily_cleanup
+from core.redis import redis_settings
+from core.settings import Settings, get_settings
 from jobs.cpulimit import CpuPool
-from jobs.email import send_email
-from jobs.export import export
-from jobs.monitor import JobMonitor
-from jobs.newsletter import send_newsletter
-from jobs.report import daily_report, report
-from jobs.resilience import WakeListener, worker_redis
+from jobs.engine.monitor import JobMonitor
+from jobs.engine.worker import WakeListener, worker_redis
+from jobs.housekeeping import daily_cleanup, daily_report, export, report
+from jobs.mail import send_email, send_newsletter
+from jobs.mail.sendrate import SendRate
+from jobs.mail.smtp import SmtpPool
 from jobs.retry import max_tries
-from jobs.scheduler import schedule_sources, scrape_source
-from jobs.scrape import Fetcher, make_http_session, scrape
-from jobs.sendrate import SendRate
-from jobs.smtp import SmtpPool
+from jobs.scrape import schedule_sources, scrape, scrape_source
+from jobs.scrape.fetch import Fetcher, make_http_session
 
 log = logging.getLogger(__name__)
 

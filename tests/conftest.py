@@ -17,13 +17,13 @@ from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.asyncio import Redis
 
-from app.broker import connect
 from app.mailsink import server_port, start_smtp_server
-from app.settings import Settings, get_settings
 from app.web import create_app
+from core.redis import connect
+from core.settings import Settings, get_settings
 from jobs.cpulimit import CpuPool
-from jobs.resilience import install
-from jobs.scrape import Fetcher, make_http_session
+from jobs.engine.worker import EngineWorker
+from jobs.scrape.fetch import Fetcher, make_http_session
 from jobs.worker import worker_options
 from tests.helpers import ApiClient, api_client
 from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
@@ -200,9 +200,8 @@ async def api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
 
 
 async def start_worker(settings: Settings, **overrides: Any) -> tuple[Worker, asyncio.Task[None]]:
-    install()  # as worker_settings.py does for production workers
     options = worker_options(settings) | {"handle_signals": False, "poll_delay": 0.01} | overrides
-    worker = Worker(**options)
+    worker = EngineWorker(**options)  # what worker_settings.WorkerSettings builds
     task = asyncio.create_task(worker.main())
     return worker, task
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from arq.worker import Worker
 
-from app.settings import Settings
 from app.web import create_app
-from jobs.addresses import check_address, unique_addresses
+from core.addresses import check_address, unique_addresses
+from core.settings import Settings
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, api_client, wait_for
 from tests.jobwait import wait_job

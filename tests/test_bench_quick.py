@@ -1,6 +1,6 @@
 """`python -m bench --quick` runs end to end and every engine completes every job.
 
-Never asserts a speed (this machine is shared; see README "Benchmarks"): only that the tables are
+Never asserts a speed (this machine is shared; see docs/benchmarks.md): only that the tables are
 printed, that each engine finished all N jobs of each workload without a failure, that the site
 and the sink saw the work, and that the API answered every request with 202. The first run
 creates the bench's Celery venv from PyPI; when that cannot be done the test fails and says why.

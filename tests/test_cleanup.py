@@ -12,23 +12,18 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.settings import Settings
-from jobs.cleanup import cleanup, daily_cleanup
-from jobs.deadletter import DEAD_INDEX_KEY, DEAD_KEY_PREFIX, DeadLetter, add_dead_letter
-from jobs.documents import (
-    DOC_CHANGED_KEY,
-    DOC_INDEX_KEY,
-    DOC_KEY_PREFIX,
+from core import keys
+from core.settings import Settings
+from jobs.deadletter import DeadLetter, add_dead_letter
+from jobs.housekeeping.cleanup import cleanup, daily_cleanup
+from jobs.scrape.documents import (
     DocumentSnapshot,
     content_hash,
     document_id,
     load_versions,
-    now_utc,
     save_document,
-    source_docs_key,
-    versions_key,
 )
-from jobs.sources import SOURCES_KEY
+from jobs.values import now_utc
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -128,7 +123,7 @@ async def test_cleanup_removes_exactly_what_is_past_retention(
     settings = make_settings(**RETENTION, exports_dir=exports)
 
     # Documents: ad hoc, of a live source, and of a deleted one (versions 10 days = the boundary).
-    await redis.sadd(SOURCES_KEY, "live")  # type: ignore[misc]
+    await redis.sadd(keys.SOURCES_KEY, "live")  # type: ignore[misc]
     await redis.set("asyncjobs:source:live", '{"id": "live"}')
     a = await save_versions(redis, "https://a.example/", [30 * DAY, 20 * DAY, 5 * DAY, DAY])
     b = await save_versions(redis, "https://b.example/", [50 * DAY, 40 * DAY])  # newest is old
@@ -173,18 +168,18 @@ async def test_cleanup_removes_exactly_what_is_past_retention(
     # The expected state is the state before with exactly those things taken out.
     expected = dict(before)
     for doc_id in (d, e):
-        for key in (DOC_KEY_PREFIX + doc_id, versions_key(doc_id)):
+        for key in (keys.DOC_KEY_PREFIX + doc_id, keys.doc_versions_key(doc_id)):
             del expected[key]
-        for index in (DOC_INDEX_KEY, DOC_CHANGED_KEY):
+        for index in (keys.DOC_INDEX_KEY, keys.DOC_CHANGED_KEY):
             expected[index] = {k: v for k, v in expected[index].items() if k != doc_id.encode()}
-    del expected[source_docs_key("gone")]
-    expected[versions_key(a)] = before[versions_key(a)][:2]
-    expected[versions_key(b)] = before[versions_key(b)][:1]
-    expected[versions_key(c)] = before[versions_key(c)][:2]
+    del expected[keys.source_docs_key("gone")]
+    expected[keys.doc_versions_key(a)] = before[keys.doc_versions_key(a)][:2]
+    expected[keys.doc_versions_key(b)] = before[keys.doc_versions_key(b)][:1]
+    expected[keys.doc_versions_key(c)] = before[keys.doc_versions_key(c)][:2]
     for entry_id in ("old1", "old2"):
-        del expected[DEAD_KEY_PREFIX + entry_id]
-    expected[DEAD_INDEX_KEY] = {
-        k: v for k, v in before[DEAD_INDEX_KEY].items() if k in {b"edge", b"new"}
+        del expected[keys.DEAD_KEY_PREFIX + entry_id]
+    expected[keys.DEAD_INDEX_KEY] = {
+        k: v for k, v in before[keys.DEAD_INDEX_KEY].items() if k in {b"edge", b"new"}
     }
     assert await dump(redis) == expected
 
@@ -206,15 +201,15 @@ async def test_documents_of_a_source_that_comes_back_are_kept(
     """Orphans are judged by membership in the sources set at cleanup time, nothing else."""
     settings = make_settings(**RETENTION, exports_dir=tmp_path)
     doc = await save_versions(redis, "https://s.example/", [DAY], "s1")
-    await redis.sadd(SOURCES_KEY, "s1")  # type: ignore[misc]
+    await redis.sadd(keys.SOURCES_KEY, "s1")  # type: ignore[misc]
     before = await dump(redis)
     assert (await cleanup(redis, settings, NOW))["orphaned_documents"] == 0
     assert await dump(redis) == before
 
-    await redis.srem(SOURCES_KEY, "s1")  # type: ignore[misc]
+    await redis.srem(keys.SOURCES_KEY, "s1")  # type: ignore[misc]
     assert (await cleanup(redis, settings, NOW))["orphaned_documents"] == 1
     assert await dump(redis) == {}  # the source set was the last key: it went empty
-    assert await redis.zscore(DOC_INDEX_KEY, doc) is None
+    assert await redis.zscore(keys.DOC_INDEX_KEY, doc) is None
 
 
 async def test_many_documents_are_walked_in_chunks(
@@ -222,16 +217,16 @@ async def test_many_documents_are_walked_in_chunks(
 ) -> None:
     """More documents than one ZSCAN step or pipeline holds (the index is then a hash table)."""
     settings = make_settings(**RETENTION, exports_dir=tmp_path)
-    await redis.sadd(SOURCES_KEY, "live")  # type: ignore[misc]
+    await redis.sadd(keys.SOURCES_KEY, "live")  # type: ignore[misc]
     for n in range(700):
         source = "live" if n % 7 else "gone"  # 100 orphans
         await save_versions(redis, f"https://many.example/{n}", [20 * DAY, DAY], source)
     counts = await cleanup(redis, settings, NOW)
     assert counts == {"versions": 600, "exports": 0, "orphaned_documents": 100, "dead_letters": 0}
-    assert await redis.zcard(DOC_INDEX_KEY) == 600
-    assert await redis.zcard(DOC_CHANGED_KEY) == 600
-    assert await redis.exists(source_docs_key("gone")) == 0
-    assert await redis.scard(source_docs_key("live")) == 600  # type: ignore[misc]
+    assert await redis.zcard(keys.DOC_INDEX_KEY) == 600
+    assert await redis.zcard(keys.DOC_CHANGED_KEY) == 600
+    assert await redis.exists(keys.source_docs_key("gone")) == 0
+    assert await redis.scard(keys.source_docs_key("live")) == 600  # type: ignore[misc]
 
 
 async def test_missing_exports_folder_and_empty_store(
@@ -260,11 +255,11 @@ async def test_daily_cleanup_job_logs_its_counts(
         "job_id": "cron:daily_cleanup",
         "job_try": 1,
     }
-    with caplog.at_level(logging.INFO, logger="jobs.cleanup"):
+    with caplog.at_level(logging.INFO, logger="jobs.housekeeping.cleanup"):
         result = await daily_cleanup(ctx)
     assert result == {"versions": 0, "exports": 0, "orphaned_documents": 0, "dead_letters": 1}
     assert (
         "cleanup removed 0 versions, 0 exports, 0 orphaned documents, 1 dead letters"
         in caplog.messages
     )
-    assert await redis.zrange(DEAD_INDEX_KEY, 0, -1) == [b"recent"]
+    assert await redis.zrange(keys.DEAD_INDEX_KEY, 0, -1) == [b"recent"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from app.__main__ import main
-from app.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,6 +76,18 @@ def test_dockerfile_copies_what_exists() -> None:
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), source
+
+
+def test_dockerfile_copies_every_package_the_install_needs() -> None:
+    """`pip install .` in the image builds what pyproject.toml lists: each of it must be there."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    needed = {name.split(".")[0] for name in project["packages"]}
+    needed |= {f"{module}.py" for module in project["py-modules"]}
+    copied = set()
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied |= set(line.split()[1:-1])
+    assert needed <= copied, needed - copied
 
 
 def test_worker_is_given_time_to_finish_its_jobs(compose: dict[str, Any]) -> None:

@@ -15,12 +15,11 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss
 from arq.worker import Worker
 
-from app.dashboard.session import SESSION_KEY_PREFIX, SESSION_TTL_S
-from app.settings import Settings
+from app.dashboard.session import SESSION_TTL_S
 from app.web import create_app
+from core.keys import SESSION_KEY_PREFIX, source_docs_key, source_failures_key
+from core.settings import Settings
 from jobs.deadletter import get_dead_letter
-from jobs.documents import source_docs_key
-from jobs.sources import source_failures_key
 from tests.conftest import API_KEY, READ_KEY
 from tests.helpers import ApiClient, start_of_a_window, wait_for, window_number
 from tests.jobwait import wait_job

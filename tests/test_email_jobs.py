@@ -9,10 +9,10 @@ from email.message import EmailMessage, Message
 from aiosmtplib.email import flatten_message
 from arq.connections import ArqRedis
 
-from app.settings import Settings
+from core.settings import Settings
 from jobs.deadletter import DeadLetter, get_dead_letter
-from jobs.email import EmailSpec, build_message
-from jobs.smtp import message_bytes
+from jobs.mail.email import EmailSpec, build_message
+from jobs.mail.smtp import message_bytes
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job

@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from jobs.documents import document_id, load_document
-from jobs.encoding import decode_page, sniff_encoding
-from jobs.scrape import scrape_page
+from jobs.scrape.documents import document_id, load_document
+from jobs.scrape.encoding import decode_page, sniff_encoding
+from jobs.scrape.page import scrape_page
 from tests.conftest import Ctx
 
 CAFE = "Café crème"

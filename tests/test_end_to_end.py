@@ -9,7 +9,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
-from jobs.documents import document_id, load_document
+from jobs.scrape.documents import document_id, load_document
 from tests.helpers import ApiClient, wait_for
 from tests.servers import RecordingSmtpHandler, SiteStats
 

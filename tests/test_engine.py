@@ -1,4 +1,4 @@
-"""The worker engine (jobs/engine.py) with real workers: leases, shared queues, results."""
+"""The worker engine (jobs/engine/runner.py) with real workers: leases, shared queues, results."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from arq.jobs import Job, JobStatus
 from arq.typing import WorkerCoroutine
 from arq.worker import func
 
-from app.settings import Settings
+from core.keys import COUNTERS_KEY
+from core.settings import Settings
+from jobs.engine.queue import enqueue_job
 from jobs.errors import Postpone
-from jobs.monitor import COUNTERS_KEY
-from jobs.queue import enqueue_job
 from jobs.retry import classified
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import wait_for

@@ -20,11 +20,11 @@ from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.asyncio import Redis
 
-import jobs.engine
-import jobs.queue
-from app.settings import Settings
-from jobs.engine import Engine
-from jobs.queue import Claimed, enqueue_job
+import jobs.engine.queue
+import jobs.engine.runner
+from core.settings import Settings
+from jobs.engine.queue import Claimed, enqueue_job
+from jobs.engine.runner import Engine
 from tests.conftest import TEST_REDIS_URL, start_worker, stop_worker
 from tests.helpers import wait_for
 
@@ -134,7 +134,7 @@ async def test_close_while_a_claim_is_in_flight(
     """The worker is stopped while its claim script waits inside Redis: what the claim took
     is handed back as soon as it returns, instead of staying hidden for a lease."""
     claiming, paused = asyncio.Event(), asyncio.Event()
-    real_claim = jobs.queue.claim
+    real_claim = jobs.engine.queue.claim
 
     async def claim_spy(*args: Any) -> Any:
         if args[2] > 0 and not claiming.is_set():  # the first claim that can take jobs
@@ -142,7 +142,7 @@ async def test_close_while_a_claim_is_in_flight(
             await paused.wait()  # sent once Redis holds writes
         return await real_claim(*args)
 
-    monkeypatch.setattr(jobs.engine, "claim", claim_spy)
+    monkeypatch.setattr(jobs.engine.runner, "claim", claim_spy)
     worker, task = await start_worker(settings, **gated_worker_options(asyncio.Event()))
     stopping: asyncio.Task[None] | None = None
     try:

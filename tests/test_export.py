@@ -16,20 +16,12 @@ import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
-from app.export_routes import add_export_routes
-from app.settings import Settings
+from app.routes.exports import add_export_routes
 from app.web import create_app
+from core.settings import Settings
 from jobs.deadletter import get_dead_letter
-from jobs.documents import (
-    DocumentSnapshot,
-    content_hash,
-    document_id,
-    load_document,
-    now_utc,
-    save_document,
-)
 from jobs.errors import PermanentJobError
-from jobs.export import (
+from jobs.housekeeping.export import (
     CHUNK,
     FIELDS,
     ExportFilter,
@@ -39,6 +31,14 @@ from jobs.export import (
     export,
     export_documents,
 )
+from jobs.scrape.documents import (
+    DocumentSnapshot,
+    content_hash,
+    document_id,
+    load_document,
+    save_document,
+)
+from jobs.values import now_utc
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, api_client
 from tests.jobwait import wait_job

@@ -9,9 +9,9 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
-from app import __version__
-from app.settings import Settings
 from app.web import create_app
+from core import __version__
+from core.settings import Settings
 from tests.helpers import ApiClient, api_client, free_port, wait_for
 
 

@@ -15,9 +15,9 @@ from arq.jobs import Job, JobStatus
 from arq.typing import WorkerCoroutine
 from arq.worker import func
 
-from app.logs import JsonFormatter
-from app.settings import Settings
-from jobs.queue import enqueue_job
+from core.logs import JsonFormatter
+from core.settings import Settings
+from jobs.engine.queue import enqueue_job
 from jobs.retry import classified
 from tests.conftest import TEST_REDIS_URL, start_worker, stop_worker
 from tests.faults.procs import start_worker_process, stop_process

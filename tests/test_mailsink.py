@@ -9,8 +9,8 @@ from pathlib import Path
 import aiosmtplib
 
 from app.mailsink import MaildirHandler, list_messages, read_message, server_port, start_smtp_server
-from app.settings import Settings
 from app.web import create_app
+from core.settings import Settings
 from tests.helpers import api_client
 
 

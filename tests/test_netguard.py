@@ -10,8 +10,8 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from jobs.errors import PermanentJobError
-from jobs.netguard import is_forbidden
-from jobs.scrape import scrape_page
+from jobs.scrape.guard import is_forbidden
+from jobs.scrape.page import scrape_page
 from tests.conftest import Ctx
 from tests.servers import SiteStats
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.settings import Settings
 from app.web import create_app
+from core.settings import Settings
 from tests.helpers import ApiClient, api_client
 
 

@@ -10,17 +10,12 @@ from collections.abc import Callable
 import pytest
 from arq.connections import ArqRedis
 
-from app.settings import Settings
-from jobs.documents import document_id, load_document, load_versions
+from core.keys import HOST_KEY_PREFIX
+from core.settings import Settings
 from jobs.errors import PermanentJobError, Postpone
-from jobs.politeness import (
-    BUSY_RETRY_MS,
-    HOST_KEY_PREFIX,
-    WAIT_IN_PLACE_S,
-    WAKE_EARLY_S,
-    Politeness,
-)
-from jobs.scrape import scrape_page
+from jobs.scrape.documents import document_id, load_document, load_versions
+from jobs.scrape.page import scrape_page
+from jobs.scrape.politeness import BUSY_RETRY_MS, WAIT_IN_PLACE_S, WAKE_EARLY_S, Politeness
 from tests.conftest import Ctx
 from tests.servers import CrawlStats
 

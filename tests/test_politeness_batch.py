@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
-from app.settings import Settings
 from app.web import create_app
-from jobs.deadletter import DEAD_INDEX_KEY
+from core.keys import DEAD_INDEX_KEY
+from core.settings import Settings
 from jobs.worker import worker_options
 from tests.conftest import isolated_teardown, start_worker, stop_worker
 from tests.helpers import api_client, wait_for

@@ -1,4 +1,4 @@
-"""The queue's Lua scripts (jobs/queue.py) against a real Redis: claims, leases, finishes."""
+"""The queue's Lua scripts (jobs/engine/queue.py) against a real Redis: claims, leases, finishes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from arq.constants import (
 )
 from arq.jobs import Job, JobStatus, deserialize_job_raw
 
-from jobs.monitor import COUNTERS_KEY
-from jobs.queue import Finish, claim, enqueue_job, enqueue_jobs, finish, renew_leases, wake_key
+from core.keys import COUNTERS_KEY, wake_key
+from jobs.engine.queue import Finish, claim, enqueue_job, enqueue_jobs, finish, renew_leases
 
 QUEUE = "arq:queue"
 LEASE_MS = 15_000

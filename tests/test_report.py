@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, cast
 
-import pytest
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import func
 
-from app.report_routes import add_report_routes
-from app.settings import Settings
-from app.web import create_app
-from jobs.documents import record_unchanged, save_document
-from jobs.report import REPORT_KEY, build_report, latest_report, report
+from core.keys import REPORT_KEY, SOURCES_KEY, source_failures_key
+from core.settings import Settings
+from jobs.housekeeping.report import build_report, latest_report, report
 from jobs.retry import max_tries
-from jobs.sources import SOURCES_KEY, source_failures_key
+from jobs.scrape.documents import record_unchanged, save_document
 from tests.conftest import start_worker, stop_worker
-from tests.helpers import ApiClient, api_client
+from tests.helpers import ApiClient
 from tests.jobwait import wait_job
 from tests.test_cleanup import NOW, snapshot
 
@@ -139,23 +135,10 @@ async def test_report_of_an_empty_store(redis: ArqRedis) -> None:
     }
 
 
-@pytest.fixture
-async def report_api(settings: Settings, redis: ArqRedis) -> AsyncIterator[ApiClient]:
-    """The app with the report routes, whether or not app.routes wires them in yet."""
-    app = create_app(settings)
-    if not any(
-        r.resource is not None and r.resource.canonical == "/reports/latest"
-        for r in app.router.routes()
-    ):
-        add_report_routes(app)
-    async with api_client(app) as client:
-        yield client
-
-
 async def test_report_api_runs_the_job_and_serves_the_latest(
-    report_api: ApiClient, redis: ArqRedis, settings: Settings
+    api: ApiClient, redis: ArqRedis, settings: Settings
 ) -> None:
-    missing = await report_api.get("/reports/latest")
+    missing = await api.get("/reports/latest")
     assert missing.status == 404
     assert await missing.json() == {
         "error": "not_found",
@@ -166,12 +149,12 @@ async def test_report_api_runs_the_job_and_serves_the_latest(
     await redis.sadd(SOURCES_KEY, "alpha")  # type: ignore[misc]
     await save(redis, "https://alpha.example/1", HOUR, 100, "Python asyncio guide", "alpha")
     headers = {"Idempotency-Key": "report-1"}
-    response = await report_api.post("/jobs/report", headers=headers)
+    response = await api.post("/jobs/report", headers=headers)
     assert response.status == 202
     accepted: dict[str, Any] = await response.json()
     assert set(accepted) == {"job_id", "status_url"}
     assert accepted["status_url"] == f"/jobs/{accepted['job_id']}"
-    replayed = await report_api.post("/jobs/report", headers=headers)
+    replayed = await api.post("/jobs/report", headers=headers)
     assert await replayed.json() == accepted
     assert await redis.zcard(settings.queue_name) == 1
 
@@ -179,13 +162,13 @@ async def test_report_api_runs_the_job_and_serves_the_latest(
     functions = [func(cast(WorkerCoroutine, report), name="report", max_tries=tries)]
     worker, task = await start_worker(settings, functions=functions)
     try:
-        status = await wait_job(report_api, accepted["job_id"])
+        status = await wait_job(api, accepted["job_id"])
     finally:
         await stop_worker(worker, task)
     assert status["status"] == "complete", status
     assert status["function"] == "report"
 
-    served = await report_api.get("/reports/latest")
+    served = await api.get("/reports/latest")
     assert served.status == 200
     body = await served.json()
     assert body == status["result"]

@@ -10,10 +10,10 @@ import pytest
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
-from app.settings import Settings
+from core.settings import Settings
 from jobs.deadletter import get_dead_letter
 from jobs.retry import RetryPolicy, backoff_delay, retry_policy
-from jobs.scrape import parse_retry_after
+from jobs.scrape.fetch import parse_retry_after
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
 from tests.servers import SiteStats

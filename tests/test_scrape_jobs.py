@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from jobs.documents import document_id, load_document
 from jobs.errors import PermanentJobError, TransientJobError
-from jobs.scrape import scrape_page
+from jobs.scrape.documents import document_id, load_document
+from jobs.scrape.page import scrape_page
 from tests.conftest import Ctx
 from tests.servers import SiteStats
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import pytest
 from arq.connections import ArqRedis
 
-import jobs.sendrate
-from app.settings import Settings
+import jobs.mail.sendrate
 from app.web import create_app
-from jobs.deadletter import DEAD_INDEX_KEY
+from core.keys import DEAD_INDEX_KEY
+from core.settings import Settings
 from tests.conftest import start_worker, stop_worker
 from tests.faults.conftest import delivery_counts, post_emails, wait_all_finished
 from tests.helpers import api_client
@@ -70,7 +70,7 @@ async def test_a_far_turn_waits_in_the_queue_not_in_the_worker(
 ) -> None:
     """With turns over 0.5 s away put back in the queue, 30 messages at 10/s are still all
     sent, once each, at the rate."""
-    monkeypatch.setattr(jobs.sendrate, "MAX_WAIT_S", 0.5)
+    monkeypatch.setattr(jobs.mail.sendrate, "MAX_WAIT_S", 0.5)
     times = await send_at_rate(make_settings, redis, smtp, 30, 10)
     assert max(times) - min(times) >= 29 / 10 * 0.95
     assert busiest_second(times) <= 15

@@ -1,5 +1,5 @@
 """Slow clients are timed out: a body that does not arrive is a 408, an idle keep-alive
-connection is closed. (Headers that trickle in are a reverse proxy's job: README.)"""
+connection is closed. (Headers that trickle in are a reverse proxy's job: docs/operations.md.)"""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from aiohttp import web
 
-from app.settings import Settings
 from app.web import app_runner
+from core.settings import Settings
 from tests.conftest import API_KEY
 
 BODY_TIMEOUT_S = 1.0

@@ -13,10 +13,10 @@ import pytest
 import trustme
 
 from app.mailsink import server_port, start_smtp_server
-from app.settings import Settings
-from jobs.email import EmailSpec, build_message
+from core.settings import Settings
 from jobs.errors import TransientJobError
-from jobs.smtp import SmtpPool
+from jobs.mail.email import EmailSpec, build_message
+from jobs.mail.smtp import SmtpPool
 from tests.servers import RecordingSmtpHandler
 
 SPEC = EmailSpec.model_validate({"to": "a@example.com", "subject": "s", "text": "t"})
@@ -77,7 +77,7 @@ async def test_verification_off_must_be_explicit_and_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     handler, port = tls_smtp
-    with caplog.at_level(logging.WARNING, logger="jobs.smtp"):
+    with caplog.at_level(logging.WARNING, logger="jobs.mail.smtp"):
         await send_one(make_settings(smtp_port=port, smtp_tls_verify=False))
     assert handler.message_ids() == ["<tls@test>"]
     assert any("SMTP_TLS_VERIFY=false" in m for m in caplog.messages), caplog.messages

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.settings import Settings
-from jobs.documents import DOC_INDEX_KEY, document_id, load_document
-from jobs.scheduler import TICK_KEY, run_key, scrape_source, source_job_id
-from jobs.scrape import scrape_page
-from jobs.sources import SourceSpec, create_source, source_failures_key
+from core.keys import DOC_INDEX_KEY, source_failures_key, source_run_key
+from core.settings import Settings
+from jobs.scrape.documents import document_id, load_document
+from jobs.scrape.page import scrape_page
+from jobs.scrape.scheduler import TICK_KEY, scrape_source, source_job_id
+from jobs.scrape.sources import SourceSpec, create_source
 from tests.conftest import Ctx, start_worker, stop_worker
 from tests.helpers import ApiClient, wait_for
 from tests.servers import CrawlStats
@@ -132,7 +133,9 @@ async def test_two_workers_scrape_each_due_source_once_per_period(
     ticks = int(await redis.hget(TICK_KEY, "runs"))  # type: ignore[misc]
     periods = {}
     for n, source in enumerate(sources):
-        markers = [k async for k in redis.scan_iter(match=run_key(source["id"], 0)[:-1] + "*")]
+        markers = [
+            k async for k in redis.scan_iter(match=source_run_key(source["id"], 0)[:-1] + "*")
+        ]
         periods[n] = len(markers)
         assert stats.hits[f"/plain/{n}"] == len(markers), (n, stats.hits, markers)
         assert 1 <= len(markers) <= 2  # the run may straddle a minute boundary

@@ -12,9 +12,9 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from app.appkeys import SETTINGS
 from app.dashboard.session import STATIC_PREFIX, require_session
 from app.dashboard.views import add_dashboard_routes, html_errors, when
+from app.state import SETTINGS
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"

@@ -1,5 +1,5 @@
 """What the dashboard shows, read from Redis: arq's own keys, the operator keys the worker's
-monitor writes (jobs/monitor.py) and the stores of dead letters, sources and documents."""
+monitor writes (jobs/engine/monitor.py) and the stores of dead letters, sources and documents."""
 
 from __future__ import annotations
 
@@ -18,18 +18,19 @@ from redis.asyncio import Redis
 from app.jobstatus import read_jobs
 from app.redaction import redact
 from app.schemas import JobView
-from app.settings import Settings
-from jobs.documents import source_docs_key
-from jobs.monitor import (
+from core.keys import (
     CRON_KEY_PREFIX,
     MINUTE_KEY_PREFIX,
     RECENT_KEY,
     RUNNING_KEY,
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
+    source_docs_key,
+    source_failures_key,
 )
-from jobs.queue import waiting_counts
-from jobs.sources import Source, list_sources, source_failures_key
+from core.settings import Settings
+from jobs.engine.queue import waiting_counts
+from jobs.scrape.sources import Source, list_sources
 from jobs.values import as_text
 from jobs.worker import cron_jobs
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.appkeys import REDIS
 from app.auth import KEYRING, Principal, charge
 from app.errors import Handler
+from app.state import REDIS
+from core.keys import SESSION_KEY_PREFIX
 
-SESSION_KEY_PREFIX = "asyncjobs:session:"
 SESSION_TTL_S = 12 * 3600
 COOKIE_NAME = "asyncjobs_session"
 COOKIE_PATH = "/ui"

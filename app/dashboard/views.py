@@ -18,7 +18,6 @@ from redis.exceptions import RedisError
 
 from app import actions, mailsink
 from app.actions import ABORTABLE
-from app.appkeys import REDIS, SETTINGS
 from app.auth import KEYRING, Window
 from app.dashboard.data import (
     JOB_STATES,
@@ -44,9 +43,10 @@ from app.errors import Handler
 from app.jobstatus import read_job_with_progress
 from app.redaction import redact
 from app.schemas import JobView
-from app.settings import Settings
+from app.state import REDIS, SETTINGS
+from core.settings import Settings
 from jobs.deadletter import list_dead_letters
-from jobs.export import CONTENT_TYPES, EXPORT_NAME_PATTERN
+from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN
 from jobs.worker import cron_jobs, job_functions
 
 log = logging.getLogger(__name__)

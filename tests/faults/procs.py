@@ -9,7 +9,7 @@ from asyncio.subprocess import STDOUT
 from pathlib import Path
 from typing import Any
 
-from app.broker import redis_answers
+from core.redis import redis_answers
 from tests.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

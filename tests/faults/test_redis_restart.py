@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from app.broker import connect
-from app.settings import Settings
 from app.web import create_app
+from core.redis import connect
+from core.settings import Settings
 from tests.faults.conftest import (
     delivery_counts,
     job_outcomes,

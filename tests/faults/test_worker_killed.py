@@ -1,11 +1,11 @@
 """kill -9 of a worker while it sends, at several moments and concurrencies, with no gate: no
 message is lost, and a message is sent twice only if it was in its final SMTP reply.
 
-The promise (README, "Delivery guarantees"): the sent marker is written before the message's SMTP
-connection carries anything else, so after a crash the only messages the re-run can send again
-are those the server had accepted while their sender had not yet written the marker. The sink
-counts those itself (accepted, and the client said nothing after on that connection), and the
-test asserts duplicates <= that count <= SMTP_MAX_CONNECTIONS.
+The promise (docs/operations.md, "Delivery guarantees"): the sent marker is written before the
+message's SMTP connection carries anything else, so after a crash the only messages the re-run
+can send again are those the server had accepted while their sender had not yet written the
+marker. The sink counts those itself (accepted, and the client said nothing after on that
+connection), and the test asserts duplicates <= that count <= SMTP_MAX_CONNECTIONS.
 """
 
 from __future__ import annotations

@@ -1,0 +1,91 @@
+"""Helpers every handler uses: JSON bodies in, pydantic models out, bounded query parameters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from app import actions
+from app.state import REDIS, SETTINGS
+
+# Any arq job id, but not the names of the enqueue endpoints beside it (/jobs/email is no job).
+JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report)$)[A-Za-z0-9_.:-]{1,128}"
+
+
+def json_model(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"), status=status)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; 400 for empty or malformed JSON, 413 (by aiohttp) if too big."""
+    timeout = request.config_dict[SETTINGS].http_body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive within {timeout:g} s"
+        ) from None
+    if not raw.strip():
+        raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
+    try:
+        data = json.loads(raw)
+    except RecursionError as exc:  # "[[[[..." deeper than the parser's own recursion limit
+        raise web.HTTPBadRequest(text=_TOO_DEEP) from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: also a 5,000-digit number
+        raise web.HTTPBadRequest(text=f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise web.HTTPUnprocessableEntity(text="request body must be a JSON object")
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise web.HTTPBadRequest(text=_TOO_DEEP)
+    return data
+
+
+MAX_JSON_DEPTH = 32  # no request body of this API nests more than a few levels
+_TOO_DEEP = f"request body nests deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and objects more than `limit` deep (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def query_int(request: web.Request, name: str, *, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    # ASCII digits only: str.isdigit() is also true of "²", which int() refuses
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or not lo <= int(raw) <= hi:
+        raise web.HTTPBadRequest(text=f"query parameter {name!r} must be an integer {lo}..{hi}")
+    return int(raw)
+
+
+def status_url(request: web.Request, job_id: str) -> str:
+    return str(request.app.router["job_status"].url_for(job_id=job_id))
+
+
+async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
+    """`app.actions.enqueue` with the app's Redis; the new job's id."""
+    return await actions.enqueue(request.app[REDIS], function, **kwargs)
+
+
+async def enqueue_many(
+    request: web.Request, function: str, calls: list[dict[str, Any]]
+) -> list[str]:
+    """`app.actions.enqueue_many` with the app's Redis; the new jobs' ids."""
+    return await actions.enqueue_many(request.app[REDIS], function, calls)

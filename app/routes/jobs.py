@@ -1,0 +1,133 @@
+"""/jobs: validate a request, enqueue its job, report on it, abort it.
+
+Each handler is small; the work happens in the worker.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from app import actions
+from app.auth import charge_more
+from app.http import (
+    JOB_ID_PATTERN,
+    enqueue,
+    enqueue_many,
+    json_model,
+    read_json_object,
+    status_url,
+)
+from app.idempotency import idempotent
+from app.jobstatus import read_job_with_progress
+from app.routes.batches import batch_url, save_batch
+from app.schemas import (
+    AbortAccepted,
+    EmailAccepted,
+    EmailSpec,
+    NewsletterAccepted,
+    ScrapeAccepted,
+    ScrapeBatchAccepted,
+    ScrapeRequest,
+)
+from app.state import REDIS, SETTINGS
+from jobs.mail.email import new_message_id, validation_context
+from jobs.mail.newsletter import NewsletterSpec, start_progress
+
+
+@idempotent
+async def enqueue_email(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    context = validation_context(settings, settings.mail_max_recipients)
+    spec = EmailSpec.model_validate(await read_json_object(request), context=context)
+    await charge_more(request, len(spec.envelope_recipients()))  # one per message sent
+    message_id = new_message_id(spec.from_ or settings.mail_from)
+    job_id = await enqueue(
+        request,
+        "send_email",
+        email=spec.model_dump(mode="json", by_alias=True),
+        message_id=message_id,
+    )
+    accepted = EmailAccepted(
+        job_id=job_id, status_url=status_url(request, job_id), message_id=message_id
+    )
+    return json_model(accepted, status=202)
+
+
+@idempotent
+async def enqueue_newsletter(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    context = validation_context(settings, settings.newsletter_max_recipients)
+    spec = NewsletterSpec.model_validate(await read_json_object(request), context=context)
+    newsletter_id = uuid.uuid4().hex
+    total = len(spec.recipients)
+    await charge_more(request, total)
+    await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
+    await enqueue(
+        request,
+        "send_newsletter",
+        newsletter_id=newsletter_id,
+        newsletter=spec.model_dump(mode="json", by_alias=True),
+        _job_id=newsletter_id,
+    )
+    accepted = NewsletterAccepted(
+        job_id=newsletter_id,
+        status_url=status_url(request, newsletter_id),
+        recipients=total,
+    )
+    return json_model(accepted, status=202)
+
+
+@idempotent
+async def enqueue_scrape(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    context = {"max_urls": settings.max_urls_per_request, "max_selectors": settings.max_selectors}
+    scrape = ScrapeRequest.model_validate(await read_json_object(request), context=context)
+    targets = scrape.targets()
+    await charge_more(request, len(targets))
+    calls = [{"target": target.model_dump(mode="json")} for target in targets]
+    job_ids = await enqueue_many(request, "scrape", calls)
+    accepted = [
+        ScrapeAccepted(job_id=job_id, status_url=status_url(request, job_id), url=str(target.url))
+        for job_id, target in zip(job_ids, targets, strict=True)
+    ]
+    if scrape.url is not None:
+        return json_model(accepted[0], status=202)
+    batch_id = uuid.uuid4().hex
+    await save_batch(request.app[REDIS], batch_id, accepted)
+    batch = ScrapeBatchAccepted(
+        batch_id=batch_id, batch_url=batch_url(request, batch_id), jobs=accepted
+    )
+    return json_model(batch, status=202)
+
+
+async def job_status(request: web.Request) -> web.Response:
+    redis = request.app[REDIS]
+    job_id = request.match_info["job_id"]
+    view = await read_job_with_progress(redis, request.app[SETTINGS].queue_name, job_id)
+    return json_model(view, status=404 if view.status == "not_found" else 200)
+
+
+async def abort_job(request: web.Request) -> web.Response:
+    """Ask workers to abort a queued, deferred or running job (arq's abort set)."""
+    redis = request.app[REDIS]
+    queue = request.app[SETTINGS].queue_name
+    job_id = request.match_info["job_id"]
+    view = await actions.abort(redis, queue, job_id)
+    if view.status == "not_found":
+        raise web.HTTPNotFound(text=f"no job {job_id}")
+    if view.status not in actions.ABORTABLE:
+        raise web.HTTPConflict(text=f"job {job_id} has already finished ({view.status})")
+    accepted = AbortAccepted(
+        job_id=job_id, status_url=status_url(request, job_id), status_before=view.status
+    )
+    return json_model(accepted, status=202)
+
+
+def add_job_routes(app: web.Application) -> None:
+    app.router.add_post("/jobs/email", enqueue_email)
+    app.router.add_post("/jobs/newsletter", enqueue_newsletter)
+    app.router.add_post("/jobs/scrape", enqueue_scrape)
+    app.router.add_get(f"/jobs/{{job_id:{JOB_ID_PATTERN}}}", job_status, name="job_status")
+    app.router.add_delete(f"/jobs/{{job_id:{JOB_ID_PATTERN}}}", abort_job)

@@ -1,0 +1,9 @@
+"""Typed keys of what the aiohttp application holds."""
+
+from aiohttp import web
+from arq.connections import ArqRedis
+
+from core.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", ArqRedis)

@@ -1,0 +1,95 @@
+"""Every Redis key asyncjobs writes, in one place (as arq keeps its own in `arq.constants`).
+
+arq's keys (`arq:queue`, `arq:job:<id>`, `arq:result:<id>`, `arq:in-progress:<id>`,
+`arq:retry:<id>`, `arq:queue:health-check`, `arq:abort`) come from `arq.constants`; everything
+below is this project's, all under `asyncjobs:` except the queue's wake-up list, which sits beside
+its queue. A prefix ends in ":" and is followed by an id; a `*_key` function builds a composite one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+PREFIX = "asyncjobs:"
+
+# --- API (app/) ---------------------------------------------------------------------------
+RATE_KEY_PREFIX = PREFIX + "rate:"  # + key name:window -> requests in the window (app/auth.py)
+IDEMPOTENCY_KEY_PREFIX = PREFIX + "idem:"  # + sha256(scope) -> the first answer
+SESSION_KEY_PREFIX = PREFIX + "session:"  # + session id -> dashboard session hash
+SCRAPE_BATCH_KEY_PREFIX = PREFIX + "scrape-batch:"  # + batch id -> JSON [{job_id, url}]
+
+
+# --- Engine and monitor (jobs/engine/) ------------------------------------------------------
+def wake_key(queue: str) -> str:
+    """A list a waiting worker blocks on (BLPOP); it never holds more than one item."""
+    return f"{queue}:wake"
+
+
+STATS_KEY_PREFIX = PREFIX + "stats:"
+COUNTERS_KEY = STATS_KEY_PREFIX + "counters"  # "<metric>|<label>" -> count
+DURATION_KEY = STATS_KEY_PREFIX + "duration"  # "<function>|<bucket>" -> count, "|sum", "|count"
+LATENCY_KEY = STATS_KEY_PREFIX + "latency"  # due (enqueued, retry, postponement) -> start
+MINUTE_KEY_PREFIX = STATS_KEY_PREFIX + "minute:"  # + epoch minute -> {completed, failed}
+RUNNING_KEY = PREFIX + "running"  # zset job id -> start ms
+RECENT_KEY = PREFIX + "recent"  # zset job id -> finish ms, the last few hundred
+WORKERS_KEY = PREFIX + "workers"  # set of worker ids; details at WORKER_KEY_PREFIX + id
+WORKER_KEY_PREFIX = PREFIX + "worker:"  # + worker id -> {started_at, last_seen, ...}
+CRON_KEY_PREFIX = PREFIX + "cron:"  # + cron name -> {last_run, last_result, runs}
+PROGRESS_KEY_PREFIX = PREFIX + "progress:"  # + job id -> {done, total, step}
+RETRYING_KEY_PREFIX = PREFIX + "retrying:"  # + job id -> {error, try, next_try_ms}
+DEAD_KEY_PREFIX = PREFIX + "dead:"  # + job id -> JSON dead-letter entry
+DEAD_INDEX_KEY = PREFIX + "dead"  # zset job id -> failure time
+
+
+# --- Mail (jobs/mail/) -----------------------------------------------------------------------
+SENT_KEY_PREFIX = PREFIX + "sent:"  # + message id -> sent marker (effectively-once delivery)
+MAIL_BATCH_KEY_PREFIX = PREFIX + "batch:"  # + newsletter id -> total; :sent / :failed sets
+SMTP_NEXT_SLOT_KEY = PREFIX + "smtp:next-slot"  # microseconds (Redis time) of the next free slot
+
+
+def mail_batch_key(batch_id: str, outcome: Literal["sent", "failed"]) -> str:
+    return f"{MAIL_BATCH_KEY_PREFIX}{batch_id}:{outcome}"
+
+
+# --- Scraping (jobs/scrape/) -----------------------------------------------------------------
+HOST_KEY_PREFIX = PREFIX + "host:"  # + host -> :leases, :next, :tail, :turn:<job id> (politeness)
+ROBOTS_KEY_PREFIX = PREFIX + "robots:"  # + origin -> cached robots.txt
+DOC_KEY_PREFIX = PREFIX + "doc:"  # + doc id -> hash: the latest snapshot of the URL
+DOC_INDEX_KEY = PREFIX + "docs"  # zset doc id -> last fetch time (unix seconds)
+DOC_CHANGED_KEY = PREFIX + "docs:changed"  # zset doc id -> time its content last changed
+SOURCES_KEY = PREFIX + "sources"  # set of source ids
+SOURCE_KEY_PREFIX = PREFIX + "source:"  # + source id -> JSON definition
+
+
+def doc_versions_key(doc_id: str) -> str:
+    """List, newest first: the last K distinct contents (JSON)."""
+    return f"{DOC_KEY_PREFIX}{doc_id}:versions"
+
+
+def source_docs_key(source_id: str) -> str:
+    """Set: every document the source reached (a document may belong to several)."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:docs"
+
+
+def source_failures_key(source_id: str) -> str:
+    """Hash: failure reason -> count."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:failures"
+
+
+def source_run_key(source_id: str, period: int) -> str:
+    """The run of a period: taken by one worker only."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:run:{period}"
+
+
+def source_pages_key(source_id: str, period: int) -> str:
+    """How many pages the run has taken into its budget (the start page not counted)."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:pages:{period}"
+
+
+def source_seen_key(source_id: str, period: int) -> str:
+    """The links the run has met: each takes a place in the budget once."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:seen:{period}"
+
+
+# --- Housekeeping (jobs/housekeeping/) -------------------------------------------------------
+REPORT_KEY = PREFIX + "report:latest"  # JSON: the last analysis report

@@ -1,0 +1,226 @@
+"""What the worker tells operators, kept in Redis so that every web process can show it.
+
+Counters, histograms, running/recent job indexes, per-minute totals and a registry of live
+workers. A worker buffers what happens and writes it once a second in one pipeline, so the
+bookkeeping costs one round trip per second, not several per job; a killed worker loses at
+most its last second of counts, never a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from core.keys import (
+    COUNTERS_KEY,
+    CRON_KEY_PREFIX,
+    DURATION_KEY,
+    LATENCY_KEY,
+    MINUTE_KEY_PREFIX,
+    PROGRESS_KEY_PREFIX,
+    RECENT_KEY,
+    RUNNING_KEY,
+    WORKER_KEY_PREFIX,
+    WORKERS_KEY,
+)
+from jobs.values import as_text
+
+log = logging.getLogger(__name__)
+
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+RECENT_KEEP = 1000
+FLUSH_INTERVAL_S = 1.0
+WORKER_TTL_S = 15
+
+
+def bucket_for(seconds: float) -> str:
+    for bound in DURATION_BUCKETS:
+        if seconds <= bound:
+            return f"{bound:g}"
+    return "+Inf"
+
+
+@dataclass
+class _Pending:
+    """Everything not yet written to Redis: hash increments, and float sums."""
+
+    incr: Counter[tuple[str, str]] = field(default_factory=Counter)  # (key, field) -> n
+    sums: dict[tuple[str, str], float] = field(default_factory=dict)
+    finished: dict[str, float] = field(default_factory=dict)  # job id -> finish time
+    cron: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def merge(self, other: _Pending) -> None:
+        self.incr.update(other.incr)
+        for key, value in other.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.finished.update(other.finished)
+        self.cron.update(other.cron)
+
+
+class JobMonitor:
+    """Buffers one worker's job events and flushes them to Redis every second."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started_at = time.time()
+        self.completed = 0
+        self._pending = _Pending()
+        self._running: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- events: in memory, no I/O --
+    def count(self, metric: str, label: str = "", n: int = 1) -> None:
+        self._pending.incr[(COUNTERS_KEY, f"{metric}|{label}")] += n
+
+    def _observe(self, key: str, function: str, seconds: float) -> None:
+        self._pending.incr[(key, f"{function}|{bucket_for(seconds)}")] += 1
+        self._pending.incr[(key, f"{function}|count")] += 1
+        sums = self._pending.sums
+        sums[(key, f"{function}|sum")] = sums.get((key, f"{function}|sum"), 0.0) + seconds
+
+    def started(self, job_id: str, function: str, due_ms: float | None) -> None:
+        now = time.time()
+        self._running[job_id] = now
+        self.count("started", function)
+        if due_ms is not None:
+            self._observe(LATENCY_KEY, function, max(0.0, now - due_ms / 1000))
+
+    def finished(self, job_id: str, function: str, outcome: str, seconds: float) -> None:
+        now = time.time()
+        self._running.pop(job_id, None)
+        self._pending.finished[job_id] = now
+        self.count(outcome, function)
+        if outcome == "failed":  # every failure is dead-lettered (see jobs.retry)
+            self.count("dead_lettered", function)
+        if outcome in ("completed", "failed"):
+            self._pending.incr[(f"{MINUTE_KEY_PREFIX}{int(now // 60)}", outcome)] += 1
+        if outcome == "completed":
+            self.completed += 1
+        self._observe(DURATION_KEY, function, seconds)
+
+    def cron_ran(self, name: str, result: Any) -> None:
+        self._pending.incr[(CRON_KEY_PREFIX + name, "runs")] += 1
+        self._pending.cron[name] = {
+            "last_run": f"{time.time():.3f}",
+            "last_result": json.dumps(result, default=str)[:2000],
+        }
+
+    # -- flushing --
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._flush_forever(), name="job-monitor-flush")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.flush()
+            await self.redis.srem(WORKERS_KEY, self.worker_id)  # type: ignore[misc]
+            await self.redis.delete(WORKER_KEY_PREFIX + self.worker_id)
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await self.flush()
+            except Exception as exc:  # Redis down: keep the counts, try again next second
+                log.warning("could not write job stats: %r", exc)
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, _Pending()
+        try:
+            await self._write(pending)
+        except BaseException:
+            pending.merge(self._pending)
+            self._pending = pending
+            raise
+
+    async def _write(self, pending: _Pending) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (key, name), n in pending.incr.items():
+                pipe.hincrby(key, name, n)
+                if key.startswith(MINUTE_KEY_PREFIX):
+                    pipe.expire(key, 3 * 3600)
+            for (key, name), total in pending.sums.items():
+                pipe.hincrbyfloat(key, name, total)
+            if pending.finished:
+                pipe.zrem(RUNNING_KEY, *pending.finished)
+                pipe.zadd(RECENT_KEY, {j: at * 1000 for j, at in pending.finished.items()})
+                pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_KEEP - 1)
+            if self._running:
+                pipe.zadd(RUNNING_KEY, {j: at * 1000 for j, at in self._running.items()})
+            for name, fields in pending.cron.items():
+                pipe.hset(CRON_KEY_PREFIX + name, mapping=fields)
+            worker_key = WORKER_KEY_PREFIX + self.worker_id
+            worker = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": f"{self.started_at:.3f}",
+                "last_seen": f"{time.time():.3f}",
+                "running": len(self._running),
+                "running_jobs": json.dumps(sorted(self._running)[:50]),
+                "completed": self.completed,
+            }
+            pipe.hset(worker_key, mapping=worker)
+            pipe.expire(worker_key, WORKER_TTL_S)
+            pipe.sadd(WORKERS_KEY, self.worker_id)
+            await pipe.execute()
+
+
+async def count_enqueued(redis: Redis, function: str, n: int = 1) -> None:
+    """Enqueues happen in web processes and in jobs (fan-outs): counted straight in Redis."""
+    await redis.hincrby(COUNTERS_KEY, f"enqueued|{function}", n)  # type: ignore[misc]
+
+
+def monitor_of(ctx: dict[str, Any]) -> JobMonitor | None:
+    monitor = ctx.get("monitor")
+    return monitor if isinstance(monitor, JobMonitor) else None
+
+
+PROGRESS_TTL_S = 24 * 3600
+
+
+class Progress:
+    """A long job's done/total/step, for GET /jobs/{id} and the dashboard."""
+
+    def __init__(self, redis: Redis, job_id: str, total: int | None = None) -> None:
+        self.redis = redis
+        self.key = PROGRESS_KEY_PREFIX + job_id
+        self.total = total
+
+    async def update(self, done: int, step: str) -> None:
+        fields: dict[str, str | int] = {"done": done, "step": step}
+        if self.total is not None:
+            fields["total"] = max(self.total, done)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key, mapping=fields)
+            pipe.expire(self.key, PROGRESS_TTL_S)
+            await pipe.execute()
+
+
+class StepProgress(BaseModel):
+    done: int
+    total: int | None = None
+    step: str
+
+
+async def read_progress(redis: Redis, job_id: str) -> StepProgress | None:
+    raw = await redis.hgetall(PROGRESS_KEY_PREFIX + job_id)  # type: ignore[misc]
+    if not raw:
+        return None
+    return StepProgress.model_validate({as_text(k): as_text(v) for k, v in raw.items()})

@@ -1,0 +1,206 @@
+"""`EngineWorker`: arq's Worker with this project's engine, for workers built from our settings.
+
+`worker_settings.WorkerSettings` names it in `worker_class`, and
+`let_settings_choose_worker_class()` lets arq's CLI build it; any other settings class (another
+queue, a user's own functions) gets arq's plain Worker, even in the same process. It changes:
+
+1. Claims, runs and finishes go through jobs/engine/runner.py (a few Lua scripts per poll instead
+   of about ten round trips per job).
+2. Leases: arq marks a running job "in progress" for job_timeout + 10 s (310 s by default), so
+   the job of a SIGKILLed worker waits that long to run again. Here the mark (and the job's
+   hidden score in the queue) lasts `job_lease_seconds` (15 s) and the engine renews it every
+   second for the jobs it runs, so a dead worker's jobs run again within the lease, while a
+   long, healthy job is never taken from its worker.
+3. Wake-ups: instead of sleeping `poll_delay` between polls, the poll loop waits on an event that
+   is set when a producer signals an enqueue (a blocking BLPOP on `<queue>:wake`) or a job of
+   this worker ends (a slot is free). Producers that use plain arq still get picked up within
+   `poll_delay`.
+4. Surviving a Redis restart instead of crashing. arq 0.28 and redis-py 5 leave two gaps, both
+   seen in tests/faults/test_redis_restart.py:
+- redis-py retries the socket connect but not the handshake after it, so a connection reset by a
+  Redis that is shutting down or starting fails the command at once: `HandshakeRetryingConnection`.
+- any Redis error inside arq's poll loop (a WATCH interrupted by the restart, for one) ends the
+  worker's main task and so the process: `EngineWorker._poll_iteration` logs, waits, polls again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
+
+import arq.cli
+import arq.worker
+from arq.connections import ArqRedis
+from arq.worker import Worker
+from redis.asyncio import Connection, ConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from core.keys import wake_key
+from core.redis import redis_settings
+from core.settings import Settings
+from jobs.engine.runner import engine_of, wake_state, wake_up
+
+if TYPE_CHECKING:
+    from arq.typing import WorkerSettingsType
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_ATTEMPTS = 3
+MIN_POLL_GAP_S = 0.01
+POLL_ERROR_PAUSE_S = 0.5
+DEFAULT_LEASE_S = Settings.model_fields["job_lease_seconds"].default
+
+
+class HandshakeRetryingConnection(Connection):
+    async def connect(self) -> None:
+        for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
+            try:
+                await super().connect()  # type: ignore[no-untyped-call]
+                return
+            except RedisConnectionError:
+                if attempt == HANDSHAKE_ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.1 * attempt)
+
+
+def worker_redis(settings: Settings) -> ArqRedis:
+    """The worker's client: arq's retry settings, plus handshake retries on plain redis:// URLs."""
+    rs = redis_settings(settings)
+    extra: dict[str, Any] = {}
+    if urlsplit(settings.redis_url).scheme == "redis":  # TLS and sockets keep their own classes
+        extra["connection_class"] = HandshakeRetryingConnection
+    pool = ConnectionPool.from_url(
+        settings.redis_url,
+        socket_connect_timeout=rs.conn_timeout,
+        retry=rs.retry,
+        retry_on_error=rs.retry_on_error,
+        **extra,
+    )
+    return ArqRedis(pool, default_queue_name=settings.queue_name)
+
+
+class WakeListener:
+    """Blocks on `<queue>:wake` with a connection of its own and wakes the poll loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=settings.redis_timeout
+        )
+        self._key = wake_key(settings.queue_name)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="wake-listener")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._redis.aclose()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                if await self._redis.blpop([self._key], timeout=1):
+                    wake_up()
+            except (RedisError, OSError):  # Redis restarting: plain polling covers us
+                await asyncio.sleep(1)
+
+
+class EngineWorker(Worker):
+    """arq's Worker with this project's engine. Built only for settings that name it
+    (`worker_class`, see `create_worker`): a plain `arq.worker.Worker` in the same process keeps
+    arq's own poll loop, in-progress marks and close."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The lease comes from the worker's own settings (its ctx), so two workers in one
+        # process (tests) each keep theirs.
+        settings = self.ctx.get("settings")
+        lease = settings.job_lease_seconds if isinstance(settings, Settings) else DEFAULT_LEASE_S
+        self.in_progress_timeout_s = min(self.in_progress_timeout_s, lease)
+        # arq's main loop sleeps poll_delay between iterations; here the wait moves into
+        # `_poll_iteration`, where a wake-up cuts it short. arq's cron window is
+        # max(poll_delay, 0.5) and our poll_delay is below 0.5, so crons see no change.
+        self.poll_step_s = self.poll_delay_s
+        self.poll_delay_s = 0
+        self._last_poll: float | None = None
+
+    async def _poll_iteration(self) -> None:
+        """One poll by jobs/engine/runner.py; a Redis error is logged and the loop polls again."""
+        await self._wait_for_poll()
+        try:
+            await engine_of(self).poll()
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "Redis unavailable while polling (%s: %s); trying again", type(exc).__name__, exc
+            )
+            await asyncio.sleep(POLL_ERROR_PAUSE_S)
+
+    async def _wait_for_poll(self) -> None:
+        """Wait the poll step, cut short by a wake-up. Wake-ups closer together than
+        MIN_POLL_GAP_S are merged: a busy worker frees a slot every few hundred microseconds,
+        and polling for each would cost more Redis work than it saves; an idle one wakes at
+        once."""
+        loop = asyncio.get_running_loop()
+        last, self._last_poll = self._last_poll, loop.time()
+        if last is None:  # the first poll runs at once
+            return
+        state = wake_state()
+        wait = max(0.0, self.poll_step_s - (loop.time() - last))
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as its timeout fires, and the worker would never stop (seen in tests).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await state.event.wait()
+        state.event.clear()
+        gap = loop.time() - last
+        if gap < MIN_POLL_GAP_S and state.running:
+            await asyncio.sleep(MIN_POLL_GAP_S - gap)
+        self._last_poll = loop.time()
+
+    async def close(self) -> None:
+        """arq's `close`, except that it waits for every job task whatever way it ended, then
+        for the engine's last writes. arq gathers the tasks without `return_exceptions`, so one
+        task that ended cancelled (stopped before it ran) raised CancelledError out of `close`:
+        the shutdown hook never ran, the Redis pool and HTTP session stayed open, and the jobs
+        the task held stayed hidden until their leases ended."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await engine_of(self).drain()
+        await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
+
+
+_arq_create_worker = arq.worker.create_worker
+
+
+def create_worker(settings_cls: WorkerSettingsType, **kwargs: Any) -> Worker:
+    """arq's `create_worker`, building the class a settings class names in `worker_class`
+    (arq has no such option) and arq's own Worker for any other settings."""
+    if isinstance(settings_cls, dict):
+        worker_class = settings_cls.get("worker_class")
+    else:
+        worker_class = getattr(settings_cls, "worker_class", None)
+    if worker_class is None:
+        return _arq_create_worker(settings_cls, **kwargs)
+    return cast(Worker, worker_class(**{**arq.worker.get_kwargs(settings_cls), **kwargs}))
+
+
+def let_settings_choose_worker_class() -> None:
+    """Make arq's CLI (`arq worker_settings.WorkerSettings`, with or without --watch) go
+    through `create_worker`. Changes nothing for settings without `worker_class`; idempotent."""
+    arq.worker.create_worker = create_worker
+    arq.cli.create_worker = create_worker  # type: ignore[attr-defined]  # --watch calls it

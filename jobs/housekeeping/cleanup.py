@@ -1,0 +1,224 @@
+"""Housekeeping: delete what nobody needs any more, so Redis and the exports folder stay bounded.
+
+Four kinds of leftovers, each removed only once it is past its retention:
+- document versions older than `version_retention` (a document's newest version always stays);
+- export files older than `export_ttl` (only names the exporter writes, finished or not);
+- documents of deleted sources (their hash, versions, index entries and the source's doc set);
+- dead letters that failed more than `dead_letter_retention` ago.
+
+Documents are walked with ZSCAN in chunks and pipelines (never KEYS). Decisions that race with
+scrapes (removing a version, deleting an orphan) are re-checked atomically in Lua on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from core.keys import (
+    DEAD_INDEX_KEY,
+    DEAD_KEY_PREFIX,
+    DOC_CHANGED_KEY,
+    DOC_INDEX_KEY,
+    DOC_KEY_PREFIX,
+    SOURCES_KEY,
+    doc_versions_key,
+    source_docs_key,
+)
+from core.settings import Settings
+from jobs.housekeeping.export import EXPORT_NAME_PATTERN
+from jobs.retry import classified
+from jobs.values import as_text, as_utc, now_utc
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500  # documents per ZSCAN step and pipeline
+EXPORT_NAME = re.compile(EXPORT_NAME_PATTERN)
+TEMP_NAME = re.compile(rf"{EXPORT_NAME_PATTERN}\.tmp")  # an export that never finished
+
+# The fetched_at of every version but the newest (index 0), without sending their texts over.
+VERSION_TIMES = """
+local out = {}
+for i, raw in ipairs(redis.call('LRANGE', KEYS[1], 1, -1)) do
+  local ok, v = pcall(cjson.decode, raw)
+  if ok and type(v) == 'table' and type(v.fetched_at) == 'string' then
+    out[i] = v.fetched_at
+  else
+    out[i] = ''
+  end
+end
+return out
+"""
+
+# Remove the versions (never index 0) whose fetched_at is one of ARGV. Matching by value, not by
+# position, keeps this right when a scrape pushed a new version since VERSION_TIMES ran.
+DROP_VERSIONS = """
+local drop = {}
+for _, t in ipairs(ARGV) do drop[t] = true end
+local removed = 0
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 1, -1)) do
+  local ok, v = pcall(cjson.decode, raw)
+  if ok and type(v) == 'table' and type(v.fetched_at) == 'string' and drop[v.fetched_at] then
+    removed = removed + redis.call('LREM', KEYS[1], -1, raw)
+  end
+end
+return removed
+"""
+
+# Delete a document only if it still belongs to source ARGV[2] and that source is still gone:
+# between our read and this call the URL may have been re-scraped ad hoc or the source re-added.
+# KEYS: doc hash, versions, doc index, changed index, sources set, the source's doc set.
+DELETE_ORPHAN = """
+local sid = redis.call('HGET', KEYS[1], 'source_id')
+if not sid or sid ~= ARGV[2] or redis.call('SISMEMBER', KEYS[5], sid) == 1 then
+  return 0
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[6])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"""
+
+
+async def cleanup(redis: Redis, settings: Settings, now: datetime) -> dict[str, int]:
+    """Remove everything past its retention at `now`; return how many of each kind went."""
+    now = as_utc(now)
+    docs = await _clean_documents(redis, now - timedelta(seconds=settings.version_retention))
+    exports = await asyncio.to_thread(
+        remove_expired_exports, settings.exports_dir, now.timestamp() - settings.export_ttl
+    )
+    dead = await _remove_old_dead_letters(redis, now.timestamp() - settings.dead_letter_retention)
+    return {
+        "versions": docs["versions"],
+        "exports": exports,
+        "orphaned_documents": docs["orphaned_documents"],
+        "dead_letters": dead,
+    }
+
+
+@classified("maintenance")
+async def daily_cleanup(ctx: dict[str, Any]) -> dict[str, int]:
+    """Cron job: the day's housekeeping, with its counts in the log and as the job result."""
+    counts = await cleanup(ctx["redis"], ctx["settings"], now_utc())
+    log.info(
+        "cleanup removed %d versions, %d exports, %d orphaned documents, %d dead letters",
+        counts["versions"],
+        counts["exports"],
+        counts["orphaned_documents"],
+        counts["dead_letters"],
+    )
+    return counts
+
+
+async def _clean_documents(redis: Redis, version_cutoff: datetime) -> dict[str, int]:
+    """One pass over the document index: delete orphans, trim old versions of the others.
+
+    ZSCAN tolerates deletions while it runs; an id it returns twice finds nothing left to do.
+    """
+    counts = {"versions": 0, "orphaned_documents": 0}
+    version_times = redis.register_script(VERSION_TIMES)
+    drop_versions = redis.register_script(DROP_VERSIONS)
+    delete_orphan = redis.register_script(DELETE_ORPHAN)
+    cursor = 0
+    while True:
+        cursor, entries = await redis.zscan(DOC_INDEX_KEY, cursor, count=CHUNK)
+        doc_ids = [as_text(member) for member, _ in entries]
+        if doc_ids:
+            async with redis.pipeline(transaction=False) as pipe:
+                for doc_id in doc_ids:
+                    pipe.hget(DOC_KEY_PREFIX + doc_id, "source_id")
+                    await version_times(keys=[doc_versions_key(doc_id)], client=pipe)
+                replies = await pipe.execute()
+            source_ids = [as_text(s) if s else None for s in replies[0::2]]
+            live = await _live_sources(redis, {s for s in source_ids if s})
+            kinds: list[str] = []  # what each queued command does, to read its reply
+            async with redis.pipeline(transaction=False) as pipe:
+                for doc_id, sid, times in zip(doc_ids, source_ids, replies[1::2], strict=True):
+                    if sid and sid not in live:
+                        keys = [
+                            DOC_KEY_PREFIX + doc_id,
+                            doc_versions_key(doc_id),
+                            DOC_INDEX_KEY,
+                            DOC_CHANGED_KEY,
+                            SOURCES_KEY,
+                            source_docs_key(sid),
+                        ]
+                        await delete_orphan(keys=keys, args=[doc_id, sid], client=pipe)
+                        kinds.append("orphaned_documents")
+                    elif expired := [as_text(t) for t in times if _older(t, version_cutoff)]:
+                        await drop_versions(
+                            keys=[doc_versions_key(doc_id)], args=expired, client=pipe
+                        )
+                        kinds.append("versions")
+                removed = await pipe.execute() if kinds else []
+            for kind, n in zip(kinds, removed, strict=True):
+                counts[kind] += int(n)
+        if cursor == 0:
+            return counts
+
+
+async def _live_sources(redis: Redis, source_ids: set[str]) -> set[str]:
+    """Which of these source ids still exist (one SMISMEMBER for a whole chunk)."""
+    if not source_ids:
+        return set()
+    ordered = sorted(source_ids)
+    flags = await redis.smismember(SOURCES_KEY, ordered)  # type: ignore[misc]
+    return {sid for sid, flag in zip(ordered, flags, strict=True) if flag}
+
+
+def remove_expired_exports(folder: Path, cutoff: float) -> int:
+    """Delete export files (and stale temp files) last modified before `cutoff` (unix time).
+
+    Anything else in the folder is not ours and stays. Blocking: run it in a thread.
+    """
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except FileNotFoundError:
+        return 0  # nothing was ever exported
+    removed = 0
+    for entry in entries:
+        if not (EXPORT_NAME.fullmatch(entry.name) or TEMP_NAME.fullmatch(entry.name)):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # another worker's cleanup got there first
+        removed += 1
+    return removed
+
+
+async def _remove_old_dead_letters(redis: Redis, cutoff: float) -> int:
+    """Drop dead letters that failed before `cutoff` (unix time), a chunk at a time."""
+    removed = 0
+    while True:
+        ids = await redis.zrangebyscore(DEAD_INDEX_KEY, "-inf", f"({cutoff!r}", start=0, num=CHUNK)
+        if not ids:
+            return removed
+        async with redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.delete(DEAD_KEY_PREFIX + as_text(entry_id))
+                pipe.zrem(DEAD_INDEX_KEY, entry_id)
+            replies = await pipe.execute()
+        removed += sum(replies[1::2])  # ZREM's count: a concurrent cleanup's ids are not ours
+
+
+def _older(fetched_at: bytes | str, cutoff: datetime) -> bool:
+    """True when this version time is before `cutoff`; unreadable times are left alone."""
+    if not fetched_at:
+        return False
+    try:
+        return as_utc(datetime.fromisoformat(as_text(fetched_at))) < cutoff
+    except ValueError:
+        return False

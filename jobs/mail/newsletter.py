@@ -1,0 +1,314 @@
+"""Bulk email: one parent job renders per-recipient messages and fans them out as email jobs.
+
+Each recipient becomes an ordinary `send_email` job with a job id and Message-ID derived from the
+newsletter id, so a re-run of the parent enqueues nothing twice and sends nothing twice. Progress
+is the size of the batch's sent / failed sets (see jobs.mail.email.record_sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
+from jinja2 import Template, TemplateSyntaxError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from core.addresses import Address, unique_addresses
+from core.keys import MAIL_BATCH_KEY_PREFIX, mail_batch_key
+from jobs.engine.monitor import count_enqueued
+from jobs.mail.email import (
+    MAX_BODY_CHARS,
+    EmailSpec,
+    check_message_rules,
+    domain_of,
+    validation_context,
+)
+from jobs.mail.headers import header_name
+from jobs.retry import classified
+
+log = logging.getLogger(__name__)
+
+HARD_MAX_RECIPIENTS = 100_000
+ENQUEUE_CHUNK = 500
+
+MAX_RENDERED_CHARS = MAX_BODY_CHARS  # what one rendered template may grow to
+TOO_LONG = f"template output exceeded {MAX_RENDERED_CHARS} characters"
+
+
+class LimitedSandbox(SandboxedEnvironment):
+    """Jinja2's sandbox (no Python internals), and no string, list or number built bigger than
+    a message may be: `{{ 'x' * 10000000 }}` used to be built in full before the size check.
+    Loops are bounded by the sandbox's `range` (100,000 items) and, in all, by the deadline of
+    the pool process that renders (jobs.cpulimit)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+                if sized and len(seq) * times > MAX_RENDERED_CHARS:
+                    raise SecurityError(TOO_LONG)
+        if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+            raise SecurityError("template exponent larger than 1000")
+        return super().call_binop(context, operator, left, right)
+
+
+# Templates come from API callers: the sandbox keeps them away from Python internals.
+_text_env = LimitedSandbox(autoescape=False)
+_html_env = LimitedSandbox(autoescape=True)
+
+
+class Recipient(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: Address
+    vars: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=50)
+
+
+class NewsletterSpec(BaseModel):
+    """`POST /jobs/newsletter`: Jinja2 templates rendered once per recipient with its `vars`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    recipients: list[Recipient] = Field(min_length=1, max_length=HARD_MAX_RECIPIENTS)
+    subject: str = Field(min_length=1, max_length=998)
+    text: str | None = Field(None, max_length=MAX_BODY_CHARS)
+    html: str | None = Field(None, max_length=MAX_BODY_CHARS)
+    from_: Address | None = Field(None, alias="from")
+    reply_to: Address | None = None
+    headers: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("recipients", mode="before")
+    @classmethod
+    def _plain_addresses(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"email": r} if isinstance(r, str) else r for r in value]
+        return value
+
+    @field_validator("subject", "text", "html")
+    @classmethod
+    def _compiles(cls, template: str | None) -> str | None:
+        if template is not None:
+            try:
+                _text_env.parse(template)
+            except TemplateSyntaxError as exc:
+                raise ValueError(f"template error on line {exc.lineno}: {exc.message}") from exc
+        return template
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name in headers:
+            header_name(name)
+        return headers
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> NewsletterSpec:
+        # each address once (its first entry's vars): a list pasted twice is not sent twice
+        seen: set[str] = set()
+        self.recipients = [r for r in self.recipients if unique_addresses([r.email], seen)]
+        check_message_rules(
+            self.text, self.html, self.from_, len(self.recipients), info, HARD_MAX_RECIPIENTS
+        )
+        return self
+
+
+@dataclass(frozen=True)
+class Templates:
+    """A newsletter's templates, compiled once per chunk of recipients (a few ms each), not
+    once per recipient."""
+
+    subject: Template
+    text: Template | None
+    html: Template | None
+
+    @classmethod
+    def compile(cls, spec: NewsletterSpec) -> Templates:
+        return cls(
+            subject=_text_env.from_string(spec.subject),
+            text=_text_env.from_string(spec.text) if spec.text else None,
+            html=_html_env.from_string(spec.html) if spec.html else None,
+        )
+
+
+class RenderError(ValueError):
+    """One recipient's variables made a template fail: that recipient fails, not the rest."""
+
+
+def render_for(
+    spec: NewsletterSpec, templates: Templates, recipient: Recipient, context: dict[str, object]
+) -> dict[str, Any]:
+    """One recipient's EmailSpec as job arguments; raises ValidationError if the result is not
+    a valid email, RenderError if the recipient's variables break a template."""
+    variables = {"email": recipient.email, **recipient.vars}
+    try:
+        subject = _render(templates.subject, variables)
+        text = _render(templates.text, variables) if templates.text else None
+        html = _render(templates.html, variables) if templates.html else None
+    except Exception as exc:  # the sandbox's errors and whatever the template itself raises
+        raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from exc
+    email = EmailSpec.model_validate(
+        {
+            "to": [recipient.email],
+            "subject": subject,
+            "text": text,
+            "html": html,
+            "from": spec.from_,
+            "reply_to": spec.reply_to,
+            "headers": spec.headers,
+        },
+        context=context,
+    )
+    return email.model_dump(mode="json", by_alias=True)
+
+
+def _render(template: Template, variables: dict[str, Any]) -> str:
+    """The template's output, stopped as soon as it grows past MAX_RENDERED_CHARS."""
+    parts, size = [], 0
+    for part in template.generate(variables):
+        size += len(part)
+        if size > MAX_RENDERED_CHARS:
+            raise SecurityError(TOO_LONG)
+        parts.append(part)
+    return "".join(parts)
+
+
+Rendered = tuple[dict[str, Any] | None, str | None]  # (job arguments, or why not)
+
+
+def render_chunk(
+    newsletter: dict[str, Any], contexts: tuple[dict[str, object], dict[str, object]]
+) -> list[Rendered]:
+    """The newsletter's recipients (a chunk of them) rendered: their email job arguments, or
+    the reason one cannot be sent. Runs in a pool process under a deadline (jobs.cpulimit):
+    the templates are a caller's code, and their cost is the caller's choice. `contexts`: the
+    newsletter's validation context and its messages'."""
+    newsletter_context, context = contexts
+    spec = NewsletterSpec.model_validate(newsletter, context=newsletter_context)
+    templates = Templates.compile(spec)
+    rendered: list[Rendered] = []
+    for recipient in spec.recipients:
+        try:
+            rendered.append((render_for(spec, templates, recipient, context), None))
+        except ValidationError as exc:
+            rendered.append((None, f"{recipient.email}: {exc.errors()[0]['msg']}"))
+        except RenderError as exc:
+            rendered.append((None, f"{recipient.email}: {exc}"))
+    return rendered
+
+
+def child_job_id(newsletter_id: str, index: int) -> str:
+    return f"{newsletter_id}-{index}"
+
+
+def child_message_id(newsletter_id: str, index: int, sender: str) -> str:
+    return f"<{newsletter_id}.{index}@{domain_of(sender) or 'localhost'}>"
+
+
+async def enqueue_children(
+    redis: Redis, queue: str, jobs: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Pipelined arq enqueue of many `send_email` jobs; NX keeps a re-run from duplicating."""
+    now = timestamp_ms()
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id, kwargs in jobs:
+            data = serialize_job("send_email", (), kwargs, None, now)
+            pipe.set(job_key_prefix + job_id, data, px=86_400_000, nx=True)
+            pipe.zadd(queue, {job_id: now}, nx=True)
+        await pipe.execute()
+
+
+@classified("email")
+async def send_newsletter(
+    ctx: dict[str, Any], newsletter_id: str, newsletter: dict[str, Any]
+) -> dict[str, Any]:
+    settings = ctx["settings"]
+    redis: Redis = ctx["redis"]
+    contexts = (  # the newsletter's, as the API checked it, and its messages'
+        validation_context(settings, settings.newsletter_max_recipients),
+        validation_context(settings, settings.mail_max_recipients),
+    )
+    spec = NewsletterSpec.model_validate(newsletter, context=contexts[0])
+    checked = spec.model_dump(mode="json", by_alias=True)  # recipients de-duplicated
+    sender = spec.from_ or settings.mail_from
+    invalid: dict[str, str] = {}
+    for first in range(0, len(spec.recipients), ENQUEUE_CHUNK):
+        part = checked | {"recipients": checked["recipients"][first : first + ENQUEUE_CHUNK]}
+        rendered = await ctx["cpu"].run("the newsletter's templates", render_chunk, part, contexts)
+        chunk: list[tuple[str, dict[str, Any]]] = []
+        for index, (email, problem) in enumerate(rendered, start=first):
+            message_id = child_message_id(newsletter_id, index, sender)
+            if email is None:
+                invalid[message_id] = problem or "not sent"
+                continue
+            kwargs = {"email": email, "message_id": message_id, "batch_id": newsletter_id}
+            chunk.append((child_job_id(newsletter_id, index), kwargs))
+        if chunk:
+            await enqueue_children(redis, settings.queue_name, chunk)
+    async with redis.pipeline(transaction=True) as pipe:
+        # again, for producers that enqueue a newsletter without the API
+        set_total(pipe, newsletter_id, len(spec.recipients), settings.sent_marker_ttl)
+        if invalid:
+            pipe.sadd(mail_batch_key(newsletter_id, "failed"), *invalid)
+            pipe.expire(mail_batch_key(newsletter_id, "failed"), int(settings.sent_marker_ttl))
+        await pipe.execute()
+    enqueued = len(spec.recipients) - len(invalid)
+    await count_enqueued(redis, "send_email", enqueued)
+    log.info(
+        "newsletter %s: %d messages enqueued, %d invalid", newsletter_id, enqueued, len(invalid)
+    )
+    return {
+        "newsletter_id": newsletter_id,
+        "total": len(spec.recipients),
+        "enqueued": enqueued,
+        "invalid": list(invalid.values())[:100],
+    }
+
+
+async def start_progress(redis: Redis, newsletter_id: str, total: int, ttl: float) -> None:
+    """The newsletter's progress exists from its 202 on: every message pending."""
+    async with redis.pipeline(transaction=True) as pipe:
+        set_total(pipe, newsletter_id, total, ttl)
+        await pipe.execute()
+
+
+def set_total(pipe: Pipeline, newsletter_id: str, total: int, ttl: float) -> None:
+    """Queue on `pipe` the newsletter's message count, which its progress is measured against."""
+    pipe.hset(MAIL_BATCH_KEY_PREFIX + newsletter_id, mapping={"total": total})
+    pipe.expire(MAIL_BATCH_KEY_PREFIX + newsletter_id, int(ttl))
+
+
+class BatchProgress(BaseModel):
+    total: int
+    sent: int
+    failed: int
+    pending: int
+
+
+async def batch_progress(redis: Redis, batch_id: str) -> BatchProgress | None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hget(MAIL_BATCH_KEY_PREFIX + batch_id, "total")
+        pipe.scard(mail_batch_key(batch_id, "sent"))
+        pipe.scard(mail_batch_key(batch_id, "failed"))
+        total, sent, failed = await pipe.execute()
+    if total is None:
+        return None
+    total = int(total)
+    return BatchProgress(total=total, sent=sent, failed=failed, pending=total - sent - failed)

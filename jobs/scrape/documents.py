@@ -1,0 +1,213 @@
+"""Scraped documents kept in Redis beyond arq's result TTL, with change detection and versions.
+
+Keys (doc id = sha256(url)[:32]):
+- `asyncjobs:doc:<id>`            hash: the latest snapshot of the URL
+- `asyncjobs:doc:<id>:versions`   list, newest first: the last K distinct contents (JSON)
+- `asyncjobs:docs`                zset: doc id -> last fetch time (unix seconds)
+- `asyncjobs:docs:changed`        zset: doc id -> time its content last changed
+- `asyncjobs:source:<sid>:docs`   set: the documents a source produced
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from core.keys import (
+    DOC_CHANGED_KEY,
+    DOC_INDEX_KEY,
+    DOC_KEY_PREFIX,
+    doc_versions_key,
+    source_docs_key,
+)
+from jobs.values import as_text
+
+MAX_STORED_LINKS = 500  # links kept per document, for following them after a 304
+
+
+class DocumentSnapshot(BaseModel):
+    url: str
+    final_url: str
+    status: int
+    content_type: str
+    encoding: str | None = None  # the codec the page was read with (jobs/scrape/encoding.py)
+    title: str | None = None  # None fields are not stored in the hash
+    description: str | None = None
+    links_count: int
+    text_length: int
+    text: str
+    content_hash: str
+    extracted: dict[str, list[str]] = {}
+    fetched_at: datetime
+    fetch_ms: float
+    source_id: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+class StoredDocument(DocumentSnapshot):
+    id: str
+    changed_at: datetime
+    versions: int = 1
+
+
+class DocumentVersion(BaseModel):
+    content_hash: str
+    fetched_at: datetime
+    title: str | None
+    text_length: int
+    text: str
+
+
+def document_id(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# KEYS: document, versions, index, changed index, source's documents.
+# ARGV: content hash, fetched_at, fetch_ms, etag, last_modified (both "" for none), fetch time
+# (unix s), doc id, version JSON, versions to keep, the source's id ("" for none), then the
+# hash's fields.
+# A page fetched for a source belongs to it whether it changed or not (a document may belong
+# to several sources: each has its set); its `source_id` names the first source that has it.
+_SAVE = """
+if redis.call('HGET', KEYS[1], 'content_hash') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'fetched_at', ARGV[2], 'fetch_ms', ARGV[3])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'etag', ARGV[4]) end
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_modified', ARGV[5]) end
+  if ARGV[10] ~= '' then
+    redis.call('HSETNX', KEYS[1], 'source_id', ARGV[10])
+    redis.call('SADD', KEYS[5], ARGV[7])
+  end
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+redis.call('LPUSH', KEYS[2], ARGV[8])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[9]) - 1)
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[7])
+if ARGV[10] ~= '' then redis.call('SADD', KEYS[5], ARGV[7]) end
+return 1
+"""
+
+
+async def save_document(
+    redis: Redis,
+    snapshot: DocumentSnapshot,
+    keep_versions: int = 5,
+    links: list[str] | None = None,
+) -> bool:
+    """Store a fetch of `snapshot.url`; True when its content changed (a new version).
+    One script: the comparison with the stored content and the write cannot interleave with
+    another worker's save of the same URL, and it is one round trip. The page's `links` are
+    kept with it, so a later 304 (not modified) can still follow them."""
+    doc_id = document_id(snapshot.url)
+    fields: dict[str, Any] = snapshot.model_dump(mode="json")
+    fields["extracted"] = json.dumps(fields["extracted"])
+    fields["changed_at"] = fields["fetched_at"]
+    if links is not None:
+        fields["links"] = json.dumps(links[:MAX_STORED_LINKS])
+    version = DocumentVersion(
+        content_hash=snapshot.content_hash,
+        fetched_at=snapshot.fetched_at,
+        title=snapshot.title,
+        text_length=snapshot.text_length,
+        text=snapshot.text,
+    )
+    keys = [
+        DOC_KEY_PREFIX + doc_id,
+        doc_versions_key(doc_id),
+        DOC_INDEX_KEY,
+        DOC_CHANGED_KEY,
+        source_docs_key(snapshot.source_id or "-"),
+    ]
+    args: list[str | int | float] = [
+        snapshot.content_hash,
+        fields["fetched_at"],
+        str(snapshot.fetch_ms),
+        snapshot.etag or "",
+        snapshot.last_modified or "",
+        snapshot.fetched_at.timestamp(),
+        doc_id,
+        version.model_dump_json(),
+        keep_versions,
+        snapshot.source_id or "",
+    ]
+    for name, value in fields.items():
+        if value is not None:
+            args += [name, str(value)]
+    script = redis.register_script(_SAVE)  # cheap: a SHA of a short string
+    return bool(await script(keys=keys, args=args))
+
+
+async def record_unchanged(
+    redis: Redis,
+    url: str,
+    fetched_at: datetime,
+    fetch_ms: float,
+    *,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    source_id: str | None = None,
+) -> None:
+    """A fetch that found the same content (or a 304): refresh the check time, no new version;
+    fetched for a source, the page belongs to it (see _SAVE)."""
+    doc_id = document_id(url)
+    fields: dict[str, str] = {"fetched_at": fetched_at.isoformat(), "fetch_ms": str(fetch_ms)}
+    if etag:
+        fields["etag"] = etag
+    if last_modified:
+        fields["last_modified"] = last_modified
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(DOC_KEY_PREFIX + doc_id, mapping=fields)
+        pipe.zadd(DOC_INDEX_KEY, {doc_id: fetched_at.timestamp()})
+        if source_id:
+            pipe.hsetnx(DOC_KEY_PREFIX + doc_id, "source_id", source_id)
+            pipe.sadd(source_docs_key(source_id), doc_id)
+        await pipe.execute()
+
+
+async def load_document(redis: Redis, doc_id: str) -> StoredDocument | None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(DOC_KEY_PREFIX + doc_id)
+        pipe.llen(doc_versions_key(doc_id))
+        raw, versions = await pipe.execute()
+    return parse_document(doc_id, raw, versions)
+
+
+def parse_document(doc_id: str, raw: dict[Any, Any], versions: int = 1) -> StoredDocument | None:
+    if not raw:
+        return None
+    fields: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
+    fields["extracted"] = json.loads(fields.get("extracted", "{}"))
+    return StoredDocument.model_validate(fields | {"id": doc_id, "versions": versions})
+
+
+async def load_versions(redis: Redis, doc_id: str) -> list[DocumentVersion]:
+    raws = await redis.lrange(doc_versions_key(doc_id), 0, -1)  # type: ignore[misc]
+    return [DocumentVersion.model_validate_json(raw) for raw in raws]
+
+
+async def stored_links(redis: Redis, url: str) -> list[str]:
+    """The links of the stored snapshot of `url` (none before the first save)."""
+    raw = await redis.hget(DOC_KEY_PREFIX + document_id(url), "links")  # type: ignore[misc]
+    links: list[str] = json.loads(raw) if raw else []
+    return links
+
+
+async def previous_validators(redis: Redis, url: str) -> tuple[str | None, str | None]:
+    """(ETag, Last-Modified) of the stored snapshot, for a conditional request."""
+    etag, last_modified = await redis.hmget(  # type: ignore[misc]
+        DOC_KEY_PREFIX + document_id(url), ["etag", "last_modified"]
+    )
+    return (as_text(etag) if etag else None, as_text(last_modified) if last_modified else None)

@@ -1,0 +1,162 @@
+"""Scheduled scraping: a cron tick enqueues each due source once per period; a source's scrape
+follows same-host links to the depth and page budget the source allows."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from arq.connections import ArqRedis
+from yarl import URL
+
+from core.keys import (
+    CRON_KEY_PREFIX,
+    source_failures_key,
+    source_pages_key,
+    source_run_key,
+    source_seen_key,
+)
+from core.settings import Settings
+from jobs.engine.monitor import count_enqueued
+from jobs.errors import JobError, PermanentJobError
+from jobs.retry import classified, max_tries
+from jobs.scrape.documents import document_id
+from jobs.scrape.page import scrape_url
+from jobs.scrape.sources import Source, get_source, list_sources, period_length, period_start
+from jobs.values import now_utc
+
+log = logging.getLogger(__name__)
+
+TICK_KEY = CRON_KEY_PREFIX + "schedule_sources"  # the monitor's record: last_run, runs
+
+# Failure reasons counted per source, by the start of the error message.
+FAILURE_REASONS = [
+    ("HTTP ", None),  # "HTTP 404 Not Found from ..." -> "HTTP 404"
+    ("timed out", "timeout"),
+    ("disallowed by robots.txt", "disallowed by robots.txt"),
+    ("refused to fetch", "forbidden address"),
+    ("not an HTML page", "not HTML"),
+    ("page is larger", "too large"),
+    ("could not connect", "connection error"),
+    ("more than", "too many redirects"),
+]
+
+
+RUN_KEYS_TTL_S = 2 * 24 * 3600
+
+
+def source_job_id(source_id: str, period: int, url: str | None = None) -> str:
+    suffix = f":{document_id(url)}" if url else ""
+    return f"source:{source_id}:{period}{suffix}"
+
+
+@classified("maintenance")
+async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Cron tick: enqueue the scrape of every source whose current period has not run yet.
+
+    The job id is derived from (source, period), so however many workers tick at once, arq
+    accepts one job per period; the run marker (kept for the whole period) stops a later tick
+    from enqueueing it again after arq has forgotten the finished job."""
+    redis: ArqRedis = ctx["redis"]
+    now = now_utc()
+    enqueued = []
+    for source in await list_sources(redis):
+        start = period_start(source.schedule, now)
+        period = int(start.timestamp())
+        if await redis.exists(source_run_key(source.id, period)):
+            continue
+        job = await redis.enqueue_job(
+            "scrape_source", source_id=source.id, period=period,
+            _job_id=source_job_id(source.id, period),
+        )  # fmt: skip
+        ttl = period_length(source.schedule, start) + timedelta(days=1)
+        await redis.set(source_run_key(source.id, period), "1", ex=ttl)
+        if job is not None:
+            enqueued.append(source.id)
+            await count_enqueued(redis, "scrape_source")
+    if enqueued:
+        log.info("scheduled %d due source(s): %s", len(enqueued), ", ".join(enqueued))
+    return {"enqueued": enqueued}
+
+
+@classified("scrape")
+async def scrape_source(
+    ctx: dict[str, Any], source_id: str, period: int, url: str | None = None, depth: int = 0
+) -> dict[str, Any]:
+    """arq job: one page of a source's run (its start page, or a link found on the way)."""
+    source = await get_source(ctx["redis"], source_id)
+    if source is None:
+        return {"skipped": "the source was deleted"}
+    target = url or source.url
+    try:
+        result, links = await scrape_url(ctx, target, source.selectors, source_id=source.id)
+    except JobError as exc:
+        await count_failure(ctx, source.id, exc)
+        raise
+    if depth < source.follow_links and links:
+        base = result.get("final_url") or target
+        result["followed"] = await follow_links(ctx, source, period, base, links, depth)
+    return result
+
+
+async def count_failure(ctx: dict[str, Any], source_id: str, exc: JobError) -> None:
+    """Count a failure once: when it is permanent or the last try, not on every retry."""
+    final = isinstance(exc, PermanentJobError)
+    if final or ctx["job_try"] >= max_tries(ctx["settings"], "scrape"):
+        await ctx["redis"].hincrby(source_failures_key(source_id), failure_reason(exc), 1)
+
+
+def failure_reason(exc: Exception) -> str:
+    message = str(exc)
+    for prefix, reason in FAILURE_REASONS:
+        if message.startswith(prefix):
+            return reason or " ".join(message.split()[:2])
+    return "other"
+
+
+async def follow_links(
+    ctx: dict[str, Any], source: Source, period: int, base: str, links: list[str], depth: int
+) -> int:
+    """Enqueue same-host links within the run's page budget; each URL once per run."""
+    settings: Settings = ctx["settings"]
+    redis: ArqRedis = ctx["redis"]
+    budget = min(source.max_pages, settings.source_max_pages) - 1  # the start page counts
+    start = str(URL(source.url).with_fragment(None))
+    seen, taken = source_seen_key(source.id, period), source_pages_key(source.id, period)
+    followed = 0
+    for link in same_host_links(base, links, URL(source.url).host):
+        # A link the run has already met takes no place in the budget (the start page is the
+        # run's first job, under another id). Repeats used to take a place and give it back
+        # later, so pages running at the same time found the budget full: 41 of 49 fetched.
+        if link == start or not await redis.sadd(seen, link):  # type: ignore[misc]
+            continue
+        await redis.expire(seen, RUN_KEYS_TTL_S)
+        if await redis.incr(taken) > budget:
+            await redis.decr(taken)  # every place is taken by a distinct page: the run is full
+            break
+        await redis.expire(taken, RUN_KEYS_TTL_S)
+        job = await redis.enqueue_job(
+            "scrape_source", source_id=source.id, period=period, url=link, depth=depth + 1,
+            _job_id=source_job_id(source.id, period, link),
+        )  # fmt: skip
+        if job is not None:
+            followed += 1
+            await count_enqueued(redis, "scrape_source")
+    return followed
+
+
+def same_host_links(base: str, hrefs: list[str], host: str | None) -> list[str]:
+    base_url = URL(base)
+    seen: set[str] = {str(base_url)}
+    result = []
+    for href in hrefs:
+        try:
+            url = base_url.join(URL(href)).with_fragment(None)
+        except ValueError:
+            continue
+        text = str(url)
+        if url.scheme in ("http", "https") and url.host == host and text not in seen:
+            seen.add(text)
+            result.append(text)
+    return result
