@@ -20,6 +20,7 @@ from app.schemas import JobView
 from core.keys import RETRYING_KEY_PREFIX, RUNNING_KEY
 from jobs.engine.monitor import read_progress
 from jobs.mail.newsletter import batch_progress
+from jobs.webhooks import read_callback
 
 
 async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
@@ -72,12 +73,14 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         tries=int(tries) if tries else 0,
         error=retrying[b"error"].decode() if b"error" in retrying else None,
         next_try_at=ms_to_datetime(int(next_try_ms)) if next_try_ms and not in_progress else None,
+        due_at=ms_to_datetime(int(score)) if status == "deferred" else None,
     )
 
 
 async def read_job_with_progress(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
     """As GET /jobs/{id} shows it: with a newsletter's or an export's progress."""
     view = await read_job(redis, job_id, queue_name)
+    view.callback = await read_callback(redis, job_id)
     if view.function == "send_newsletter":
         view.progress = await batch_progress(redis, job_id)
         newsletter_phase(view)

@@ -4,6 +4,7 @@ by hand."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from app.http import JOB_ID_PATTERN
+from app.joboptions import JobOptions
 from app.mailsink import MESSAGE_NAME_PATTERN
 from app.schemas import (
     AbortAccepted,
@@ -81,7 +83,8 @@ OPERATIONS = [
               202, ScrapeAcceptedAny, ScrapeRequest),
     Operation("post", "/jobs/export", "Export documents to CSV or JSON Lines", 202, JobAccepted,
               ExportRequest),
-    Operation("post", "/jobs/report", "Compute the analysis report now", 202, JobAccepted),
+    Operation("post", "/jobs/report", "Compute the analysis report now", 202, JobAccepted,
+              JobOptions),
     Operation("get", "/batches/{batch_id}", "Progress of a multi-URL scrape: each job's status",
               200, ScrapeBatch, path_params={"batch_id": ID32}),
     Operation("get", "/jobs/{job_id}", "A job's status, times, tries, result or error", 200,
@@ -136,6 +139,7 @@ DEV_OPERATIONS = [
 def build_openapi(dev_mail: bool = False) -> dict[str, Any]:
     operations = OPERATIONS + (DEV_OPERATIONS if dev_mail else [])
     schemas, refs = _component_schemas(operations)
+    _add_job_options(operations, schemas, refs)
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
@@ -171,6 +175,33 @@ def _component_schemas(
     return schemas, dict(refs)  # type: ignore[arg-type]
 
 
+def _is_enqueue(op: Operation) -> bool:
+    return op.method == "post" and op.path.startswith("/jobs/")
+
+
+def _add_job_options(
+    operations: list[Operation],
+    schemas: dict[str, Any],
+    refs: dict[tuple[type[BaseModel], str], Any],
+) -> None:
+    """Every enqueue body also takes the job options (run_at, delay_seconds, priority,
+    callback_url): merged into a schema of its own, since both sides forbid other fields."""
+    options = schemas[_ref_name(refs[(JobOptions, "validation")])]
+    for op in operations:
+        if not _is_enqueue(op) or op.body is None or op.body is JobOptions:
+            continue
+        name = _ref_name(refs[(op.body, "validation")])
+        merged = copy.deepcopy(schemas[name])
+        merged["properties"] = {**merged.get("properties", {}), **options["properties"]}
+        merged["title"] = f"{merged.get('title', name)} with job options"
+        schemas[f"{name}WithOptions"] = merged
+        refs[(op.body, "enqueue")] = {"$ref": f"#/components/schemas/{name}WithOptions"}
+
+
+def _ref_name(ref: dict[str, str]) -> str:
+    return ref["$ref"].rsplit("/", 1)[1]
+
+
 def _operation(op: Operation, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
     def body(model: type[BaseModel], mode: str = "serialization") -> dict[str, Any]:
         return {JSON: {"schema": refs[(model, mode)]}}
@@ -194,7 +225,7 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], str], Any]) -> d
         for name, rx in op.path_params.items()
     ]
     parameters += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in op.query]
-    if op.method == "post" and op.path.startswith("/jobs/"):
+    if _is_enqueue(op):
         parameters.append({
             "name": "Idempotency-Key", "in": "header", "required": False,
             "description": "Repeat-safe enqueue: the same key returns the first answer",
@@ -203,8 +234,11 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], str], Any]) -> d
     operation: dict[str, Any] = {"summary": op.summary, "responses": responses}
     if parameters:
         operation["parameters"] = parameters
-    if op.body is not None:
-        operation["requestBody"] = {"required": True, "content": body(op.body, "validation")}
+    if op.body is JobOptions:  # a job with nothing to say but its options: body optional
+        operation["requestBody"] = {"required": False, "content": body(op.body, "validation")}
+    elif op.body is not None:
+        mode = "enqueue" if (op.body, "enqueue") in refs else "validation"
+        operation["requestBody"] = {"required": True, "content": body(op.body, mode)}
     if op.public:
         operation["security"] = []
     return operation

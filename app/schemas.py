@@ -23,6 +23,7 @@ from jobs.mail.newsletter import BatchProgress
 from jobs.scrape.documents import DocumentVersion, StoredDocument
 from jobs.scrape.page import MAX_URL_LENGTH, ScrapeTarget, Selectors
 from jobs.scrape.sources import Source
+from jobs.webhooks import CallbackRecord
 
 __all__ = ["EmailSpec", "ScrapeRequest"]
 
@@ -126,6 +127,8 @@ class JobView(BaseModel):
     error: str | None = None  # why it failed; while it waits for a retry, why the last try failed
     warning: str | None = None  # complete, with something to look at (recipients refused)
     next_try_at: datetime | None = None  # deferred for a retry: when the next try is due
+    due_at: datetime | None = None  # deferred (run_at, delay_seconds or a retry): when it is due
+    callback: CallbackRecord | None = None  # its completion webhook, once the job has ended
     # a newsletter in progress: its job fans out the messages, then they are sent
     phase: Literal["fanning_out", "sending"] | None = None
     progress: BatchProgress | None = None  # bulk jobs: messages sent / failed / pending

@@ -25,6 +25,16 @@ def wake_key(queue: str) -> str:
     return f"{queue}:wake"
 
 
+def transactional_key(queue: str) -> str:
+    """Zset: the ids of the queue's transactional jobs (a hint the claim script checks)."""
+    return f"{queue}:transactional"
+
+
+def bulk_turn_key(queue: str) -> str:
+    """Counter: where the claim script is in its cycle of transactional and bulk claims."""
+    return f"{queue}:bulk-turn"
+
+
 STATS_KEY_PREFIX = PREFIX + "stats:"
 COUNTERS_KEY = STATS_KEY_PREFIX + "counters"  # "<metric>|<label>" -> count
 DURATION_KEY = STATS_KEY_PREFIX + "duration"  # "<function>|<bucket>" -> count, "|sum", "|count"
@@ -39,6 +49,7 @@ PROGRESS_KEY_PREFIX = PREFIX + "progress:"  # + job id -> {done, total, step}
 RETRYING_KEY_PREFIX = PREFIX + "retrying:"  # + job id -> {error, try, next_try_ms}
 DEAD_KEY_PREFIX = PREFIX + "dead:"  # + job id -> JSON dead-letter entry
 DEAD_INDEX_KEY = PREFIX + "dead"  # zset job id -> failure time
+CALLBACK_KEY_PREFIX = PREFIX + "callback:"  # + job id -> JSON: its webhook's delivery
 
 
 # --- Mail (jobs/mail/) -----------------------------------------------------------------------

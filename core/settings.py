@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, gt=0)
     max_urls_per_request: int = Field(100, gt=0)
     max_selectors: int = Field(20, gt=0)
+    # How far ahead a job may be scheduled with `run_at` / `delay_seconds` (seconds).
+    max_delay_seconds: float = Field(30 * 24 * 3600, gt=0)
+    # Completion webhooks (`callback_url`): signed with HMAC-SHA256 of this secret; a request
+    # with a callback_url is refused while it is unset. Each POST times out after
+    # WEBHOOK_TIMEOUT seconds and is tried up to WEBHOOK_MAX_TRIES times with backoff.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: float = Field(10, gt=0)
+    webhook_max_tries: int = Field(8, ge=1)
 
     # Worker
     worker_max_jobs: int = Field(200, gt=0, description="jobs one worker runs at once")

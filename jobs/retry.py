@@ -31,7 +31,7 @@ from jobs.values import now_utc
 
 log = logging.getLogger(__name__)
 
-Family = Literal["email", "scrape", "maintenance"]
+Family = Literal["email", "scrape", "maintenance", "webhook"]
 JobFunction = Callable[..., Awaitable[Any]]
 DeadLetterHook = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
 # What is left of job_timeout for the wrapper's own deadline, so it fires before arq's.
@@ -65,7 +65,10 @@ def retry_policy(settings: Settings, family: Family) -> RetryPolicy:
             settings.email_max_tries,
             settings.email_retry_lifetime,
         )
-    tries = settings.scrape_max_tries if family == "scrape" else settings.maintenance_max_tries
+    tries = {
+        "scrape": settings.scrape_max_tries,
+        "webhook": settings.webhook_max_tries,
+    }.get(family, settings.maintenance_max_tries)
     return RetryPolicy(settings.retry_base_delay, settings.retry_max_delay, tries)
 
 

@@ -22,6 +22,7 @@ from jobs.mail.smtp import SmtpPool
 from jobs.retry import max_tries
 from jobs.scrape import schedule_sources, scrape, scrape_source
 from jobs.scrape.fetch import Fetcher, make_http_session
+from jobs.webhooks import deliver_webhook
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ def job_functions(settings: Settings) -> list[Function]:
         func(cast(WorkerCoroutine, send_newsletter), name="send_newsletter", max_tries=email_tries),
         func(cast(WorkerCoroutine, scrape), name="scrape", max_tries=scrape_tries),
         func(cast(WorkerCoroutine, scrape_source), name="scrape_source", max_tries=scrape_tries),
+        func(
+            cast(WorkerCoroutine, deliver_webhook),
+            name="deliver_webhook",
+            max_tries=max_tries(settings, "webhook") + 1,
+        ),
         *(
             func(cast(WorkerCoroutine, job), name=job.__name__, max_tries=maintenance_tries)
             # the daily jobs are plain functions too, so a dead-lettered run can be retried

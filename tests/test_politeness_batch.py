@@ -130,8 +130,11 @@ async def test_batches_wait_their_host_turn_without_failing_or_holding_worker_sl
         assert len(stats.starts[host]) == PAGES_PER_HOST + 1  # robots.txt, then each page once
         assert stats.max_in_flight[host] <= concurrency
         # About 1 s apart: the turn is taken in Redis, the site sees the request a moment
-        # later (event-loop lag of this busy test process: the site, the API and the worker)
-        assert min(gaps[host]) >= delay * 0.8, (host, min(gaps[host]))
+        # later (event-loop lag of this busy test process: the site, the API and the worker).
+        # The first gap, robots.txt to the first page, is the loosest: robots.txt also paid
+        # for the new connection after its turn (0.797 s seen on a loaded CI run).
+        assert gaps[host][0] >= delay * 0.6, (host, gaps[host][0])
+        assert min(gaps[host][1:]) >= delay * 0.8, (host, min(gaps[host][1:]))
         assert delay * 0.95 <= statistics.median(gaps[host]) <= delay * 1.25
     # Hosts do not wait for each other: 300 URLs over three hosts take about as long as 100 on
     # one, a third of the 299 s that 300 starts 1 s apart on one host take at the least.

@@ -37,7 +37,7 @@ async def test_enqueue_writes_an_arq_job_counts_it_and_wakes_one_worker(redis: A
 async def test_a_claimed_job_is_hidden_until_its_lease_ends(redis: ArqRedis) -> None:
     await enqueue_job(redis, "noop", _job_id="a")
     await enqueue_job(redis, "noop", _job_id="b")
-    aborts, claimed = await claim(redis, QUEUE, 10, LEASE_MS)
+    aborts, claimed, _ = await claim(redis, QUEUE, 10, LEASE_MS)
     assert aborts == []
     assert [(c.job_id, c.job_try, c.aborted) for c in claimed] == [
         ("a", 1, False),
@@ -52,15 +52,15 @@ async def test_a_claimed_job_is_hidden_until_its_lease_ends(redis: ArqRedis) -> 
     # The worker dies: both marks run out; the job is due again and its try counts.
     await redis.delete(in_progress_key_prefix + "a")
     await redis.zadd(QUEUE, {"a": 0})
-    _, again = await claim(redis, QUEUE, 10, LEASE_MS)
+    _, again, _ = await claim(redis, QUEUE, 10, LEASE_MS)
     assert [(c.job_id, c.job_try) for c in again] == [("a", 2)]
 
 
 async def test_claim_takes_no_more_than_the_free_slots(redis: ArqRedis) -> None:
     for n in range(5):
         await enqueue_job(redis, "noop", _job_id=f"j{n}")
-    _, first = await claim(redis, QUEUE, 2, LEASE_MS)
-    _, second = await claim(redis, QUEUE, 10, LEASE_MS)
+    _, first, _ = await claim(redis, QUEUE, 2, LEASE_MS)
+    _, second, _ = await claim(redis, QUEUE, 10, LEASE_MS)
     assert [c.job_id for c in first] == ["j0", "j1"]
     assert [c.job_id for c in second] == ["j2", "j3", "j4"]
 
@@ -68,7 +68,7 @@ async def test_claim_takes_no_more_than_the_free_slots(redis: ArqRedis) -> None:
 async def test_a_job_aborted_while_queued_is_claimed_as_aborted(redis: ArqRedis) -> None:
     await enqueue_job(redis, "noop", _job_id="x")
     await redis.zadd("arq:abort", {"x": time.time() * 1000, "elsewhere": time.time() * 1000})
-    aborts, claimed = await claim(redis, QUEUE, 10, LEASE_MS)
+    aborts, claimed, _ = await claim(redis, QUEUE, 10, LEASE_MS)
     assert sorted(aborts) == ["elsewhere", "x"]
     assert [(c.job_id, c.aborted) for c in claimed] == [("x", True)]
     assert await redis.zrange("arq:abort", 0, -1) == [b"elsewhere"]
@@ -86,18 +86,18 @@ async def test_finish_done_keeps_the_result_and_clears_the_job(redis: ArqRedis) 
 
 async def test_finish_again_puts_the_job_back_at_its_score(redis: ArqRedis) -> None:
     await enqueue_job(redis, "noop", _job_id="r")
-    _, [held] = await claim(redis, QUEUE, 10, LEASE_MS)
+    _, [held], _ = await claim(redis, QUEUE, 10, LEASE_MS)
     await finish(redis, QUEUE, [Finish("r", done=False, score=held.score)])
     assert await redis.zscore(QUEUE, "r") == held.score
     assert await redis.exists(in_progress_key_prefix + "r") == 0
-    _, [retried] = await claim(redis, QUEUE, 10, LEASE_MS)
+    _, [retried], _ = await claim(redis, QUEUE, 10, LEASE_MS)
     assert (retried.job_id, retried.job_try) == ("r", 2)
 
 
 async def test_renewal_extends_running_jobs_and_leaves_finished_ones(redis: ArqRedis) -> None:
     await enqueue_job(redis, "noop", _job_id="running")
     await enqueue_job(redis, "noop", _job_id="retried")
-    _, held = await claim(redis, QUEUE, 10, 1000)
+    _, held, _ = await claim(redis, QUEUE, 10, 1000)
     retry_at = int(time.time() * 1000) + 60_000
     await finish(redis, QUEUE, [Finish("retried", done=False, score=retry_at)])
     await renew_leases(redis, QUEUE, [c.job_id for c in held], LEASE_MS)
@@ -112,7 +112,7 @@ async def test_a_job_costs_fewer_redis_commands_than_plain_arq(redis: ArqRedis) 
     needs 23 for the same life: 7 to enqueue, 12 to claim, 6 to finish, minus shared polls)."""
     before = await _command_calls(redis)
     ids = [await enqueue_job(redis, "noop") for _ in range(100)]
-    _, claimed = await claim(redis, QUEUE, 100, LEASE_MS)
+    _, claimed, _ = await claim(redis, QUEUE, 100, LEASE_MS)
     await finish(redis, QUEUE, [Finish(c.job_id, done=True, result=b"r") for c in claimed])
     per_job = (await _command_calls(redis) - before - 2) / len(ids)  # minus the two INFO calls
     assert len(claimed) == 100
@@ -141,7 +141,7 @@ async def test_a_job_put_back_for_a_later_try_keeps_its_data_until_then(
     days must not lose its data or its try count between tries."""
     await enqueue_job(redis, "send_email", _job_id="late", _expires=60)  # data: 60 s to live
     await enqueue_job(redis, "send_email", _job_id="soon")
-    _, claimed = await claim(redis, QUEUE, 10, LEASE_MS)
+    _, claimed, _ = await claim(redis, QUEUE, 10, LEASE_MS)
     next_try = int(time.time() * 1000) + 36 * 3600 * 1000  # in 36 hours
     await finish(redis, QUEUE, [Finish(c.job_id, done=False, score=next_try) for c in claimed])
     for job_id in ("late", "soon"):

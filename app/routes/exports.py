@@ -9,6 +9,7 @@ from aiohttp import web
 
 from app.http import enqueue, json_model, read_json_object, status_url
 from app.idempotency import idempotent
+from app.joboptions import split_options
 from app.schemas import JobAccepted
 from app.state import SETTINGS
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest, export_name
@@ -20,7 +21,8 @@ class ExportAccepted(JobAccepted):
 
 @idempotent
 async def enqueue_export(request: web.Request) -> web.Response:
-    spec = ExportRequest.model_validate(await read_json_object(request))
+    options, body = split_options(await read_json_object(request), request.app[SETTINGS])
+    spec = ExportRequest.model_validate(body)
     export_id = uuid4().hex
     await enqueue(
         request,
@@ -28,6 +30,7 @@ async def enqueue_export(request: web.Request) -> web.Response:
         export_id=export_id,
         request=spec.model_dump(mode="json"),
         _job_id=export_id,
+        **options.enqueue_kwargs("bulk"),
     )
     name = export_name(export_id, spec.format)
     accepted = ExportAccepted(

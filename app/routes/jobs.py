@@ -20,6 +20,7 @@ from app.http import (
     status_url,
 )
 from app.idempotency import idempotent
+from app.joboptions import split_options
 from app.jobstatus import read_job_with_progress
 from app.routes.batches import batch_url, save_batch
 from app.schemas import (
@@ -40,7 +41,8 @@ from jobs.mail.newsletter import NewsletterSpec, start_progress
 async def enqueue_email(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = validation_context(settings, settings.mail_max_recipients)
-    spec = EmailSpec.model_validate(await read_json_object(request), context=context)
+    options, body = split_options(await read_json_object(request), settings)
+    spec = EmailSpec.model_validate(body, context=context)
     await charge_more(request, len(spec.envelope_recipients()))  # one per message sent
     message_id = new_message_id(spec.from_ or settings.mail_from)
     job_id = await enqueue(
@@ -48,6 +50,7 @@ async def enqueue_email(request: web.Request) -> web.Response:
         "send_email",
         email=spec.model_dump(mode="json", by_alias=True),
         message_id=message_id,
+        **options.enqueue_kwargs("transactional"),
     )
     accepted = EmailAccepted(
         job_id=job_id, status_url=status_url(request, job_id), message_id=message_id
@@ -59,7 +62,8 @@ async def enqueue_email(request: web.Request) -> web.Response:
 async def enqueue_newsletter(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = validation_context(settings, settings.newsletter_max_recipients)
-    spec = NewsletterSpec.model_validate(await read_json_object(request), context=context)
+    options, body = split_options(await read_json_object(request), settings)
+    spec = NewsletterSpec.model_validate(body, context=context)
     newsletter_id = uuid.uuid4().hex
     total = len(spec.recipients)
     await charge_more(request, total)
@@ -70,6 +74,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
         newsletter_id=newsletter_id,
         newsletter=spec.model_dump(mode="json", by_alias=True),
         _job_id=newsletter_id,
+        **options.enqueue_kwargs("bulk"),
     )
     accepted = NewsletterAccepted(
         job_id=newsletter_id,
@@ -83,10 +88,13 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
 async def enqueue_scrape(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = {"max_urls": settings.max_urls_per_request, "max_selectors": settings.max_selectors}
-    scrape = ScrapeRequest.model_validate(await read_json_object(request), context=context)
+    options, body = split_options(await read_json_object(request), settings)
+    scrape = ScrapeRequest.model_validate(body, context=context)
     targets = scrape.targets()
     await charge_more(request, len(targets))
-    calls = [{"target": target.model_dump(mode="json")} for target in targets]
+    # one page is someone waiting; a batch is bulk work
+    extra = options.enqueue_kwargs("transactional" if scrape.url is not None else "bulk")
+    calls = [{"target": target.model_dump(mode="json"), **extra} for target in targets]
     job_ids = await enqueue_many(request, "scrape", calls)
     accepted = [
         ScrapeAccepted(job_id=job_id, status_url=status_url(request, job_id), url=str(target.url))

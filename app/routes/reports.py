@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.http import enqueue, json_model, status_url
+from app.http import enqueue, json_model, read_json_object, status_url
 from app.idempotency import idempotent
+from app.joboptions import split_options
 from app.schemas import JobAccepted
-from app.state import REDIS
+from app.state import REDIS, SETTINGS
 from jobs.housekeeping.report import latest_report
 
 
 @idempotent
 async def enqueue_report(request: web.Request) -> web.Response:
-    """Building a report scans every document: a worker does it, the caller polls the job."""
-    job_id = await enqueue(request, "report")
+    """Building a report scans every document: a worker does it, the caller polls the job.
+    The body is optional: only the job options (run_at, delay_seconds, priority, callback_url)."""
+    body = await read_json_object(request) if request.body_exists else {}
+    options, rest = split_options(body, request.app[SETTINGS])
+    if rest:
+        raise web.HTTPUnprocessableEntity(
+            text=f"unknown fields {sorted(rest)}: a report takes only the job options"
+        )
+    job_id = await enqueue(request, "report", **options.enqueue_kwargs("bulk"))
     accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
     return json_model(accepted, status=202)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NamedTuple
 from uuid import uuid4
 
 from arq.connections import ArqRedis
@@ -32,38 +32,94 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_ms
 from redis.asyncio import Redis
 
-from core.keys import COUNTERS_KEY, wake_key
+from core.keys import COUNTERS_KEY, bulk_turn_key, transactional_key, wake_key
 
 RETRY_KEY_TTL_S = 88400  # arq's
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
 KEEP_AFTER_NEXT_TRY_MS = 24 * 3600 * 1000  # arq's expires_extra_ms
+# While transactional and bulk jobs both wait, one claim in this many takes a bulk job.
+BULK_SHARE_EVERY = 10
+
+Priority = Literal["transactional", "bulk"]
+PRIORITIES: tuple[Priority, ...] = ("transactional", "bulk")
 
 
-# KEYS: job, result, queue, counters, wake. ARGV: job bytes, expires ms, score, job id, counter.
+# KEYS: job, result, queue, counters, wake, transactional index. ARGV: job bytes, expires ms,
+# score, job id, counter, "1" for a transactional job.
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+if ARGV[6] == '1' then redis.call('ZADD', KEYS[6], ARGV[3], ARGV[4]) end
 redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
 if redis.call('LLEN', KEYS[5]) == 0 then redis.call('LPUSH', KEYS[5], 1) end
 return 1
 """
 
-# KEYS: queue, abort set. ARGV: now ms, how many to claim, lease ms, then the prefixes of the
-# in-progress, job and retry keys, and the retry key's TTL.
-# Returns {abort ids, claimed} with claimed flat: id, score, job bytes or false, try, aborted.
+# KEYS: queue, abort set, transactional index, share counter. ARGV: now ms, how many to claim,
+# lease ms, then the prefixes of the in-progress, job and retry keys, the retry key's TTL, and
+# one claim in how many goes to a bulk job while both classes wait.
+# Returns {abort ids, claimed, next score}: claimed flat (id, score, job bytes or false, try,
+# aborted); next score, the earliest in the queue after now (a deferred job's time, or a lease's
+# end), or false.
+#
+# Priorities: the queue holds every job; the transactional index holds the ids of transactional
+# jobs as a hint, checked against the queue here (a finished job's entry is dropped, a running
+# or deferred one's moved to its queue score), so no other script has to keep it exact.
 _CLAIM = """
 local now, limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local bulk_every = tonumber(ARGV[8])
 local aborts = {}
 local abort_count = redis.call('ZCARD', KEYS[2])
 if abort_count > 0 then aborts = redis.call('ZRANGE', KEYS[2], 0, -1) end
 local claimed = {}
 if limit > 0 then
-  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+  local urgent, bulk = {}, {}
+  local has_urgent = redis.call('ZCARD', KEYS[3]) > 0
+  if has_urgent then
+    local hints = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 2 * limit)
+    for _, id in ipairs(hints) do
+      local score = redis.call('ZSCORE', KEYS[1], id)
+      if not score then
+        redis.call('ZREM', KEYS[3], id)
+      elseif tonumber(score) > now then
+        redis.call('ZADD', KEYS[3], score, id)
+      else
+        urgent[#urgent + 1] = {id, score}
+      end
+    end
+  end
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES',
+                        'LIMIT', 0, limit + #urgent)
   for i = 1, #due, 2 do
-    local id = due[i]
+    local hint = has_urgent and redis.call('ZSCORE', KEYS[3], due[i])
+    if not hint then
+      bulk[#bulk + 1] = {due[i], due[i + 1]}
+    elseif tonumber(hint) > now then  -- a transactional job due before its hint said
+      redis.call('ZADD', KEYS[3], due[i + 1], due[i])
+      urgent[#urgent + 1] = {due[i], due[i + 1]}
+    end
+  end
+  local turn = tonumber(redis.call('GET', KEYS[4]) or '0')
+  local u, b, picks = 1, 1, {}
+  while #picks < limit and (u <= #urgent or b <= #bulk) do
+    local take_bulk = u > #urgent
+    if u <= #urgent and b <= #bulk then
+      turn = turn + 1
+      take_bulk = turn % bulk_every == 0
+    end
+    if take_bulk then
+      picks[#picks + 1] = bulk[b]; b = b + 1
+    else
+      picks[#picks + 1] = urgent[u]; u = u + 1
+    end
+  end
+  redis.call('SET', KEYS[4], turn % bulk_every)
+  for _, pick in ipairs(picks) do
+    local id = pick[1]
     if redis.call('SET', ARGV[4] .. id, '1', 'NX', 'PX', lease) then
       redis.call('ZADD', KEYS[1], 'XX', now + lease, id)
+      if has_urgent then redis.call('ZADD', KEYS[3], 'XX', now + lease, id) end
       local retry_key = ARGV[6] .. id
       local try = redis.call('INCR', retry_key)
       if try == 1 then redis.call('EXPIRE', retry_key, ARGV[7]) end
@@ -71,17 +127,20 @@ if limit > 0 then
       if abort_count > 0 then aborted = redis.call('ZREM', KEYS[2], id) end
       local n = #claimed
       claimed[n + 1] = id
-      claimed[n + 2] = due[i + 1]
+      claimed[n + 2] = pick[2]
       claimed[n + 3] = redis.call('GET', ARGV[5] .. id)
       claimed[n + 4] = try
       claimed[n + 5] = aborted
     end
   end
 end
-return {aborts, claimed}
+local next_due = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf',
+                           'WITHSCORES', 'LIMIT', 0, 1)
+return {aborts, claimed, next_due[2] or false}
 """
 
-# KEYS: queue, abort set. ARGV: the prefixes of the in-progress, job, retry and result keys, now
+# KEYS: queue, abort set, transactional index. ARGV: the prefixes of the in-progress, job, retry
+# and result keys, now
 # (ms), how long past its next try a job's data is kept (ms), then six fields per job: id, "done",
 # "again" or "later" (again, but this run was not a try: see jobs.errors.Postpone), result bytes
 # ("" for none), result TTL ms (0: for ever), new score (for "again"), ms to keep the in-progress
@@ -113,6 +172,7 @@ for i = 7, #ARGV, 6 do
     redis.call('ZREM', KEYS[1], id)
   else
     redis.call('ZADD', KEYS[1], 'XX', score, id)
+    redis.call('ZADD', KEYS[3], 'XX', score, id)
     if keep == 0 then redis.call('DEL', in_progress) end
     if mode == 'later' and tonumber(redis.call('GET', ARGV[3] .. id) or '0') > 0 then
       redis.call('DECR', ARGV[3] .. id)
@@ -127,11 +187,13 @@ end
 return #ARGV
 """
 
-# KEYS: queue. ARGV: the leases' end (ms), lease ms, the in-progress prefix, then job ids.
+# KEYS: queue, transactional index. ARGV: the leases' end (ms), lease ms, the in-progress
+# prefix, then job ids.
 _RENEW = """
 for i = 4, #ARGV do
   if redis.call('PEXPIRE', ARGV[3] .. ARGV[i], ARGV[2]) == 1 then
     redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i])
+    redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[i])
   end
 end
 return 1
@@ -163,7 +225,8 @@ def scripts_for(redis: Redis) -> QueueScripts:
 async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str | None:
     """arq's `enqueue_job` in one round trip, which also counts the job for the metrics and
     wakes a waiting worker: the new job's id, or None if a job with `_job_id` exists.
-    Takes arq's options: `_job_id`, `_queue_name`, `_defer_by`, `_expires`, `_job_try`."""
+    Takes arq's options: `_job_id`, `_queue_name`, `_defer_by`, `_expires`, `_job_try`, and
+    `_priority` ("bulk" unless it says "transactional": ahead of bulk, see _CLAIM)."""
     job_id, keys, args = _enqueue_call(redis, function, kwargs)
     added = await scripts_for(redis).enqueue(keys=keys, args=args)
     return job_id if added else None
@@ -194,6 +257,9 @@ def _enqueue_call(
     defer_ms = to_ms(kwargs.pop("_defer_by", None)) or 0
     expires_ms = to_ms(kwargs.pop("_expires", None))
     job_try: int | None = kwargs.pop("_job_try", None)
+    priority: Priority = kwargs.pop("_priority", None) or "bulk"
+    if priority not in PRIORITIES:
+        raise ValueError(f"_priority must be one of {PRIORITIES}, not {priority!r}")
     if "_defer_until" in kwargs:
         raise TypeError("enqueue_job takes _defer_by, not _defer_until")
     enqueued_ms = timestamp_ms()
@@ -205,9 +271,11 @@ def _enqueue_call(
         queue,
         COUNTERS_KEY,
         wake_key(queue),
+        transactional_key(queue),
     ]
     expires = expires_ms or defer_ms + redis.expires_extra_ms
-    return job_id, keys, [job, expires, score, job_id, f"enqueued|{function}"]
+    urgent = "1" if priority == "transactional" else "0"
+    return job_id, keys, [job, expires, score, job_id, f"enqueued|{function}", urgent]
 
 
 def waiting_counts(due: int, not_due: int, running: int) -> tuple[int, int]:
@@ -227,12 +295,25 @@ class Claimed:
     aborted: bool  # aborted while queued: finish it without running it
 
 
-async def claim(
-    redis: Redis, queue: str, limit: int, lease_ms: int
-) -> tuple[list[str], list[Claimed]]:
-    """Claim up to `limit` due jobs; also the ids in the abort set (usually none)."""
-    args: list[str | int] = [timestamp_ms(), limit, lease_ms, *_PREFIXES, RETRY_KEY_TTL_S]
-    aborts, flat = await scripts_for(redis).claim(keys=[queue, abort_jobs_ss], args=args)
+class Claims(NamedTuple):
+    aborts: list[str]  # the ids in the abort set (usually none)
+    jobs: list[Claimed]
+    next_due_ms: int | None  # the earliest score in the queue after now, if any
+
+
+async def claim(redis: Redis, queue: str, limit: int, lease_ms: int) -> Claims:
+    """Claim up to `limit` due jobs, transactional ones first (bulk keeps one claim in
+    BULK_SHARE_EVERY while both wait)."""
+    args: list[str | int] = [
+        timestamp_ms(),
+        limit,
+        lease_ms,
+        *_PREFIXES,
+        RETRY_KEY_TTL_S,
+        BULK_SHARE_EVERY,
+    ]
+    keys = [queue, abort_jobs_ss, transactional_key(queue), bulk_turn_key(queue)]
+    aborts, flat, next_due = await scripts_for(redis).claim(keys=keys, args=args)
     claimed = [
         Claimed(
             job_id=flat[i].decode(),
@@ -243,7 +324,7 @@ async def claim(
         )
         for i in range(0, len(flat), 5)
     ]
-    return [a.decode() for a in aborts], claimed
+    return Claims([a.decode() for a in aborts], claimed, int(float(next_due)) if next_due else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +352,7 @@ async def finish(redis: Redis, queue: str, finishes: Sequence[Finish]) -> None:
         args: list[Any] = [*_PREFIXES, result_key_prefix, timestamp_ms(), KEEP_AFTER_NEXT_TRY_MS]
         for item in finishes[start : start + FINISH_BATCH]:
             args.extend(item.fields())
-        await script(keys=[queue, abort_jobs_ss], args=args)
+        await script(keys=[queue, abort_jobs_ss, transactional_key(queue)], args=args)
 
 
 async def renew_leases(redis: Redis, queue: str, job_ids: Iterable[str], lease_ms: int) -> None:
@@ -280,4 +361,4 @@ async def renew_leases(redis: Redis, queue: str, job_ids: Iterable[str], lease_m
     ids = list(job_ids)
     if ids:
         args: list[str | int] = [timestamp_ms() + lease_ms, lease_ms, in_progress_key_prefix, *ids]
-        await scripts_for(redis).renew(keys=[queue], args=args)
+        await scripts_for(redis).renew(keys=[queue, transactional_key(queue)], args=args)

@@ -25,8 +25,17 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
-from jobs.engine.queue import RETRY_KEY_TTL_S, Claimed, Finish, claim, finish, renew_leases
+from jobs.engine.queue import (
+    RETRY_KEY_TTL_S,
+    Claimed,
+    Claims,
+    Finish,
+    claim,
+    finish,
+    renew_leases,
+)
 from jobs.errors import JobError, Postpone
+from jobs.webhooks import CALLBACK_KWARG, FinalStatus, enqueue_webhook
 
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
 
@@ -71,6 +80,8 @@ class _Job:
     kwargs: dict[str, Any] | None = None
     enqueue_time_ms: int = 0
     job_try: int = 0
+    callback_url: str | None = None  # a completion webhook to enqueue when it ends for good
+    ended: tuple[FinalStatus, Any] | None = None  # how it ended for good, once it has
 
 
 class Engine:
@@ -86,11 +97,13 @@ class Engine:
         self._unwritten: dict[str, Claimed] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._renewed_at = time.monotonic()
+        # the earliest time a job in the queue is due (ms), so a deferred job starts on time
+        self.next_due_ms: int | None = None
 
     # -- one poll --
     async def poll(self) -> None:
         w = self.worker
-        aborts, claimed = await self._claim(self._free_slots())
+        aborts, claimed, self.next_due_ms = await self._claim(self._free_slots())
         for job in claimed:
             self._start(job)
         if w.allow_abort_jobs and aborts:
@@ -109,7 +122,7 @@ class Engine:
             free = min(free, w.max_burst_jobs - w._jobs_started())
         return max(free, 0)
 
-    async def _claim(self, limit: int) -> tuple[list[str], list[Claimed]]:
+    async def _claim(self, limit: int) -> Claims:
         """Claim, and if the worker is stopped meanwhile, put what was claimed back at once
         rather than leaving it to wait for its lease to end."""
         w = self.worker
@@ -117,7 +130,7 @@ class Engine:
         try:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
-            (_, claimed), _ = await outlast_cancellation(claiming)
+            (_, claimed, _), _ = await outlast_cancellation(claiming)
             back = [Finish(job.job_id, done=False, score=job.score) for job in claimed]
             await outlast_cancellation(asyncio.ensure_future(finish(w.pool, w.queue_name, back)))
             raise
@@ -242,7 +255,9 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
     job = _Job(claimed, job_try=claimed.job_try)
     function = _check(worker, job)
     if isinstance(function, BaseException):  # finished without running
-        await engine.finish(_failed(worker, job, function))
+        item = _failed(worker, job, function)
+        await _report_end(worker, job)
+        await engine.finish(item)
         return
     if job.job_try != claimed.job_try:  # the enqueuer asked for a later try number
         key = retry_key_prefix + claimed.job_id
@@ -259,6 +274,7 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
     item = await _execute(worker, job, function, ctx)
     if worker.on_job_end:
         await worker.on_job_end(ctx)
+    await _report_end(worker, job)
     await engine.finish(item)
     if worker.after_job_end:
         await worker.after_job_end(ctx)
@@ -277,6 +293,8 @@ def _check(worker: Worker, job: _Job) -> Function | CronJob | BaseException:
     except SerializationError as exc:
         log.exception("deserializing job %s failed", claimed.job_id)
         return exc
+    if job.kwargs:
+        job.callback_url = job.kwargs.pop(CALLBACK_KWARG, None)
     if claimed.aborted and worker.allow_abort_jobs:
         log.info("%s:%s aborted before start", claimed.job_id, job.function_name)
         return asyncio.CancelledError()
@@ -309,6 +327,8 @@ def _done_item(
     finished_ms: int,
 ) -> Finish:
     """The finish that takes the job out of the queue, with its result if results are kept."""
+    aborted = not success and isinstance(result, asyncio.CancelledError)
+    job.ended = ("complete" if success else "aborted" if aborted else "failed", result)
     keep_forever = worker.keep_result_forever
     keep_s: float | None = worker.keep_result_s
     if function is not None:
@@ -340,6 +360,19 @@ def _done_item(
         result_ttl_ms=0 if keep_forever else to_ms(keep_s) or 0,
         keep_in_progress_ms=_keep_in_progress_ms(function),
     )
+
+
+async def _report_end(worker: Worker, job: _Job) -> None:
+    """Enqueue the completion webhook of a job that ended for good, before its end is written:
+    a crash in between runs the job again, and the webhook's fixed job id reports it once."""
+    if job.callback_url and job.ended:
+        status, outcome = job.ended
+        try:
+            await enqueue_webhook(
+                worker.pool, job.callback_url, job.claimed.job_id, status, outcome
+            )
+        except Exception:  # the job itself ended: its end is still written
+            log.exception("enqueueing the webhook of job %s failed", job.claimed.job_id)
 
 
 def _ref(job: _Job, function: Function | CronJob | None) -> str:

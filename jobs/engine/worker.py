@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -144,7 +145,8 @@ class EngineWorker(Worker):
             await asyncio.sleep(POLL_ERROR_PAUSE_S)
 
     async def _wait_for_poll(self) -> None:
-        """Wait the poll step, cut short by a wake-up. Wake-ups closer together than
+        """Wait the poll step, or until the next deferred job is due, cut short by a wake-up.
+        Wake-ups closer together than
         MIN_POLL_GAP_S are merged: a busy worker frees a slot every few hundred microseconds,
         and polling for each would cost more Redis work than it saves; an idle one wakes at
         once."""
@@ -154,6 +156,9 @@ class EngineWorker(Worker):
             return
         state = wake_state()
         wait = max(0.0, self.poll_step_s - (loop.time() - last))
+        next_due_ms = engine_of(self).next_due_ms
+        if next_due_ms is not None:  # a deferred job falls due before the next poll
+            wait = min(wait, max(0.0, next_due_ms / 1000 - time.time()))
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives as its timeout fires, and the worker would never stop (seen in tests).
         with contextlib.suppress(TimeoutError):
