@@ -29,6 +29,8 @@ from app.schemas import (
     JobView,
     MailList,
     NewsletterAccepted,
+    RunList,
+    ScheduleList,
     ScrapeAcceptedAny,
     ScrapeBatch,
     ScrapeRequest,
@@ -39,6 +41,7 @@ from core import __version__
 from jobs.deadletter import DeadLetter
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
 from jobs.mail.newsletter import NewsletterSpec
+from jobs.schedules import ScheduleFields, ScheduleSpec, ScheduleView
 from jobs.scrape.sources import Source, SourceFields, SourceSpec
 
 JSON = "application/json"
@@ -109,6 +112,21 @@ OPERATIONS = [
               path_params={"source_id": ID32}),
     Operation("delete", "/sources/{source_id}", "Delete a source", 204,
               path_params={"source_id": ID32}),
+    Operation("post", "/schedules", "Run a job on a cron expression or every N seconds", 201,
+              ScheduleView, ScheduleSpec),
+    Operation("get", "/schedules", "All schedules, with their next runs", 200, ScheduleList),
+    Operation("get", "/schedules/{schedule_id}", "One schedule", 200, ScheduleView,
+              path_params={"schedule_id": ID32}),
+    Operation("patch", "/schedules/{schedule_id}", "Change a schedule", 200, ScheduleView,
+              ScheduleFields, path_params={"schedule_id": ID32}),
+    Operation("delete", "/schedules/{schedule_id}", "Delete a schedule", 204,
+              path_params={"schedule_id": ID32}),
+    Operation("post", "/schedules/{schedule_id}/pause", "Pause a schedule", 200, ScheduleView,
+              path_params={"schedule_id": ID32}),
+    Operation("post", "/schedules/{schedule_id}/resume", "Resume a schedule", 200, ScheduleView,
+              path_params={"schedule_id": ID32}),
+    Operation("get", "/schedules/{schedule_id}/runs", "The last runs and their jobs' status",
+              200, RunList, path_params={"schedule_id": ID32}),
     Operation("get", "/documents", "Saved documents, newest change first", 200, DocumentList,
               query=[("source", {"type": "string", "pattern": ID32}),
                      ("changed_since", {"type": "string", "format": "date-time"}), *PAGING]),

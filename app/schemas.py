@@ -20,6 +20,7 @@ from jobs.deadletter import DeadLetter
 from jobs.engine.monitor import StepProgress
 from jobs.mail.email import EmailSpec
 from jobs.mail.newsletter import BatchProgress
+from jobs.schedules import ScheduleView
 from jobs.scrape.documents import DocumentVersion, StoredDocument
 from jobs.scrape.page import MAX_URL_LENGTH, ScrapeTarget, Selectors
 from jobs.scrape.sources import Source
@@ -180,3 +181,22 @@ class ErrorBody(BaseModel):
 
 class JobNotFound(RootModel[JobView | ErrorBody]):
     """404 on a job: a JobView with status not_found, or an error for an id no job can have."""
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleView]
+
+
+class RunJob(BaseModel):
+    job_id: str
+    status: JobState
+
+
+class RunView(BaseModel):
+    period: datetime  # when the run was due
+    enqueued_at: datetime
+    jobs: list[RunJob]
+
+
+class RunList(BaseModel):
+    runs: list[RunView]

@@ -102,5 +102,20 @@ def source_seen_key(source_id: str, period: int) -> str:
     return f"{SOURCE_KEY_PREFIX}{source_id}:seen:{period}"
 
 
+# --- Schedules (jobs/schedules.py) ---------------------------------------------------------
+SCHEDULES_KEY = PREFIX + "schedules"  # set of schedule ids
+SCHEDULE_KEY_PREFIX = PREFIX + "schedule:"  # + schedule id -> JSON definition
+
+
+def schedule_runs_key(schedule_id: str) -> str:
+    """List, newest first: the last runs (JSON: period, enqueued_at, job ids)."""
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:runs"
+
+
+def schedule_run_key(schedule_id: str, period: int) -> str:
+    """Marker: the period's run is enqueued."""
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:run:{period}"
+
+
 # --- Housekeeping (jobs/housekeeping/) -------------------------------------------------------
 REPORT_KEY = PREFIX + "report:latest"  # JSON: the last analysis report

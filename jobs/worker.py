@@ -20,6 +20,7 @@ from jobs.mail import send_email, send_newsletter
 from jobs.mail.sendrate import SendRate
 from jobs.mail.smtp import SmtpPool
 from jobs.retry import max_tries
+from jobs.schedules import run_schedules
 from jobs.scrape import schedule_sources, scrape, scrape_source
 from jobs.scrape.fetch import Fetcher, make_http_session
 from jobs.webhooks import deliver_webhook
@@ -91,6 +92,11 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
     return [
         cron(
             cast(WorkerCoroutine, schedule_sources),
+            second=set(range(0, 60, tick)) if tick < 60 else 0,
+            run_at_startup=True,
+        ),
+        cron(
+            cast(WorkerCoroutine, run_schedules),
             second=set(range(0, 60, tick)) if tick < 60 else 0,
             run_at_startup=True,
         ),

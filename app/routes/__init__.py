@@ -11,6 +11,7 @@ from app.routes.documents import add_document_routes
 from app.routes.exports import add_export_routes
 from app.routes.jobs import add_job_routes
 from app.routes.reports import add_report_routes
+from app.routes.schedules import add_schedule_routes
 from app.routes.sources import add_source_routes
 from app.routes.system import add_system_routes
 from core.settings import Settings
@@ -21,6 +22,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     add_batch_routes(app)
     add_dead_letter_routes(app)
     add_source_routes(app)
+    add_schedule_routes(app)
     add_document_routes(app)
     add_export_routes(app)
     add_report_routes(app)

@@ -1,0 +1,167 @@
+"""Schedules API: any job `POST /jobs/*` takes, run on a cron expression or every N seconds.
+
+A schedule's job body is validated here by the same models as the job's own endpoint, so a
+schedule that would enqueue a bad job is a 422 at creation, naming `job.body.<field>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from app.http import json_model, read_json_object
+from app.joboptions import JobOptions
+from app.jobstatus import read_job
+from app.schemas import RunJob, RunList, RunView, ScheduleList, ScrapeRequest
+from app.state import REDIS, SETTINGS
+from core.settings import Settings
+from jobs.housekeeping.export import ExportRequest
+from jobs.mail.email import EmailSpec, validation_context
+from jobs.mail.newsletter import NewsletterSpec
+from jobs.schedules import (
+    Schedule,
+    ScheduledJob,
+    ScheduleFields,
+    ScheduleSpec,
+    create_schedule,
+    delete_schedule,
+    get_schedule,
+    list_schedules,
+    read_runs,
+    set_paused,
+    update_schedule,
+    view_of,
+)
+from jobs.values import now_utc
+
+SCHEDULE_ID_PATTERN = r"[0-9a-f]{32}"
+
+
+def checked_job(job: ScheduledJob, settings: Settings) -> ScheduledJob:
+    """The job with its body as its endpoint would take it; 422 naming job.* otherwise."""
+    try:
+        JobOptions.model_validate(
+            {"priority": job.priority, "callback_url": job.callback_url},
+            context={"settings": settings},
+        )
+        body = _validated_body(job, settings)
+    except ValidationError as exc:
+        raise _prefixed(exc, ("job",) if _is_option_error(exc) else ("job", "body")) from None
+    return job.model_copy(update={"body": body})
+
+
+def _validated_body(job: ScheduledJob, settings: Settings) -> dict[str, Any]:
+    if job.type == "email":
+        context = validation_context(settings, settings.mail_max_recipients)
+        email = EmailSpec.model_validate(job.body, context=context)
+        return email.model_dump(mode="json", by_alias=True)
+    if job.type == "newsletter":
+        context = validation_context(settings, settings.newsletter_max_recipients)
+        newsletter = NewsletterSpec.model_validate(job.body, context=context)
+        return newsletter.model_dump(mode="json", by_alias=True)
+    if job.type == "scrape":
+        limits = {
+            "max_urls": settings.max_urls_per_request,
+            "max_selectors": settings.max_selectors,
+        }
+        scrape = ScrapeRequest.model_validate(job.body, context=limits)
+        return scrape.model_dump(mode="json", exclude_none=True)
+    if job.type == "export":
+        return ExportRequest.model_validate(job.body).model_dump(mode="json")
+    if job.body:
+        raise web.HTTPUnprocessableEntity(text="a report job takes no body (job.body must be {})")
+    return {}
+
+
+def _is_option_error(exc: ValidationError) -> bool:
+    return any(err["loc"][:1] in (("priority",), ("callback_url",)) for err in exc.errors())
+
+
+def _prefixed(exc: ValidationError, prefix: tuple[str, ...]) -> ValidationError:
+    errors: list[Any] = [{**err, "loc": (*prefix, *err["loc"])} for err in exc.errors()]
+    return ValidationError.from_exception_data(exc.title, errors)
+
+
+async def create(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    spec = ScheduleSpec.model_validate(await read_json_object(request))
+    spec = spec.model_copy(update={"job": checked_job(spec.job, settings)})
+    schedule = await create_schedule(request.app[REDIS], spec)
+    response = json_model(view_of(schedule, now_utc()), status=201)
+    response.headers["Location"] = f"/schedules/{schedule.id}"
+    return response
+
+
+async def index(request: web.Request) -> web.Response:
+    now = now_utc()
+    views = [view_of(s, now) for s in await list_schedules(request.app[REDIS])]
+    return json_model(ScheduleList(schedules=views))
+
+
+async def show(request: web.Request) -> web.Response:
+    return json_model(view_of(await _existing(request), now_utc()))
+
+
+async def change(request: web.Request) -> web.Response:
+    fields = ScheduleFields.model_validate(await read_json_object(request))
+    if fields.cron is not None and fields.every is not None:
+        raise web.HTTPUnprocessableEntity(text="give at most one of 'cron' or 'every'")
+    changes = fields.model_dump(exclude_none=True)
+    if fields.job is not None:
+        changes["job"] = checked_job(fields.job, request.app[SETTINGS]).model_dump()
+    schedule = await update_schedule(request.app[REDIS], await _existing(request), changes)
+    return json_model(view_of(schedule, now_utc()))
+
+
+async def pause(request: web.Request) -> web.Response:
+    return await _set_paused(request, True)
+
+
+async def resume(request: web.Request) -> web.Response:
+    return await _set_paused(request, False)
+
+
+async def _set_paused(request: web.Request, paused: bool) -> web.Response:
+    schedule = await set_paused(request.app[REDIS], await _existing(request), paused)
+    return json_model(view_of(schedule, now_utc()))
+
+
+async def runs(request: web.Request) -> web.Response:
+    """The last runs, newest first, each job with its status now."""
+    schedule = await _existing(request)
+    redis, queue = request.app[REDIS], request.app[SETTINGS].queue_name
+    views = []
+    for run in await read_runs(redis, schedule.id):
+        jobs = [
+            RunJob(job_id=job_id, status=(await read_job(redis, job_id, queue)).status)
+            for job_id in run.job_ids
+        ]
+        views.append(RunView(period=run.period, enqueued_at=run.enqueued_at, jobs=jobs))
+    return json_model(RunList(runs=views))
+
+
+async def remove(request: web.Request) -> web.Response:
+    if not await delete_schedule(request.app[REDIS], request.match_info["schedule_id"]):
+        raise web.HTTPNotFound(text="no such schedule")
+    return web.Response(status=204)
+
+
+async def _existing(request: web.Request) -> Schedule:
+    schedule = await get_schedule(request.app[REDIS], request.match_info["schedule_id"])
+    if schedule is None:
+        raise web.HTTPNotFound(text="no such schedule")
+    return schedule
+
+
+def add_schedule_routes(app: web.Application) -> None:
+    one = f"/schedules/{{schedule_id:{SCHEDULE_ID_PATTERN}}}"
+    app.router.add_post("/schedules", create)
+    app.router.add_get("/schedules", index)
+    app.router.add_get(one, show)
+    app.router.add_patch(one, change)
+    app.router.add_delete(one, remove)
+    app.router.add_post(f"{one}/pause", pause)
+    app.router.add_post(f"{one}/resume", resume)
+    app.router.add_get(f"{one}/runs", runs)

@@ -1,0 +1,292 @@
+"""Schedules: any job the API can enqueue, run on a cron expression or every N seconds, in a
+time zone. Stored in Redis (JSON per schedule); the worker's `run_schedules` tick enqueues each
+due run once per period however many workers tick (a run marker taken with SET NX, and job ids
+derived from the period), and keeps the last runs' job ids as the schedule's history.
+
+The job body is validated by the API with the same models as `POST /jobs/<type>` and stored
+as validated; each run turns it into fresh calls (a new Message-ID, export id or newsletter id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from arq.connections import ArqRedis
+from croniter import CroniterBadDateError, croniter
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from redis.asyncio import Redis
+
+from core.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
+from core.settings import Settings
+from jobs.engine.queue import Priority, enqueue_jobs
+from jobs.mail.email import new_message_id
+from jobs.mail.newsletter import start_progress
+from jobs.retry import classified
+from jobs.values import as_text, now_utc
+from jobs.webhooks import CALLBACK_KWARG
+
+log = logging.getLogger(__name__)
+
+JobType = Literal["email", "newsletter", "scrape", "export", "report"]
+MIN_EVERY_S = 60
+HISTORY_KEEP = 50
+NEXT_RUNS_SHOWN = 5
+DEFAULT_PRIORITY: dict[str, Priority] = {
+    "email": "transactional",
+    "newsletter": "bulk",
+    "scrape": "bulk",
+    "export": "bulk",
+    "report": "bulk",
+}
+
+
+def check_cron(expression: str) -> str:
+    expression = expression.strip()
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        raise ValueError(
+            f"{expression!r} is not a 5-field cron expression "
+            "(minute hour day-of-month month day-of-week)"
+        )
+    try:  # valid fields can still name a day that never comes (31 February)
+        croniter(expression, now_utc()).get_next(datetime)
+    except (CroniterBadDateError, ValueError):
+        raise ValueError(f"{expression!r} never fires") from None
+    return expression
+
+
+def check_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. Europe/Paris)") from None
+    return name
+
+
+class ScheduledJob(BaseModel):
+    """What runs: a job type and the body `POST /jobs/<type>` takes, plus its priority and
+    callback (run_at and delay_seconds make no sense here: the schedule says when)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: JobType
+    body: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority | None = None
+    callback_url: str | None = None
+
+
+class ScheduleFields(BaseModel):
+    """What a caller sets; every field optional so a PATCH can reuse it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200)
+    cron: str | None = Field(None, max_length=100, description="5-field cron expression")
+    every: int | None = Field(None, ge=MIN_EVERY_S, le=366 * 24 * 3600, description="seconds")
+    timezone: str | None = Field(None, max_length=64, description="IANA name; default UTC")
+    job: ScheduledJob | None = None
+
+    _cron_ok = field_validator("cron")(lambda v: None if v is None else check_cron(v))
+    _tz_ok = field_validator("timezone")(lambda v: None if v is None else check_timezone(v))
+
+
+class ScheduleSpec(ScheduleFields):
+    """`POST /schedules`: a job and exactly one of cron or every."""
+
+    job: ScheduledJob
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> ScheduleSpec:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("give exactly one of 'cron' or 'every'")
+        return self
+
+
+class Schedule(BaseModel):
+    id: str
+    name: str | None = None
+    cron: str | None = None
+    every: int | None = None
+    timezone: str = "UTC"
+    job: ScheduledJob
+    paused: bool = False
+    created_at: datetime
+    updated_at: datetime
+
+    def period_start(self, now: datetime) -> datetime:
+        """The latest time the schedule fired at or before `now` (UTC)."""
+        if self.every is not None:
+            start = int(now.timestamp()) // self.every * self.every
+            return datetime.fromtimestamp(start, UTC)
+        local = now.astimezone(ZoneInfo(self.timezone)) + timedelta(seconds=1)
+        fired: datetime = croniter(self.cron or "", local).get_prev(datetime)
+        return fired.astimezone(UTC)
+
+    def upcoming(self, now: datetime, count: int = NEXT_RUNS_SHOWN) -> list[datetime]:
+        if self.every is not None:
+            start = self.period_start(now)
+            return [start + timedelta(seconds=self.every * n) for n in range(1, count + 1)]
+        runs = croniter(self.cron or "", now.astimezone(ZoneInfo(self.timezone)))
+        return [runs.get_next(datetime).astimezone(UTC) for _ in range(count)]
+
+    def period_length(self, start: datetime) -> timedelta:
+        return self.upcoming(start, 1)[0] - start
+
+
+class ScheduleRun(BaseModel):
+    period: datetime  # the time the run was due
+    enqueued_at: datetime
+    job_ids: list[str]
+
+
+class ScheduleView(Schedule):
+    next_runs: list[datetime] = []
+
+
+# --- storage ----------------------------------------------------------------------------------
+async def save_schedule(redis: Redis, schedule: Schedule) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(SCHEDULE_KEY_PREFIX + schedule.id, schedule.model_dump_json())
+        pipe.sadd(SCHEDULES_KEY, schedule.id)
+        await pipe.execute()
+
+
+async def create_schedule(redis: Redis, spec: ScheduleSpec) -> Schedule:
+    now = now_utc()
+    data = spec.model_dump(exclude_none=True)
+    schedule = Schedule.model_validate(
+        data | {"id": uuid.uuid4().hex, "created_at": now, "updated_at": now}
+    )
+    await save_schedule(redis, schedule)
+    return schedule
+
+
+async def get_schedule(redis: Redis, schedule_id: str) -> Schedule | None:
+    raw = await redis.get(SCHEDULE_KEY_PREFIX + schedule_id)
+    return Schedule.model_validate_json(as_text(raw)) if raw else None
+
+
+async def list_schedules(redis: Redis) -> list[Schedule]:
+    ids = sorted(as_text(i) for i in await redis.smembers(SCHEDULES_KEY))  # type: ignore[misc]
+    if not ids:
+        return []
+    raws = await redis.mget([SCHEDULE_KEY_PREFIX + i for i in ids])
+    return [Schedule.model_validate_json(as_text(raw)) for raw in raws if raw]
+
+
+async def update_schedule(redis: Redis, schedule: Schedule, changes: dict[str, Any]) -> Schedule:
+    merged = schedule.model_dump() | changes | {"updated_at": now_utc()}
+    if "cron" in changes:
+        merged["every"] = None
+    if "every" in changes:
+        merged["cron"] = None
+    updated = Schedule.model_validate(merged)
+    await save_schedule(redis, updated)
+    return updated
+
+
+async def set_paused(redis: Redis, schedule: Schedule, paused: bool) -> Schedule:
+    """Pause or resume (the API's and the dashboard's buttons)."""
+    return await update_schedule(redis, schedule, {"paused": paused})
+
+
+async def delete_schedule(redis: Redis, schedule_id: str) -> bool:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(SCHEDULE_KEY_PREFIX + schedule_id)
+        pipe.srem(SCHEDULES_KEY, schedule_id)
+        pipe.delete(schedule_runs_key(schedule_id))
+        deleted, _, _ = await pipe.execute()
+    return bool(deleted)
+
+
+async def read_runs(redis: Redis, schedule_id: str) -> list[ScheduleRun]:
+    raws = await redis.lrange(schedule_runs_key(schedule_id), 0, -1)  # type: ignore[misc]
+    return [ScheduleRun.model_validate_json(as_text(raw)) for raw in raws]
+
+
+def view_of(schedule: Schedule, now: datetime) -> ScheduleView:
+    nexts = [] if schedule.paused else schedule.upcoming(now)
+    return ScheduleView(**schedule.model_dump(), next_runs=nexts)
+
+
+# --- running ----------------------------------------------------------------------------------
+@classified("maintenance")
+async def run_schedules(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Cron tick: enqueue every schedule's run that is due and not yet taken."""
+    enqueued = await run_due_schedules(ctx["redis"], ctx["settings"], now_utc())
+    if enqueued:
+        log.info("ran %d due schedule(s): %s", len(enqueued), ", ".join(enqueued))
+    return {"enqueued": enqueued}
+
+
+async def run_due_schedules(redis: ArqRedis, settings: Settings, now: datetime) -> list[str]:
+    """Each active schedule's current period, once however many workers tick: the run's job
+    ids are derived from the period, so a second enqueue is refused; the period's marker
+    spares the next ticks the work. The ids of the schedules that ran."""
+    ran = []
+    for schedule in await list_schedules(redis):
+        if schedule.paused:
+            continue
+        start = schedule.period_start(now)
+        if start < schedule.created_at.replace(microsecond=0):
+            continue  # the period began before the schedule existed: wait for the next one
+        period = int(start.timestamp())
+        marker = schedule_run_key(schedule.id, period)
+        if await redis.exists(marker):
+            continue
+        job_ids = await enqueue_run(redis, settings, schedule, period)
+        ttl = schedule.period_length(start) + timedelta(days=1)
+        await redis.set(marker, "1", ex=ttl)
+        if not job_ids:  # another worker enqueued this run first
+            continue
+        run = ScheduleRun(period=start, enqueued_at=now_utc(), job_ids=job_ids)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(schedule_runs_key(schedule.id), run.model_dump_json())
+            pipe.ltrim(schedule_runs_key(schedule.id), 0, HISTORY_KEEP - 1)
+            await pipe.execute()
+        ran.append(schedule.id)
+    return ran
+
+
+async def enqueue_run(
+    redis: ArqRedis, settings: Settings, schedule: Schedule, period: int
+) -> list[str]:
+    """One run's jobs, with ids derived from the schedule and the period; the ids of the jobs
+    this call enqueued (none if the run was already enqueued)."""
+    job = schedule.job
+    run_id = hashlib.sha256(f"{schedule.id}:{period}".encode()).hexdigest()[:32]
+    function, calls = await run_calls(redis, settings, job, run_id)
+    options: dict[str, Any] = {"_priority": job.priority or DEFAULT_PRIORITY[job.type]}
+    if job.callback_url:
+        options[CALLBACK_KWARG] = job.callback_url
+    for n, call in enumerate(calls):
+        call.setdefault("_job_id", f"schedule:{schedule.id}:{period}:{n}")
+        call.update(options)
+    ids = await enqueue_jobs(redis, function, calls)
+    return [job_id for job_id in ids if job_id]
+
+
+async def run_calls(
+    redis: ArqRedis, settings: Settings, job: ScheduledJob, run_id: str
+) -> tuple[str, list[dict[str, Any]]]:
+    """The function and the calls of one run of `job`. Exports and newsletters are known by
+    the run's id (32 hex, the form their download and progress URLs take)."""
+    body = json.loads(json.dumps(job.body))  # a copy the calls may keep
+    if job.type == "email":
+        message_id = new_message_id(body.get("from") or settings.mail_from)
+        return "send_email", [{"email": body, "message_id": message_id}]
+    if job.type == "newsletter":
+        await start_progress(redis, run_id, len(body["recipients"]), settings.sent_marker_ttl)
+        return "send_newsletter", [{"newsletter_id": run_id, "newsletter": body, "_job_id": run_id}]
+    if job.type == "scrape":
+        urls = [body["url"]] if body.get("url") else body.get("urls", [])
+        selectors = body.get("selectors", {})
+        return "scrape", [{"target": {"url": url, "selectors": selectors}} for url in urls]
+    if job.type == "export":
+        return "export", [{"export_id": run_id, "request": body, "_job_id": run_id}]
+    return "report", [{}]
