@@ -381,3 +381,27 @@ async def test_dashboard_actions_count_against_the_keys_rate_limit(
         ]
         assert window_number(window) == started, "three posts took longer than the window"
     assert statuses[2] == 429 and 429 not in statuses[:2], statuses
+
+
+async def test_cron_page_lists_schedules_with_pause_and_resume(
+    ui: ApiClient, api: ApiClient, redis: ArqRedis
+) -> None:
+    body = {"name": "weekly digest", "cron": "0 9 * * 1", "timezone": "Europe/Paris",
+            "job": {"type": "email", "body": EMAIL}}  # fmt: skip
+    created = await api.post("/schedules", json=body)
+    assert created.status == 201, await created.text()
+    schedule_id = (await created.json())["id"]
+    csrf = await log_in(ui)
+    page = await (await ui.get("/ui/cron")).text()
+    assert "weekly digest" in page and "0 9 * * 1" in page and "Europe/Paris" in page
+    pause = f"/ui/schedules/{schedule_id}/pause"
+    assert f'action="{pause}"' in page
+    assert (await ui.post(pause, data={}, allow_redirects=False)).status == 403  # no CSRF
+    response = await ui.post(pause, data={"csrf": csrf}, allow_redirects=False)
+    assert response.status == 303 and response.headers["Location"] == "/ui/cron"
+    view = await (await api.get(f"/schedules/{schedule_id}")).json()
+    assert view["paused"] is True
+    page = await (await ui.get("/ui/cron")).text()
+    assert f'action="/ui/schedules/{schedule_id}/resume"' in page and "paused" in page
+    await ui.post(f"/ui/schedules/{schedule_id}/resume", data={"csrf": csrf})
+    assert (await (await api.get(f"/schedules/{schedule_id}")).json())["paused"] is False

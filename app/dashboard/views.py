@@ -47,6 +47,8 @@ from app.state import REDIS, SETTINGS
 from core.settings import Settings
 from jobs.deadletter import list_dead_letters
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN
+from jobs.schedules import get_schedule, list_schedules, set_paused, view_of
+from jobs.values import now_utc
 from jobs.worker import cron_jobs, job_functions
 
 log = logging.getLogger(__name__)
@@ -372,8 +374,31 @@ async def retry_dead_letter(request: web.Request) -> web.Response:
 
 
 async def cron_page(request: web.Request) -> web.Response:
-    rows = await read_cron(_redis(request), _settings(request))
-    return render(request, "cron.html", {"rows": rows})
+    redis = _redis(request)
+    rows = await read_cron(redis, _settings(request))
+    now = now_utc()
+    schedules = []
+    for schedule in await list_schedules(redis):
+        action = "schedule_resume" if schedule.paused else "schedule_pause"
+        schedules.append((view_of(schedule, now), _url(request, action, schedule_id=schedule.id)))
+    return render(request, "cron.html", {"rows": rows, "schedules": schedules})
+
+
+async def pause_schedule(request: web.Request) -> web.Response:
+    return await _pause_or_resume(request, paused=True)
+
+
+async def resume_schedule(request: web.Request) -> web.Response:
+    return await _pause_or_resume(request, paused=False)
+
+
+async def _pause_or_resume(request: web.Request, paused: bool) -> web.Response:
+    redis = _redis(request)
+    schedule = await get_schedule(redis, request.match_info["schedule_id"])
+    if schedule is None:
+        raise web.HTTPNotFound(text="No such schedule.")
+    await set_paused(redis, schedule, paused)
+    return see_other(_url(request, "cron"))
 
 
 async def sources_page(request: web.Request) -> web.Response:
@@ -427,6 +452,9 @@ def add_dashboard_routes(app: web.Application, settings: Settings) -> None:
         f"/dead-letter/{{entry_id:{ID_PATTERN}}}/retry", retry_dead_letter, name="retry"
     )
     app.router.add_get("/cron", cron_page, name="cron")
+    schedule = "/schedules/{schedule_id:[0-9a-f]{32}}"
+    app.router.add_post(f"{schedule}/pause", pause_schedule, name="schedule_pause")
+    app.router.add_post(f"{schedule}/resume", resume_schedule, name="schedule_resume")
     app.router.add_get("/sources", sources_page, name="sources")
     app.router.add_post("/sources/export", export_csv, name="export_csv")
     app.router.add_get(f"/exports/{{name:{EXPORT_NAME_PATTERN}}}", export_file, name="export_file")
