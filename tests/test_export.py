@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job
+from openpyxl import load_workbook
 
 from app.routes.exports import add_export_routes
 from app.web import create_app
@@ -156,7 +157,7 @@ async def test_every_row_of_5000_documents_round_trips_in_csv_and_jsonl(
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{new_id(1)}.csv", f"{new_id(2)}.jsonl"]
 
 
-async def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(
+async def test_cells_a_spreadsheet_would_run_are_written_as_text(
     redis: ArqRedis, tmp_path: Path
 ) -> None:
     hostile = {
@@ -173,6 +174,11 @@ async def test_csv_cells_a_spreadsheet_would_run_are_written_as_text(
     _, path = await run_export(redis, tmp_path, "jsonl", 2)
     [record] = read_jsonl(path)
     assert {name: record[name] for name in hostile} == hostile  # JSONL keeps the data as is
+    _, path = await run_export(redis, tmp_path, "xlsx", 3)
+    [xrow] = read_xlsx(path)
+    assert {name: xrow[name] for name in hostile} == hostile  # text cells, values as they are
+    sheet = load_workbook(path)["documents"]
+    assert [cell.data_type for cell in sheet[2]][FIELDS.index("title")] == "s"  # not "f"
 
 
 async def test_filters_by_source_and_change_time_across_pages(
@@ -391,3 +397,70 @@ async def test_bad_job_arguments_are_dead_lettered(
     entry = await get_dead_letter(redis, export_id)
     assert entry is not None and entry.function == "export" and entry.reason == "permanent"
     assert not export_settings.exports_dir.exists()
+
+
+def read_xlsx(path: Path) -> list[dict[str, Any]]:
+    book = load_workbook(path, read_only=True)
+    try:
+        rows = book["documents"].iter_rows(values_only=True)
+        header = next(rows)
+        assert tuple(header) == FIELDS
+        return [dict(zip(FIELDS, row, strict=True)) for row in rows]
+    finally:
+        book.close()
+
+
+async def test_xlsx_rows_read_back_with_openpyxl_text_stays_text(
+    redis: ArqRedis, tmp_path: Path
+) -> None:
+    """Every row, read back by openpyxl itself: numbers as numbers, a formula-looking title
+    as text (never a formula), characters XML cannot hold dropped, line breaks as LF, nothing
+    else changed."""
+    snaps = [snapshot(i, at=T0 + timedelta(seconds=i)) for i in range(1000)]
+    ids = await save_all(redis, snaps)
+    expected = await expected_rows(redis, ids)
+    result, path = await run_export(redis, tmp_path, "xlsx", 3)
+    assert result["rows"] == 1000 and path.name == f"{new_id(3)}.xlsx"
+    rows = read_xlsx(path)
+    assert {row["id"] for row in rows} == set(expected)
+    for row in rows:
+        want = expected[row["id"]]
+        for field in FIELDS:
+            value = want[field]
+            if isinstance(value, str):  # XML 1.0 has no NUL, and reads every CR LF as LF
+                value = value.replace("\x00", "").replace("\r\n", "\n").replace("\r", "\n")
+            assert row[field] == value, (field, row[field], value)
+    sheet = load_workbook(path)["documents"]  # full mode: cell types
+    assert sheet.cell(2, FIELDS.index("links_count") + 1).data_type == "n"
+
+
+async def test_xlsx_memory_stays_flat_from_1000_to_10000_documents(
+    redis: ArqRedis, tmp_path: Path, fault_report: Callable[[str], None]
+) -> None:
+    def snaps(numbers: range) -> list[DocumentSnapshot]:
+        return [snapshot(i, at=T0 + timedelta(seconds=i), text_size=500) for i in numbers]
+
+    async def peak_of_export(n: int) -> int:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result, _ = await run_export(redis, tmp_path, "xlsx", n)
+        assert result["rows"] == n
+        return tracemalloc.get_traced_memory()[1] - before
+
+    await save_all(redis, snaps(range(1000)))
+    tracemalloc.start()
+    try:
+        await run_export(redis, tmp_path, "xlsx", 1)  # warm-up: first-use caches, imports
+        peak_1000 = await peak_of_export(1000)
+        tracemalloc.stop()
+        await save_all(redis, snaps(range(1000, 10_000)))
+        tracemalloc.start()
+        peak_10000 = await peak_of_export(10_000)
+    finally:
+        tracemalloc.stop()
+    size = (tmp_path / f"{new_id(10_000)}.xlsx").stat().st_size
+    fault_report(
+        f"xlsx export peak memory: 1,000 docs {peak_1000 / 1024:,.0f} KiB, "
+        f"10,000 docs {peak_10000 / 1024:,.0f} KiB (file {size / 1024:,.0f} KiB)"
+    )
+    assert peak_10000 < 1.5 * peak_1000
