@@ -138,6 +138,8 @@ OPERATIONS = [
                        for ctype in CONTENT_TYPES.values()}),
     Operation("get", "/reports/latest", "The latest analysis report", 200,
               content={JSON: {"schema": {"type": "object"}}}),
+    Operation("get", "/reports/latest.html", "The latest analysis report as a page", 200,
+              content={"text/html": {"schema": {"type": "string"}}}),
     Operation("get", "/metrics", "Prometheus metrics: jobs by outcome and function, durations, "
               "pickup latency, queue depth, workers, emails, pages, HTTP requests", 200,
               content={"text/plain": {"schema": {"type": "string"}}}),

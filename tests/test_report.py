@@ -9,6 +9,7 @@ from typing import Any, cast
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import func
+from selectolax.lexbor import LexborHTMLParser
 
 from core.keys import REPORT_KEY, SOURCES_KEY, source_failures_key
 from core.settings import Settings
@@ -175,3 +176,33 @@ async def test_report_api_runs_the_job_and_serves_the_latest(
     assert body["documents"] == 1
     assert body["sources"]["alpha"]["pages"] == 1
     assert body["top_words"] == [["asyncio", 1], ["guide", 1], ["python", 1]]
+
+
+async def test_the_html_report_shows_the_same_figures_escaped(
+    api: ApiClient, redis: ArqRedis
+) -> None:
+    """Parsed back with selectolax: one row per source with the JSON report's figures, and a
+    title word that looks like markup shown as text."""
+    assert (await api.get("/reports/latest.html")).status == 404
+    await redis.sadd(SOURCES_KEY, "alpha")  # type: ignore[misc]
+    await save(
+        redis, "https://alpha.example/1", HOUR, 100, "Python <script>alert</script>", "alpha"
+    )
+    await redis.hset(source_failures_key("alpha"), mapping={"timeout": 2})  # type: ignore[misc]
+    built = await build_report(redis, NOW)
+    response = await api.get("/reports/latest.html")
+    assert response.status == 200 and response.content_type == "text/html"
+    page = LexborHTMLParser(await response.text())
+    assert page.css_first("script") is None
+    cells = [
+        [td.text(strip=True) for td in row.css("td")]
+        for row in page.css("table")[0].css("tbody tr")
+    ]
+    rows = {first: rest for first, *rest in cells}
+    alpha = built["sources"]["alpha"]
+    assert rows["alpha"] == [
+        str(alpha["pages"]), str(alpha["changed_last_day"]), str(alpha["changed_last_week"]),
+        str(alpha["avg_fetch_ms"]), "timeout: 2",
+    ]  # fmt: skip
+    words = [row.css("td")[0].text() for row in page.css("table")[1].css("tbody tr")]
+    assert words == [word for word, _ in built["top_words"]] and "script" in words

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jinja2
 from aiohttp import web
 
 from app.http import enqueue, json_model, read_json_object, status_url
@@ -34,6 +35,24 @@ async def show_latest_report(request: web.Request) -> web.Response:
     return web.json_response(report)
 
 
+# Report values come from scraped titles: autoescaped, like every page this project renders.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("app", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+async def show_latest_report_html(request: web.Request) -> web.Response:
+    """The same report as a page a person can read (and print to PDF from a browser)."""
+    report = await latest_report(request.app[REDIS])
+    if report is None:
+        raise web.HTTPNotFound(text="no report yet: POST /jobs/report")
+    html = _TEMPLATES.get_template("report.html").render(report=report)
+    return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
 def add_report_routes(app: web.Application) -> None:
     app.router.add_post("/jobs/report", enqueue_report)
     app.router.add_get("/reports/latest", show_latest_report)
+    app.router.add_get("/reports/latest.html", show_latest_report_html)
