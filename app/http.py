@@ -13,7 +13,7 @@ from app import actions
 from app.state import REDIS, SETTINGS
 
 # Any arq job id, but not the names of the enqueue endpoints beside it (/jobs/email is no job).
-JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report)$)[A-Za-z0-9_.:-]{1,128}"
+JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report|image)$)[A-Za-z0-9_.:-]{1,128}"
 
 
 def json_model(model: BaseModel, status: int = 200) -> web.Response:

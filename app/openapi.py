@@ -15,6 +15,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from app.http import JOB_ID_PATTERN
 from app.joboptions import JobOptions
 from app.mailsink import MESSAGE_NAME_PATTERN
+from app.routes.images import ImageAccepted
 from app.schemas import (
     AbortAccepted,
     DeadLetterPage,
@@ -40,6 +41,8 @@ from app.state import SETTINGS
 from core import __version__
 from jobs.deadletter import DeadLetter
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
+from jobs.images import CONTENT_TYPES as IMAGE_CONTENT_TYPES
+from jobs.images import IMAGE_NAME_PATTERN, ImageSpec
 from jobs.mail.newsletter import NewsletterSpec
 from jobs.schedules import ScheduleFields, ScheduleSpec, ScheduleView
 from jobs.scrape.sources import Source, SourceFields, SourceSpec
@@ -60,6 +63,17 @@ PAGING = [
     ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
 ]
 ID32 = "^[0-9a-f]{32}$"
+IMAGE_UPLOAD = {
+    "schema": {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "outputs": {"type": "string", "description": "JSON list of outputs"},
+            "options": {"type": "string", "description": "JSON object of job options"},
+        },
+    }
+}
 JOB_ID = f"^{JOB_ID_PATTERN}$"
 
 
@@ -86,6 +100,12 @@ OPERATIONS = [
               202, ScrapeAcceptedAny, ScrapeRequest),
     Operation("post", "/jobs/export", "Export documents to CSV or JSON Lines", 202, JobAccepted,
               ExportRequest),
+    Operation("post", "/jobs/image", "Resize an image (its `url`, or a multipart upload) into "
+              "JPEG, PNG or WebP versions", 202, ImageAccepted, ImageSpec),
+    Operation("get", "/images/{job_id}/{name}", "Download a version an image job wrote", 200,
+              path_params={"job_id": ID32, "name": f"^{IMAGE_NAME_PATTERN}$"},
+              content={ctype: {"schema": {"type": "string"}}
+                       for ctype in IMAGE_CONTENT_TYPES.values()}),
     Operation("post", "/jobs/report", "Compute the analysis report now", 202, JobAccepted,
               JobOptions),
     Operation("get", "/batches/{batch_id}", "Progress of a multi-URL scrape: each job's status",
@@ -259,6 +279,8 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], str], Any]) -> d
     elif op.body is not None:
         mode = "enqueue" if (op.body, "enqueue") in refs else "validation"
         operation["requestBody"] = {"required": True, "content": body(op.body, mode)}
+        if op.path == "/jobs/image":
+            operation["requestBody"]["content"]["multipart/form-data"] = IMAGE_UPLOAD
     if op.public:
         operation["security"] = []
     return operation

@@ -49,6 +49,7 @@ PROGRESS_KEY_PREFIX = PREFIX + "progress:"  # + job id -> {done, total, step}
 RETRYING_KEY_PREFIX = PREFIX + "retrying:"  # + job id -> {error, try, next_try_ms}
 DEAD_KEY_PREFIX = PREFIX + "dead:"  # + job id -> JSON dead-letter entry
 DEAD_INDEX_KEY = PREFIX + "dead"  # zset job id -> failure time
+UPLOAD_KEY_PREFIX = PREFIX + "upload:"  # + upload id -> an uploaded image's bytes (a day)
 CALLBACK_KEY_PREFIX = PREFIX + "callback:"  # + job id -> JSON: its webhook's delivery
 
 

@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     cleanup_hour: int = Field(3, ge=0, le=23, description="UTC hour of the daily cleanup")
     report_hour: int = Field(4, ge=0, le=23, description="UTC hour of the daily report")
 
+    # Image jobs: a URL's image may be this large (an upload: MAX_BODY_BYTES); an image with
+    # more pixels than this is refused before it is decoded. Versions go to IMAGES_DIR and are
+    # removed by the cleanup after EXPORT_TTL, like exports.
+    image_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    image_max_pixels: int = Field(40_000_000, gt=0)
+    images_dir: Path = Path("var/images")
+
     # Housekeeping (daily cron jobs)
     exports_dir: Path = Path("var/exports")
     export_ttl: float = Field(7 * 24 * 3600, gt=0, description="seconds an export file is kept")

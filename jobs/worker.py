@@ -16,6 +16,7 @@ from jobs.cpulimit import CpuPool
 from jobs.engine.monitor import JobMonitor
 from jobs.engine.worker import WakeListener, worker_redis
 from jobs.housekeeping import daily_cleanup, daily_report, export, report
+from jobs.images import process_image
 from jobs.mail import send_email, send_newsletter
 from jobs.mail.sendrate import SendRate
 from jobs.mail.smtp import SmtpPool
@@ -73,6 +74,7 @@ def job_functions(settings: Settings) -> list[Function]:
         func(cast(WorkerCoroutine, send_newsletter), name="send_newsletter", max_tries=email_tries),
         func(cast(WorkerCoroutine, scrape), name="scrape", max_tries=scrape_tries),
         func(cast(WorkerCoroutine, scrape_source), name="scrape_source", max_tries=scrape_tries),
+        func(cast(WorkerCoroutine, process_image), name="process_image", max_tries=scrape_tries),
         func(
             cast(WorkerCoroutine, deliver_webhook),
             name="deliver_webhook",

@@ -7,6 +7,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -131,10 +132,15 @@ async def crawl_site() -> AsyncIterator[tuple[int, CrawlStats]]:
 
 
 @pytest.fixture
-def make_settings(smtp: tuple[RecordingSmtpHandler, int]) -> Callable[..., Settings]:
+def make_settings(
+    smtp: tuple[RecordingSmtpHandler, int], tmp_path: Path
+) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "redis_url": TEST_REDIS_URL,
+            # files a test's jobs write stay in its own folder, never in the checkout's var/
+            "exports_dir": tmp_path / "exports",
+            "images_dir": tmp_path / "images",
             "smtp_host": "127.0.0.1",
             "smtp_port": smtp[1],
             "scrape_allowed_cidrs": LOOPBACK,

@@ -163,7 +163,13 @@ async def test_cleanup_removes_exactly_what_is_past_retention(
 
     before = await dump(redis)
     counts = await cleanup(redis, settings, NOW)
-    assert counts == {"versions": 4, "exports": 3, "orphaned_documents": 2, "dead_letters": 2}
+    assert counts == {
+        "versions": 4,
+        "exports": 3,
+        "images": 0,
+        "orphaned_documents": 2,
+        "dead_letters": 2,
+    }
 
     # The expected state is the state before with exactly those things taken out.
     expected = dict(before)
@@ -190,7 +196,13 @@ async def test_cleanup_removes_exactly_what_is_past_retention(
 
     # A second run finds nothing more to do and changes nothing.
     again = await cleanup(redis, settings, NOW)
-    assert again == {"versions": 0, "exports": 0, "orphaned_documents": 0, "dead_letters": 0}
+    assert again == {
+        "versions": 0,
+        "exports": 0,
+        "images": 0,
+        "orphaned_documents": 0,
+        "dead_letters": 0,
+    }
     assert await dump(redis) == expected
     assert set(exports.iterdir()) == survivors
 
@@ -222,7 +234,13 @@ async def test_many_documents_are_walked_in_chunks(
         source = "live" if n % 7 else "gone"  # 100 orphans
         await save_versions(redis, f"https://many.example/{n}", [20 * DAY, DAY], source)
     counts = await cleanup(redis, settings, NOW)
-    assert counts == {"versions": 600, "exports": 0, "orphaned_documents": 100, "dead_letters": 0}
+    assert counts == {
+        "versions": 600,
+        "exports": 0,
+        "images": 0,
+        "orphaned_documents": 100,
+        "dead_letters": 0,
+    }
     assert await redis.zcard(keys.DOC_INDEX_KEY) == 600
     assert await redis.zcard(keys.DOC_CHANGED_KEY) == 600
     assert await redis.exists(keys.source_docs_key("gone")) == 0
@@ -234,7 +252,13 @@ async def test_missing_exports_folder_and_empty_store(
 ) -> None:
     settings = make_settings(**RETENTION, exports_dir=tmp_path / "never-created")
     counts = await cleanup(redis, settings, NOW)
-    assert counts == {"versions": 0, "exports": 0, "orphaned_documents": 0, "dead_letters": 0}
+    assert counts == {
+        "versions": 0,
+        "exports": 0,
+        "images": 0,
+        "orphaned_documents": 0,
+        "dead_letters": 0,
+    }
     assert not (tmp_path / "never-created").exists()
 
 
@@ -257,9 +281,32 @@ async def test_daily_cleanup_job_logs_its_counts(
     }
     with caplog.at_level(logging.INFO, logger="jobs.housekeeping.cleanup"):
         result = await daily_cleanup(ctx)
-    assert result == {"versions": 0, "exports": 0, "orphaned_documents": 0, "dead_letters": 1}
+    assert result == {
+        "versions": 0,
+        "exports": 0,
+        "images": 0,
+        "orphaned_documents": 0,
+        "dead_letters": 1,
+    }
     assert (
-        "cleanup removed 0 versions, 0 exports, 0 orphaned documents, 1 dead letters"
-        in caplog.messages
+        "cleanup removed 0 versions, 0 exports, 0 image folders, 0 orphaned documents, "
+        "1 dead letters" in caplog.messages
     )
     assert await redis.zrange(keys.DEAD_INDEX_KEY, 0, -1) == [b"recent"]
+
+
+async def test_image_job_folders_go_with_the_export_ttl(
+    redis: ArqRedis, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(**RETENTION, images_dir=tmp_path)
+    old, fresh = tmp_path / ("a" * 32), tmp_path / ("b" * 32)
+    not_ours = tmp_path / "not-a-job"
+    for folder in (old, fresh, not_ours):
+        folder.mkdir()
+        (folder / "0-10x10.png").write_bytes(b"x")
+    stale = NOW.timestamp() - settings.export_ttl - 1
+    for folder in (old, not_ours):
+        os.utime(folder, (stale, stale))
+    counts = await cleanup(redis, settings, NOW)
+    assert counts["images"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, not_ours.name])

@@ -9,6 +9,7 @@ from app.routes.batches import add_batch_routes
 from app.routes.dead_letters import add_dead_letter_routes
 from app.routes.documents import add_document_routes
 from app.routes.exports import add_export_routes
+from app.routes.images import add_image_routes
 from app.routes.jobs import add_job_routes
 from app.routes.reports import add_report_routes
 from app.routes.schedules import add_schedule_routes
@@ -25,6 +26,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     add_schedule_routes(app)
     add_document_routes(app)
     add_export_routes(app)
+    add_image_routes(app)
     add_report_routes(app)
     add_system_routes(app, settings)
     add_metrics(app)

@@ -2,7 +2,8 @@
 
 Four kinds of leftovers, each removed only once it is past its retention:
 - document versions older than `version_retention` (a document's newest version always stays);
-- export files older than `export_ttl` (only names the exporter writes, finished or not);
+- export files older than `export_ttl` (only names the exporter writes, finished or not),
+  and image jobs' folders as old;
 - documents of deleted sources (their hash, versions, index entries and the source's doc set);
 - dead letters that failed more than `dead_letter_retention` ago.
 
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from core.keys import (
 )
 from core.settings import Settings
 from jobs.housekeeping.export import EXPORT_NAME_PATTERN
+from jobs.images import JOB_ID_PATTERN as IMAGE_JOB_ID_PATTERN
 from jobs.retry import classified
 from jobs.values import as_text, as_utc, now_utc
 
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 500  # documents per ZSCAN step and pipeline
 EXPORT_NAME = re.compile(EXPORT_NAME_PATTERN)
+IMAGE_JOB_FOLDER = re.compile(IMAGE_JOB_ID_PATTERN)
 TEMP_NAME = re.compile(rf"{EXPORT_NAME_PATTERN}\.tmp")  # an export that never finished
 
 # The fetched_at of every version but the newest (index 0), without sending their texts over.
@@ -94,10 +98,14 @@ async def cleanup(redis: Redis, settings: Settings, now: datetime) -> dict[str, 
     exports = await asyncio.to_thread(
         remove_expired_exports, settings.exports_dir, now.timestamp() - settings.export_ttl
     )
+    images = await asyncio.to_thread(
+        remove_expired_images, settings.images_dir, now.timestamp() - settings.export_ttl
+    )
     dead = await _remove_old_dead_letters(redis, now.timestamp() - settings.dead_letter_retention)
     return {
         "versions": docs["versions"],
         "exports": exports,
+        "images": images,
         "orphaned_documents": docs["orphaned_documents"],
         "dead_letters": dead,
     }
@@ -108,9 +116,11 @@ async def daily_cleanup(ctx: dict[str, Any]) -> dict[str, int]:
     """Cron job: the day's housekeeping, with its counts in the log and as the job result."""
     counts = await cleanup(ctx["redis"], ctx["settings"], now_utc())
     log.info(
-        "cleanup removed %d versions, %d exports, %d orphaned documents, %d dead letters",
+        "cleanup removed %d versions, %d exports, %d image folders, %d orphaned documents, "
+        "%d dead letters",
         counts["versions"],
         counts["exports"],
+        counts["images"],
         counts["orphaned_documents"],
         counts["dead_letters"],
     )
@@ -222,3 +232,25 @@ def _older(fetched_at: bytes | str, cutoff: datetime) -> bool:
         return as_utc(datetime.fromisoformat(as_text(fetched_at))) < cutoff
     except ValueError:
         return False
+
+
+def remove_expired_images(folder: Path, cutoff: float) -> int:
+    """Delete the folders of image jobs (named by their 32-hex job id) last changed before
+    `cutoff` (unix time); anything else stays. Blocking: run it in a thread."""
+    try:
+        with os.scandir(folder) as it:
+            entries = [e for e in it if IMAGE_JOB_FOLDER.fullmatch(e.name)]
+    except FileNotFoundError:
+        return 0  # no image job ever ran
+    removed = 0
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+            shutil.rmtree(entry.path)
+        except FileNotFoundError:
+            continue  # another worker's cleanup got there first
+        removed += 1
+    return removed

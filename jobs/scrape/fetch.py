@@ -121,6 +121,16 @@ class Fetcher:
                 return response.status, body.decode("utf-8", errors="replace")
         raise AssertionError("unreachable")  # translate_errors always raises or returns above
 
+    async def fetch_bytes(self, url: str, max_bytes: int, waiter: str | None = None) -> bytes:
+        """GET a file (an image): its body, at most `max_bytes`. The guard and politeness
+        apply; robots.txt does not (one file a person asked for, as a browser loads it)."""
+        target = URL(url)
+        with translate_errors(target, self.settings):
+            async with self._get(target, {}, HostWait(), waiter) as response:
+                _check_status(response)
+                return await _read_capped(response, max_bytes, "file")
+        raise AssertionError("unreachable")  # translate_errors always raises or returns above
+
     @contextlib.asynccontextmanager
     async def _get(
         self, url: URL, headers: dict[str, str], wait: HostWait, waiter: str | None = None
@@ -182,13 +192,7 @@ async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> Fetche
     _check_status(response)
     if response.content_type not in HTML_TYPES:
         raise PermanentJobError(f"not an HTML page (Content-Type: {response.content_type})")
-    if (response.content_length or 0) > max_bytes:
-        raise PermanentJobError(f"page is larger than the {max_bytes} byte limit")
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > max_bytes:
-            raise PermanentJobError(f"page is larger than the {max_bytes} byte limit")
+    body = await _read_capped(response, max_bytes, "page")
     return FetchedPage(
         final_url=str(response.url),
         status=response.status,
@@ -198,6 +202,19 @@ async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> Fetche
         etag=etag,
         last_modified=last_modified,
     )
+
+
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
+    """The body, refused as soon as it is known to pass `max_bytes` (never read whole first)."""
+    too_large = f"{what} is larger than the {max_bytes} byte limit"
+    if (response.content_length or 0) > max_bytes:
+        raise PermanentJobError(too_large)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > max_bytes:
+            raise PermanentJobError(too_large)
+    return bytes(body)
 
 
 def _check_status(response: aiohttp.ClientResponse) -> None:
