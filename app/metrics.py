@@ -37,6 +37,7 @@ from core.keys import (
 )
 from jobs.engine.monitor import DURATION_BUCKETS
 from jobs.engine.queue import waiting_counts
+from jobs.schedules import list_schedules
 from jobs.values import as_text
 
 JOB_COUNTERS = {
@@ -109,6 +110,7 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
         pipe.zcard(RUNNING_KEY)
         pipe.zcard(DEAD_INDEX_KEY)
         pipe.smembers(WORKERS_KEY)
+        pipe.zrangebyscore(queue, "-inf", now_ms, start=0, num=1, withscores=True)
         (
             counters,
             durations,
@@ -118,7 +120,9 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
             running,
             dead,
             workers,
+            oldest,
         ) = await pipe.execute()
+    schedules = await list_schedules(redis)
     # a worker's registry entry expires when it stops refreshing it: only live ones exist
     alive = await redis.exists(*[WORKER_KEY_PREFIX + as_text(w) for w in workers]) if workers else 0
     counts = _parse_counters(counters)
@@ -152,6 +156,17 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
     depth.add_metric(["queued"], queued)
     depth.add_metric(["deferred"], deferred)
     metrics.append(depth)
+    # what an autoscaler (KEDA through Prometheus) reads: how long the oldest due job has waited
+    age = (now_ms - oldest[0][1]) / 1000 if oldest else 0.0
+    metrics.append(GaugeMetricFamily(
+        "asyncjobs_queue_oldest_age_seconds", "Age of the oldest due job (0: none waits)",
+        value=max(age, 0.0),
+    ))  # fmt: skip
+    by_state = GaugeMetricFamily("asyncjobs_schedules", "Schedules", labels=["state"])
+    paused = sum(schedule.paused for schedule in schedules)
+    by_state.add_metric(["active"], len(schedules) - paused)
+    by_state.add_metric(["paused"], paused)
+    metrics.append(by_state)
     metrics.append(GaugeMetricFamily("asyncjobs_jobs_running", "Jobs in progress", value=running))
     metrics.append(GaugeMetricFamily("asyncjobs_dead_letters", "Dead-letter entries", value=dead))
     metrics.append(GaugeMetricFamily("asyncjobs_workers_alive", "Live workers", value=alive))

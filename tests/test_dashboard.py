@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss
 from arq.worker import Worker
+from selectolax.lexbor import LexborHTMLParser
 
 from app.dashboard.session import SESSION_TTL_S
 from app.web import create_app
@@ -405,3 +406,14 @@ async def test_cron_page_lists_schedules_with_pause_and_resume(
     assert f'action="/ui/schedules/{schedule_id}/resume"' in page and "paused" in page
     await ui.post(f"/ui/schedules/{schedule_id}/resume", data={"csrf": csrf})
     assert (await (await api.get(f"/schedules/{schedule_id}")).json())["paused"] is False
+
+
+async def test_a_delayed_jobs_page_shows_when_it_is_due(
+    ui: ApiClient, api: ApiClient, redis: ArqRedis
+) -> None:
+    job_id = await enqueue_email(api, delay_seconds=3600)
+    await log_in(ui)
+    page = LexborHTMLParser(await (await ui.get(f"/ui/jobs/{job_id}")).text())
+    status, due = page.css_first("#status"), page.css_first("#due_at")
+    assert status is not None and status.text() == "deferred"
+    assert due is not None and due.text(strip=True) != ""

@@ -3,11 +3,14 @@ The worker's numbers cross processes through Redis; this test reads them through
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from arq.connections import ArqRedis
 from arq.worker import Worker
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobs.engine.queue import enqueue_job
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler, SiteStats
@@ -99,3 +102,23 @@ async def test_a_partly_refused_message_is_complete_with_a_warning_and_counted(
         return value(after, name) - value(before, name) == 1
 
     await wait_for(counted, timeout=10, interval=0.2, what="the refused recipient counted")
+
+
+async def test_oldest_due_job_age_and_schedules(api: ApiClient, redis: ArqRedis) -> None:
+    """No worker: a job enqueued 2 s in the past has waited about 2 s; a deferred one is not
+    due, so it does not count; schedules are counted by state."""
+    samples = await scrape_metrics(api)
+    assert value(samples, "asyncjobs_queue_oldest_age_seconds") == 0
+    assert await enqueue_job(redis, "send_email", _defer_by=3600) is not None
+    job_id = await enqueue_job(redis, "send_email")
+    assert job_id is not None
+    await redis.zadd("arq:queue", {job_id: time.time() * 1000 - 2000}, xx=True)
+    body = {"every": 3600, "job": {"type": "report"}}
+    for paused in (False, True):
+        created = await (await api.post("/schedules", json=body)).json()
+        if paused:
+            await api.post(f"/schedules/{created['id']}/pause")
+    samples = await scrape_metrics(api)
+    assert 1.9 <= value(samples, "asyncjobs_queue_oldest_age_seconds") < 10
+    assert value(samples, "asyncjobs_schedules", state="active") == 1
+    assert value(samples, "asyncjobs_schedules", state="paused") == 1

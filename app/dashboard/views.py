@@ -262,12 +262,23 @@ def job_state(request: web.Request, view: JobView) -> dict[str, Any]:
         "start_time": when(view.start_time),
         "finish_time": when(view.finish_time),
         "next_try_at": when(view.next_try_at),
+        "due_at": when(view.due_at),
+        "callback": _callback(view),
         "result": "" if view.result is None else pretty(view.result),
         "error": view.error or "",
         "progress": _progress(view),
         "finished": view.status not in ABORTABLE,
         "download": _export_download(request, view),
     }
+
+
+def _callback(view: JobView) -> str:
+    """The completion webhook's delivery, in a line: state, tries, last answer or error."""
+    hook = view.callback
+    if hook is None:
+        return ""
+    last = f"HTTP {hook.last_status}" if hook.last_status else hook.last_error or ""
+    return f"{hook.state} after {hook.tries} tries to {hook.url}" + (f" ({last})" if last else "")
 
 
 def _progress(view: JobView) -> dict[str, Any] | None:

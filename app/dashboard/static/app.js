@@ -36,7 +36,7 @@ function showJob(job) {
   const status = document.getElementById("status");
   status.textContent = job.status;
   status.className = "badge " + job.status;
-  const fields = ["function", "tries", "enqueue_time", "start_time", "finish_time", "next_try_at"];
+  const fields = ["function", "tries", "enqueue_time", "start_time", "finish_time", "next_try_at", "due_at", "callback"];
   for (const field of fields) {
     setText(field, job[field]);
   }
