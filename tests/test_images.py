@@ -162,31 +162,28 @@ async def test_what_is_not_an_image_fails_for_good(
     assert "not an image" in status["error"]
 
 
-async def test_an_image_larger_than_the_limit_is_not_read_whole(
-    make_settings: Callable[..., Settings], redis: ArqRedis, tmp_path: Path, image_site: str
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"image_max_bytes": 1000}, "larger than the 1000 byte limit"),  # not read whole
+        ({"scrape_allowed_cidrs": []}, "not a public address"),  # the scraper's SSRF guard
+    ],
+)
+async def test_image_urls_are_fetched_within_the_scrapers_limits(
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    image_site: str,
+    overrides: dict[str, Any],
+    error: str,
 ) -> None:
-    settings = make_settings(images_dir=tmp_path, image_max_bytes=1000)
+    settings = make_settings(**overrides)
     worker, task = await start_worker(settings, cron_jobs=[])
     try:
         async with api_client(create_app(settings)) as api:
             status = await run(api, url=f"{image_site}/photo.jpg")
     finally:
         await stop_worker(worker, task)
-    assert status["status"] == "failed"
-    assert "larger than the 1000 byte limit" in status["error"]
-
-
-async def test_image_urls_go_through_the_ssrf_guard(
-    make_settings: Callable[..., Settings], redis: ArqRedis, tmp_path: Path, image_site: str
-) -> None:
-    settings = make_settings(images_dir=tmp_path, scrape_allowed_cidrs=[])
-    worker, task = await start_worker(settings, cron_jobs=[])
-    try:
-        async with api_client(create_app(settings)) as api:
-            status = await run(api, url=f"{image_site}/photo.jpg")
-    finally:
-        await stop_worker(worker, task)
-    assert status["status"] == "failed" and "not a public address" in status["error"]
+    assert status["status"] == "failed" and error in status["error"]
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -188,25 +189,13 @@ def remove_expired_exports(folder: Path, cutoff: float) -> int:
 
     Anything else in the folder is not ours and stays. Blocking: run it in a thread.
     """
-    try:
-        with os.scandir(folder) as it:
-            entries = list(it)
-    except FileNotFoundError:
-        return 0  # nothing was ever exported
-    removed = 0
-    for entry in entries:
-        if not (EXPORT_NAME.fullmatch(entry.name) or TEMP_NAME.fullmatch(entry.name)):
-            continue
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
-                continue
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            continue  # another worker's cleanup got there first
-        removed += 1
-    return removed
+
+    def ours(entry: os.DirEntry[str]) -> bool:
+        name = entry.name
+        is_export = EXPORT_NAME.fullmatch(name) or TEMP_NAME.fullmatch(name)
+        return bool(is_export) and entry.is_file(follow_symlinks=False)
+
+    return _remove_old_entries(folder, cutoff, ours, os.unlink)
 
 
 async def _remove_old_dead_letters(redis: Redis, cutoff: float) -> int:
@@ -237,19 +226,31 @@ def _older(fetched_at: bytes | str, cutoff: datetime) -> bool:
 def remove_expired_images(folder: Path, cutoff: float) -> int:
     """Delete the folders of image jobs (named by their 32-hex job id) last changed before
     `cutoff` (unix time); anything else stays. Blocking: run it in a thread."""
+
+    def ours(entry: os.DirEntry[str]) -> bool:
+        return bool(IMAGE_JOB_FOLDER.fullmatch(entry.name)) and entry.is_dir(follow_symlinks=False)
+
+    return _remove_old_entries(folder, cutoff, ours, shutil.rmtree)
+
+
+def _remove_old_entries(
+    folder: Path,
+    cutoff: float,
+    ours: Callable[[os.DirEntry[str]], bool],
+    remove: Callable[[str], object],
+) -> int:
+    """Remove the entries of `folder` that are `ours` and last modified before `cutoff`."""
     try:
         with os.scandir(folder) as it:
-            entries = [e for e in it if IMAGE_JOB_FOLDER.fullmatch(e.name)]
+            entries = list(it)
     except FileNotFoundError:
-        return 0  # no image job ever ran
+        return 0  # nothing was ever written there
     removed = 0
     for entry in entries:
         try:
-            if not entry.is_dir(follow_symlinks=False):
+            if not ours(entry) or entry.stat(follow_symlinks=False).st_mtime >= cutoff:
                 continue
-            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
-                continue
-            shutil.rmtree(entry.path)
+            remove(entry.path)
         except FileNotFoundError:
             continue  # another worker's cleanup got there first
         removed += 1
