@@ -11,6 +11,7 @@ from app.devstack import DevStackError, run_dev
 from app.web import run_web
 from core.logs import configure_logging
 from core.settings import get_settings
+from core.speedups import install_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOG_FORMAT", "text")  # people read the dev console
         os.environ.setdefault("MAIL_ALLOW_LOCAL_DOMAINS", "true")  # you@localhost, on a laptop
     configure_logging()
+    install_event_loop()  # uvloop for the API and the dev launcher (see core/speedups.py)
     settings = get_settings()
     if args.command == "web":
         run_web(settings)

@@ -38,7 +38,7 @@ def error_response(
     body = ErrorBody(
         error=error or ERROR_CODES.get(status, "error"), message=message, details=details or []
     )
-    return web.json_response(body.model_dump(), status=status)
+    return web.Response(text=body.model_dump_json(), status=status, content_type="application/json")
 
 
 def validation_details(exc: ValidationError) -> list[ErrorDetail]:

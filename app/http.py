@@ -17,7 +17,10 @@ JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report|image)$)[A-Za-z0-
 
 
 def json_model(model: BaseModel, status: int = 200) -> web.Response:
-    return web.json_response(model.model_dump(mode="json"), status=status)
+    # pydantic's own serializer (Rust): no dict built in between, no second encoder
+    return web.Response(
+        text=model.model_dump_json(), status=status, content_type="application/json"
+    )
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

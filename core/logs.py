@@ -7,12 +7,13 @@ fields such as job_id, function, try, duration_ms, outcome), so a log pipeline c
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.config
 import os
 from datetime import UTC, datetime
 from typing import Any
+
+from core.speedups import dumps
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -29,7 +30,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return dumps(entry)
 
 
 def log_config(verbose: bool = False) -> dict[str, Any]:

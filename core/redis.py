@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.settings import Settings
+from core.speedups import redis_pool_options
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -39,6 +40,7 @@ def connect(settings: Settings) -> ArqRedis:
         # one immediate reconnect: a pooled connection may be stale after a Redis restart
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError],
+        **redis_pool_options(),
     )
     return ArqRedis(pool, default_queue_name=settings.queue_name)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC
 from typing import Any, cast
@@ -10,6 +11,7 @@ from arq.cron import CronJob, cron
 from arq.typing import WorkerCoroutine
 from arq.worker import Function, func
 
+from core import speedups
 from core.redis import redis_settings
 from core.settings import Settings, get_settings
 from jobs.cpulimit import CpuPool
@@ -42,6 +44,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["monitor"].start()
     ctx["wake_listener"] = WakeListener(settings)
     ctx["wake_listener"].start()
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    log.info("worker started: event loop %s, speedups: %s", loop, speedups.describe())
     log.info(
         "worker ready: max_jobs=%d smtp=%s:%s",
         settings.worker_max_jobs,

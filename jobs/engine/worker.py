@@ -44,6 +44,7 @@ from redis.exceptions import RedisError
 from core.keys import wake_key
 from core.redis import redis_settings
 from core.settings import Settings
+from core.speedups import redis_pool_options
 from jobs.engine.runner import engine_of, wake_state, wake_up
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class HandshakeRetryingConnection(Connection):
 def worker_redis(settings: Settings) -> ArqRedis:
     """The worker's client: arq's retry settings, plus handshake retries on plain redis:// URLs."""
     rs = redis_settings(settings)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = redis_pool_options()
     if urlsplit(settings.redis_url).scheme == "redis":  # TLS and sockets keep their own classes
         extra["connection_class"] = HandshakeRetryingConnection
     pool = ConnectionPool.from_url(
@@ -90,7 +91,9 @@ class WakeListener:
 
     def __init__(self, settings: Settings) -> None:
         self._redis = Redis.from_url(
-            settings.redis_url, socket_connect_timeout=settings.redis_timeout
+            settings.redis_url,
+            socket_connect_timeout=settings.redis_timeout,
+            **redis_pool_options(),
         )
         self._key = wake_key(settings.queue_name)
         self._task: asyncio.Task[None] | None = None

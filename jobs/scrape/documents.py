@@ -25,6 +25,7 @@ from core.keys import (
     doc_versions_key,
     source_docs_key,
 )
+from core.speedups import dumps
 from jobs.values import as_text
 
 MAX_STORED_LINKS = 500  # links kept per document, for following them after a 304
@@ -113,10 +114,10 @@ async def save_document(
     kept with it, so a later 304 (not modified) can still follow them."""
     doc_id = document_id(snapshot.url)
     fields: dict[str, Any] = snapshot.model_dump(mode="json")
-    fields["extracted"] = json.dumps(fields["extracted"])
+    fields["extracted"] = dumps(fields["extracted"])
     fields["changed_at"] = fields["fetched_at"]
     if links is not None:
-        fields["links"] = json.dumps(links[:MAX_STORED_LINKS])
+        fields["links"] = dumps(links[:MAX_STORED_LINKS])
     version = DocumentVersion(
         content_hash=snapshot.content_hash,
         fetched_at=snapshot.fetched_at,
