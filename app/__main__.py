@@ -1,4 +1,5 @@
-"""Command line: `python -m app dev` (whole local stack) or `python -m app web` (API only)."""
+"""Command line: `python -m app dev` (whole local stack), `python -m app web` (API only) or
+`python -m app worker --processes N` (N worker processes, restarted when one dies)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 
 from app.devstack import DevStackError, run_dev
+from app.supervisor import process_count, supervise
 from app.web import run_web
 from core.logs import configure_logging
 from core.settings import get_settings
@@ -19,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("dev", help="web + worker + local Redis and mail sink when needed")
     commands.add_parser("web", help="the HTTP API only (run the worker with `arq`)")
+    worker = commands.add_parser("worker", help="N worker processes, supervised")
+    worker.add_argument(
+        "--processes", type=int, default=None,
+        help="how many (default WORKER_PROCESSES, 0 or unset: one per CPU)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "dev":  # the worker child inherits these
         os.environ.setdefault("LOG_FORMAT", "text")  # people read the dev console
@@ -29,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "web":
         run_web(settings)
         return 0
+    if args.command == "worker":
+        processes = args.processes if args.processes is not None else process_count(settings)
+        if processes < 1:
+            parser.error("--processes must be at least 1")
+        return asyncio.run(supervise(settings, processes))
     try:
         return asyncio.run(run_dev(settings))
     except DevStackError as exc:

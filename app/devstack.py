@@ -1,8 +1,9 @@
 """`python -m app dev`: the whole stack in one command, for a laptop without Docker.
 
 Starts what is missing (a `redis-server` child when none answers at REDIS_URL, an in-process SMTP
-sink writing .eml files when SMTP_HOST is unset), then the arq worker as a child process (the real
-entry point, `arq worker_settings.WorkerSettings`) and the web API. Ctrl-C stops all of it.
+sink writing .eml files when SMTP_HOST is unset), then the workers (`python -m app worker`: one
+`arq worker_settings.WorkerSettings` process per CPU, supervised) and the web API. Ctrl-C stops
+all of it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from app.mailsink import MaildirHandler, server_port, start_smtp_server
+from app.supervisor import STOP_MARGIN_S, process_count
 from app.web import app_runner
 from core.redis import redis_answers
 from core.settings import Settings
@@ -126,12 +128,15 @@ async def local_mail_sink(settings: Settings, var_dir: Path) -> AsyncIterator[Se
 @contextlib.asynccontextmanager
 async def worker_process(settings: Settings) -> AsyncIterator[asyncio.subprocess.Process]:
     env = {**os.environ, **settings_env(settings)}
+    processes = str(process_count(settings))  # the supervisor: one worker per CPU by default
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "arq", "worker_settings.WorkerSettings",
+        sys.executable, "-m", "app", "worker", "--processes", processes,
         env=env, start_new_session=True,
     )  # fmt: skip
-    async with _child(process, "worker"):
+    try:
         yield process
+    finally:  # the supervisor gives its workers SHUTDOWN_GRACE, then a margin
+        await stop_process(process, "workers", settings.shutdown_grace + STOP_MARGIN_S + 5)
 
 
 @contextlib.asynccontextmanager
@@ -163,16 +168,23 @@ async def _child(process: asyncio.subprocess.Process, name: str) -> AsyncIterato
         await stop_process(process, name)
 
 
-async def stop_process(process: asyncio.subprocess.Process, name: str) -> None:
-    """SIGTERM, then SIGKILL if it has not exited in time."""
+async def stop_process(
+    process: asyncio.subprocess.Process, name: str, timeout: float = CHILD_STOP_TIMEOUT_S
+) -> None:
+    """SIGTERM, then SIGKILL to its whole process group (it leads one: start_new_session) if
+    it has not exited in time."""
     if process.returncode is not None:
         return
     process.terminate()
     try:
-        await asyncio.wait_for(process.wait(), CHILD_STOP_TIMEOUT_S)
+        await asyncio.wait_for(process.wait(), timeout)
     except TimeoutError:
-        log.warning("%s did not stop in %.0fs; killing it", name, CHILD_STOP_TIMEOUT_S)
-        process.kill()
+        log.warning("%s did not stop in %.0fs; killing it", name, timeout)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # not a group leader: the process alone
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
         await process.wait()
 
 

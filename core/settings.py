@@ -55,6 +55,9 @@ class Settings(BaseSettings):
 
     # Worker
     worker_max_jobs: int = Field(200, gt=0, description="jobs one worker runs at once")
+    # `python -m app worker` (and `python -m app dev`) start this many worker processes; 0:
+    # one per CPU. `arq worker_settings.WorkerSettings` is always one process.
+    worker_processes: int = Field(0, ge=0, le=256)
     job_timeout: float = Field(300, gt=0)
     keep_result: float = Field(24 * 3600, gt=0, description="seconds arq keeps a job's result")
     worker_health_interval: float = Field(10, gt=0)
