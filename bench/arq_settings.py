@@ -6,6 +6,9 @@ does, so every arq engine writes the same log lines per job.
 
 - `DefaultSettings`: arq 0.28's defaults (max_jobs=10, poll_delay=0.5).
 - `TunedSettings`: max_jobs=500, poll_delay=0.01, the fair baseline.
+
+Both run on the same stack as the project's worker (core/speedups.py: uvloop, hiredis, unless
+ASYNCJOBS_SPEEDUPS says otherwise), so a ratio between them shows the engine, not the loop.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ from __future__ import annotations
 from typing import Any, cast
 
 import arq.cli
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.typing import WorkerCoroutine
 from arq.worker import func
+from redis.asyncio import ConnectionPool
 
 from bench.noop import noop
 from core.logs import log_config
 from core.settings import get_settings
+from core.speedups import install_event_loop, redis_pool_options
 from jobs.worker import job_functions, shutdown, startup
 
 arq.cli.default_log_config = log_config  # type: ignore[attr-defined]
+install_event_loop()
 
 _settings = get_settings()
 _base: dict[str, Any] = {
@@ -30,6 +36,9 @@ _base: dict[str, Any] = {
     "on_startup": startup,
     "on_shutdown": shutdown,
     "redis_settings": RedisSettings.from_dsn(_settings.redis_url),
+    # arq's own pool, but with the parser ASYNCJOBS_SPEEDUPS chose (redis-py takes hiredis
+    # whenever it is installed)
+    "redis_pool": ArqRedis(ConnectionPool.from_url(_settings.redis_url, **redis_pool_options())),
 }
 DefaultSettings = type("DefaultSettings", (), _base)
 TunedSettings = type("TunedSettings", (), {**_base, "max_jobs": 500, "poll_delay": 0.01})

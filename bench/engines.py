@@ -8,6 +8,7 @@ Celery engines through the Celery venv (`bench.celery_enqueue`) and a Redis hash
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from asyncio.subprocess import PIPE
@@ -290,6 +291,27 @@ ENGINES: dict[str, Engine] = {
                "Celery 5 threads pool, concurrency 100", celery_concurrency=100),
     )
 }  # fmt: skip
+
+
+def stack_variant(base: Engine, speedups: str) -> Engine:
+    """`base` with ASYNCJOBS_SPEEDUPS set (core/speedups.py): for the fast stack's ablation."""
+    return dataclasses.replace(
+        base,
+        name=f"{base.name}+{speedups.replace(',', '+')}",
+        description=f"{base.description}; ASYNCJOBS_SPEEDUPS={speedups}",
+        settings=(*base.settings, ("asyncjobs_speedups", speedups)),
+    )
+
+
+# `python -m bench jobs --engines ...`: each piece of the fast stack on its own, and none (the
+# default engines run with all three).
+STACK_ENGINES: dict[str, Engine] = {
+    variant.name: variant
+    for variant in (
+        *(stack_variant(ENGINES["asyncjobs"], s) for s in ("none", "uvloop", "hiredis", "orjson")),
+        stack_variant(ENGINES["arq-tuned"], "none"),
+    )
+}
 
 # Not one of the compared engines: the production worker opened up to 1,000 jobs and HTTP
 # connections at once, to measure memory with 1,000 scrape jobs in flight (full mode only).
