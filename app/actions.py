@@ -13,6 +13,7 @@ from arq.utils import timestamp_ms
 
 from app.jobstatus import read_job
 from app.schemas import JobView
+from core.settings import Settings
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
 from jobs.engine.queue import enqueue_job, enqueue_jobs
 from jobs.housekeeping.export import ExportRequest
@@ -30,9 +31,14 @@ async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
     return job_id
 
 
-async def enqueue_many(redis: ArqRedis, function: str, calls: list[dict[str, Any]]) -> list[str]:
+async def enqueue_many(
+    redis: ArqRedis,
+    function: str,
+    calls: list[dict[str, Any]],
+    replicated: Settings | None = None,
+) -> list[str]:
     """`enqueue` for many jobs of one function in one round trip; their ids, in order."""
-    ids = await enqueue_jobs(redis, function, calls)
+    ids = await enqueue_jobs(redis, function, calls, replicated)
     taken = [call.get("_job_id") for call, job_id in zip(calls, ids, strict=True) if not job_id]
     if taken:
         raise web.HTTPConflict(text=f"jobs {', '.join(map(str, taken))} already exist")

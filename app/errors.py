@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from app.schemas import ErrorBody, ErrorDetail
+from core.redis import NotReplicatedError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
+    except NotReplicatedError as exc:  # on the primary, not yet on enough replicas
+        log.warning("write not replicated on %s %s: %s", request.method, request.path, exc)
+        return error_response(
+            503,
+            f"not confirmed by the replicas in time: {exc}; retry with the same "
+            "Idempotency-Key to be sure it is enqueued once",
+        )
     except (RedisError, ConnectionError) as exc:
         log.warning("broker unavailable on %s %s: %s", request.method, request.path, exc)
         return error_response(503, "the job broker (Redis) is unavailable; try again later")

@@ -83,12 +83,15 @@ def status_url(request: web.Request, job_id: str) -> str:
 
 
 async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
-    """`app.actions.enqueue` with the app's Redis; the new job's id."""
-    return await actions.enqueue(request.app[REDIS], function, **kwargs)
+    """`app.actions.enqueue` with the app's Redis; the new job's id. With REDIS_WAIT_REPLICAS,
+    only once replicas have the job (else 503: see app/errors.py)."""
+    settings = request.app[SETTINGS]
+    return await actions.enqueue(request.app[REDIS], function, _replicated=settings, **kwargs)
 
 
 async def enqueue_many(
     request: web.Request, function: str, calls: list[dict[str, Any]]
 ) -> list[str]:
     """`app.actions.enqueue_many` with the app's Redis; the new jobs' ids."""
-    return await actions.enqueue_many(request.app[REDIS], function, calls)
+    settings = request.app[SETTINGS]
+    return await actions.enqueue_many(request.app[REDIS], function, calls, settings)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -16,6 +20,28 @@ from core.settings import Settings
 from core.speedups import redis_pool_options
 
 
+def redis_pool(settings: Settings, **options: Any) -> ConnectionPool:
+    """The pool behind every client the project makes: REDIS_URL's server, or with
+    REDIS_SENTINELS the primary the sentinels name, asked again whenever a connection is made
+    (and a READONLY reply, from a primary demoted to replica, drops the connection): a failover
+    needs no restart."""
+    if not settings.redis_sentinels:
+        return ConnectionPool.from_url(settings.redis_url, **options)
+    url = urlsplit(settings.redis_url)
+    database = int(url.path.strip("/") or 0)
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        settings.redis_sentinels,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+    )
+    options.pop("connection_class", None)  # the sentinel pool has its own
+    pool: ConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master, sentinels,
+        db=database, username=url.username, password=url.password, **options,
+    )  # fmt: skip
+    return pool
+
+
 def redis_settings(settings: Settings) -> RedisSettings:
     """arq's RedisSettings for the worker: our timeout, and retries that outlast a Redis restart.
 
@@ -23,6 +49,9 @@ def redis_settings(settings: Settings) -> RedisSettings:
     commands wait (backing off up to 1 s between tries) for `worker_redis_retry_seconds`.
     """
     rs = RedisSettings.from_dsn(settings.redis_url)
+    if settings.redis_sentinels:  # arq's own clients (`arq --check`) ask the sentinels too
+        rs.host, rs.sentinel = list(settings.redis_sentinels), True
+        rs.sentinel_master = settings.redis_sentinel_master
     rs.conn_timeout = settings.redis_timeout  # type: ignore[assignment]  # arq types it int
     backoff_cap = 1.0
     retries = math.ceil(settings.worker_redis_retry_seconds / backoff_cap) + 7  # 7 short ones
@@ -33,8 +62,8 @@ def redis_settings(settings: Settings) -> RedisSettings:
 
 def connect(settings: Settings) -> ArqRedis:
     """A lazily connecting client: it never blocks longer than `redis_timeout` per call."""
-    pool = ConnectionPool.from_url(
-        settings.redis_url,
+    pool = redis_pool(
+        settings,
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         # one immediate reconnect: a pooled connection may be stale after a Redis restart
@@ -43,6 +72,65 @@ def connect(settings: Settings) -> ArqRedis:
         **redis_pool_options(),
     )
     return ArqRedis(pool, default_queue_name=settings.queue_name)
+
+
+class NotReplicatedError(RedisError):
+    """A write reached the primary but not REDIS_WAIT_REPLICAS replicas in time."""
+
+
+async def execute_replicated(pipe: Pipeline, settings: Settings) -> list[Any]:
+    """Execute a pipeline (not a MULTI one) and, with REDIS_WAIT_REPLICAS set, a WAIT after
+    its commands: the pipeline runs on one connection, and WAIT covers that connection's
+    writes. The commands' replies; NotReplicatedError when fewer replicas confirmed in time
+    (the writes are on the primary, and may be lost if it dies before they reach one)."""
+    wanted = settings.redis_wait_replicas
+    if wanted:
+        pipe.execute_command("WAIT", wanted, settings.redis_wait_timeout_ms)
+    replies: list[Any] = await pipe.execute()
+    if wanted:
+        acked = int(replies.pop())
+        if acked < wanted:
+            raise NotReplicatedError(
+                f"{acked} of {wanted} replicas confirmed the write within "
+                f"{settings.redis_wait_timeout_ms} ms (REDIS_WAIT_REPLICAS)"
+            )
+    return replies
+
+
+async def replicas_ready(redis: Redis, settings: Settings) -> None:
+    """With REDIS_WAIT_REPLICAS set, NotReplicatedError unless that many replicas are linked
+    and caught up (a WAIT with no write of its own). A job checks it before a side effect it
+    cannot take back (sending an email): when the primary cannot replicate, what the job
+    writes afterwards (its sent marker) would not survive a failover, and a re-run would do
+    the side effect again."""
+    wanted = settings.redis_wait_replicas
+    if not wanted:
+        return
+    wait = redis.execute_command("WAIT", wanted, settings.redis_wait_timeout_ms)  # type: ignore[no-untyped-call]
+    acked = int(await wait)
+    if acked < wanted:
+        raise NotReplicatedError(f"{acked} of {wanted} replicas are linked (REDIS_WAIT_REPLICAS)")
+
+
+async def eviction_policy_warning(redis: Redis) -> str | None:
+    """What to warn an operator about when the server may evict keys: job keys have TTLs, so
+    every policy but `noeviction` (the `volatile-*` ones included) can drop a queued job when
+    memory runs out. None when it cannot (or CONFIG is disabled, as managed Redis often has)."""
+    try:
+        reply = await redis.config_get("maxmemory-policy")
+    except RedisError:
+        return None
+    policy = next((as_str(v) for k, v in reply.items() if as_str(k) == "maxmemory-policy"), None)
+    if policy is None or policy == "noeviction":
+        return None
+    return (
+        f"Redis maxmemory-policy is {policy}: when memory runs out it may evict queued jobs; "
+        "set maxmemory-policy noeviction (writes are then refused, and enqueues answer 503)"
+    )
+
+
+def as_str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def redis_answers(url: str, timeout: float = 1.0) -> bool:

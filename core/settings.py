@@ -21,6 +21,16 @@ class Settings(BaseSettings):
 
     # Redis / arq
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # High availability: with REDIS_SENTINELS (host:port, comma-separated) every client asks
+    # the sentinels for REDIS_SENTINEL_MASTER's primary, and again after a failover; REDIS_URL
+    # then gives only the database number and password.
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = []
+    redis_sentinel_master: str = "mymaster"
+    # Durable acknowledgement: with REDIS_WAIT_REPLICAS=n an enqueue answers 202 (and a worker
+    # counts a sent marker or a dead letter as written) only once n replicas have it (WAIT,
+    # at most REDIS_WAIT_TIMEOUT_MS); otherwise 503. 0: no wait (asynchronous replication).
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(1000, ge=1)
     redis_timeout: float = Field(2.0, gt=0, description="connect and socket timeout, seconds")
     queue_name: str = "arq:queue"
 
@@ -154,6 +164,20 @@ class Settings(BaseSettings):
     scrape_allowed_ports: Annotated[list[int] | None, NoDecode] = [80, 443]
     # Addresses the scraper may reach although they are private/loopback/link-local.
     scrape_allowed_cidrs: Annotated[list[Network], NoDecode] = []
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _host_ports(cls, value: object) -> object:
+        """`host:port,host:port` from the environment."""
+        if not isinstance(value, str):
+            return value
+        pairs = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{item!r} is not host:port")
+            pairs.append((host, int(port)))
+        return pairs
 
     @field_validator("scrape_allowed_cidrs", mode="before")
     @classmethod

@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from core.keys import DEAD_INDEX_KEY, DEAD_KEY_PREFIX
+from core.redis import execute_replicated
+from core.settings import Settings
 from jobs.values import as_text
 
 
@@ -27,11 +29,19 @@ class DeadLetter(BaseModel):
     failed_at: datetime
 
 
-async def add_dead_letter(redis: Redis, entry: DeadLetter) -> None:
-    async with redis.pipeline(transaction=True) as pipe:
+async def add_dead_letter(
+    redis: Redis, entry: DeadLetter, settings: Settings | None = None
+) -> None:
+    """Keep the entry; with `settings` asking for REDIS_WAIT_REPLICAS, on replicas too
+    (NotReplicatedError otherwise: the job is then retried, and dead-lettered again)."""
+    waiting = settings is not None and settings.redis_wait_replicas > 0
+    async with redis.pipeline(transaction=not waiting) as pipe:  # WAIT cannot go in a MULTI
         pipe.set(DEAD_KEY_PREFIX + entry.id, entry.model_dump_json())
         pipe.zadd(DEAD_INDEX_KEY, {entry.id: entry.failed_at.timestamp()})
-        await pipe.execute()
+        if waiting and settings is not None:
+            await execute_replicated(pipe, settings)
+        else:
+            await pipe.execute()
 
 
 async def get_dead_letter(redis: Redis, entry_id: str) -> DeadLetter | None:

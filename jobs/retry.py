@@ -216,6 +216,7 @@ def _attempt(
                 enqueue_time=ctx.get("enqueue_time"),
                 failed_at=now_utc(),
             ),
+            settings,
         )
         if on_dead_letter is not None:
             await on_dead_letter(ctx, kwargs)

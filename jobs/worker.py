@@ -12,7 +12,7 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Function, func
 
 from core import speedups
-from core.redis import redis_settings
+from core.redis import eviction_policy_warning, redis_settings
 from core.settings import Settings, get_settings
 from jobs.cpulimit import CpuPool
 from jobs.engine.monitor import JobMonitor
@@ -46,6 +46,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["wake_listener"].start()
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     log.info("worker started: event loop %s, speedups: %s", loop, speedups.describe())
+    if warning := await eviction_policy_warning(ctx["redis"]):
+        log.warning(warning)
     log.info(
         "worker ready: max_jobs=%d smtp=%s:%s",
         settings.worker_max_jobs,

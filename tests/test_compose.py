@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,10 @@ def compose() -> dict[str, Any]:
 
 def test_services_and_healthchecks(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "mailpit", "web", "worker"}
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == {"redis", "mailpit", "web", "worker"}
+    ha = {name for name, service in services.items() if service.get("profiles") == ["ha"]}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
     for name, service in services.items():
         assert "test" in service["healthcheck"], name
     assert services["mailpit"]["image"].startswith("axllent/mailpit:")
@@ -42,7 +46,20 @@ def test_environment_names_are_real_settings(compose: dict[str, Any]) -> None:
         assert urlsplit(env["REDIS_URL"]).hostname == "redis"
         assert env["SMTP_HOST"] == "mailpit"
         assert "SMTP_PASSWORD" not in env  # secrets come from the environment, not the repo
-        Settings(_env_file=None, **{k.lower(): v for k, v in env.items() if k != "LOG_LEVEL"})
+        values: dict[str, Any] = {
+            k.lower(): interpolated(v) for k, v in env.items() if k != "LOG_LEVEL"
+        }
+        Settings(_env_file=None, **values)
+
+
+def interpolated(value: str) -> str:
+    """A value as compose hands it over with nothing set in the shell: `${X:-d}` is d, and a
+    required `${X:?...}` stands for something the user sets."""
+    return re.sub(
+        r"\$\{\w+(?::-([^}]*)|:\?[^}]*)\}",
+        lambda m: m.group(1) if m.group(1) is not None else "set-by-the-user",
+        value,
+    )
 
 
 def test_web_command_and_port_match_the_code(compose: dict[str, Any]) -> None:
@@ -97,3 +114,19 @@ def test_worker_is_given_time_to_finish_its_jobs(compose: dict[str, Any]) -> Non
     )
     assert float(worker["stop_grace_period"].removesuffix("s")) > grace
     assert "--appendonly" in compose["services"]["redis"]["command"]
+
+
+def test_the_ha_profile_matches_the_sentinel_settings(compose: dict[str, Any]) -> None:
+    """The sentinels watch the primary under the master name the settings default to, and the
+    replica follows the primary; both sides refuse writes rather than evict job keys."""
+    services = compose["services"]
+    script = " ".join(services["sentinel-1"]["command"])
+    assert f"sentinel monitor {Settings().redis_sentinel_master} redis 6379 2" in script
+    assert services["sentinel-2"] == services["sentinel-1"] == services["sentinel-3"]
+    assert services["redis-replica"]["command"][-3:] == ["--replicaof", "redis", "6379"]
+    for name in ("redis", "redis-replica"):
+        command = services[name]["command"]
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    env = services["worker"]["environment"]
+    assert env["REDIS_SENTINELS"] == "${REDIS_SENTINELS:-}"  # empty: one Redis, no sentinels
+    assert Settings(redis_sentinels="").redis_sentinels == []

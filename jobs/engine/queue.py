@@ -33,6 +33,8 @@ from arq.utils import timestamp_ms, to_ms
 from redis.asyncio import Redis
 
 from core.keys import COUNTERS_KEY, bulk_turn_key, transactional_key, wake_key
+from core.redis import execute_replicated
+from core.settings import Settings
 
 RETRY_KEY_TTL_S = 88400  # arq's
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
@@ -225,17 +227,29 @@ def scripts_for(redis: Redis) -> QueueScripts:
 async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str | None:
     """arq's `enqueue_job` in one round trip, which also counts the job for the metrics and
     wakes a waiting worker: the new job's id, or None if a job with `_job_id` exists.
-    Takes arq's options: `_job_id`, `_queue_name`, `_defer_by`, `_expires`, `_job_try`, and
-    `_priority` ("bulk" unless it says "transactional": ahead of bulk, see _CLAIM)."""
+    Takes arq's options: `_job_id`, `_queue_name`, `_defer_by`, `_expires`, `_job_try`,
+    `_priority` ("bulk" unless it says "transactional": ahead of bulk, see _CLAIM), and
+    `_replicated` (the settings: with REDIS_WAIT_REPLICAS, return only once replicas have the
+    job, else NotReplicatedError)."""
+    settings: Settings | None = kwargs.pop("_replicated", None)
     job_id, keys, args = _enqueue_call(redis, function, kwargs)
-    added = await scripts_for(redis).enqueue(keys=keys, args=args)
+    if settings is None or not settings.redis_wait_replicas:
+        added = await scripts_for(redis).enqueue(keys=keys, args=args)
+    else:  # WAIT on the enqueue's own connection: a pipeline of the two
+        async with redis.pipeline(transaction=False) as pipe:
+            await scripts_for(redis).enqueue(keys=keys, args=args, client=pipe)
+            [added] = await execute_replicated(pipe, settings)
     return job_id if added else None
 
 
 async def enqueue_jobs(
-    redis: ArqRedis, function: str, calls: Sequence[dict[str, Any]]
+    redis: ArqRedis,
+    function: str,
+    calls: Sequence[dict[str, Any]],
+    replicated: Settings | None = None,
 ) -> list[str | None]:
-    """`enqueue_job` for many jobs of one function, in one pipelined round trip."""
+    """`enqueue_job` for many jobs of one function, in one pipelined round trip (and, with
+    `replicated` settings asking for it, a WAIT for replicas at its end)."""
     script = scripts_for(redis).enqueue
     ids = []
     async with redis.pipeline(transaction=False) as pipe:
@@ -243,7 +257,7 @@ async def enqueue_jobs(
             job_id, keys, args = _enqueue_call(redis, function, dict(kwargs))
             await script(keys=keys, args=args, client=pipe)
             ids.append(job_id)
-        added = await pipe.execute()
+        added = await (execute_replicated(pipe, replicated) if replicated else pipe.execute())
     return [job_id if ok else None for job_id, ok in zip(ids, added, strict=True)]
 
 

@@ -37,12 +37,12 @@ import arq.cli
 import arq.worker
 from arq.connections import ArqRedis
 from arq.worker import Worker
-from redis.asyncio import Connection, ConnectionPool, Redis
+from redis.asyncio import Connection, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from core.keys import wake_key
-from core.redis import redis_settings
+from core.redis import redis_pool, redis_settings
 from core.settings import Settings
 from core.speedups import redis_pool_options
 from jobs.engine.runner import engine_of, wake_state, wake_up
@@ -76,8 +76,8 @@ def worker_redis(settings: Settings) -> ArqRedis:
     extra: dict[str, Any] = redis_pool_options()
     if urlsplit(settings.redis_url).scheme == "redis":  # TLS and sockets keep their own classes
         extra["connection_class"] = HandshakeRetryingConnection
-    pool = ConnectionPool.from_url(
-        settings.redis_url,
+    pool = redis_pool(
+        settings,
         socket_connect_timeout=rs.conn_timeout,
         retry=rs.retry,
         retry_on_error=rs.retry_on_error,
@@ -90,11 +90,10 @@ class WakeListener:
     """Blocks on `<queue>:wake` with a connection of its own and wakes the poll loop."""
 
     def __init__(self, settings: Settings) -> None:
-        self._redis = Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=settings.redis_timeout,
-            **redis_pool_options(),
+        pool = redis_pool(
+            settings, socket_connect_timeout=settings.redis_timeout, **redis_pool_options()
         )
+        self._redis = Redis(connection_pool=pool)
         self._key = wake_key(settings.queue_name)
         self._task: asyncio.Task[None] | None = None
 
@@ -111,7 +110,7 @@ class WakeListener:
     async def _listen(self) -> None:
         while True:
             try:
-                if await self._redis.blpop([self._key], timeout=1):
+                if await self._redis.blpop([self._key], timeout=1):  # type: ignore[misc]
                     wake_up()
             except (RedisError, OSError):  # Redis restarting: plain polling covers us
                 await asyncio.sleep(1)

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from core.addresses import Address, unique_addresses
 from core.keys import SENT_KEY_PREFIX, mail_batch_key
+from core.redis import NotReplicatedError, execute_replicated, replicas_ready
 from core.settings import Settings
 from jobs.engine.monitor import monitor_of
 from jobs.mail.headers import header_name, single_line
@@ -189,20 +190,43 @@ def _build_email_message(spec: EmailSpec, sender: str, message_id: str) -> Email
     return message
 
 
+# KEYS: the sent marker, the batch's sent set, its failed set. ARGV: message id, TTL seconds,
+# "1" when the message belongs to a batch.
+_RECORD_SENT = """
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+
 async def record_sent(
-    redis: Redis, message_id: str, batch_id: str | None, marker_ttl: float
+    redis: Redis, message_id: str, batch_id: str | None, settings: Settings
 ) -> None:
-    """The sent marker (and batch progress) in one transaction, right after the server said 250.
-    A message of no batch needs one SET: no MULTI/EXEC around it (two commands fewer)."""
-    if not batch_id:
-        await redis.set(SENT_KEY_PREFIX + message_id, "1", ex=int(marker_ttl))
+    """The sent marker (and batch progress), right after the server said 250. A message of no
+    batch needs one SET. With REDIS_WAIT_REPLICAS, also a WAIT, so a failover cannot lose the
+    marker and send the message again; a WAIT that times out is logged (the message is sent
+    either way)."""
+    ttl = int(settings.sent_marker_ttl)
+    if not batch_id and not settings.redis_wait_replicas:
+        await redis.set(SENT_KEY_PREFIX + message_id, "1", ex=ttl)
         return
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(SENT_KEY_PREFIX + message_id, "1", ex=int(marker_ttl))
-        pipe.sadd(mail_batch_key(batch_id, "sent"), message_id)
-        pipe.srem(mail_batch_key(batch_id, "failed"), message_id)
-        pipe.expire(mail_batch_key(batch_id, "sent"), int(marker_ttl))
-        await pipe.execute()
+    keys = [SENT_KEY_PREFIX + message_id]
+    keys += (
+        [mail_batch_key(batch_id, "sent"), mail_batch_key(batch_id, "failed")]
+        if batch_id
+        else ["-", "-"]
+    )
+    script = redis.register_script(_RECORD_SENT)
+    async with redis.pipeline(transaction=False) as pipe:
+        await script(keys=keys, args=[message_id, ttl, "1" if batch_id else "0"], client=pipe)
+        try:
+            await execute_replicated(pipe, settings)
+        except NotReplicatedError as exc:
+            log.warning("email %s: sent marker not replicated: %s", message_id, exc)
 
 
 async def record_failed(ctx: dict[str, Any], kwargs: dict[str, Any]) -> None:
@@ -232,7 +256,7 @@ async def send_email(
     settings = ctx["settings"]
     redis: Redis = ctx["redis"]
     if await redis.exists(SENT_KEY_PREFIX + message_id):
-        await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
+        await record_sent(redis, message_id, batch_id, settings)
         log.info("email %s already sent; not sending again", message_id)
         return {"message_id": message_id, "skipped": "already sent"}
     context = validation_context(settings, settings.mail_max_recipients)
@@ -240,9 +264,10 @@ async def send_email(
     message = build_message(spec, settings.mail_from, message_id)
     if send_rate := ctx.get("send_rate"):
         await send_rate.wait_for_slot()
+    await replicas_ready(redis, settings)  # REDIS_WAIT_REPLICAS: the marker must be durable
 
     async def mark_sent(_: SendOutcome) -> None:
-        await record_sent(redis, message_id, batch_id, settings.sent_marker_ttl)
+        await record_sent(redis, message_id, batch_id, settings)
 
     outcome = await ctx["smtp"].send(message, spec.envelope_recipients(), on_accepted=mark_sent)
     if monitor := monitor_of(ctx):

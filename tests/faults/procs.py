@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from asyncio.subprocess import STDOUT
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+from redis.asyncio import Redis
 
 from core.redis import redis_answers
 from tests.helpers import free_port, wait_for
@@ -64,3 +68,101 @@ async def stop_process(process: asyncio.subprocess.Process) -> None:
     if process.returncode is None:
         process.kill()
         await process.wait()
+
+
+class SentinelCluster:
+    """One primary, one replica and three sentinels (Debian's `redis-server --sentinel`), all on
+    loopback ports of the test's own; no persistence (a restarted node resyncs from the primary)."""
+
+    MASTER = "mymaster"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ports = {"a": free_port(), "b": free_port()}
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.nodes: dict[str, asyncio.subprocess.Process] = {}
+        self.sentinels: list[asyncio.subprocess.Process] = []
+
+    @property
+    def sentinels_setting(self) -> str:
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    async def start(self) -> None:
+        await self.start_node("a")
+        await self.start_node("b", replica_of=self.ports["a"])
+        for n, port in enumerate(self.sentinel_ports):
+            conf = self.folder / f"sentinel-{n}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.folder}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.ports['a']} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 10000\n"
+            )
+            self.sentinels.append(await self._spawn(f"sentinel-{n}", str(conf), "--sentinel"))
+
+        async def ready() -> bool:
+            return await self.replicas_seen() >= 1 and await self.sentinels_agree()
+
+        await wait_for(ready, timeout=30, what="sentinels watching a primary and its replica")
+
+    async def start_node(self, name: str, replica_of: int | None = None) -> None:
+        args = ["--port", str(self.ports[name]), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.folder)]  # fmt: skip
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.nodes[name] = await self._spawn(name, *args)
+
+        async def up() -> bool:
+            return await redis_answers(f"redis://127.0.0.1:{self.ports[name]}/0", timeout=0.5)
+
+        await wait_for(up, timeout=15, what=f"redis node {name}")
+
+    async def _spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
+        log = (self.folder / f"{name}.log").open("ab")
+        return await asyncio.create_subprocess_exec(
+            "redis-server", *args, stdout=log, stderr=STDOUT
+        )
+
+    async def primary_port(self) -> int:
+        async with self._sentinel() as client:
+            _, port = await client.sentinel_get_master_addr_by_name(self.MASTER)  # type: ignore[no-untyped-call]
+        return int(port)
+
+    async def replicas_seen(self) -> int:
+        """Replicas the first sentinel sees up and linked to the primary."""
+        async with self._sentinel() as client:
+            replicas = await client.sentinel_slaves(self.MASTER)  # type: ignore[no-untyped-call]
+        return sum(1 for r in replicas if not r["is_sdown"] and r.get("master-link-status") == "ok")
+
+    async def sentinels_agree(self) -> bool:
+        async with self._sentinel() as client:
+            found = await client.sentinel_sentinels(self.MASTER)  # type: ignore[no-untyped-call]
+            return len(found) >= 2
+
+    @contextlib.asynccontextmanager
+    async def _sentinel(self) -> AsyncIterator[Redis]:
+        client = Redis(port=self.sentinel_ports[0], socket_timeout=2, decode_responses=True)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    def kill(self, name: str) -> None:
+        self.nodes[name].kill()
+
+    async def cut_replication(self, name: str) -> None:
+        """Drop replica `name`'s link to its primary and keep it down (a wrong `masterauth`
+        fails its reconnects), as a network partition does: from then on the primary's writes
+        reach only the primary."""
+        client = Redis(port=self.ports[name], socket_timeout=5)
+        try:
+            await client.config_set("masterauth", "a-partition")
+            await client.execute_command("CLIENT", "KILL", "TYPE", "master")  # type: ignore[no-untyped-call]
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        for process in [*self.sentinels, *self.nodes.values()]:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
