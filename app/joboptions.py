@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiohttp import web
 from pydantic import (
     AnyHttpUrl,
     AwareDatetime,
@@ -18,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.http import read_json_object
+from app.state import SETTINGS
 from core.settings import Settings
 from jobs.engine.queue import Priority
 from jobs.scrape.page import MAX_URL_LENGTH
@@ -101,3 +104,8 @@ def split_options(body: dict[str, Any], settings: Settings) -> tuple[JobOptions,
     options = {name: body[name] for name in OPTION_NAMES if name in body}
     rest = {name: value for name, value in body.items() if name not in OPTION_NAMES}
     return JobOptions.model_validate(options, context={"settings": settings}), rest
+
+
+async def read_job_request(request: web.Request) -> tuple[JobOptions, dict[str, Any]]:
+    """A `POST /jobs/*` body: its job options, validated, and the job's own fields."""
+    return split_options(await read_json_object(request), request.app[SETTINGS])

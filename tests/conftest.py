@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -210,6 +211,18 @@ async def start_worker(settings: Settings, **overrides: Any) -> tuple[Worker, as
     worker = EngineWorker(**options)  # what worker_settings.WorkerSettings builds
     task = asyncio.create_task(worker.main())
     return worker, task
+
+
+@contextlib.asynccontextmanager
+async def api_and_worker(settings: Settings) -> AsyncIterator[ApiClient]:
+    """The API and a worker (no cron jobs), both with `settings`: for tests that change a
+    setting both sides read."""
+    worker, task = await start_worker(settings, cron_jobs=[])
+    try:
+        async with api_client(create_app(settings)) as client:
+            yield client
+    finally:
+        await stop_worker(worker, task)
 
 
 async def stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:

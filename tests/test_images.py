@@ -16,10 +16,9 @@ from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 from PIL import Image
 
-from app.web import create_app
 from core.settings import Settings
-from tests.conftest import AUTH, start_worker, stop_worker
-from tests.helpers import ApiClient, api_client
+from tests.conftest import AUTH, api_and_worker
+from tests.helpers import ApiClient
 from tests.jobwait import wait_job
 
 
@@ -75,12 +74,8 @@ async def stack(
     make_settings: Callable[..., Settings], redis: ArqRedis, tmp_path: Path
 ) -> AsyncIterator[tuple[ApiClient, Settings]]:
     settings = make_settings(images_dir=tmp_path / "images", image_max_pixels=20_000_000)
-    worker, task = await start_worker(settings, cron_jobs=[])
-    try:
-        async with api_client(create_app(settings)) as client:
-            yield client, settings
-    finally:
-        await stop_worker(worker, task)
+    async with api_and_worker(settings) as client:
+        yield client, settings
 
 
 def pixel(image: Image.Image, x: int, y: int) -> tuple[int, ...]:
@@ -176,13 +171,8 @@ async def test_image_urls_are_fetched_within_the_scrapers_limits(
     overrides: dict[str, Any],
     error: str,
 ) -> None:
-    settings = make_settings(**overrides)
-    worker, task = await start_worker(settings, cron_jobs=[])
-    try:
-        async with api_client(create_app(settings)) as api:
-            status = await run(api, url=f"{image_site}/photo.jpg")
-    finally:
-        await stop_worker(worker, task)
+    async with api_and_worker(make_settings(**overrides)) as api:
+        status = await run(api, url=f"{image_site}/photo.jpg")
     assert status["status"] == "failed" and error in status["error"]
 
 

@@ -14,10 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 
-from app.web import create_app
 from core.settings import Settings
-from tests.conftest import AUTH, start_worker, stop_worker
-from tests.helpers import ApiClient, api_client, wait_for
+from tests.conftest import AUTH, api_and_worker
+from tests.helpers import ApiClient, wait_for
 from tests.servers import SiteStats
 
 SECRET = "test-webhook-secret"
@@ -60,12 +59,8 @@ async def hooked(
 ) -> AsyncIterator[tuple[ApiClient, Settings]]:
     """The API and a worker with WEBHOOK_SECRET set."""
     settings = make_settings(webhook_secret=SECRET)
-    worker, task = await start_worker(settings, cron_jobs=[])
-    try:
-        async with api_client(create_app(settings)) as client:
-            yield client, settings
-    finally:
-        await stop_worker(worker, task)
+    async with api_and_worker(settings) as client:
+        yield client, settings
 
 
 async def callback_of(api: ApiClient, job_id: str, state: str) -> dict[str, Any]:
@@ -142,16 +137,11 @@ async def test_callbacks_go_through_the_ssrf_guard(
 ) -> None:
     """Loopback not allowed (the default): the webhook is refused, never sent, and recorded
     as failed; the job it reports on is unaffected."""
-    settings = make_settings(webhook_secret=SECRET)
-    guarded = settings.model_copy(update={"scrape_allowed_cidrs": []})
-    worker, task = await start_worker(guarded, cron_jobs=[])
-    try:
-        async with api_client(create_app(settings)) as api:
-            body = {**EMAIL, "callback_url": receiver.url}
-            response = await api.post("/jobs/email", json=body, headers=AUTH)
-            job_id = (await response.json())["job_id"]
-            view = await callback_of(api, job_id, "failed")
-    finally:
-        await stop_worker(worker, task)
+    guarded = make_settings(webhook_secret=SECRET, scrape_allowed_cidrs=[])
+    async with api_and_worker(guarded) as api:
+        body = {**EMAIL, "callback_url": receiver.url}
+        response = await api.post("/jobs/email", json=body, headers=AUTH)
+        job_id = (await response.json())["job_id"]
+        view = await callback_of(api, job_id, "failed")
     assert receiver.calls == []
     assert "not a public address" in view["callback"]["last_error"]

@@ -7,9 +7,9 @@ from uuid import uuid4
 
 from aiohttp import web
 
-from app.http import enqueue, json_model, read_json_object, status_url
+from app.http import enqueue, json_model, status_url
 from app.idempotency import idempotent
-from app.joboptions import split_options
+from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import SETTINGS
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest, export_name
@@ -21,7 +21,7 @@ class ExportAccepted(JobAccepted):
 
 @idempotent
 async def enqueue_export(request: web.Request) -> web.Response:
-    options, body = split_options(await read_json_object(request), request.app[SETTINGS])
+    options, body = await read_job_request(request)
     spec = ExportRequest.model_validate(body)
     export_id = uuid4().hex
     await enqueue(

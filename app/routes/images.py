@@ -11,9 +11,9 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from app.http import enqueue, json_model, read_json_object, status_url
+from app.http import enqueue, json_model, status_url
 from app.idempotency import idempotent
-from app.joboptions import JobOptions, split_options
+from app.joboptions import JobOptions, read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
 from jobs.images import (
@@ -34,12 +34,11 @@ class ImageAccepted(JobAccepted):
 
 @idempotent
 async def enqueue_image(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
     job_id = uuid.uuid4().hex  # also the folder of its versions
     if request.content_type == "multipart/form-data":
         options, kwargs = await _upload(request, job_id)
     else:
-        options, body = split_options(await read_json_object(request), settings)
+        options, body = await read_job_request(request)
         spec = ImageSpec.model_validate(body)
         if spec.url is None:
             raise web.HTTPUnprocessableEntity(

@@ -16,11 +16,10 @@ from app.http import (
     enqueue,
     enqueue_many,
     json_model,
-    read_json_object,
     status_url,
 )
 from app.idempotency import idempotent
-from app.joboptions import split_options
+from app.joboptions import read_job_request
 from app.jobstatus import read_job_with_progress
 from app.routes.batches import batch_url, save_batch
 from app.schemas import (
@@ -41,7 +40,7 @@ from jobs.mail.newsletter import NewsletterSpec, start_progress
 async def enqueue_email(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = validation_context(settings, settings.mail_max_recipients)
-    options, body = split_options(await read_json_object(request), settings)
+    options, body = await read_job_request(request)
     spec = EmailSpec.model_validate(body, context=context)
     await charge_more(request, len(spec.envelope_recipients()))  # one per message sent
     message_id = new_message_id(spec.from_ or settings.mail_from)
@@ -62,7 +61,7 @@ async def enqueue_email(request: web.Request) -> web.Response:
 async def enqueue_newsletter(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = validation_context(settings, settings.newsletter_max_recipients)
-    options, body = split_options(await read_json_object(request), settings)
+    options, body = await read_job_request(request)
     spec = NewsletterSpec.model_validate(body, context=context)
     newsletter_id = uuid.uuid4().hex
     total = len(spec.recipients)
@@ -88,7 +87,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
 async def enqueue_scrape(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = {"max_urls": settings.max_urls_per_request, "max_selectors": settings.max_selectors}
-    options, body = split_options(await read_json_object(request), settings)
+    options, body = await read_job_request(request)
     scrape = ScrapeRequest.model_validate(body, context=context)
     targets = scrape.targets()
     await charge_more(request, len(targets))
