@@ -67,10 +67,14 @@ def isolated_teardown(
 
 @pytest.fixture(autouse=True)
 def _no_state_from_earlier_tests() -> Iterator[None]:
-    """Settings read from the environment are cached per process: each test reads its own."""
+    """Settings read from the environment are cached per process: each test reads its own.
+    Importing worker_settings installs uvloop's event loop policy: the next test still gets
+    the loop every test gets."""
     get_settings.cache_clear()
+    policy = asyncio.get_event_loop_policy()
     yield
     get_settings.cache_clear()
+    asyncio.set_event_loop_policy(policy)
 
 
 @pytest.fixture(scope="session", autouse=True)
