@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from app import actions
 from app.state import REDIS, SETTINGS
+
+T = TypeVar("T")
 
 # Any arq job id, but not the names of the enqueue endpoints beside it (/jobs/email is no job).
 JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report|image)$)[A-Za-z0-9_.:-]{1,128}"
@@ -76,6 +78,13 @@ def query_int(request: web.Request, name: str, *, default: int, lo: int, hi: int
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or not lo <= int(raw) <= hi:
         raise web.HTTPBadRequest(text=f"query parameter {name!r} must be an integer {lo}..{hi}")
     return int(raw)
+
+
+def found(value: T | None, what: str) -> T:
+    """`value`, or a 404 saying there is no such `what`."""
+    if value is None:
+        raise web.HTTPNotFound(text=f"no such {what}")
+    return value
 
 
 def status_url(request: web.Request, job_id: str) -> str:

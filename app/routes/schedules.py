@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from app.http import json_model, read_json_object
+from app.http import found, json_model, read_json_object
 from app.joboptions import JobOptions
 from app.jobstatus import read_job
 from app.schemas import RunJob, RunList, RunView, ScheduleList, ScrapeRequest
@@ -149,10 +149,9 @@ async def remove(request: web.Request) -> web.Response:
 
 
 async def _existing(request: web.Request) -> Schedule:
-    schedule = await get_schedule(request.app[REDIS], request.match_info["schedule_id"])
-    if schedule is None:
-        raise web.HTTPNotFound(text="no such schedule")
-    return schedule
+    return found(
+        await get_schedule(request.app[REDIS], request.match_info["schedule_id"]), "schedule"
+    )
 
 
 def add_schedule_routes(app: web.Application) -> None:

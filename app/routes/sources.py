@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.http import json_model, read_json_object
+from app.http import found, json_model, read_json_object
 from app.schemas import SourceList
 from app.state import REDIS, SETTINGS
 from jobs.scrape.sources import (
@@ -56,10 +56,7 @@ async def remove(request: web.Request) -> web.Response:
 
 
 async def _existing(request: web.Request) -> Source:
-    source = await get_source(request.app[REDIS], request.match_info["source_id"])
-    if source is None:
-        raise web.HTTPNotFound(text="no such source")
-    return source
+    return found(await get_source(request.app[REDIS], request.match_info["source_id"]), "source")
 
 
 def add_source_routes(app: web.Application) -> None:
