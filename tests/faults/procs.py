@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from core.redis import redis_answers
 from tests.helpers import free_port, wait_for
@@ -101,7 +102,10 @@ class SentinelCluster:
             self.sentinels.append(await self._spawn(f"sentinel-{n}", str(conf), "--sentinel"))
 
         async def ready() -> bool:
-            return await self.replicas_seen() >= 1 and await self.sentinels_agree()
+            try:
+                return await self.replicas_seen() >= 1 and await self.sentinels_agree()
+            except (RedisError, OSError):  # a sentinel not listening yet
+                return False
 
         await wait_for(ready, timeout=30, what="sentinels watching a primary and its replica")
 
