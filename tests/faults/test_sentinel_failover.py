@@ -1,9 +1,10 @@
 """A real failover on loopback: primary, replica, three sentinels, the API and a worker; 1,000
 emails enqueued over HTTP while the primary is SIGKILLed and the sentinels promote the replica.
 
-With REDIS_WAIT_REPLICAS=1 every email answered 202 is delivered exactly once (counted at the
-SMTP server by Message-ID); without it, the acknowledged jobs the failover lost are reported,
-a figure and not an assertion: it is why the option exists."""
+With REDIS_WAIT_REPLICAS=1 every email answered 202 is delivered (counted at the SMTP server by
+Message-ID), and twice only within the window of a send already under way when replication
+broke; without it, the acknowledged jobs the failover lost are reported, a figure and not an
+assertion: it is why the option exists."""
 
 from __future__ import annotations
 
@@ -143,4 +144,9 @@ async def test_enqueue_through_a_sentinel_failover(
     assert killed_at is not None and switched_at is not None  # it recovered mid-stream
     assert len(accepted) > JOBS / 2
     if wait_replicas:
-        assert lost == [] and duplicates == 0
+        # Nothing acknowledged is lost. A message is sent twice only if its send had passed
+        # the worker's replica check when the link dropped: its sent marker then reached the
+        # primary alone. One per SMTP connection at most, as for a worker's crash
+        # (docs/operations.md, "Delivery guarantees"); 0 or 1 in the runs so far.
+        assert lost == []
+        assert duplicates <= Settings().smtp_max_connections
