@@ -120,17 +120,13 @@ async def eviction_policy_warning(redis: Redis) -> str | None:
         reply = await redis.config_get("maxmemory-policy")
     except RedisError:
         return None
-    policy = next((as_str(v) for k, v in reply.items() if as_str(k) == "maxmemory-policy"), None)
+    policy = reply.get("maxmemory-policy")  # redis-py decodes CONFIG GET's reply itself
     if policy is None or policy == "noeviction":
         return None
     return (
         f"Redis maxmemory-policy is {policy}: when memory runs out it may evict queued jobs; "
         "set maxmemory-policy noeviction (writes are then refused, and enqueues answer 503)"
     )
-
-
-def as_str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def redis_answers(url: str, timeout: float = 1.0) -> bool:
