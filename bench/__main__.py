@@ -15,14 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-from bench.engines import ENGINES, STACK_ENGINES, WIDE, CeleryProducer, Services
+from bench.engines import (
+    BEFORE_ISSUE_17,
+    ENGINES,
+    STACK_ENGINES,
+    WIDE,
+    CeleryProducer,
+    Services,
+    engine_named,
+)
 from bench.httpbench import HttpResult, run_http
 from bench.report import machine, render, write_json
 from bench.runner import PickupResult, RunResult, run_workload
 from bench.services import CACHE, REPO, BenchError, RedisServer, Sink, Site, celery_python
 from bench.workloads import WORKLOADS, WorkloadName
 
-ALL_ENGINES = ENGINES | STACK_ENGINES
 DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
 HTTP_REQUESTS = {"full": 2000, "quick": 300}
 HTTP_CONCURRENCY = 50
@@ -39,20 +46,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--engines",
         default=",".join(ENGINES),
         help="comma-separated (default: the compared engines); the fast stack's ablation: "
-        + ",".join(STACK_ENGINES),
+        + ",".join(STACK_ENGINES)
+        + "; the worker as of a git commit: asyncjobs@<commit> "
+        + f"(before issue 17: asyncjobs@{BEFORE_ISSUE_17})",
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)"
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where results go")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample each arq worker with py-spy during its run and print where its CPU went "
+        "(slows the worker: do not compare these figures with unprofiled runs)",
+    )
     args = parser.parse_args(argv)
-    for option, known in (("engines", ALL_ENGINES), ("workloads", WORKLOADS)):
+    for option, known in (("engines", is_engine), ("workloads", WORKLOADS.__contains__)):
         names = [n for n in getattr(args, option).split(",") if n]
-        unknown = set(names) - set(known)
+        unknown = [name for name in names if not known(name)]
         if unknown:
             parser.error(f"unknown {option}: {', '.join(sorted(unknown))}")
         setattr(args, option, names)
     return args
+
+
+def is_engine(name: str) -> bool:
+    try:
+        engine_named(name)
+    except KeyError:
+        return False
+    return True
 
 
 def say(text: str) -> None:
@@ -61,7 +84,7 @@ def say(text: str) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     mode = "quick" if args.quick else "full"
-    engines = [ALL_ENGINES[name] for name in args.engines]
+    engines = [engine_named(name) for name in args.engines]
     workloads: list[WorkloadName] = args.workloads if args.suite != "http" else []
     logs = CACHE / "logs"
     shutil.rmtree(logs, ignore_errors=True)
@@ -93,7 +116,10 @@ async def run(args: argparse.Namespace) -> int:
             for engine in engines:
                 say(f"{name} x {engine.name}: {n:,} jobs")
                 began = time.monotonic()
-                result, pickup = await run_workload(engine, workload, n, services, redis)
+                profile = args.profile and engine.kind == "arq"
+                result, pickup = await run_workload(
+                    engine, workload, n, services, redis, profile=profile
+                )
                 runs.append(result)
                 say(
                     f"  {result.status}: {result.completed:,}/{n:,} done"
@@ -125,6 +151,9 @@ async def run(args: argparse.Namespace) -> int:
     info = machine()
     write_json(args.json, info, mode, runs, pickups, http)
     print(render(info, mode, runs, pickups, http))
+    for result in runs:
+        if result.profile:
+            print(f"\n## Profile: {result.workload} x {result.engine}\n\n{result.profile}")
     say(f"results written to {args.json}; logs in {logs}")
     return 0
 

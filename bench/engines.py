@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import subprocess
 from asyncio.subprocess import PIPE
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,16 @@ from redis.asyncio import Redis
 
 from bench.common import CELERY_TIMES_KEY
 from bench.producers import PRODUCERS, Producer
-from bench.services import REPO, BenchError, ChildProcess, Sink, Site, child_env, python_module
+from bench.services import (
+    CACHE,
+    REPO,
+    BenchError,
+    ChildProcess,
+    Sink,
+    Site,
+    child_env,
+    python_module,
+)
 from bench.workloads import WorkloadName, arq_job
 
 ENQUEUE_BATCH = 100  # enqueue_job calls in flight at once
@@ -85,6 +95,7 @@ class Engine:
     http_pool: int = HTTP_POOL  # arq engines: SCRAPE_MAX_CONNECTIONS
     settings: tuple[tuple[str, object], ...] = ()  # arq engines: more environment settings
     processes: int = 1  # arq engines: worker processes (started by bench/workers.py)
+    revision: str | None = None  # arq engines: run the worker's code as of this git commit
 
     def producer(self) -> tuple[str, Producer]:
         """How jobs are enqueued: (description, producer); arq engines only."""
@@ -101,6 +112,8 @@ class Engine:
     def start(self, services: Services, log: Path) -> ChildProcess:
         if self.kind == "arq":
             env = child_env(**(arq_env(services) | dict(self.settings)))
+            if self.revision is not None:  # that commit's code first on the path
+                env["PYTHONPATH"] = str(checkout(self.revision))
             command = python_module("arq", self.target)
             if self.processes > 1:
                 command = python_module("bench.workers", str(self.processes), *command)
@@ -312,6 +325,52 @@ STACK_ENGINES: dict[str, Engine] = {
         stack_variant(ENGINES["arq-tuned"], "none"),
     )
 }
+
+# The production worker as it was before issue 17 (the fast stack and less work per job): the
+# CPU-per-job baseline, run in the same bench run as today's (`--engines asyncjobs,asyncjobs@...`).
+BEFORE_ISSUE_17 = "1b42d13"
+
+
+def at_revision(base: Engine, revision: str) -> Engine:
+    """`base` with the worker's code exported from git at `revision` (fed by today's producer,
+    so the job arguments on the wire must stay readable by that code)."""
+    return dataclasses.replace(
+        base,
+        name=f"{base.name}@{revision}",
+        description=f"{base.description}, as of commit {revision}",
+        revision=revision,
+    )
+
+
+def engine_named(name: str) -> Engine:
+    """A known engine, or `asyncjobs@<git revision>`; KeyError for anything else."""
+    if name in ENGINES or name in STACK_ENGINES:
+        return (ENGINES | STACK_ENGINES)[name]
+    base, at, revision = name.partition("@")
+    if at and revision and base in ENGINES and ENGINES[base].target == ASYNCJOBS_SETTINGS:
+        return at_revision(ENGINES[base], revision)
+    raise KeyError(name)
+
+
+def checkout(revision: str) -> Path:
+    """The tree of `revision`, exported once into the bench's cache (git archive)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--verify", f"{revision}^{{commit}}"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BenchError(f"no git commit {revision!r} in {REPO}: {exc}") from exc
+    folder = CACHE / "revisions" / commit
+    if not (folder / "worker_settings.py").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
 
 # Not one of the compared engines: the production worker opened up to 1,000 jobs and HTTP
 # connections at once, to measure memory with 1,000 scrape jobs in flight (full mode only).

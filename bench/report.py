@@ -12,13 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PAGE_DELAY_S
-from bench.engines import ENGINES, STACK_ENGINES, WIDE
+from bench.engines import BEFORE_ISSUE_17, ENGINES, STACK_ENGINES, WIDE, Engine, engine_named
 from bench.httpbench import PATH, HttpResult
 from bench.runner import PickupResult, RunResult
 from bench.workloads import WORKLOADS
 
 BASELINE = "celery-prefork"
 KNOWN_ENGINES = ENGINES | STACK_ENGINES
+
+
+def compared(name: str) -> Engine | None:
+    """The engine of a table row: known, or the worker at a git revision; None for the probe."""
+    try:
+        return engine_named(name)
+    except KeyError:
+        return None
 
 
 def machine() -> dict[str, Any]:
@@ -49,7 +57,7 @@ def machine_line(info: dict[str, Any], mode: str) -> str:
 def engines_legend(names: list[str]) -> list[str]:
     lines = ["Engines (each worker a subprocess; RSS and CPU summed over its process tree):", ""]
     for name in names:
-        engine = KNOWN_ENGINES[name]
+        engine = engine_named(name)
         producer = engine.producer()[0] if engine.kind == "arq" else "Celery send_task"
         lines.append(f"- **{name}**: {engine.description}; enqueued with {producer}")
     return lines
@@ -106,7 +114,7 @@ def workload_table(name: str, results: list[RunResult]) -> list[str]:
             "(and the most requests the site saw in flight at once):",
         ]
         for r in results:
-            engine = KNOWN_ENGINES[r.engine]
+            engine = engine_named(r.engine)
             limit = n * PAGE_DELAY_S / r.concurrency
             per = f"{engine.processes} processes, each " if engine.processes > 1 else ""
             why = (
@@ -182,6 +190,12 @@ def _cmds(results: list[RunResult], workload: str, engine: str) -> float | None:
     )
 
 
+def _cpu(results: list[RunResult], workload: str, engine: str) -> float | None:
+    return next(
+        (r.cpu_s_per_1k for r in results if r.workload == workload and r.engine == engine), None
+    )
+
+
 def targets(runs: list[RunResult], pickups: list[PickupResult]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the issue's targets, from what this run measured."""
     rows: list[tuple[str, str, str]] = []
@@ -216,6 +230,15 @@ def targets(runs: list[RunResult], pickups: list[PickupResult]) -> list[tuple[st
             f"{p50:.1f} ms (p99 {p99:.1f})",
             "met" if p50 <= 2 else "missed",
         ))  # fmt: skip
+    before = f"asyncjobs@{BEFORE_ISSUE_17}"
+    for workload in ("scrape", "email"):
+        now, then = _cpu(runs, workload, "asyncjobs"), _cpu(runs, workload, before)
+        target = f"{workload}: CPU per job ≤ 0.5x {before}"
+        if now is None or then is None:
+            rows.append((target, "not measured", "-"))
+            continue
+        measured = f"{now:.2f} vs {then:.2f} ms ({now / then:.2f}x)"
+        rows.append((target, measured, "met" if now <= then / 2 else "missed"))
     email = _rate(runs, "email", "asyncjobs")
     if email is not None:
         verdict = "met" if email >= 800 else "missed"
@@ -251,12 +274,12 @@ def render(
     lines = ["## Benchmark results", "", machine_line(info, mode), ""]
     # in the order they ran (the command line's)
     ran = [r.engine for r in runs] + [p.engine for p in pickups]
-    engines = list(dict.fromkeys(name for name in ran if name in KNOWN_ENGINES))
+    engines = list(dict.fromkeys(name for name in ran if compared(name)))
     if engines:
         lines += [*engines_legend(engines), ""]
-    compared = [r for r in runs if r.engine in KNOWN_ENGINES]
+    table_runs = [r for r in runs if compared(r.engine)]
     for name in WORKLOADS:
-        results = [r for r in compared if r.workload == name]
+        results = [r for r in table_runs if r.workload == name]
         if results:
             lines += [*workload_table(name, results), ""]
     wide = next((r for r in runs if r.engine == WIDE.name), None)
@@ -289,7 +312,11 @@ def write_json(
     data = {
         "machine": info,
         "mode": mode,
-        "engines": {name: engine.description for name, engine in KNOWN_ENGINES.items()},
+        "engines": {
+            name: engine.description
+            for name in [*KNOWN_ENGINES, *(r.engine for r in runs)]
+            if (engine := compared(name)) is not None
+        },
         "runs": [asdict(r) for r in runs],
         "pickup": [asdict(p) for p in pickups],
         "http": asdict(http) if http is not None else None,

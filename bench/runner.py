@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from bench.engines import Batch, Engine, Services, Timing
 from bench.procstat import TreeSampler, cpu_seconds
+from bench.profile import Profiler
 from bench.services import BenchError, ChildProcess, RedisServer
 from bench.stats import percentile
 from bench.workloads import Workload
@@ -38,6 +39,7 @@ class RunResult:
     failed: int = 0
     delivered: int | None = None  # pages the site served / messages the sink accepted
     peak_in_flight: int | None = None  # scrape: most requests the site had in flight at once
+    profile: str | None = None  # --profile: where the worker's CPU went (bench/profile.py)
     enqueue_s: float | None = None
     seconds: float | None = None  # last finish - first enqueue
     jobs_per_s: float | None = None
@@ -117,7 +119,12 @@ def fill_timings(result: RunResult, timings: list[Timing]) -> None:
 
 
 async def run_workload(
-    engine: Engine, workload: Workload, n: int, services: Services, redis: RedisServer
+    engine: Engine,
+    workload: Workload,
+    n: int,
+    services: Services,
+    redis: RedisServer,
+    profile: bool = False,
 ) -> tuple[RunResult, PickupResult | None]:
     result = RunResult(engine.name, workload.name, n, engine.scrape_concurrency())
     pickup: PickupResult | None = None
@@ -128,6 +135,9 @@ async def run_workload(
     try:
         await wait_ready(engine, services, worker)
         sampler = TreeSampler(worker.pid)
+        if profile:
+            profiler = Profiler(worker.pid, worker.log.with_suffix(".pyspy"))
+            await profiler.start()
         before = await redis.command_calls()
         servers_before = server_cpu(services)
         sampler.start()
@@ -136,6 +146,8 @@ async def run_workload(
         done, own = await wait_done(engine, services, batch, workload.deadline_s(n), worker)
         after = await redis.command_calls()
         result.peak_rss_mb, result.cpu_s = await sampler.stop()
+        if profile:
+            result.profile = await profiler.stop()
         result.server_cpu_s = {
             name: round(cpu - servers_before.get(name, 0.0), 2)
             for name, cpu in server_cpu(services).items()
