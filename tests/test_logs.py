@@ -46,6 +46,11 @@ async def test_worker_logs_are_json_lines_with_the_job_id(
     assert finished["outcome"] == "completed"
     assert finished["try"] == 1
     assert finished["duration_ms"] >= 0
+    # one line per job: what the job did is in its completion line, not in a line of its own
+    assert finished["message"].endswith("sent to 1 recipient(s)"), finished
+    assert finished["recipients"] == 1 and finished["message_id"].startswith("<"), finished
+    about_it = [e for e in entries if finished["message_id"] in e["message"]]
+    assert about_it == [finished], about_it
 
 
 def test_json_formatter_keeps_extras_and_exceptions() -> None:

@@ -394,7 +394,8 @@ async def _execute(
     job_id = job.claimed.job_id
     timeout_s = worker.job_timeout_s if function.timeout_s is None else function.timeout_s
     start_ms = timestamp_ms()
-    log.debug("→ %s try=%d", _ref(job, function), job.job_try)
+    if log.isEnabledFor(logging.DEBUG):  # _ref formats a string: not for lines nobody sees
+        log.debug("→ %s try=%d", _ref(job, function), job.job_try)
     task = asyncio.get_running_loop().create_task(
         function.coroutine(ctx, *job.args, **(job.kwargs or {}))
     )
@@ -434,7 +435,8 @@ async def _execute(
     finally:
         worker.job_tasks.pop(job_id, None)
     worker.jobs_complete += 1
-    log.debug("← %s", _ref(job, function))
+    if log.isEnabledFor(logging.DEBUG):  # _ref formats a string: not for lines nobody sees
+        log.debug("← %s", _ref(job, function))
     return _done_item(worker, job, function, True, result, start_ms, timestamp_ms())
 
 

@@ -30,7 +30,7 @@ from core.settings import Settings
 from jobs.engine.monitor import monitor_of
 from jobs.mail.headers import header_name, single_line
 from jobs.mail.smtp import SendOutcome
-from jobs.retry import classified
+from jobs.retry import classified, report
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ async def send_email(
     redis: Redis = ctx["redis"]
     if await redis.exists(SENT_KEY_PREFIX + message_id):
         await record_sent(redis, message_id, batch_id, settings)
-        log.info("email %s already sent; not sending again", message_id)
+        report(f"email {message_id} already sent; not sending again", message_id=message_id)
         return {"message_id": message_id, "skipped": "already sent"}
     context = validation_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(email, context=context)  # the queue is a boundary too
@@ -274,7 +274,10 @@ async def send_email(
         monitor.count("emails_sent")
         if outcome.refused:
             monitor.count("recipients_refused", n=len(outcome.refused))
-    log.info("email %s sent to %d recipient(s)", message_id, len(outcome.accepted))
+    report(
+        f"email {message_id} sent to {len(outcome.accepted)} recipient(s)",
+        message_id=message_id, recipients=len(outcome.accepted),
+    )  # fmt: skip
     if outcome.refused:  # the server took the message for the others: not an error, a warning
         log.warning(
             "email %s: %d of %d recipient(s) refused: %s",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
@@ -12,7 +11,7 @@ from redis.asyncio import Redis
 from core.settings import Settings
 from jobs.engine.monitor import monitor_of
 from jobs.errors import JobError
-from jobs.retry import classified
+from jobs.retry import classified, report
 from jobs.scrape.documents import (
     DocumentSnapshot,
     content_hash,
@@ -26,8 +25,6 @@ from jobs.scrape.encoding import decode_page
 from jobs.scrape.fetch import Fetcher
 from jobs.scrape.html import is_valid_selector, select, summarize_html
 from jobs.values import now_utc
-
-log = logging.getLogger(__name__)
 
 MAX_URL_LENGTH = 2048
 MAX_SELECTORS = 50
@@ -96,7 +93,7 @@ async def scrape_url(
     if page.not_modified:
         await record_unchanged(redis, url, now_utc(), fetch_ms, etag=page.etag,
                                last_modified=page.last_modified, source_id=source_id)  # fmt: skip
-        log.info("scraped %s -> 304 not modified (%.0f ms)", url, fetch_ms)
+        report(f"scraped {url} -> 304 not modified ({fetch_ms:.0f} ms)", url=url, status=304)
         result = {"document_id": doc_id, "url": url, "status": 304, "changed": False,
                   "fetch_ms": fetch_ms, "queued_for_host_ms": queued_ms}  # fmt: skip
         return result, await stored_links(redis, url)  # the page is the same: so are its links
@@ -127,8 +124,11 @@ async def scrape_url(
         last_modified=page.last_modified,
     )
     changed = await save_document(redis, snapshot, settings.scrape_keep_versions, summary.links)
-    log.info("scraped %s -> %s (%d chars, %.0f ms, %s)", url, page.status, len(summary.text),
-             fetch_ms, "changed" if changed else "unchanged")  # fmt: skip
+    report(
+        f"scraped {url} -> {page.status} ({len(summary.text)} chars, {fetch_ms:.0f} ms, "
+        f"{'changed' if changed else 'unchanged'})",
+        url=url, status=page.status,
+    )  # fmt: skip
     result = {
         "document_id": doc_id,
         "changed": changed,
