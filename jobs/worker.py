@@ -12,7 +12,7 @@ from arq.typing import WorkerCoroutine
 from arq.worker import Function, func
 
 from core import speedups
-from core.redis import eviction_policy_warning, redis_settings
+from core.redis import AutoPipelinedRedis, eviction_policy_warning, redis_settings
 from core.settings import Settings, get_settings
 from jobs.cpulimit import CpuPool
 from jobs.engine.monitor import JobMonitor
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 async def startup(ctx: dict[str, Any]) -> None:
     """One HTTP session and one SMTP pool for all jobs of this worker process."""
     settings: Settings = ctx.setdefault("settings", get_settings())
+    # jobs' own commands share arq's pool, sent together when jobs send them together
+    ctx["redis"] = AutoPipelinedRedis.sharing_pool_of(ctx["redis"])
     ctx["http"] = make_http_session(settings)
     ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
     ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
