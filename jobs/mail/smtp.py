@@ -13,11 +13,13 @@ from email._policybase import Compat32
 from email.generator import BytesGenerator
 from email.header import Header
 from email.message import EmailMessage, Message
+from email.utils import parseaddr
 
 import aiosmtplib
 
 from core.settings import Settings
 from jobs.errors import JobError, PermanentJobError, TransientJobError
+from jobs.mail.pipelining import send_pipelined
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,11 @@ class _ShortLinesAsIs(Compat32):
 
 
 SMTP_COMPAT32 = _ShortLinesAsIs(linesep="\r\n")
+
+
+def envelope_sender(message: Message) -> str:
+    """The address of the From header (a bare address: see build_message)."""
+    return parseaddr(str(message["From"]))[1]
 
 
 def message_bytes(message: Message) -> bytes:
@@ -97,6 +104,10 @@ class SmtpPool:
             try:
                 if isinstance(message, EmailMessage):  # SMTPUTF8 addresses: see build_message
                     errors, response = await client.send_message(message, recipients=recipients)
+                elif client.supports_extension("pipelining"):
+                    errors, response = await send_pipelined(
+                        client, envelope_sender(message), recipients, message_bytes(message)
+                    )
                 else:
                     data = message_bytes(message)
                     errors, response = await client.sendmail(message["From"], recipients, data)
