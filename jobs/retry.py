@@ -7,7 +7,6 @@ marks it failed, so no failed job vanishes when its arq result expires.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import random
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.deadlines import deadline
 from core.keys import RETRYING_KEY_PREFIX
 from core.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
@@ -188,7 +188,7 @@ def _attempt(
         try:
             if job_try > limit:  # re-runs after worker crashes count as tries too
                 raise PermanentJobError(f"gave up: started {job_try - 1} times, never finished")
-            async with asyncio.timeout(settings.job_timeout * TIMEOUT_HEADROOM):
+            async with deadline(settings.job_timeout * TIMEOUT_HEADROOM):
                 result = await job(ctx, **kwargs)
             if job_try > 1:  # it waited for a retry: nothing to explain any more
                 await ctx["redis"].delete(RETRYING_KEY_PREFIX + ctx["job_id"])

@@ -25,6 +25,7 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
+from core.deadlines import deadline
 from jobs.engine.queue import (
     RETRY_KEY_TTL_S,
     Claimed,
@@ -401,7 +402,7 @@ async def _execute(
     )
     worker.job_tasks[job_id] = task
     try:
-        async with asyncio.timeout(timeout_s):
+        async with deadline(timeout_s):
             result = await task
     except Retry as exc:
         if not worker.retry_jobs:

@@ -17,6 +17,8 @@ from typing import cast
 import aiosmtplib
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
+from core.deadlines import deadline
+
 MAX_REPLY_BYTES = 64 * 1024  # a reply longer than this is not from a sane server
 # a CR or LF in an address would start a command of its own (addresses are validated before
 # they get here; this keeps the rule next to the place that would be hurt)
@@ -72,7 +74,7 @@ class _ReplyReader(asyncio.Protocol):
     async def replies(self, n: int, timeout: float | None) -> list[tuple[int, str]]:
         """The next `n` replies, waiting at most `timeout` seconds for all of them."""
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline(timeout):
                 while len(self._replies) < n:
                     if self._error is not None:
                         raise self._error

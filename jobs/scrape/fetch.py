@@ -3,7 +3,6 @@ politeness and robots.txt (through Redis), timeouts, size caps and errors a user
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +14,7 @@ from aiohttp.abc import AbstractResolver
 from redis.asyncio import Redis
 from yarl import URL
 
+from core.deadlines import deadline
 from core.settings import Settings
 from jobs.errors import PermanentJobError, TransientJobError
 from jobs.scrape.guard import ForbiddenTargetError, GuardedResolver, check_url
@@ -57,9 +57,8 @@ def make_http_session(
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=aiohttp.ClientTimeout(
-            total=settings.scrape_timeout, sock_connect=settings.scrape_connect_timeout
-        ),
+        # the whole request's limit is the Fetcher's deadline (one per request, no timer each)
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.scrape_connect_timeout),
         headers={"User-Agent": settings.scrape_user_agent},
         cookie_jar=aiohttp.DummyCookieJar(),  # jobs must not leak cookies into each other
         trust_env=False,
@@ -146,7 +145,7 @@ class Fetcher:
             )
             async with (
                 self._slot(target.host or "", waiter if hop == 0 else None) as waited,
-                asyncio.timeout(self.settings.scrape_timeout),
+                deadline(self.settings.scrape_timeout),
                 self.session.get(target, allow_redirects=False, headers=headers) as r,
             ):
                 wait.queued_s += waited.queued_s

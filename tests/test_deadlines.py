@@ -1,0 +1,108 @@
+"""core.deadlines.deadline behaves as asyncio.timeout does, one bucket late at most, and leaves
+nothing behind: on the default loop and on uvloop, which the worker runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from core.deadlines import GRANULARITY_S, _sweeper, deadline
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run(loop_name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = LOOPS[loop_name]()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_block_past_its_deadline_raises_timeout_error_never_early(loop_name: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            async with deadline(0.2):
+                await asyncio.sleep(30)
+        waited = loop.time() - started
+        assert waited >= 0.2 - 0.005  # the loop's clock, not a wall clock: never early
+        assert waited < 10  # a generous bound: a busy machine is slow, not wrong
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_block_in_time_is_not_cancelled_later(loop_name: str) -> None:
+    async def main() -> None:
+        async with deadline(GRANULARITY_S):
+            await asyncio.sleep(0)
+        # past the deadline and two more buckets: nothing cancels this task any more
+        await asyncio.sleep(GRANULARITY_S * 4)
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_cancellation_from_outside_stays_a_cancellation(loop_name: str) -> None:
+    async def main() -> None:
+        entered = asyncio.Event()
+
+        async def inner() -> None:
+            async with deadline(30):
+                entered.set()
+                await asyncio.sleep(30)
+
+        task = asyncio.ensure_future(inner())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_nested_deadlines_each_answer_for_their_own_block(loop_name: str) -> None:
+    async def main() -> None:
+        caught = False
+        async with deadline(30):
+            try:
+                async with deadline(0.1):
+                    await asyncio.sleep(30)
+            except TimeoutError:
+                caught = True
+            await asyncio.sleep(GRANULARITY_S * 3)  # the outer block goes on, not cancelled
+        assert caught
+        with pytest.raises(TimeoutError):  # the outer one times out with an inner one open
+            async with deadline(0.1), deadline(30):
+                await asyncio.sleep(30)
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_thousands_of_blocks_leave_nothing_behind(loop_name: str) -> None:
+    async def main() -> None:
+        async def one(i: int) -> None:
+            async with deadline(0.1 + (i % 7) * GRANULARITY_S):
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(one(i) for i in range(5000)))
+        sweeper = _sweeper(asyncio.get_running_loop())
+        assert sum(len(members) for members in sweeper._buckets.values()) == 0
+        assert len(sweeper._buckets) <= 8  # one bucket per distinct deadline, not per block
+        async with deadline(None):  # no limit: not even a bucket
+            await asyncio.sleep(0)
+
+    run(loop_name, main)
