@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where results go")
     parser.add_argument(
+        "--jobs", type=int, default=None, help="jobs per workload (default: its full or quick size)"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="sample each arq worker with py-spy during its run and print where its CPU went "
@@ -112,7 +115,7 @@ async def run(args: argparse.Namespace) -> int:
         }
         for name in workloads:
             workload = WORKLOADS[name]
-            n = workload.size(args.quick)
+            n = args.jobs or workload.size(args.quick)
             for engine in engines:
                 say(f"{name} x {engine.name}: {n:,} jobs")
                 began = time.monotonic()

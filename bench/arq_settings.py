@@ -38,7 +38,9 @@ _base: dict[str, Any] = {
     "redis_settings": RedisSettings.from_dsn(_settings.redis_url),
     # arq's own pool, but with the parser ASYNCJOBS_SPEEDUPS chose (redis-py takes hiredis
     # whenever it is installed)
-    "redis_pool": ArqRedis(ConnectionPool.from_url(_settings.redis_url, **redis_pool_options())),
+    "redis_pool": ArqRedis(
+        ConnectionPool.from_url(_settings.redis_url, **redis_pool_options(_settings.redis_url))
+    ),
 }
 DefaultSettings = type("DefaultSettings", (), _base)
 TunedSettings = type("TunedSettings", (), {**_base, "max_jobs": 500, "poll_delay": 0.01})

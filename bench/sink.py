@@ -4,11 +4,11 @@ Run as `python -m bench.sink --port N --control-port M`: a process of its own. `
 the control port says how many messages were accepted, `POST /reset` zeroes that.
 
 It speaks just enough SMTP for a client that sends mail (EHLO/HELO, MAIL, RCPT, DATA, RSET,
-NOOP, QUIT; PIPELINING, as Postfix and Exim say it) with an asyncio protocol of its own instead of aiosmtpd: aiosmtpd parses and checks
-every command and message (about 1 ms of CPU per message here), and the sink shares the
-machine's cores with the engine under test, so at 1,000 messages per second it would take a
-core from the sender it is there to measure. The project's tests use aiosmtpd
-(app/mailsink.py), which checks what a real server checks.
+NOOP, QUIT; PIPELINING, as Postfix and Exim say it) with an asyncio protocol of its own instead
+of aiosmtpd: aiosmtpd parses and checks every command and message (about 1 ms of CPU per message
+here), and the sink shares the machine's cores with the engine under test, so at 1,000 messages
+per second it would take a core from the sender it is there to measure. The project's tests use
+aiosmtpd (app/mailsink.py), which checks what a real server checks.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def connect(settings: Settings) -> ArqRedis:
         # one immediate reconnect: a pooled connection may be stale after a Redis restart
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError],
-        **redis_pool_options(),
+        **redis_pool_options(settings.redis_url),
     )
     return ArqRedis(pool, default_queue_name=settings.queue_name)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
+from redis.asyncio.connection import Connection
+from redis.exceptions import DataError
 
 from core import speedups
 from core.redis import connect
@@ -25,13 +27,13 @@ async def main():
     redis = connect(get_settings())
     await redis.ping()
     conn = await redis.connection_pool.get_connection()
-    parser = type(conn._parser).__name__
+    parser, packer = type(conn._parser).__name__, type(conn).__name__
     await redis.connection_pool.release(conn)
     await redis.aclose()
-    return parser
+    return parser, packer
 loop = asyncio.new_event_loop()
-parser = loop.run_until_complete(main())
-print(json.dumps({"loop": type(loop).__module__.split(".")[0], "parser": parser}))
+parser, packer = loop.run_until_complete(main())
+print(json.dumps({"loop": type(loop).__module__.split(".")[0], "parser": parser, "packer": packer}))
 """
 
 
@@ -49,19 +51,49 @@ def probe(redis_url: str, value: str | None) -> dict[str, str]:
     return result
 
 
+HIREDIS = ("_AsyncHiredisParser", "HiredisPackingConnection")
+PYTHON = ("_AsyncRESP2Parser", "Connection")
+
+
 @pytest.mark.parametrize(
-    ("value", "loop", "parser"),
+    ("value", "loop", "redis_client"),
     [
-        (None, "uvloop", "_AsyncHiredisParser"),  # the default: everything
-        ("none", "asyncio", "_AsyncRESP2Parser"),
-        ("hiredis", "asyncio", "_AsyncHiredisParser"),
-        ("uvloop,orjson", "uvloop", "_AsyncRESP2Parser"),
+        (None, "uvloop", HIREDIS),  # the default: everything
+        ("none", "asyncio", PYTHON),
+        ("hiredis", "asyncio", HIREDIS),
+        ("uvloop,orjson", "uvloop", PYTHON),
     ],
 )
 def test_the_worker_entry_point_runs_the_stack_it_is_told(
-    settings: Settings, value: str | None, loop: str, parser: str
+    settings: Settings, value: str | None, loop: str, redis_client: tuple[str, str]
 ) -> None:
-    assert probe(settings.redis_url, value) == {"loop": loop, "parser": parser}
+    parser, packer = redis_client
+    assert probe(settings.redis_url, value) == {"loop": loop, "parser": parser, "packer": packer}
+
+
+PACKED_ARGS: list[tuple[object, ...]] = [
+    ("SET", "key", "value"),
+    ("SCRIPT LOAD", "return 1"),  # two words of a command name
+    (b"SCRIPT EXISTS", b"abc"),
+    ("HSET", "h", "café ✓", b"\x00\xff raw", 7, -3, 0.1, 1e20, 2**70, -0.0),
+    ("SET", "big", "x" * 100_000),  # beyond redis-py's buffer cutoff: same bytes either way
+    ("EVALSHA", "a" * 40, 2, "k1", "k2", *[f"arg{i}" for i in range(60)]),
+]
+
+
+@pytest.mark.parametrize("args", PACKED_ARGS)
+def test_hiredis_packs_the_bytes_redis_py_packs(args: tuple[object, ...]) -> None:
+    """Checked against redis-py's own packer, not against a copy of the protocol."""
+    ours = b"".join(speedups.HiredisPackingConnection().pack_command(*args))
+    theirs = b"".join(Connection().pack_command(*args))  # type: ignore[arg-type]
+    assert ours == theirs
+
+
+def test_what_hiredis_does_not_take_goes_the_python_way() -> None:
+    packer = speedups.HiredisPackingConnection()
+    assert b"".join(packer.pack_command("SET", "k", memoryview(b"mv"))).endswith(b"$2\r\nmv\r\n")
+    with pytest.raises(DataError):  # redis-py's own refusal, with its message
+        packer.pack_command("SET", "k", True)
 
 
 def test_an_unknown_speedup_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

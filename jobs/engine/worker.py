@@ -37,14 +37,14 @@ import arq.cli
 import arq.worker
 from arq.connections import ArqRedis
 from arq.worker import Worker
-from redis.asyncio import Connection, Redis
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from core.keys import wake_key
 from core.redis import redis_pool, redis_settings
 from core.settings import Settings
-from core.speedups import redis_pool_options
+from core.speedups import HiredisPackingConnection, redis_pool_options
 from jobs.engine.runner import engine_of, wake_state, wake_up
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ POLL_ERROR_PAUSE_S = 0.5
 DEFAULT_LEASE_S = Settings.model_fields["job_lease_seconds"].default
 
 
-class HandshakeRetryingConnection(Connection):
+class HandshakeRetryingConnection(HiredisPackingConnection):
     async def connect(self) -> None:
         for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
             try:
@@ -73,7 +73,7 @@ class HandshakeRetryingConnection(Connection):
 def worker_redis(settings: Settings) -> ArqRedis:
     """The worker's client: arq's retry settings, plus handshake retries on plain redis:// URLs."""
     rs = redis_settings(settings)
-    extra: dict[str, Any] = redis_pool_options()
+    extra: dict[str, Any] = redis_pool_options(settings.redis_url)
     if urlsplit(settings.redis_url).scheme == "redis":  # TLS and sockets keep their own classes
         extra["connection_class"] = HandshakeRetryingConnection
     pool = redis_pool(
@@ -91,7 +91,9 @@ class WakeListener:
 
     def __init__(self, settings: Settings) -> None:
         pool = redis_pool(
-            settings, socket_connect_timeout=settings.redis_timeout, **redis_pool_options()
+            settings,
+            socket_connect_timeout=settings.redis_timeout,
+            **redis_pool_options(settings.redis_url),
         )
         self._redis = Redis(connection_pool=pool)
         self._key = wake_key(settings.queue_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from urllib.robotparser import RobotFileParser
@@ -19,6 +20,15 @@ DISALLOW_ALL = "\x00disallow-all"  # cached verdict when robots.txt could not be
 FetchText = Callable[[URL], Awaitable[tuple[int, str]]]
 
 
+@functools.lru_cache(maxsize=256)
+def parsed(rules: str) -> RobotFileParser:
+    """The rules parsed once for every page of their site, not once per page (a big
+    robots.txt has hundreds of lines). Keyed by the text itself, so new rules parse anew."""
+    parser = RobotFileParser()
+    parser.parse(rules.splitlines())
+    return parser
+
+
 class RobotsPolicy:
     def __init__(self, redis: Redis, user_agent: str, ttl: float, fetch_text: FetchText) -> None:
         self._redis = redis
@@ -32,9 +42,7 @@ class RobotsPolicy:
         rules = await self._rules_for(url.origin())
         if rules == DISALLOW_ALL:
             return False
-        parser = RobotFileParser()
-        parser.parse(rules.splitlines())
-        return parser.can_fetch(self._user_agent, str(url))
+        return parsed(rules).can_fetch(self._user_agent, str(url))
 
     async def _rules_for(self, origin: URL) -> str:
         key = ROBOTS_KEY_PREFIX + str(origin)
