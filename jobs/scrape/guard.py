@@ -7,6 +7,7 @@ addresses at connect time, so a DNS answer that changes between checks (rebindin
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Collection, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -71,12 +72,20 @@ def check_url(
     host = url.raw_host or ""
     if not host:
         raise ForbiddenTargetError("URL has no host")
+    if (refused := _forbidden_literal(host, tuple(allowed))) is not None:
+        raise ForbiddenTargetError(f"address {refused} is not a public address")
+
+
+@functools.lru_cache(maxsize=4096)
+def _forbidden_literal(host: str, allowed: tuple[Network, ...]) -> str | None:
+    """The host, when it is an IP literal the scraper may not reach; None for a name (DNS
+    answers are checked by GuardedResolver) or an allowed address. Cached: a batch asks about
+    the same few hosts thousands of times, and parsing (or failing to parse) costs."""
     try:
         literal = ip_address(host.strip("[]"))
     except ValueError:
-        return
-    if is_forbidden(literal, allowed):
-        raise ForbiddenTargetError(f"address {literal} is not a public address")
+        return None
+    return str(literal) if is_forbidden(literal, allowed) else None
 
 
 class GuardedResolver(AbstractResolver):
