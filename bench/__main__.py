@@ -26,7 +26,7 @@ from bench.engines import (
 )
 from bench.httpbench import HttpResult, run_http
 from bench.report import machine, render, write_json
-from bench.runner import PickupResult, RunResult, run_workload
+from bench.runner import PickupResult, RunResult, measure_drain, run_workload
 from bench.services import CACHE, REPO, BenchError, RedisServer, Sink, Site, celery_python
 from bench.workloads import WORKLOADS, WorkloadName
 
@@ -132,6 +132,13 @@ async def run(args: argparse.Namespace) -> int:
                 )
                 if pickup is not None:
                     pickups.append(pickup)
+        if not args.quick and "noop" in workloads:
+            n = args.jobs or WORKLOADS["noop"].full
+            for engine in engines:
+                say(f"noop drain x {engine.name}: {n:,} jobs queued before the worker starts")
+                drained = await measure_drain(engine, WORKLOADS["noop"], n, services, redis)
+                runs.append(drained)
+                say(f"  {drained.status}: {drained.jobs_per_s or 0:,.0f} jobs/s")
         if not args.quick and "scrape" in workloads and "asyncjobs" in args.engines:
             n = WORKLOADS["scrape"].full
             say(f"memory: scrape x {WIDE.name}: {n:,} jobs")

@@ -131,6 +131,27 @@ def workload_table(name: str, results: list[RunResult]) -> list[str]:
     return lines
 
 
+def drain_table(results: list[RunResult]) -> list[str]:
+    baseline = next((r for r in results if r.engine == BASELINE and r.jobs_per_s), None)
+    baseline = baseline or next((r for r in results if r.jobs_per_s), None)
+    lines = [
+        f"### (d) no-op drain: {results[0].n:,} jobs queued before the worker starts "
+        "(jobs/s from its first start to its last finish: the worker alone, not the producer)",
+        "",
+        f"| engine | done | jobs/s | x {baseline.engine if baseline else BASELINE} |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for r in results:
+        ratio = (
+            f"{r.jobs_per_s / baseline.jobs_per_s:,.1f}x"
+            if baseline and baseline.jobs_per_s and r.jobs_per_s
+            else "-"
+        )
+        lines.append(f"| {r.engine} | {_done(r)} | {_num(r.jobs_per_s)} | {ratio} |")
+    errors = [r for r in results if r.error]
+    return lines + ([""] + [f"- {r.engine} error: {r.error}" for r in errors] if errors else [])
+
+
 def memory_table(r: RunResult) -> list[str]:
     return [
         f"### Memory with 1,000 scrape jobs in flight ({WIDE.description}; "
@@ -213,6 +234,7 @@ def targets(runs: list[RunResult], pickups: list[PickupResult]) -> list[tuple[st
     ratio("scrape ≥ 20x celery-prefork", "scrape", "celery-prefork", 20)
     ratio("scrape ≥ 3x arq-tuned", "scrape", "arq-tuned", 3)
     ratio("no-op ≥ 8x arq-tuned", "noop", "arq-tuned", 8)
+    ratio("no-op drain ≥ 8x arq-tuned (the worker alone)", "noop-drain", "arq-tuned", 8)
     ours = _cmds(runs, "noop", "asyncjobs")
     plain = [c for e in ("arq-default", "arq-tuned") if (c := _cmds(runs, "noop", e)) is not None]
     if ours is not None and plain:
@@ -282,6 +304,9 @@ def render(
         results = [r for r in table_runs if r.workload == name]
         if results:
             lines += [*workload_table(name, results), ""]
+    drained = [r for r in runs if r.workload == "noop-drain"]
+    if drained:
+        lines += [*drain_table(drained), ""]
     wide = next((r for r in runs if r.engine == WIDE.name), None)
     if wide is not None:
         lines += [*memory_table(wide), ""]

@@ -177,6 +177,33 @@ async def run_workload(
     return result, pickup
 
 
+async def measure_drain(
+    engine: Engine, workload: Workload, n: int, services: Services, redis: RedisServer
+) -> RunResult:
+    """N jobs queued before the worker starts, then the worker alone: jobs/s from its first
+    start to its last finish. What the worker can do, whatever the producer can: with jobs as
+    short as a no-op, the enqueueing run above measures the producer."""
+    result = RunResult(engine.name, f"{workload.name}-drain", n, engine.scrape_concurrency())
+    await redis.reset()
+    batch = await engine.enqueue(services, workload.name, n)
+    result.enqueue_s = batch.seconds
+    worker = engine.start(services, services.folder / f"{engine.name}-{workload.name}-drain.log")
+    try:
+        done, _ = await wait_done(engine, services, batch, workload.deadline_s(n) + 60, worker)
+        if done < n:
+            result.status = "timeout"
+        timings = await engine.timings(services, batch)
+        fill_timings(result, timings)
+        if timings:
+            result.seconds = max(t.finished for t in timings) - min(t.started for t in timings)
+            result.jobs_per_s = n / result.seconds if result.status == "ok" else None
+    except BenchError as exc:
+        result.status, result.error = "error", str(exc)
+    finally:
+        await worker.stop()
+    return result
+
+
 async def measure_pickup(engine: Engine, services: Services, worker: ChildProcess) -> PickupResult:
     """An idle worker: PICKUP_JOBS no-op jobs, one every PICKUP_INTERVAL_S; enqueue -> start."""
     pickup = PickupResult(engine.name, PICKUP_JOBS)
