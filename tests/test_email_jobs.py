@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage, Message
+from email.mime.text import MIMEText
 
+import pytest
 from aiosmtplib.email import flatten_message
 from arq.connections import ArqRedis
 
 from core.settings import Settings
 from jobs.deadletter import DeadLetter, get_dead_letter
-from jobs.mail.email import EmailSpec, build_message
+from jobs.mail.email import EmailSpec, _text_part, build_message
 from jobs.mail.smtp import message_bytes
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, wait_for
@@ -152,6 +154,17 @@ def test_smtp_bytes_are_the_email_packages_own_with_crlf() -> None:
     theirs = flatten_message(message)  # aiosmtplib: the email package's compat32 generator
     assert b"\r\n" in ours and b"\n" not in ours.replace(b"\r\n", b"")
     assert ours == theirs.replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["hello", "", "café " * 100, "line\nFrom me\n.dot\n", "☃", "x" * 2000, "a\r\nb", "ünï\n" * 50],
+)
+@pytest.mark.parametrize("subtype", ["plain", "html"])
+def test_a_text_part_is_the_one_mimetext_makes(body: str, subtype: str) -> None:
+    """The cheap text part is checked against the email package's own, byte for byte."""
+    charset = "us-ascii" if body.isascii() else "utf-8"
+    assert _text_part(body, subtype).as_bytes() == MIMEText(body, subtype, charset).as_bytes()
 
 
 def test_headers_a_sender_sets_are_allowed_by_name() -> None:
