@@ -22,6 +22,8 @@ from bench.services import REPO, BenchError
 
 SAMPLES_PER_S = 250
 PROJECT_PACKAGES = ("app", "core", "jobs")
+# the worker's entry point, under every sample: arq's CLI and run loop (its job handling is ours)
+ENTRY = {"<frozen runpy>", "click", "arq"}
 # `function (path:line)`, as py-spy's raw format writes a frame
 FRAME = re.compile(r"^(?P<function>.*) \((?P<path>.*?)(?::\d+)?\)$")
 LIBRARY = re.compile(r"(?:site-packages/|python3\.\d+/(?!site-packages))(?P<name>[^/]+)")
@@ -77,10 +79,16 @@ def parse_frame(text: str) -> Frame:
     return Frame(function, name, False)
 
 
+def library_of(frame: Frame) -> str:
+    """aiohttp for aiohttp/client.py, logging for logging/__init__.py."""
+    return frame.where.split("/", 1)[0].removesuffix(".py")
+
+
 def summarize(path: Path, top: int = 25) -> str:
     """Inclusive shares: a function's share is the samples with it anywhere on the stack."""
     functions: Counter[str] = Counter()
     libraries: Counter[str] = Counter()
+    below: Counter[str] = Counter()  # samples with a library anywhere on the stack
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -90,6 +98,7 @@ def summarize(path: Path, top: int = 25) -> str:
         total += n
         frames = [parse_frame(f) for f in stack.split(";") if not f.startswith("process ")]
         functions.update({f"{f.where}:{f.function}": n for f in set(frames) if f.project})
+        below.update(dict.fromkeys({library_of(f) for f in frames if not f.project} - ENTRY, n))
         if frames:  # self time: where the innermost frame is
             libraries[frames[-1].where] += n
     if not total:
@@ -97,6 +106,8 @@ def summarize(path: Path, top: int = 25) -> str:
     lines = [f"{total:,} busy samples", "", "| project function (inclusive) | share |"]
     lines += ["|---|---:|"]
     lines += [f"| {name} | {n / total:.0%} |" for name, n in functions.most_common(top)]
+    lines += ["", "| library (inclusive: on the stack) | share |", "|---|---:|"]
+    lines += [f"| {name} | {n / total:.0%} |" for name, n in below.most_common(top // 2)]
     lines += ["", "| self time in (module or library) | share |", "|---|---:|"]
     lines += [f"| {name} | {n / total:.0%} |" for name, n in libraries.most_common(top // 2)]
     return "\n".join(lines)
