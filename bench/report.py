@@ -80,10 +80,20 @@ def _done(r: RunResult) -> str:
     return text
 
 
-def workload_table(name: str, results: list[RunResult]) -> list[str]:
-    # celery-prefork when it ran; else the first engine (the ablation's "none")
+def baseline_of(results: list[RunResult]) -> RunResult | None:
+    """celery-prefork when it ran; else the first engine (the ablation's "none")."""
     baseline = next((r for r in results if r.engine == BASELINE and r.jobs_per_s), None)
-    baseline = baseline or next((r for r in results if r.jobs_per_s), None)
+    return baseline or next((r for r in results if r.jobs_per_s), None)
+
+
+def ratio_to(r: RunResult, baseline: RunResult | None) -> str:
+    if baseline and baseline.jobs_per_s and r.jobs_per_s:
+        return f"{r.jobs_per_s / baseline.jobs_per_s:,.1f}x"
+    return "-"
+
+
+def workload_table(name: str, results: list[RunResult]) -> list[str]:
+    baseline = baseline_of(results)
     n = results[0].n
     lines = [
         f"### {WORKLOADS[name].title} (N = {n:,})",  # type: ignore[index]
@@ -95,13 +105,8 @@ def workload_table(name: str, results: list[RunResult]) -> list[str]:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        ratio = (
-            f"{r.jobs_per_s / baseline.jobs_per_s:,.1f}x"
-            if baseline and baseline.jobs_per_s and r.jobs_per_s
-            else "-"
-        )
         lines.append(
-            f"| {r.engine} | {_done(r)} | {_num(r.jobs_per_s)} | {ratio} "
+            f"| {r.engine} | {_done(r)} | {_num(r.jobs_per_s)} | {ratio_to(r, baseline)} "
             f"| {_pair(r.start_p50_ms, r.start_p99_ms)} "
             f"| {_pair(r.finish_p50_ms, r.finish_p99_ms)} "
             f"| {_num(r.peak_rss_mb)} | {_num(r.cpu_s_per_1k, 2)} "
@@ -132,8 +137,7 @@ def workload_table(name: str, results: list[RunResult]) -> list[str]:
 
 
 def drain_table(results: list[RunResult]) -> list[str]:
-    baseline = next((r for r in results if r.engine == BASELINE and r.jobs_per_s), None)
-    baseline = baseline or next((r for r in results if r.jobs_per_s), None)
+    baseline = baseline_of(results)
     lines = [
         f"### (d) no-op drain: {results[0].n:,} jobs queued before the worker starts "
         "(jobs/s from its first start to its last finish: the worker alone, not the producer)",
@@ -142,12 +146,9 @@ def drain_table(results: list[RunResult]) -> list[str]:
         "| --- | --- | ---: | ---: |",
     ]
     for r in results:
-        ratio = (
-            f"{r.jobs_per_s / baseline.jobs_per_s:,.1f}x"
-            if baseline and baseline.jobs_per_s and r.jobs_per_s
-            else "-"
+        lines.append(
+            f"| {r.engine} | {_done(r)} | {_num(r.jobs_per_s)} | {ratio_to(r, baseline)} |"
         )
-        lines.append(f"| {r.engine} | {_done(r)} | {_num(r.jobs_per_s)} | {ratio} |")
     errors = [r for r in results if r.error]
     return lines + ([""] + [f"- {r.engine} error: {r.error}" for r in errors] if errors else [])
 

@@ -1,6 +1,6 @@
-"""SMTP PIPELINING (jobs/mail/pipelining.py) against real servers on loopback: aiosmtpd (which
-says PIPELINING in these tests, as Postfix and Exim do) and, where the test needs a server that
-behaves in one exact way, a small asyncio one written here."""
+"""SMTP PIPELINING (jobs/mail/pipelining.py) against real servers on loopback: aiosmtpd (the
+`smtp` fixture, which says PIPELINING, as Postfix and Exim do) and, where the test needs a
+server that behaves in one exact way, a small asyncio one written here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from email.mime.text import MIMEText
 
 import pytest
 
-from app.mailsink import server_port, start_smtp_server
+from app.mailsink import server_port
 from core.settings import Settings
 from jobs.errors import PermanentJobError, TransientJobError
 from jobs.mail.smtp import SmtpPool
@@ -30,19 +30,10 @@ def pool_for(port: int) -> SmtpPool:
     return SmtpPool(Settings(smtp_host="127.0.0.1", smtp_port=port, smtp_timeout=5))
 
 
-@pytest.fixture
-async def aiosmtpd_server() -> AsyncIterator[tuple[RecordingSmtpHandler, int]]:
-    handler = RecordingSmtpHandler()
-    server = await start_smtp_server(handler)
-    yield handler, server_port(server)
-    server.close()
-    await server.wait_closed()
-
-
 async def test_recipients_refused_in_the_group_are_reported_and_the_rest_get_it(
-    aiosmtpd_server: tuple[RecordingSmtpHandler, int],
+    smtp: tuple[RecordingSmtpHandler, int],
 ) -> None:
-    handler, port = aiosmtpd_server
+    handler, port = smtp
     handler.refuse_rcpt = {"gone@example.com"}
     pool = pool_for(port)
     try:
@@ -73,9 +64,9 @@ async def test_recipients_refused_in_the_group_are_reported_and_the_rest_get_it(
     ],
 )
 async def test_a_refused_message_is_classified_by_its_reply(
-    aiosmtpd_server: tuple[RecordingSmtpHandler, int], reply: str, error: type[Exception]
+    smtp: tuple[RecordingSmtpHandler, int], reply: str, error: type[Exception]
 ) -> None:
-    handler, port = aiosmtpd_server
+    handler, port = smtp
     handler.reject_with = reply
     pool = pool_for(port)
     try:
@@ -89,9 +80,9 @@ async def test_a_refused_message_is_classified_by_its_reply(
 
 
 async def test_every_recipient_refused_is_permanent_and_sends_no_message(
-    aiosmtpd_server: tuple[RecordingSmtpHandler, int],
+    smtp: tuple[RecordingSmtpHandler, int],
 ) -> None:
-    handler, port = aiosmtpd_server
+    handler, port = smtp
     handler.refuse_rcpt = {"x@example.com", "y@example.com"}
     pool = pool_for(port)
     try:
@@ -103,9 +94,9 @@ async def test_every_recipient_refused_is_permanent_and_sends_no_message(
 
 
 async def test_a_server_without_pipelining_gets_one_command_at_a_time(
-    aiosmtpd_server: tuple[RecordingSmtpHandler, int],
+    smtp: tuple[RecordingSmtpHandler, int],
 ) -> None:
-    handler, port = aiosmtpd_server
+    handler, port = smtp
     handler.pipelining = False
     pool = pool_for(port)
     try:
