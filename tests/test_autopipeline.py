@@ -10,6 +10,9 @@ from typing import Any, cast
 
 import pytest
 from arq.connections import ArqRedis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from core.redis import MAX_BATCH, AutoPipelinedRedis
@@ -114,3 +117,63 @@ async def test_a_cancelled_caller_leaves_the_others_their_replies(
     assert second.cancelled()
     # cancelled before the batch was written: never sent, as a command sent alone
     assert await plain.get("b") is None
+
+
+class ReplyCuttingProxy:
+    """A TCP proxy in front of the test Redis whose first connection is cut right after the
+    reply `cut_after` has passed: the batch's later commands reached Redis, their replies are
+    lost, as when a connection drops mid-batch."""
+
+    def __init__(self, redis_host: str, redis_port: int, cut_after: bytes) -> None:
+        self.target, self.cut_after = (redis_host, redis_port), cut_after
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        cut = self.cut_after if self.connections == 1 else None
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, cut: bytes | None
+        ) -> None:
+            seen = b""
+            while data := await src.read(65536):
+                seen += data
+                if cut is not None and cut in seen:
+                    dst.write(data[: len(data) - (len(seen) - seen.index(cut) - len(cut))])
+                    break
+                dst.write(data)
+            for end in (dst, writer, up_writer):
+                end.close()
+
+        await asyncio.gather(pump(reader, up_writer, None), pump(up_reader, writer, cut),
+                             return_exceptions=True)  # fmt: skip
+
+
+async def test_after_a_lost_connection_only_unanswered_commands_are_sent_again(
+    clients: tuple[ArqRedis, AutoPipelinedRedis, list[int]],
+) -> None:
+    plain, _, _ = clients
+    await plain.set("a", 41)
+    kwargs = plain.connection_pool.connection_kwargs
+    proxy = ReplyCuttingProxy(kwargs["host"], kwargs["port"], cut_after=b":42\r\n")
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxied = ArqRedis.from_url(
+        f"redis://127.0.0.1:{port}/{kwargs.get('db', 0)}",
+        retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
+    )  # fmt: skip
+    batched = AutoPipelinedRedis.sharing_pool_of(proxied)
+    try:
+        a, b, c = await asyncio.wait_for(
+            asyncio.gather(batched.incr("a"), batched.incr("b"), batched.incr("c")), 10
+        )
+    finally:
+        await proxied.aclose(close_connection_pool=True)
+        server.close()
+        await server.wait_closed()
+    assert proxy.connections == 2  # the cut one, and the retry's
+    assert a == 42 and await plain.get("a") == b"42"  # answered before the cut: not sent again
+    # unanswered: sent again, as redis-py sends again a single command whose reply was lost
+    # (Redis had run them once already)
+    assert (b, c) == (2, 2)
