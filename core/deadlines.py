@@ -24,13 +24,15 @@ GRANULARITY_S = 0.05
 
 
 class _Sweeper:
-    """One loop's deadlines: bucket number -> the blocks due then, and one timer."""
+    """One loop's deadlines: bucket number -> the blocks due then, and a timer for the earliest.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    It keeps no timer handle (a handle holds its loop, and the loop is the weak key this
+    sweeper is found by): a timer made obsolete by an earlier one simply fires for nothing."""
+
+    def __init__(self) -> None:
         self._buckets: dict[int, set[deadline]] = {}
         self._due: list[int] = []  # bucket numbers, a heap (an emptied bucket stays till due)
-        self._armed: tuple[int, asyncio.TimerHandle] | None = None
+        self._armed: set[int] = set()  # buckets a timer is set for
 
     def add(self, block: deadline, when: float) -> int:
         bucket = math.ceil(when / GRANULARITY_S)
@@ -38,7 +40,7 @@ class _Sweeper:
         if members is None:
             members = self._buckets[bucket] = set()
             heapq.heappush(self._due, bucket)
-            if self._armed is None or bucket < self._armed[0]:
+            if not self._armed or bucket < min(self._armed):
                 self._arm(bucket)
         members.add(block)
         return bucket
@@ -49,17 +51,16 @@ class _Sweeper:
             members.discard(block)
 
     def _arm(self, bucket: int) -> None:
-        if self._armed is not None:
-            self._armed[1].cancel()
-        self._armed = (bucket, self._loop.call_at(bucket * GRANULARITY_S, self._fire))
+        self._armed.add(bucket)
+        asyncio.get_running_loop().call_at(bucket * GRANULARITY_S, self._fire, bucket)
 
-    def _fire(self) -> None:
-        self._armed = None
-        now = self._loop.time()
+    def _fire(self, bucket: int) -> None:
+        self._armed.discard(bucket)
+        now = asyncio.get_running_loop().time()
         while self._due and self._due[0] * GRANULARITY_S <= now:
             for block in self._buckets.pop(heapq.heappop(self._due), ()):
                 block._expire()
-        if self._due:
+        if self._due and (not self._armed or self._due[0] < min(self._armed)):
             self._arm(self._due[0])
 
 
@@ -71,7 +72,7 @@ _sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = (
 def _sweeper(loop: asyncio.AbstractEventLoop) -> _Sweeper:
     sweeper = _sweepers.get(loop)
     if sweeper is None:
-        sweeper = _sweepers[loop] = _Sweeper(loop)
+        sweeper = _sweepers[loop] = _Sweeper()
     return sweeper
 
 

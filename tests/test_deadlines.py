@@ -4,7 +4,9 @@ nothing behind: on the default loop and on uvloop, which the worker runs."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -115,3 +117,18 @@ def test_thousands_of_blocks_leave_nothing_behind(loop_name: str) -> None:
             await asyncio.sleep(0)
 
     run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_finished_loop_is_not_kept_alive_by_its_deadlines(loop_name: str) -> None:
+    async def main() -> None:
+        async with deadline(30):
+            await asyncio.sleep(0)
+
+    loop = LOOPS[loop_name]()
+    loop.run_until_complete(main())
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None
