@@ -65,3 +65,21 @@ def test_quick_bench_completes_every_job_of_every_engine(tmp_path: Path) -> None
 
     http = data["http"]
     assert http is not None and http["statuses"] == {"202": http["requests"]}, http
+
+
+@pytest.mark.timeout(180)
+def test_the_worker_of_a_git_commit_runs_beside_todays(tmp_path: Path) -> None:
+    """`asyncjobs@<commit>` exports that commit's tree and runs its worker (here HEAD's)."""
+    results = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "bench", "jobs", "--quick", "--engines", "asyncjobs@HEAD",
+               "--workloads", "noop", "--json", str(results)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data: dict[str, Any] = json.loads(results.read_text())
+    [run] = [r for r in data["runs"] if r["workload"] == "noop"]
+    n = WORKLOADS["noop"].quick
+    assert run["engine"] == "asyncjobs@HEAD" and run["completed"] == n and run["failed"] == 0, run
+    assert "as of commit HEAD" in data["engines"]["asyncjobs@HEAD"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    assert (REPO / "bench" / ".cache" / "revisions" / head / "worker_settings.py").is_file()
