@@ -3,8 +3,9 @@
 `asyncio.timeout()` arms a timer on the loop when a block starts and cancels it when the block
 ends; under uvloop each is a libuv handle made, started, stopped and closed. A scrape job used
 four (its job, its try, its request twice over) and they were about a tenth of its CPU. Here
-the deadlines of one loop are kept in buckets of GRANULARITY_S, and the loop has one timer,
-armed for the earliest bucket: entering a block is a set insertion, leaving it a removal.
+the deadlines of one loop are kept in buckets of GRANULARITY_S, and a timer is armed for the
+earliest bucket only (when an earlier one appears it gets a timer too, and the later timer
+fires for nothing): entering a block is a set insertion, leaving it a removal.
 
 The price is precision: a deadline fires up to GRANULARITY_S late (never early). That is
 nothing next to what these limits are for (seconds for a request, minutes for a job).
