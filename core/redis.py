@@ -8,24 +8,62 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis, RedisSettings
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.utils import str_if_bytes
 
 from core.settings import Settings
 from core.speedups import redis_pool_options
 
+_ONE_TRY = Retry(NoBackoff(), 0)
+
+
+class SentinelPrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary the sentinels name, asked again on every connect attempt.
+
+    redis-py's connection retries the socket connect to the address it was first given, with
+    the pool's whole retry policy (30 s in a worker), before it asks the sentinels again: a
+    connection begun while they still named a killed primary kept knocking at it and, when
+    that node came back as a replica, landed there (WAIT refused, scripts missing: seen in
+    tests/faults/test_sentinel_failover.py). Here each attempt tries the named address once
+    (the pool's policy spaces the attempts and asks the sentinels each time), a node that
+    does not say ROLE master is refused, and a WAIT refused for being on a replica (the
+    primary was demoted under an open connection) drops the connection like a READONLY does.
+    """
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        self.host, self.port = address
+        policy, self.retry = self.retry, _ONE_TRY
+        try:
+            await Connection.connect(self)  # type: ignore[no-untyped-call]
+        finally:
+            self.retry = policy
+        await self.send_command("ROLE")
+        role = str_if_bytes((await self.read_response())[0])
+        if role != "master":
+            await self.disconnect()
+            raise RedisConnectionError(f"{self.host}:{self.port} is a {role}, not the primary")
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not str(exc).startswith("WAIT cannot be used with replica"):
+                raise
+            await self.disconnect()
+            raise RedisConnectionError("The previous master is now a replica") from exc
+
 
 def redis_pool(settings: Settings, **options: Any) -> ConnectionPool:
     """The pool behind every client the project makes: REDIS_URL's server, or with
-    REDIS_SENTINELS the primary the sentinels name, asked again whenever a connection is made
-    (and a READONLY reply, from a primary demoted to replica, drops the connection): a failover
-    needs no restart."""
+    REDIS_SENTINELS the primary the sentinels name, asked again on every connect attempt (see
+    SentinelPrimaryConnection): a failover needs no restart."""
     if not settings.redis_sentinels:
         return ConnectionPool.from_url(settings.redis_url, **options)
     url = urlsplit(settings.redis_url)
@@ -35,7 +73,7 @@ def redis_pool(settings: Settings, **options: Any) -> ConnectionPool:
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
     )
-    options.pop("connection_class", None)  # the sentinel pool has its own
+    options["connection_class"] = SentinelPrimaryConnection
     pool: ConnectionPool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
         settings.redis_sentinel_master, sentinels,
         db=database, username=url.username, password=url.password, **options,

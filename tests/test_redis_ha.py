@@ -1,19 +1,31 @@
-"""High-availability settings without a cluster: REDIS_SENTINELS parsing, WAIT's 503 when no
-replica confirms, and the warning about an eviction policy (the failover itself:
+"""High availability without a whole cluster: REDIS_SENTINELS parsing, WAIT's 503 when no
+replica confirms, the warning about an eviction policy, and where a sentinel-managed connection
+lands when the sentinels' answer is stale (the failover itself:
 tests/faults/test_sentinel_failover.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.backoff import ConstantBackoff
 
 from app.web import create_app
-from core.redis import eviction_policy_warning, redis_pool
+from core.redis import (
+    SentinelPrimaryConnection,
+    eviction_policy_warning,
+    redis_pool,
+    redis_settings,
+)
 from core.settings import Settings
 from tests.conftest import AUTH
-from tests.helpers import ApiClient, api_client
+from tests.faults.procs import SentinelCluster
+from tests.helpers import ApiClient, api_client, free_port
 
 
 def test_sentinels_are_host_port_pairs() -> None:
@@ -32,6 +44,7 @@ def test_with_sentinels_every_pool_asks_them_for_the_primary() -> None:
     assert type(pool).__name__ == "SentinelConnectionPool"
     assert pool.service_name == "jobs"  # type: ignore[attr-defined]
     assert pool.connection_kwargs["db"] == 3 and pool.connection_kwargs["password"] == "secret"
+    assert pool.connection_class is SentinelPrimaryConnection
 
 
 @pytest.fixture
@@ -67,3 +80,99 @@ async def test_an_evicting_policy_is_warned_about(redis: ArqRedis) -> None:
         assert await eviction_policy_warning(redis) is None
     finally:
         await redis.config_set("maxmemory-policy", before)
+
+
+class ScriptedSentinels:
+    """The sentinels' answers, in order (the last one repeated): a real sentinel gives a stale
+    answer only in a race, and these tests need that answer every time."""
+
+    def __init__(self, *ports: int) -> None:
+        self.ports = list(ports)
+        self.asked = 0
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        self.asked += 1
+        return "127.0.0.1", self.ports[min(self.asked, len(self.ports)) - 1]
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[SentinelCluster]:
+    """Two real redis-servers: a primary "a" and its replica "b" (no sentinels)."""
+    nodes = SentinelCluster(tmp_path)
+    try:
+        await nodes.start_node("a")
+        await nodes.start_node("b", replica_of=nodes.ports["a"])
+        yield nodes
+    finally:
+        await nodes.stop()
+
+
+class CountingBackoff(ConstantBackoff):
+    """Counts the pauses of retry policies, one per failed attempt (on the class: each
+    connection gets a deep copy of its pool's policy)."""
+
+    pauses = 0
+
+    def compute(self, failures: int) -> float:
+        CountingBackoff.pauses += 1
+        return super().compute(failures)
+
+
+def client_of(sentinels: ScriptedSentinels) -> Redis:
+    CountingBackoff.pauses = 0
+    pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        "jobs", sentinels, connection_class=SentinelPrimaryConnection, socket_timeout=5,
+        retry=Retry(CountingBackoff(0.05), 5),
+        retry_on_error=redis_settings(Settings(_env_file=None)).retry_on_error,  # the worker's
+    )  # fmt: skip
+    return Redis(connection_pool=pool)
+
+
+async def test_each_connect_attempt_asks_the_sentinels_again(pair: SentinelCluster) -> None:
+    # the first answer names a primary that was killed: one try there, then ask again
+    # (redis-py alone, with the worker's policy, which retries OSError, knocks at that address
+    # for the whole policy, 30 s, and lands on whatever answers there by then)
+    sentinels = ScriptedSentinels(free_port(), pair.ports["a"])
+    client = client_of(sentinels)
+    try:
+        await client.set("k", "v")
+    finally:
+        await client.aclose()
+    assert (sentinels.asked, CountingBackoff.pauses) == (2, 1)  # one failed try, then ask again
+    primary = Redis(port=pair.ports["a"])
+    try:
+        assert await primary.get("k") == b"v"
+    finally:
+        await primary.aclose()
+
+
+async def test_a_replica_named_as_primary_is_refused(pair: SentinelCluster) -> None:
+    sentinels = ScriptedSentinels(pair.ports["b"], pair.ports["a"])
+    client = client_of(sentinels)
+    try:
+        # on the replica WAIT is an error ("WAIT cannot be used with replica instances")
+        assert await client.execute_command("WAIT", 0, 100) == 0  # type: ignore[no-untyped-call]
+        role = await client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+        assert role[0] == b"master"
+    finally:
+        await client.aclose()
+    assert sentinels.asked == 2
+
+
+async def test_a_primary_demoted_under_an_open_connection_is_left(pair: SentinelCluster) -> None:
+    a, b = pair.ports["a"], pair.ports["b"]
+    sentinels = ScriptedSentinels(a)
+    client = client_of(sentinels)
+    try:
+        await client.ping()  # the connection to "a" is open, and stays in the pool
+        # a failover: "b" promoted, "a" made its replica, the sentinels name "b"
+        admin_a, admin_b = Redis(port=a), Redis(port=b)
+        await admin_b.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+        await admin_a.execute_command("REPLICAOF", "127.0.0.1", str(b))  # type: ignore[no-untyped-call]
+        await admin_a.aclose()
+        await admin_b.aclose()
+        sentinels.ports.append(b)
+        acked = await client.execute_command("WAIT", 0, 100)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
+    assert acked >= 0 and sentinels.asked == 2

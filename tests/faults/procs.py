@@ -132,6 +132,27 @@ class SentinelCluster:
             _, port = await client.sentinel_get_master_addr_by_name(self.MASTER)  # type: ignore[no-untyped-call]
         return int(port)
 
+    async def new_primary(self, old: str, timeout: float = 60) -> int:
+        """The port of the primary every sentinel names once they promoted a node other than
+        `old`."""
+        ports: set[int] = set()
+
+        async def promoted() -> bool:
+            ports.clear()
+            for port in self.sentinel_ports:
+                client = Redis(port=port, socket_timeout=2, decode_responses=True)
+                try:
+                    _, primary = await client.sentinel_get_master_addr_by_name(self.MASTER)  # type: ignore[no-untyped-call]
+                except (RedisError, OSError):
+                    return False
+                finally:
+                    await client.aclose()
+                ports.add(int(primary))
+            return len(ports) == 1 and self.ports[old] not in ports
+
+        await wait_for(promoted, timeout=timeout, interval=0.1, what=f"a primary other than {old}")
+        return ports.pop()
+
     async def replicas_seen(self) -> int:
         """Replicas the first sentinel sees up and linked to the primary."""
         async with self._sentinel() as client:
