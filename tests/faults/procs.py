@@ -140,13 +140,11 @@ class SentinelCluster:
         async def promoted() -> bool:
             ports.clear()
             for port in self.sentinel_ports:
-                client = Redis(port=port, socket_timeout=2, decode_responses=True)
                 try:
-                    _, primary = await client.sentinel_get_master_addr_by_name(self.MASTER)  # type: ignore[no-untyped-call]
+                    async with self._sentinel(port) as client:
+                        _, primary = await client.sentinel_get_master_addr_by_name(self.MASTER)  # type: ignore[no-untyped-call]
                 except (RedisError, OSError):
                     return False
-                finally:
-                    await client.aclose()
                 ports.add(int(primary))
             return len(ports) == 1 and self.ports[old] not in ports
 
@@ -165,8 +163,9 @@ class SentinelCluster:
             return len(found) >= 2
 
     @contextlib.asynccontextmanager
-    async def _sentinel(self) -> AsyncIterator[Redis]:
-        client = Redis(port=self.sentinel_ports[0], socket_timeout=2, decode_responses=True)
+    async def _sentinel(self, port: int | None = None) -> AsyncIterator[Redis]:
+        """A client of sentinel `port` (the first one by default)."""
+        client = Redis(port=port or self.sentinel_ports[0], socket_timeout=2, decode_responses=True)
         try:
             yield client
         finally:
