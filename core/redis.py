@@ -45,7 +45,10 @@ class SentinelPrimaryConnection(SentinelManagedConnection):
         finally:
             self.retry = policy
         await self.send_command("ROLE")
-        role = str_if_bytes((await self.read_response())[0])
+        try:
+            role = str_if_bytes((await self.read_response())[0])
+        except ResponseError:  # ROLE is an admin command an ACL may deny: take the sentinels' word
+            return
         if role != "master":
             await self.disconnect()
             raise RedisConnectionError(f"{self.host}:{self.port} is a {role}, not the primary")

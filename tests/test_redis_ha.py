@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
@@ -14,6 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ConstantBackoff
+from redis.exceptions import ResponseError
 
 from app.web import create_app
 from core.redis import (
@@ -118,12 +120,13 @@ class CountingBackoff(ConstantBackoff):
         return super().compute(failures)
 
 
-def client_of(sentinels: ScriptedSentinels) -> Redis:
+def client_of(sentinels: ScriptedSentinels, **options: Any) -> Redis:
     CountingBackoff.pauses = 0
     pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
         "jobs", sentinels, connection_class=SentinelPrimaryConnection, socket_timeout=5,
         retry=Retry(CountingBackoff(0.05), 5),
         retry_on_error=redis_settings(Settings(_env_file=None)).retry_on_error,  # the worker's
+        **options,
     )  # fmt: skip
     return Redis(connection_pool=pool)
 
@@ -176,3 +179,21 @@ async def test_a_primary_demoted_under_an_open_connection_is_left(pair: Sentinel
     finally:
         await client.aclose()
     assert acked >= 0 and sentinels.asked == 2
+
+
+async def test_a_user_the_acl_denies_role_still_connects(pair: SentinelCluster) -> None:
+    admin = Redis(port=pair.ports["a"])
+    try:
+        await admin.acl_setuser(
+            "jobs", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"],
+            categories=["+@all", "-@admin"],
+        )  # fmt: skip
+    finally:
+        await admin.aclose()
+    client = client_of(ScriptedSentinels(pair.ports["a"]), username="jobs", password="secret")
+    try:
+        assert await client.set("k", "v") and await client.get("k") == b"v"
+        with pytest.raises(ResponseError, match="no permissions"):  # ROLE was refused
+            await client.execute_command("ROLE")  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
