@@ -164,17 +164,12 @@ def _text_part(body: str, subtype: str) -> Message:
     """The part `MIMEText(body, subtype, charset)` makes, byte for byte (us-ascii and 7bit, or
     utf-8 and base64 in 76-character lines: tests/test_email_jobs.py compares them), without
     its charset and parameter machinery: the largest share of building a message."""
+    plain = body.isascii()
     part = Message()
-    if body.isascii():
-        part["Content-Type"] = f'text/{subtype}; charset="us-ascii"'
-        part["MIME-Version"] = "1.0"
-        part["Content-Transfer-Encoding"] = "7bit"
-        part.set_payload(body)
-    else:
-        part["Content-Type"] = f'text/{subtype}; charset="utf-8"'
-        part["MIME-Version"] = "1.0"
-        part["Content-Transfer-Encoding"] = "base64"
-        part.set_payload(base64.encodebytes(body.encode()).decode("ascii"))
+    part["Content-Type"] = f'text/{subtype}; charset="{"us-ascii" if plain else "utf-8"}"'
+    part["MIME-Version"] = "1.0"
+    part["Content-Transfer-Encoding"] = "7bit" if plain else "base64"
+    part.set_payload(body if plain else base64.encodebytes(body.encode()).decode("ascii"))
     return part
 
 
