@@ -3,7 +3,7 @@ FROM python:3.11-slim
 WORKDIR /srv
 COPY pyproject.toml README.md ./
 COPY app ./app
-COPY core ./core
+COPY asyncjobs ./asyncjobs
 COPY jobs ./jobs
 COPY worker_settings.py ./
 RUN pip install --no-cache-dir . && useradd --system --no-create-home asyncjobs

@@ -1,14 +1,15 @@
 """Entry point of the worker: `arq worker_settings.WorkerSettings`.
 
-Every option comes from environment variables through `core.settings.Settings`; see
+Every option comes from environment variables through `asyncjobs.settings.Settings`; see
 docs/operations.md.
 """
 
 import arq.cli
 
-from core.logs import log_config
-from core.settings import get_settings
-from core.speedups import install_event_loop
+from asyncjobs.logs import log_config
+from asyncjobs.registry import JobRegistrationError
+from asyncjobs.settings import get_settings
+from asyncjobs.speedups import install_event_loop
 from jobs.engine.worker import EngineWorker, let_settings_choose_worker_class
 from jobs.worker import worker_options
 
@@ -21,6 +22,9 @@ install_event_loop()
 # jobs/engine/worker.py) and arq's own Worker for any other.
 let_settings_choose_worker_class()
 
-WorkerSettings = type(
-    "WorkerSettings", (), {**worker_options(get_settings()), "worker_class": EngineWorker}
-)
+try:  # the job types, users' own included (JOB_MODULES): one line if one cannot be loaded
+    _options = worker_options(get_settings())
+except JobRegistrationError as exc:
+    raise SystemExit(f"error: {exc}") from None
+
+WorkerSettings = type("WorkerSettings", (), {**_options, "worker_class": EngineWorker})

@@ -1,5 +1,6 @@
-"""Command line: `python -m app dev` (whole local stack), `python -m app web` (API only) or
-`python -m app worker --processes N` (N worker processes, restarted when one dies)."""
+"""Command line: `asyncjobs dev` (whole local stack), `asyncjobs web` (API only) or
+`asyncjobs worker --processes N` (N worker processes, restarted when one dies). `python -m app`
+is the same; the `asyncjobs` command also runs from a project that has its own `app/`."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import sys
 from app.devstack import DevStackError, run_dev
 from app.supervisor import process_count, supervise
 from app.web import run_web
-from core.logs import configure_logging
-from core.settings import get_settings
-from core.speedups import install_event_loop
+from asyncjobs.logs import configure_logging
+from asyncjobs.registry import JobRegistrationError
+from asyncjobs.settings import get_settings
+from asyncjobs.speedups import install_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser = argparse.ArgumentParser(prog="asyncjobs", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("dev", help="web + worker + local Redis and mail sink when needed")
     commands.add_parser("web", help="the HTTP API only (run the worker with `arq`)")
@@ -31,10 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOG_FORMAT", "text")  # people read the dev console
         os.environ.setdefault("MAIL_ALLOW_LOCAL_DOMAINS", "true")  # you@localhost, on a laptop
     configure_logging()
-    install_event_loop()  # uvloop for the API and the dev launcher (see core/speedups.py)
+    install_event_loop()  # uvloop for the API and the dev launcher (see asyncjobs/speedups.py)
     settings = get_settings()
     if args.command == "web":
-        run_web(settings)
+        try:
+            run_web(settings)
+        except JobRegistrationError as exc:  # JOB_MODULES: one line, not a traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "worker":
         processes = args.processes if args.processes is not None else process_count(settings)

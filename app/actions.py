@@ -13,7 +13,7 @@ from arq.utils import timestamp_ms
 
 from app.jobstatus import read_job
 from app.schemas import JobView
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
 from jobs.engine.queue import enqueue_job, enqueue_jobs
 from jobs.housekeeping.export import ExportRequest

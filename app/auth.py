@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 
 from app.errors import Handler
 from app.state import REDIS, SETTINGS
-from core.keys import RATE_KEY_PREFIX
-from core.settings import Settings
+from asyncjobs.keys import RATE_KEY_PREFIX
+from asyncjobs.settings import Settings
 
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json")})
 # The operator dashboard (app/dashboard) checks its own session cookie and CSRF tokens instead.

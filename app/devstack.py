@@ -26,8 +26,8 @@ from pydantic import SecretStr
 from app.mailsink import MaildirHandler, server_port, start_smtp_server
 from app.supervisor import STOP_MARGIN_S, process_count
 from app.web import app_runner
-from core.redis import redis_answers
-from core.settings import Settings
+from asyncjobs.redis import redis_answers
+from asyncjobs.settings import Settings
 
 log = logging.getLogger("app.dev")
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from app.schemas import ErrorBody, ErrorDetail
-from core.redis import NotReplicatedError
+from asyncjobs.redis import NotReplicatedError
 
 log = logging.getLogger(__name__)
 

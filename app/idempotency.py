@@ -18,7 +18,7 @@ from aiohttp import web
 
 from app.auth import PRINCIPAL
 from app.state import REDIS, SETTINGS
-from core.keys import IDEMPOTENCY_KEY_PREFIX
+from asyncjobs.keys import IDEMPOTENCY_KEY_PREFIX
 
 MAX_KEY_LENGTH = 255
 

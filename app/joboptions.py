@@ -21,8 +21,8 @@ from pydantic import (
 
 from app.http import read_json_object
 from app.state import SETTINGS
-from core.settings import Settings
-from jobs.engine.queue import Priority
+from asyncjobs.registry import Priority
+from asyncjobs.settings import Settings
 from jobs.scrape.page import MAX_URL_LENGTH
 from jobs.webhooks import CALLBACK_KWARG
 

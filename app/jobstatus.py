@@ -17,7 +17,7 @@ from arq.jobs import deserialize_job, deserialize_result
 from arq.utils import ms_to_datetime
 
 from app.schemas import JobView
-from core.keys import RETRYING_KEY_PREFIX, RUNNING_KEY
+from asyncjobs.keys import RETRYING_KEY_PREFIX, RUNNING_KEY
 from jobs.engine.monitor import read_progress
 from jobs.mail.newsletter import batch_progress
 from jobs.webhooks import read_callback
@@ -78,13 +78,14 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
 
 
 async def read_job_with_progress(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
-    """As GET /jobs/{id} shows it: with a newsletter's or an export's progress."""
+    """As GET /jobs/{id} shows it: with a newsletter's progress, or the steps a job reported
+    (an export's, `JobContext.progress` of a user's job)."""
     view = await read_job(redis, job_id, queue_name)
     view.callback = await read_callback(redis, job_id)
     if view.function == "send_newsletter":
         view.progress = await batch_progress(redis, job_id)
         newsletter_phase(view)
-    elif view.function == "export":
+    elif view.function is not None:  # an export's, or what a user's job reported
         view.steps = await read_progress(redis, job_id)
     return view
 

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from app.errors import Handler
 from app.state import REDIS, SETTINGS
-from core.keys import (
+from asyncjobs.keys import (
     COUNTERS_KEY,
     DEAD_INDEX_KEY,
     DURATION_KEY,

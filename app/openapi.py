@@ -16,6 +16,7 @@ from app.http import JOB_ID_PATTERN
 from app.joboptions import JobOptions
 from app.mailsink import MESSAGE_NAME_PATTERN
 from app.routes.images import ImageAccepted
+from app.routes.registered import JobTypeList, endpoint_of
 from app.schemas import (
     AbortAccepted,
     DeadLetterPage,
@@ -38,7 +39,8 @@ from app.schemas import (
     SourceList,
 )
 from app.state import SETTINGS
-from core import __version__
+from asyncjobs import __version__
+from asyncjobs.registry import user_job_types
 from jobs.deadletter import DeadLetter
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
 from jobs.images import CONTENT_TYPES as IMAGE_CONTENT_TYPES
@@ -90,6 +92,17 @@ class Operation:
     content: dict[str, Any] | None = None  # a non-JSON success body
     public: bool = False
     extra: dict[int, tuple[str, type[BaseModel]]] = field(default_factory=dict)
+    operation_id: str | None = None  # default: from the method and the path
+    result: dict[str, Any] | None = None  # a job's result schema, as GET /jobs/{id} shows it
+
+    def operation_name(self) -> str:
+        if self.operation_id:
+            return self.operation_id
+        words = [part.strip("{}") for part in self.path.split("/") if part]
+        return "_".join([self.method, *words]).replace("-", "_").replace(".", "_")
+
+    def tag(self) -> str:
+        return self.path.split("/")[1]
 
 
 OPERATIONS = [
@@ -110,6 +123,8 @@ OPERATIONS = [
               JobOptions),
     Operation("get", "/batches/{batch_id}", "Progress of a multi-URL scrape: each job's status",
               200, ScrapeBatch, path_params={"batch_id": ID32}),
+    Operation("get", "/jobs/types", "Every job type: arguments, result, retries, priority, cost",
+              200, JobTypeList),
     Operation("get", "/jobs/{job_id}", "A job's status, times, tries, result or error", 200,
               JobView, path_params={"job_id": JOB_ID},
               extra={404: ("No such job (status not_found)", JobNotFound)}),
@@ -176,8 +191,19 @@ DEV_OPERATIONS = [
 ]  # fmt: skip
 
 
+def user_job_operations() -> list[Operation]:
+    """One enqueue operation per user's job type in the registry, with its own body."""
+    return [
+        Operation("post", endpoint, job_type.summary or f"Enqueue {job_type.name}", 202,
+                  JobAccepted, job_type.arguments, operation_id=f"enqueue_{job_type.name}",
+                  result=job_type.result_schema() or None)
+        for job_type in user_job_types()
+        if job_type.arguments is not None and (endpoint := endpoint_of(job_type))
+    ]  # fmt: skip
+
+
 def build_openapi(dev_mail: bool = False) -> dict[str, Any]:
-    operations = OPERATIONS + (DEV_OPERATIONS if dev_mail else [])
+    operations = OPERATIONS + user_job_operations() + (DEV_OPERATIONS if dev_mail else [])
     schemas, refs = _component_schemas(operations)
     _add_job_options(operations, schemas, refs)
     paths: dict[str, dict[str, Any]] = {}
@@ -271,7 +297,14 @@ def _operation(op: Operation, refs: dict[tuple[type[BaseModel], str], Any]) -> d
             "description": "Repeat-safe enqueue: the same key returns the first answer",
             "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
         })  # fmt: skip
-    operation: dict[str, Any] = {"summary": op.summary, "responses": responses}
+    operation: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": op.operation_name(),
+        "tags": [op.tag()],
+        "responses": responses,
+    }
+    if op.result is not None:  # what GET /jobs/{id} shows as `result` once it is complete
+        operation["x-job-result"] = op.result
     if parameters:
         operation["parameters"] = parameters
     if op.body is JobOptions:  # a job with nothing to say but its options: body optional

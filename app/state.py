@@ -3,7 +3,7 @@
 from aiohttp import web
 from arq.connections import ArqRedis
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", ArqRedis)

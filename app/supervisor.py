@@ -18,7 +18,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 
 log = logging.getLogger("app.supervisor")
 

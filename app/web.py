@@ -11,11 +11,15 @@ from app.dashboard import setup_dashboard
 from app.errors import json_errors
 from app.routes import add_routes
 from app.state import REDIS, SETTINGS
-from core.redis import connect
-from core.settings import Settings
+from asyncjobs.redis import connect
+from asyncjobs.registry import load_job_modules
+from asyncjobs.settings import Settings
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The API, with a route for every job type registered, the modules JOB_MODULES names
+    included (JobRegistrationError, one line, if one cannot be loaded)."""
+    load_job_modules(settings.job_modules)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[json_errors, require_api_key, rate_limit],

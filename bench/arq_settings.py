@@ -7,7 +7,7 @@ does, so every arq engine writes the same log lines per job.
 - `DefaultSettings`: arq 0.28's defaults (max_jobs=10, poll_delay=0.5).
 - `TunedSettings`: max_jobs=500, poll_delay=0.01, the fair baseline.
 
-Both run on the same stack as the project's worker (core/speedups.py: uvloop, hiredis, unless
+Both run on the same stack as the project's worker (asyncjobs/speedups.py: uvloop, hiredis, unless
 ASYNCJOBS_SPEEDUPS says otherwise), so a ratio between them shows the engine, not the loop.
 """
 
@@ -21,18 +21,19 @@ from arq.typing import WorkerCoroutine
 from arq.worker import func
 from redis.asyncio import ConnectionPool
 
+from asyncjobs.logs import log_config
+from asyncjobs.settings import get_settings
+from asyncjobs.speedups import install_event_loop, redis_pool_options
 from bench.noop import noop
-from core.logs import log_config
-from core.settings import get_settings
-from core.speedups import install_event_loop, redis_pool_options
-from jobs.worker import job_functions, shutdown, startup
+from jobs.registered import arq_functions
+from jobs.worker import shutdown, startup
 
 arq.cli.default_log_config = log_config  # type: ignore[attr-defined]
 install_event_loop()
 
 _settings = get_settings()
 _base: dict[str, Any] = {
-    "functions": [*job_functions(_settings), func(cast(WorkerCoroutine, noop), name="noop")],
+    "functions": [*arq_functions(_settings), func(cast(WorkerCoroutine, noop), name="noop")],
     "on_startup": startup,
     "on_shutdown": shutdown,
     "redis_settings": RedisSettings.from_dsn(_settings.redis_url),

@@ -199,7 +199,7 @@ class Engine:
 
 
 def arq_env(services: Services) -> dict[str, Any]:
-    """The settings every arq engine runs with (core/settings.py names, upper-cased)."""
+    """The settings every arq engine runs with (asyncjobs/settings.py names, upper-cased)."""
     return {
         "redis_url": services.redis_url,
         "scrape_allowed_cidrs": "127.0.0.0/8",
@@ -307,7 +307,7 @@ ENGINES: dict[str, Engine] = {
 
 
 def stack_variant(base: Engine, speedups: str) -> Engine:
-    """`base` with ASYNCJOBS_SPEEDUPS set (core/speedups.py): for the fast stack's ablation."""
+    """`base` with ASYNCJOBS_SPEEDUPS set (asyncjobs/speedups.py): for the fast stack's ablation."""
     return dataclasses.replace(
         base,
         name=f"{base.name}+{speedups.replace(',', '+')}",

@@ -27,9 +27,9 @@ from arq.connections import ArqRedis, RedisSettings
 from arq.constants import default_queue_name, health_check_key_suffix
 from arq.jobs import Job
 
+from asyncjobs.settings import Settings
 from bench.common import page_url
 from bench.services import ChildProcess, RedisServer, Site, child_env, python_module, wait_until
-from core.settings import Settings
 from jobs.engine.queue import enqueue_job
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.services import REPO, BenchError
 
 SAMPLES_PER_S = 250
-PROJECT_PACKAGES = ("app", "core", "jobs")
+PROJECT_PACKAGES = ("app", "asyncjobs", "jobs")
 # the worker's entry point, under every sample: arq's CLI and run loop (its job handling is ours)
 ENTRY = {"<frozen runpy>", "click", "arq"}
 # `function (path:line)`, as py-spy's raw format writes a frame

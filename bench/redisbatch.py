@@ -1,5 +1,5 @@
 """`python -m bench.redisbatch`: CPU per Redis command, sent alone (redis-py's client) or through
-the worker jobs' auto-pipelined client (core.redis.AutoPipelinedRedis), when 1, 10, 100 or 500
+the worker jobs' auto-pipelined client (asyncjobs.redis.AutoPipelinedRedis), when 1, 10, 100 or 500
 callers send one command each at the same moment, as jobs claimed together do.
 
 Its own redis-server on a free port; uvloop and hiredis, as the worker runs; one table of
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from arq.connections import ArqRedis
 
+from asyncjobs import speedups
+from asyncjobs.redis import AutoPipelinedRedis
 from bench.services import RedisServer
-from core import speedups
-from core.redis import AutoPipelinedRedis
 
 COMMANDS = 20_000  # per cell of the table
 

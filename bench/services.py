@@ -24,8 +24,8 @@ import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from asyncjobs.settings import Settings
 from bench.procstat import process_tree
-from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"

@@ -8,5 +8,5 @@
 - worker.py wires them into arq's worker options; retry, deadletter, errors, values and
   cpulimit are shared by every family.
 
-Nothing here imports app/ (the web side); what both sides share is in core/.
+Nothing here imports app/ (the web side); what both sides share is in asyncjobs/.
 """

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from pebble import CONSTS, ProcessPool
 
-from jobs.errors import PermanentJobError
+from asyncjobs.errors import PermanentJobError
 
 log = logging.getLogger(__name__)
 

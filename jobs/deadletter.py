@@ -12,9 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from core.keys import DEAD_INDEX_KEY, DEAD_KEY_PREFIX
-from core.redis import execute_replicated
-from core.settings import Settings
+from asyncjobs.keys import DEAD_INDEX_KEY, DEAD_KEY_PREFIX
+from asyncjobs.redis import execute_replicated
+from asyncjobs.settings import Settings
 from jobs.values import as_text
 
 

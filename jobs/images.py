@@ -22,10 +22,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 from redis.asyncio import Redis
 
-from core.keys import UPLOAD_KEY_PREFIX
-from core.settings import Settings
-from jobs.errors import PermanentJobError
-from jobs.retry import classified
+from asyncjobs.errors import PermanentJobError
+from asyncjobs.keys import UPLOAD_KEY_PREFIX
+from asyncjobs.settings import Settings
+from jobs.retry import builtin
 from jobs.scrape.fetch import Fetcher
 from jobs.scrape.page import MAX_URL_LENGTH
 
@@ -171,7 +171,7 @@ async def _source_bytes(ctx: dict[str, Any], job: ImageJob) -> bytes:
     return await fetcher.fetch_bytes(job.url, settings.image_max_bytes, ctx["job_id"])
 
 
-@classified("scrape")
+@builtin("process_image", "scrape", schedulable=True, shown=("url",))
 async def process_image(
     ctx: dict[str, Any],
     outputs: list[dict[str, Any]],

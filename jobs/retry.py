@@ -1,7 +1,7 @@
 """Classified retries: transient errors back off and retry, the rest go to the dead-letter store.
 
 Every job function is wrapped by `classified(family)`. The wrapper decides from the error's class
-(see jobs.errors) whether another try can help, and when it cannot, records the job before arq
+(see asyncjobs.errors) whether another try can help, and when it cannot, records the job before arq
 marks it failed, so no failed job vanishes when its arq result expires.
 """
 
@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal
 
 from arq.worker import Retry
@@ -22,12 +21,21 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from core.deadlines import deadline
-from core.keys import RETRYING_KEY_PREFIX
-from core.settings import Settings
+from asyncjobs.deadlines import deadline
+from asyncjobs.errors import PermanentJobError, Postpone, TransientJobError
+from asyncjobs.keys import RETRYING_KEY_PREFIX
+from asyncjobs.registry import (
+    Family,
+    JobFunction,
+    JobType,
+    Priority,
+    RetryPolicy,
+    family_policy,
+    register,
+)
+from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.engine.monitor import monitor_of
-from jobs.errors import PermanentJobError, Postpone, TransientJobError
 from jobs.values import now_utc
 
 log = logging.getLogger(__name__)
@@ -35,49 +43,24 @@ log = logging.getLogger(__name__)
 # What the running job said about its result, for its one completion line (see `report`).
 _REPORT: ContextVar[dict[str, Any] | None] = ContextVar("job_report", default=None)
 
-Family = Literal["email", "scrape", "maintenance", "webhook"]
-JobFunction = Callable[..., Awaitable[Any]]
 DeadLetterHook = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
-# What is left of job_timeout for the wrapper's own deadline, so it fires before arq's.
-TIMEOUT_HEADROOM = 0.95
-
-
-# Why a deferred job is waiting, for GET /jobs/{id}: last error, try, next try (ms).
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How a family retries transient failures: backoff from `base_delay` to `max_delay`, at
-    most `max_tries` tries, and (email) no new try `lifetime` seconds after the enqueue."""
-
-    base_delay: float
-    max_delay: float
-    max_tries: int
-    lifetime: float | None = None
-
-    def expired(self, enqueue_time: datetime | None) -> bool:
-        if self.lifetime is None or enqueue_time is None:
-            return False
-        return (now_utc() - enqueue_time).total_seconds() >= self.lifetime
+# The engine's own deadline is this much longer than the job's timeout, so the wrapper's fires
+# first and the timeout is classified (transient) and recorded like any other failure.
+ENGINE_TIMEOUT_GRACE_S = 5.0
 
 
 def retry_policy(settings: Settings, family: Family) -> RetryPolicy:
-    if family == "email":
-        return RetryPolicy(
-            settings.email_retry_base_delay,
-            settings.email_retry_max_delay,
-            settings.email_max_tries,
-            settings.email_retry_lifetime,
-        )
-    tries = {
-        "scrape": settings.scrape_max_tries,
-        "webhook": settings.webhook_max_tries,
-    }.get(family, settings.maintenance_max_tries)
-    return RetryPolicy(settings.retry_base_delay, settings.retry_max_delay, tries)
+    """A built-in family's policy (kept for the built-ins' helpers and tests)."""
+    return family_policy(settings, family)
 
 
 def max_tries(settings: Settings, family: Family) -> int:
-    return retry_policy(settings, family).max_tries
+    return family_policy(settings, family).max_tries
+
+
+def job_timeout(settings: Settings, timeout: float | None) -> float:
+    """A job's own timeout: its declaration's, else JOB_TIMEOUT."""
+    return settings.job_timeout if timeout is None else timeout
 
 
 def backoff_delay(policy: RetryPolicy, job_try: int, retry_after: float | None = None) -> float:
@@ -114,13 +97,29 @@ def report(summary: str, **fields: Any) -> None:
     note.update(fields)
 
 
+@dataclass(frozen=True)
+class Classification:
+    """What the wrapper needs of a job's declaration: its retry policy (a fixed one or a
+    built-in family's), its timeout, and which of its own exceptions are transient or
+    permanent (asyncjobs' TransientJobError and PermanentJobError always are)."""
+
+    retry: RetryPolicy | Family
+    timeout: float | None = None
+    transient: tuple[type[BaseException], ...] = ()
+    permanent: tuple[type[BaseException], ...] = ()
+
+    def policy(self, settings: Settings) -> RetryPolicy:
+        return family_policy(settings, self.retry) if isinstance(self.retry, str) else self.retry
+
+
 def classified(
-    family: Family, on_dead_letter: DeadLetterHook | None = None
+    retry: RetryPolicy | Family | Classification, on_dead_letter: DeadLetterHook | None = None
 ) -> Callable[[JobFunction], JobFunction]:
     """Wrap a job: retry transient errors, dead-letter the rest (then call `on_dead_letter`)."""
+    rules = retry if isinstance(retry, Classification) else Classification(retry)
 
     def decorate(job: JobFunction) -> JobFunction:
-        attempt = _attempt(job, family, on_dead_letter)
+        attempt = _attempt(job, rules, on_dead_letter)
 
         @functools.wraps(job)
         async def run(ctx: dict[str, Any], **kwargs: Any) -> Any:
@@ -175,7 +174,7 @@ def due_ms(ctx: dict[str, Any]) -> float | None:
 
 
 def _attempt(
-    job: JobFunction, family: Family, on_dead_letter: DeadLetterHook | None
+    job: JobFunction, rules: Classification, on_dead_letter: DeadLetterHook | None
 ) -> JobFunction:
     """One try: the job's result, `Retry` for a transient error with tries left, or the error
     (after dead-lettering the job) when there is nothing more to try."""
@@ -183,20 +182,26 @@ def _attempt(
     async def attempt(ctx: dict[str, Any], **kwargs: Any) -> Any:
         settings: Settings = ctx["settings"]
         job_try: int = ctx["job_try"]
-        policy = retry_policy(settings, family)
+        policy = rules.policy(settings)
         limit = policy.max_tries
+        timeout = job_timeout(settings, rules.timeout)
         try:
             if job_try > limit:  # re-runs after worker crashes count as tries too
                 raise PermanentJobError(f"gave up: started {job_try - 1} times, never finished")
-            async with deadline(settings.job_timeout * TIMEOUT_HEADROOM):
-                result = await job(ctx, **kwargs)
+            async with deadline(timeout):
+                try:
+                    result = await job(ctx, **kwargs)
+                except rules.permanent as exc:
+                    raise PermanentJobError(f"{type(exc).__name__}: {exc}") from exc
+                except rules.transient as exc:
+                    raise TransientJobError(f"{type(exc).__name__}: {exc}") from exc
             if job_try > 1:  # it waited for a retry: nothing to explain any more
                 await ctx["redis"].delete(RETRYING_KEY_PREFIX + ctx["job_id"])
             return result
         except Postpone:
             raise  # not a failure: the job runs again later, and this run is not a try
         except TimeoutError as exc:
-            error: Exception = TransientJobError(f"job timed out after {settings.job_timeout}s")
+            error: Exception = TransientJobError(f"job timed out after {timeout:g}s")
             error.__cause__ = exc
         except (PermanentJobError, TransientJobError) as exc:
             error = exc
@@ -211,7 +216,7 @@ def _attempt(
         if (
             isinstance(error, TransientJobError)
             and job_try < limit
-            and not policy.expired(ctx.get("enqueue_time"))
+            and not policy.expired(ctx.get("enqueue_time"), now_utc())
         ):
             if error.backoff or error.retry_after is None:
                 delay = backoff_delay(policy, job_try, error.retry_after)
@@ -249,3 +254,37 @@ def _attempt(
         raise error
 
     return attempt
+
+
+def builtin(
+    name: str,
+    retry: Family,
+    *,
+    priority: Priority = "bulk",
+    schedulable: bool = False,
+    cost: int = 1,
+    on_dead_letter: DeadLetterHook | None = None,
+    shown: tuple[str, ...] = (),
+) -> Callable[[JobFunction], JobFunction]:
+    """Declare a built-in job in the registry (asyncjobs.registry), wrapped by `classified`:
+    its name, its family's retry policy, its default priority, what a call costs and whether
+    `POST /schedules` may run it. Its API has an endpoint of its own (app/routes)."""
+
+    def declare(job: JobFunction) -> JobFunction:
+        wrapped = classified(retry, on_dead_letter)(job)
+        register(
+            JobType(
+                name=name,
+                function=wrapped,
+                retry=retry,
+                priority=priority,
+                cost=cost,
+                schedulable=schedulable,
+                builtin=True,
+                summary=(job.__doc__ or "").strip().split("\n")[0],
+                shown=shown,
+            )
+        )
+        return wrapped
+
+    return declare

@@ -14,7 +14,7 @@ import json
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from arq.connections import ArqRedis
@@ -22,9 +22,10 @@ from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.asyncio import Redis
 
-from core.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
-from core.settings import Settings
-from jobs.engine.queue import Priority, enqueue_jobs
+from asyncjobs.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
+from asyncjobs.registry import JobType, Priority, get_job_type, user_job_types
+from asyncjobs.settings import Settings
+from jobs.engine.queue import enqueue_jobs
 from jobs.mail.email import new_message_id
 from jobs.mail.newsletter import start_progress
 from jobs.retry import classified
@@ -33,17 +34,36 @@ from jobs.webhooks import CALLBACK_KWARG
 
 log = logging.getLogger(__name__)
 
-JobType = Literal["email", "newsletter", "scrape", "export", "report"]
 MIN_EVERY_S = 60
 HISTORY_KEEP = 50
 NEXT_RUNS_SHOWN = 5
-DEFAULT_PRIORITY: dict[str, Priority] = {
-    "email": "transactional",
-    "newsletter": "bulk",
-    "scrape": "bulk",
-    "export": "bulk",
-    "report": "bulk",
+# The built-ins a schedule names by their endpoint (`POST /jobs/email`), and the job type each
+# runs; any user's job type that is schedulable is named by its own name.
+BUILTIN_SCHEDULE_TYPES = {
+    "email": "send_email",
+    "newsletter": "send_newsletter",
+    "scrape": "scrape",
+    "export": "export",
+    "report": "report",
 }
+
+
+def scheduled_job_type(name: str) -> JobType:
+    """The registered job type a schedule's `type` names; ValueError if it cannot be run."""
+    registered = get_job_type(BUILTIN_SCHEDULE_TYPES.get(name, name))
+    if registered is None or (registered.builtin and name not in BUILTIN_SCHEDULE_TYPES):
+        known = [*BUILTIN_SCHEDULE_TYPES, *(t.name for t in user_job_types() if t.schedulable)]
+        raise ValueError(f"{name!r} is not a job type; one of: {', '.join(known)}")
+    if not registered.schedulable:
+        raise ValueError(f"job type {name!r} cannot be scheduled")
+    return registered
+
+
+def default_priority(job: ScheduledJob) -> Priority:
+    """The job type's own, but a scrape of several URLs is bulk work (as through the API)."""
+    if job.type == "scrape" and not job.body.get("url"):
+        return "bulk"
+    return scheduled_job_type(job.type).priority
 
 
 def check_cron(expression: str) -> str:
@@ -74,10 +94,18 @@ class ScheduledJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: JobType
+    type: str = Field(
+        max_length=63, description="email, newsletter, scrape, export, report or a user's job type"
+    )
     body: dict[str, Any] = Field(default_factory=dict)
     priority: Priority | None = None
     callback_url: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        scheduled_job_type(value)
+        return value
 
 
 class ScheduleFields(BaseModel):
@@ -261,7 +289,7 @@ async def enqueue_run(
     job = schedule.job
     run_id = hashlib.sha256(f"{schedule.id}:{period}".encode()).hexdigest()[:32]
     function, calls = await run_calls(redis, settings, job, run_id)
-    options: dict[str, Any] = {"_priority": job.priority or DEFAULT_PRIORITY[job.type]}
+    options: dict[str, Any] = {"_priority": job.priority or default_priority(job)}
     if job.callback_url:
         options[CALLBACK_KWARG] = job.callback_url
     for n, call in enumerate(calls):
@@ -289,4 +317,6 @@ async def run_calls(
         return "scrape", [{"target": {"url": url, "selectors": selectors}} for url in urls]
     if job.type == "export":
         return "export", [{"export_id": run_id, "request": body, "_job_id": run_id}]
-    return "report", [{}]
+    if job.type == "report":
+        return "report", [{}]
+    return scheduled_job_type(job.type).name, [body]  # a user's job: its validated arguments

@@ -21,11 +21,11 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from yarl import URL
 
-from core.keys import CALLBACK_KEY_PREFIX
-from core.settings import Settings
+from asyncjobs.errors import PermanentJobError, TransientJobError
+from asyncjobs.keys import CALLBACK_KEY_PREFIX
+from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_job
-from jobs.errors import PermanentJobError, TransientJobError
-from jobs.retry import classified
+from jobs.retry import builtin
 from jobs.scrape.fetch import parse_retry_after, translate_errors
 from jobs.scrape.guard import check_url
 from jobs.values import as_text
@@ -93,7 +93,7 @@ async def _mark_failed(ctx: dict[str, Any], kwargs: dict[str, Any]) -> None:
     await _record(ctx["redis"], kwargs["payload"]["job_id"], state="failed")
 
 
-@classified("webhook", on_dead_letter=_mark_failed)
+@builtin("deliver_webhook", "webhook", on_dead_letter=_mark_failed, shown=("url",))
 async def deliver_webhook(ctx: dict[str, Any], *, url: str, payload: dict[str, Any]) -> int:
     """POST the payload once; the receiver's HTTP status. 2xx is delivered; 408, 429, 5xx and
     network errors are tried again; other answers, redirects included, fail for good."""

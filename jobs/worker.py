@@ -9,24 +9,22 @@ from typing import Any, cast
 
 from arq.cron import CronJob, cron
 from arq.typing import WorkerCoroutine
-from arq.worker import Function, func
 
-from core import speedups
-from core.redis import AutoPipelinedRedis, eviction_policy_warning, redis_settings
-from core.settings import Settings, get_settings
+from asyncjobs import speedups
+from asyncjobs.redis import AutoPipelinedRedis, eviction_policy_warning, redis_settings
+from asyncjobs.registry import load_job_modules
+from asyncjobs.settings import Settings, get_settings
 from jobs.cpulimit import CpuPool
 from jobs.engine.monitor import JobMonitor
 from jobs.engine.worker import WakeListener, worker_redis
-from jobs.housekeeping import daily_cleanup, daily_report, export, report
-from jobs.images import process_image
-from jobs.mail import send_email, send_newsletter
+from jobs.housekeeping import daily_cleanup, daily_report
 from jobs.mail.sendrate import SendRate
 from jobs.mail.smtp import SmtpPool
-from jobs.retry import max_tries
+from jobs.registered import arq_functions
+from jobs.retry import ENGINE_TIMEOUT_GRACE_S
 from jobs.schedules import run_schedules
-from jobs.scrape import schedule_sources, scrape, scrape_source
+from jobs.scrape import schedule_sources
 from jobs.scrape.fetch import Fetcher, make_http_session
-from jobs.webhooks import deliver_webhook
 
 log = logging.getLogger(__name__)
 
@@ -71,31 +69,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["cpu"].close()
 
 
-def job_functions(settings: Settings) -> list[Function]:
-    """arq stops a job at its own max_tries before our wrapper sees it; one more lets the wrapper
-    see every try and dead-letter the job itself (see jobs.retry.classified)."""
-    email_tries = max_tries(settings, "email") + 1
-    scrape_tries = max_tries(settings, "scrape") + 1
-    maintenance_tries = max_tries(settings, "maintenance") + 1
-    return [
-        func(cast(WorkerCoroutine, send_email), name="send_email", max_tries=email_tries),
-        func(cast(WorkerCoroutine, send_newsletter), name="send_newsletter", max_tries=email_tries),
-        func(cast(WorkerCoroutine, scrape), name="scrape", max_tries=scrape_tries),
-        func(cast(WorkerCoroutine, scrape_source), name="scrape_source", max_tries=scrape_tries),
-        func(cast(WorkerCoroutine, process_image), name="process_image", max_tries=scrape_tries),
-        func(
-            cast(WorkerCoroutine, deliver_webhook),
-            name="deliver_webhook",
-            max_tries=max_tries(settings, "webhook") + 1,
-        ),
-        *(
-            func(cast(WorkerCoroutine, job), name=job.__name__, max_tries=maintenance_tries)
-            # the daily jobs are plain functions too, so a dead-lettered run can be retried
-            for job in (export, report, daily_cleanup, daily_report)
-        ),
-    ]
-
-
 def cron_jobs(settings: Settings) -> list[CronJob]:
     """Scheduled work. `unique` (arq's default) runs each tick once however many workers run."""
     tick = settings.scheduler_tick_seconds
@@ -115,22 +88,23 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
             hour=settings.cleanup_hour,
             minute=0,
             second=0,
-            max_tries=max_tries(settings, "maintenance") + 1,
         ),
         cron(
             cast(WorkerCoroutine, daily_report),
             hour=settings.report_hour,
             minute=0,
             second=0,
-            max_tries=max_tries(settings, "maintenance") + 1,
         ),
     ]
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `arq.worker.Worker` (and the attributes of `WorkerSettings`)."""
+    """Keyword arguments for `arq.worker.Worker` (and the attributes of `WorkerSettings`):
+    every registered job type, the built-ins and those of the modules JOB_MODULES names
+    (JobRegistrationError, one line, if one cannot be loaded)."""
+    load_job_modules(settings.job_modules)
     return {
-        "functions": job_functions(settings),
+        "functions": arq_functions(settings),
         "cron_jobs": cron_jobs(settings),
         "timezone": UTC,  # cron hours in settings are UTC
         "on_startup": startup,
@@ -139,7 +113,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "redis_pool": worker_redis(settings),
         "queue_name": settings.queue_name,
         "max_jobs": settings.worker_max_jobs,
-        "job_timeout": settings.job_timeout,
+        "job_timeout": settings.job_timeout + ENGINE_TIMEOUT_GRACE_S,  # the wrapper's fires first
         "keep_result": settings.keep_result,
         "health_check_interval": settings.worker_health_interval,
         "poll_delay": 0.1,

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 
 from app.mailsink import server_port, start_smtp_server
 from app.web import create_app
-from core.redis import connect
-from core.settings import Settings, get_settings
+from asyncjobs.redis import connect
+from asyncjobs.settings import Settings, get_settings
 from jobs.cpulimit import CpuPool
 from jobs.engine.worker import EngineWorker
 from jobs.scrape.fetch import Fetcher, make_http_session

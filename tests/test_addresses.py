@@ -10,8 +10,8 @@ import pytest
 from arq.worker import Worker
 
 from app.web import create_app
-from core.addresses import check_address, unique_addresses
-from core.settings import Settings
+from asyncjobs.addresses import check_address, unique_addresses
+from asyncjobs.settings import Settings
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, api_client, wait_for
 from tests.jobwait import wait_job

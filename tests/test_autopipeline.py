@@ -1,5 +1,5 @@
-"""The worker's jobs' client (core.redis.AutoPipelinedRedis) against a real Redis: commands sent
-in the same loop turn share one write, and each caller gets exactly what it would have got
+"""The worker's jobs' client (asyncjobs.redis.AutoPipelinedRedis) against a real Redis: commands
+sent in the same loop turn share one write, and each caller gets exactly what it would have got
 sending its command alone: its reply, its own error, a script loaded on demand."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from core.redis import MAX_BATCH, AutoPipelinedRedis
+from asyncjobs.redis import MAX_BATCH, AutoPipelinedRedis
 from tests.conftest import TEST_REDIS_URL
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from core import keys
-from core.settings import Settings
+from asyncjobs import keys
+from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.housekeeping.cleanup import cleanup, daily_cleanup
 from jobs.scrape.documents import (

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from app.__main__ import main
-from core.settings import Settings
+from asyncjobs.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 

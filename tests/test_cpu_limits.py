@@ -12,7 +12,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from app.web import create_app
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.deadletter import get_dead_letter
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, api_client, wait_for

@@ -18,8 +18,8 @@ from selectolax.lexbor import LexborHTMLParser
 
 from app.dashboard.session import SESSION_TTL_S
 from app.web import create_app
-from core.keys import SESSION_KEY_PREFIX, source_docs_key, source_failures_key
-from core.settings import Settings
+from asyncjobs.keys import SESSION_KEY_PREFIX, source_docs_key, source_failures_key
+from asyncjobs.settings import Settings
 from jobs.deadletter import get_dead_letter
 from tests.conftest import API_KEY, READ_KEY
 from tests.helpers import ApiClient, start_of_a_window, wait_for, window_number

@@ -1,4 +1,4 @@
-"""core.deadlines.deadline behaves as asyncio.timeout does, one bucket late at most, and leaves
+"""asyncjobs.deadlines.deadline behaves as asyncio.timeout does, one bucket late at most, and leaves
 nothing behind: on the default loop and on uvloop, which the worker runs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from core.deadlines import GRANULARITY_S, _sweeper, deadline
+from asyncjobs.deadlines import GRANULARITY_S, _sweeper, deadline
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from core.redis import redis_answers
+from asyncjobs.redis import redis_answers
 from tests.conftest import API_KEY, AUTH
 from tests.helpers import free_port, wait_for
 from tests.servers import SiteStats

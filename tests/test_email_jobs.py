@@ -11,7 +11,7 @@ import pytest
 from aiosmtplib.email import flatten_message
 from arq.connections import ArqRedis
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, get_dead_letter
 from jobs.mail.email import EmailSpec, _text_part, build_message
 from jobs.mail.smtp import message_bytes

@@ -12,10 +12,10 @@ from arq.jobs import Job, JobStatus
 from arq.typing import WorkerCoroutine
 from arq.worker import func
 
-from core.keys import COUNTERS_KEY
-from core.settings import Settings
+from asyncjobs.errors import Postpone
+from asyncjobs.keys import COUNTERS_KEY
+from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_job
-from jobs.errors import Postpone
 from jobs.retry import classified
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import wait_for

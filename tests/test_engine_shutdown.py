@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 import jobs.engine.queue
 import jobs.engine.runner
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.engine.queue import Claimed, enqueue_job
 from jobs.engine.runner import Engine
 from tests.conftest import TEST_REDIS_URL, start_worker, stop_worker

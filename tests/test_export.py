@@ -19,9 +19,9 @@ from openpyxl import load_workbook
 
 from app.routes.exports import add_export_routes
 from app.web import create_app
-from core.settings import Settings
+from asyncjobs.errors import PermanentJobError
+from asyncjobs.settings import Settings
 from jobs.deadletter import get_dead_letter
-from jobs.errors import PermanentJobError
 from jobs.housekeeping.export import (
     CHUNK,
     FIELDS,

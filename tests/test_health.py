@@ -10,8 +10,8 @@ from arq.connections import ArqRedis
 from arq.worker import Worker
 
 from app.web import create_app
-from core import __version__
-from core.settings import Settings
+from asyncjobs import __version__
+from asyncjobs.settings import Settings
 from tests.helpers import ApiClient, api_client, free_port, wait_for
 
 

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 from PIL import Image
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from tests.conftest import AUTH, api_and_worker
 from tests.helpers import ApiClient
 from tests.jobwait import wait_job

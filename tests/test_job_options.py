@@ -14,7 +14,7 @@ from arq.jobs import Job
 from arq.typing import WorkerCoroutine
 from arq.worker import Retry, func
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.engine.queue import BULK_SHARE_EVERY, enqueue_job, enqueue_jobs
 from tests.conftest import AUTH, start_worker, stop_worker
 from tests.helpers import ApiClient, wait_for

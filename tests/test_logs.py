@@ -15,8 +15,8 @@ from arq.jobs import Job, JobStatus
 from arq.typing import WorkerCoroutine
 from arq.worker import func
 
-from core.logs import JsonFormatter
-from core.settings import Settings
+from asyncjobs.logs import JsonFormatter
+from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_job
 from jobs.retry import classified
 from tests.conftest import TEST_REDIS_URL, start_worker, stop_worker

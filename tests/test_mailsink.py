@@ -10,7 +10,7 @@ import aiosmtplib
 
 from app.mailsink import MaildirHandler, list_messages, read_message, server_port, start_smtp_server
 from app.web import create_app
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from tests.helpers import api_client
 
 

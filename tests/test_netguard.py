@@ -9,7 +9,7 @@ from ipaddress import ip_address
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from jobs.errors import PermanentJobError
+from asyncjobs.errors import PermanentJobError
 from jobs.scrape.guard import is_forbidden
 from jobs.scrape.page import scrape_page
 from tests.conftest import Ctx

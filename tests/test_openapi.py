@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.web import create_app
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from tests.helpers import ApiClient, api_client
 
 

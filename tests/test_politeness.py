@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 from arq.connections import ArqRedis
 
-from core.keys import HOST_KEY_PREFIX
-from core.settings import Settings
-from jobs.errors import PermanentJobError, Postpone
+from asyncjobs.errors import PermanentJobError, Postpone
+from asyncjobs.keys import HOST_KEY_PREFIX
+from asyncjobs.settings import Settings
 from jobs.scrape.documents import document_id, load_document, load_versions
 from jobs.scrape.page import scrape_page
 from jobs.scrape.politeness import BUSY_RETRY_MS, WAIT_IN_PLACE_S, WAKE_EARLY_S, Politeness

@@ -16,8 +16,8 @@ from arq.connections import ArqRedis
 from arq.jobs import Job
 
 from app.web import create_app
-from core.keys import DEAD_INDEX_KEY
-from core.settings import Settings
+from asyncjobs.keys import DEAD_INDEX_KEY
+from asyncjobs.settings import Settings
 from jobs.worker import worker_options
 from tests.conftest import isolated_teardown, start_worker, stop_worker
 from tests.helpers import api_client, wait_for

@@ -13,7 +13,7 @@ from arq.constants import (
 )
 from arq.jobs import Job, JobStatus, deserialize_job_raw
 
-from core.keys import COUNTERS_KEY, wake_key
+from asyncjobs.keys import COUNTERS_KEY, wake_key
 from jobs.engine.queue import Finish, claim, enqueue_job, enqueue_jobs, finish, renew_leases
 
 QUEUE = "arq:queue"

@@ -18,13 +18,13 @@ from redis.backoff import ConstantBackoff
 from redis.exceptions import ResponseError
 
 from app.web import create_app
-from core.redis import (
+from asyncjobs.redis import (
     SentinelPrimaryConnection,
     eviction_policy_warning,
     redis_pool,
     redis_settings,
 )
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from tests.conftest import AUTH
 from tests.faults.procs import SentinelCluster
 from tests.helpers import ApiClient, api_client, free_port

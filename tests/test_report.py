@@ -11,8 +11,8 @@ from arq.typing import WorkerCoroutine
 from arq.worker import func
 from selectolax.lexbor import LexborHTMLParser
 
-from core.keys import REPORT_KEY, SOURCES_KEY, source_failures_key
-from core.settings import Settings
+from asyncjobs.keys import REPORT_KEY, SOURCES_KEY, source_failures_key
+from asyncjobs.settings import Settings
 from jobs.housekeeping.report import build_report, latest_report, report
 from jobs.retry import max_tries
 from jobs.scrape.documents import record_unchanged, save_document

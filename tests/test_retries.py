@@ -10,9 +10,10 @@ import pytest
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
-from core.settings import Settings
+from asyncjobs.registry import RetryPolicy
+from asyncjobs.settings import Settings
 from jobs.deadletter import get_dead_letter
-from jobs.retry import RetryPolicy, backoff_delay, retry_policy
+from jobs.retry import backoff_delay, retry_policy
 from jobs.scrape.fetch import parse_retry_after
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
@@ -118,8 +119,8 @@ def test_default_email_retries_span_more_than_a_day_like_an_mta() -> None:
     assert max(backoff_delay(policy, t) for t in range(1, 60)) <= 3600
     assert backoff_delay(policy, 1) <= 60  # the first retry comes within a minute
     now = datetime.now(UTC)
-    assert not policy.expired(now - timedelta(hours=47))
-    assert policy.expired(now - timedelta(hours=48))
+    assert not policy.expired(now - timedelta(hours=47), now)
+    assert policy.expired(now - timedelta(hours=48), now)
 
 
 def backoff_delay_floor(policy: RetryPolicy, job_try: int) -> float:

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from arq.connections import ArqRedis
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.schedules import Schedule, get_schedule, run_due_schedules
 from tests.conftest import AUTH, start_worker, stop_worker
 from tests.helpers import ApiClient, wait_for

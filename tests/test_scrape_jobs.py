@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from jobs.errors import PermanentJobError, TransientJobError
+from asyncjobs.errors import PermanentJobError, TransientJobError
 from jobs.scrape.documents import document_id, load_document
 from jobs.scrape.page import scrape_page
 from tests.conftest import Ctx

@@ -13,7 +13,7 @@ from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job_raw
 
 from app.web import create_app
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
 from tests.conftest import API_KEY, READ_KEY
 from tests.helpers import ApiClient, api_client, start_of_a_window, wait_for, window_number

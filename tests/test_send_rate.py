@@ -10,8 +10,8 @@ from arq.connections import ArqRedis
 
 import jobs.mail.sendrate
 from app.web import create_app
-from core.keys import DEAD_INDEX_KEY
-from core.settings import Settings
+from asyncjobs.keys import DEAD_INDEX_KEY
+from asyncjobs.settings import Settings
 from tests.conftest import start_worker, stop_worker
 from tests.faults.conftest import delivery_counts, post_emails, wait_all_finished
 from tests.helpers import api_client

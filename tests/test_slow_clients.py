@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from app.web import app_runner
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from tests.conftest import API_KEY
 
 BODY_TIMEOUT_S = 1.0

@@ -11,8 +11,8 @@ from email.mime.text import MIMEText
 import pytest
 
 from app.mailsink import server_port
-from core.settings import Settings
-from jobs.errors import PermanentJobError, TransientJobError
+from asyncjobs.errors import PermanentJobError, TransientJobError
+from asyncjobs.settings import Settings
 from jobs.mail.smtp import SmtpPool
 from tests.servers import RecordingSmtpHandler
 

@@ -13,8 +13,8 @@ import pytest
 import trustme
 
 from app.mailsink import server_port, start_smtp_server
-from core.settings import Settings
-from jobs.errors import TransientJobError
+from asyncjobs.errors import TransientJobError
+from asyncjobs.settings import Settings
 from jobs.mail.email import EmailSpec, build_message
 from jobs.mail.smtp import SmtpPool
 from tests.servers import RecordingSmtpHandler

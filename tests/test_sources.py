@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from core.keys import DOC_INDEX_KEY, source_failures_key, source_run_key
-from core.settings import Settings
+from asyncjobs.keys import DOC_INDEX_KEY, source_failures_key, source_run_key
+from asyncjobs.settings import Settings
 from jobs.scrape.documents import document_id, load_document
 from jobs.scrape.page import scrape_page
 from jobs.scrape.scheduler import TICK_KEY, scrape_source, source_job_id

@@ -14,15 +14,15 @@ from arq.connections import ArqRedis
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
-from core import speedups
-from core.redis import connect
-from core.settings import Settings
+from asyncjobs import speedups
+from asyncjobs.redis import connect
+from asyncjobs.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import asyncio, json, worker_settings
-from core.redis import connect
-from core.settings import get_settings
+from asyncjobs.redis import connect
+from asyncjobs.settings import get_settings
 async def main():
     redis = connect(get_settings())
     await redis.ping()

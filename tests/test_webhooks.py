@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from tests.conftest import AUTH, api_and_worker
 from tests.helpers import ApiClient, wait_for
 from tests.servers import SiteStats

@@ -14,8 +14,8 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.jobs import Job, JobStatus
 
-from core.redis import redis_settings
-from core.settings import Settings
+from asyncjobs.redis import redis_settings
+from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_job
 from jobs.engine.worker import EngineWorker
 from tests.conftest import start_worker, stop_worker

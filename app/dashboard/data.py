@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from app.jobstatus import read_jobs
 from app.redaction import redact
 from app.schemas import JobView
-from core.keys import (
+from asyncjobs.keys import (
     CRON_KEY_PREFIX,
     MINUTE_KEY_PREFIX,
     RECENT_KEY,
@@ -28,7 +28,7 @@ from core.keys import (
     source_docs_key,
     source_failures_key,
 )
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.engine.queue import waiting_counts
 from jobs.scrape.sources import Source, list_sources
 from jobs.values import as_text

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from app.auth import KEYRING, Principal, charge
 from app.errors import Handler
 from app.state import REDIS
-from core.keys import SESSION_KEY_PREFIX
+from asyncjobs.keys import SESSION_KEY_PREFIX
 
 SESSION_TTL_S = 12 * 3600
 COOKIE_NAME = "asyncjobs_session"

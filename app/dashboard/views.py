@@ -44,12 +44,13 @@ from app.jobstatus import read_job_with_progress
 from app.redaction import redact
 from app.schemas import JobView
 from app.state import REDIS, SETTINGS
-from core.settings import Settings
+from asyncjobs.registry import job_types
+from asyncjobs.settings import Settings
 from jobs.deadletter import list_dead_letters
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN
 from jobs.schedules import get_schedule, list_schedules, set_paused, view_of
 from jobs.values import now_utc
-from jobs.worker import cron_jobs, job_functions
+from jobs.worker import cron_jobs
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ async def overview(request: web.Request) -> web.Response:
 
 
 def _function_names(settings: Settings) -> list[str]:
-    names = [f.name for f in job_functions(settings)] + [c.name for c in cron_jobs(settings)]
+    names = [t.name for t in job_types()] + [c.name for c in cron_jobs(settings)]
     return sorted(set(names))
 
 

@@ -11,14 +11,16 @@ from app.routes.documents import add_document_routes
 from app.routes.exports import add_export_routes
 from app.routes.images import add_image_routes
 from app.routes.jobs import add_job_routes
+from app.routes.registered import add_registered_routes
 from app.routes.reports import add_report_routes
 from app.routes.schedules import add_schedule_routes
 from app.routes.sources import add_source_routes
 from app.routes.system import add_system_routes
-from core.settings import Settings
+from asyncjobs.settings import Settings
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
+    add_registered_routes(app)  # before /jobs/{job_id}: /jobs/types is no job
     add_job_routes(app)
     add_batch_routes(app)
     add_dead_letter_routes(app)

@@ -12,7 +12,7 @@ from app.http import json_model, status_url
 from app.jobstatus import read_jobs
 from app.schemas import ScrapeAccepted, ScrapeBatch, ScrapeBatchJob
 from app.state import REDIS, SETTINGS
-from core.keys import SCRAPE_BATCH_KEY_PREFIX
+from asyncjobs.keys import SCRAPE_BATCH_KEY_PREFIX
 
 BATCH_TTL_S = 24 * 3600
 BATCH_ID_PATTERN = "[0-9a-f]{32}"

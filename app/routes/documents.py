@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.http import json_model, query_int
 from app.schemas import DocumentDetail, DocumentList
 from app.state import REDIS
-from core.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, source_docs_key
+from asyncjobs.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, source_docs_key
 from jobs.scrape.documents import load_document, load_versions, parse_document
 from jobs.values import as_text
 

@@ -16,7 +16,7 @@ from app.joboptions import JobOptions
 from app.jobstatus import read_job
 from app.schemas import RunJob, RunList, RunView, ScheduleList, ScrapeRequest
 from app.state import REDIS, SETTINGS
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.housekeeping.export import ExportRequest
 from jobs.mail.email import EmailSpec, validation_context
 from jobs.mail.newsletter import NewsletterSpec
@@ -30,6 +30,7 @@ from jobs.schedules import (
     get_schedule,
     list_schedules,
     read_runs,
+    scheduled_job_type,
     set_paused,
     update_schedule,
     view_of,
@@ -70,6 +71,8 @@ def _validated_body(job: ScheduledJob, settings: Settings) -> dict[str, Any]:
         return scrape.model_dump(mode="json", exclude_none=True)
     if job.type == "export":
         return ExportRequest.model_validate(job.body).model_dump(mode="json")
+    if job.type != "report":  # a user's job type: its arguments' model
+        return scheduled_job_type(job.type).validate(job.body).model_dump(mode="json")
     if job.body:
         raise web.HTTPUnprocessableEntity(text="a report job takes no body (job.body must be {})")
     return {}

@@ -11,7 +11,7 @@ from app.http import json_model, query_int
 from app.openapi import openapi_document
 from app.schemas import Health, MailList, WorkerHealth
 from app.state import REDIS, SETTINGS
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.values import as_text
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from core.keys import (
+from asyncjobs.keys import (
     COUNTERS_KEY,
     CRON_KEY_PREFIX,
     DURATION_KEY,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 from uuid import uuid4
 
 from arq.connections import ArqRedis
@@ -32,18 +32,16 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_ms
 from redis.asyncio import Redis
 
-from core.keys import COUNTERS_KEY, bulk_turn_key, transactional_key, wake_key
-from core.redis import execute_replicated
-from core.settings import Settings
+from asyncjobs.keys import COUNTERS_KEY, bulk_turn_key, transactional_key, wake_key
+from asyncjobs.redis import execute_replicated
+from asyncjobs.registry import PRIORITIES, Priority
+from asyncjobs.settings import Settings
 
 RETRY_KEY_TTL_S = 88400  # arq's
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
 KEEP_AFTER_NEXT_TRY_MS = 24 * 3600 * 1000  # arq's expires_extra_ms
 # While transactional and bulk jobs both wait, one claim in this many takes a bulk job.
 BULK_SHARE_EVERY = 10
-
-Priority = Literal["transactional", "bulk"]
-PRIORITIES: tuple[Priority, ...] = ("transactional", "bulk")
 
 
 # KEYS: job, result, queue, counters, wake, transactional index. ARGV: job bytes, expires ms,
@@ -144,9 +142,9 @@ return {aborts, claimed, next_due[2] or false}
 # KEYS: queue, abort set, transactional index. ARGV: the prefixes of the in-progress, job, retry
 # and result keys, now
 # (ms), how long past its next try a job's data is kept (ms), then six fields per job: id, "done",
-# "again" or "later" (again, but this run was not a try: see jobs.errors.Postpone), result bytes
-# ("" for none), result TTL ms (0: for ever), new score (for "again"), ms to keep the in-progress
-# key (0: delete it).
+# "again" or "later" (again, but this run was not a try: see asyncjobs.errors.Postpone), result
+# bytes ("" for none), result TTL ms (0: for ever), new score (for "again"), ms to keep the
+# in-progress key (0: delete it).
 # A job put back for a later try keeps its data and its try count at least until then: arq sets
 # their TTLs once (a day), and an email retried for two days would otherwise vanish midway.
 _FINISH = """

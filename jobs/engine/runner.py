@@ -16,6 +16,7 @@ import functools
 import logging
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,7 +26,9 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
-from core.deadlines import deadline
+from asyncjobs.deadlines import deadline
+from asyncjobs.errors import JobError, Postpone
+from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.engine.queue import (
     RETRY_KEY_TTL_S,
     Claimed,
@@ -35,7 +38,7 @@ from jobs.engine.queue import (
     finish,
     renew_leases,
 )
-from jobs.errors import JobError, Postpone
+from jobs.values import now_utc
 from jobs.webhooks import CALLBACK_KWARG, FinalStatus, enqueue_webhook
 
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
@@ -256,6 +259,8 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
     job = _Job(claimed, job_try=claimed.job_try)
     function = _check(worker, job)
     if isinstance(function, BaseException):  # finished without running
+        if isinstance(function, UnknownFunction):
+            await _dead_letter_unknown(worker, job, function)
         item = _failed(worker, job, function)
         await _report_end(worker, job)
         await engine.finish(item)
@@ -301,15 +306,40 @@ def _check(worker: Worker, job: _Job) -> Function | CronJob | BaseException:
         return asyncio.CancelledError()
     function = worker.functions.get(job.function_name)
     if function is None:
-        log.warning("job %s, function %r not found", claimed.job_id, job.function_name)
-        return JobExecutionFailed(f"function {job.function_name!r} not found")
+        return UnknownFunction.of(job.function_name, worker.functions)
     if enqueue_try and enqueue_try > job.job_try:
         job.job_try = enqueue_try
-    limit = worker.max_tries if function.max_tries is None else function.max_tries
-    if job.job_try > limit:
-        log.warning("job %s: max retries %d exceeded", claimed.job_id, limit)
-        return JobExecutionFailed(f"max {limit} retries exceeded")
+    # No try limit here: each job's retry policy is enforced by its wrapper (jobs.retry),
+    # which sees every try, crash re-runs included, and dead-letters the job itself.
     return function
+
+
+class UnknownFunction(JobExecutionFailed):
+    """The job names a function this worker does not have (a plain arq producer, a typo, a
+    job type removed or not yet deployed). One argument, the message, so that it unpickles
+    where the API reads the job's result."""
+
+    @classmethod
+    def of(cls, name: str, known: Iterable[str]) -> UnknownFunction:
+        types = ", ".join(sorted(n for n in known if not n.startswith("cron:")))
+        return cls(f"no job type {name!r} on this worker (JOB_MODULES); it has: {types}")
+
+
+async def _dead_letter_unknown(worker: Worker, job: _Job, error: UnknownFunction) -> None:
+    """Keep a job no worker can run in the dead-letter store, with the reason, so it can be
+    retried once a worker has its function, instead of failing into arq's results only."""
+    log.warning("job %s dead-lettered: %s", job.claimed.job_id, error)
+    entry = DeadLetter(
+        id=job.claimed.job_id,
+        function=job.function_name,
+        arguments=job.kwargs or {},
+        error=str(error),
+        reason="permanent",
+        tries=job.job_try,
+        enqueue_time=ms_to_datetime(job.enqueue_time_ms) if job.enqueue_time_ms else None,
+        failed_at=now_utc(),
+    )
+    await add_dead_letter(worker.pool, entry, worker.ctx.get("settings"))
 
 
 def _failed(worker: Worker, job: _Job, error: BaseException) -> Finish:

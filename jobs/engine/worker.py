@@ -41,10 +41,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from core.keys import wake_key
-from core.redis import redis_pool, redis_settings
-from core.settings import Settings
-from core.speedups import HiredisPackingConnection, redis_pool_options
+from asyncjobs.keys import wake_key
+from asyncjobs.redis import redis_pool, redis_settings
+from asyncjobs.settings import Settings
+from asyncjobs.speedups import HiredisPackingConnection, redis_pool_options
 from jobs.engine.runner import engine_of, wake_state, wake_up
 
 if TYPE_CHECKING:

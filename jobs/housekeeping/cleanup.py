@@ -25,7 +25,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from core.keys import (
+from asyncjobs.keys import (
     DEAD_INDEX_KEY,
     DEAD_KEY_PREFIX,
     DOC_CHANGED_KEY,
@@ -35,10 +35,10 @@ from core.keys import (
     doc_versions_key,
     source_docs_key,
 )
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.housekeeping.export import EXPORT_NAME_PATTERN
 from jobs.images import JOB_ID_PATTERN as IMAGE_JOB_ID_PATTERN
-from jobs.retry import classified
+from jobs.retry import builtin
 from jobs.values import as_text, as_utc, now_utc
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ async def cleanup(redis: Redis, settings: Settings, now: datetime) -> dict[str, 
     }
 
 
-@classified("maintenance")
+@builtin("daily_cleanup", "maintenance", schedulable=True)
 async def daily_cleanup(ctx: dict[str, Any]) -> dict[str, int]:
     """Cron job: the day's housekeeping, with its counts in the log and as the job result."""
     counts = await cleanup(ctx["redis"], ctx["settings"], now_utc())

@@ -25,10 +25,10 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 
-from core.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, source_docs_key
+from asyncjobs.errors import PermanentJobError
+from asyncjobs.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, source_docs_key
 from jobs.engine.monitor import Progress
-from jobs.errors import PermanentJobError
-from jobs.retry import classified
+from jobs.retry import builtin
 from jobs.scrape.documents import StoredDocument, parse_document
 from jobs.values import as_text
 
@@ -269,7 +269,7 @@ class _Sink:
         self._path.unlink(missing_ok=True)
 
 
-@classified("maintenance")
+@builtin("export", "maintenance", schedulable=True, shown=("request.format",))
 async def export(ctx: dict[str, Any], export_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """arq job: validate the request (a ValidationError is permanent) and write the file."""
     if not re.fullmatch(EXPORT_ID_PATTERN, export_id):

@@ -16,8 +16,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from core.keys import DOC_INDEX_KEY, DOC_KEY_PREFIX, REPORT_KEY, SOURCES_KEY, source_failures_key
-from jobs.retry import classified
+from asyncjobs.keys import (
+    DOC_INDEX_KEY,
+    DOC_KEY_PREFIX,
+    REPORT_KEY,
+    SOURCES_KEY,
+    source_failures_key,
+)
+from jobs.retry import builtin
 from jobs.values import as_text, as_utc, now_utc
 
 AD_HOC = "ad-hoc"  # the bucket of documents scraped without a source
@@ -121,13 +127,13 @@ async def latest_report(redis: Redis) -> dict[str, Any] | None:
     return report
 
 
-@classified("maintenance")
+@builtin("daily_report", "maintenance", schedulable=True)
 async def daily_report(ctx: dict[str, Any]) -> dict[str, Any]:
     """Cron job: a fresh report every day, so `GET /reports/latest` is never more than a day old."""
     return await build_report(ctx["redis"], now_utc())
 
 
-@classified("maintenance")
+@builtin("report", "maintenance", schedulable=True)
 async def report(ctx: dict[str, Any]) -> dict[str, Any]:
     """On-demand job behind `POST /jobs/report`."""
     return await build_report(ctx["redis"], now_utc())

@@ -25,14 +25,14 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
-from core.addresses import Address, unique_addresses
-from core.keys import SENT_KEY_PREFIX, mail_batch_key
-from core.redis import NotReplicatedError, execute_replicated, replicas_ready
-from core.settings import Settings
+from asyncjobs.addresses import Address, unique_addresses
+from asyncjobs.keys import SENT_KEY_PREFIX, mail_batch_key
+from asyncjobs.redis import NotReplicatedError, execute_replicated, replicas_ready
+from asyncjobs.settings import Settings
 from jobs.engine.monitor import monitor_of
 from jobs.mail.headers import header_name, single_line
 from jobs.mail.smtp import SendOutcome
-from jobs.retry import classified, report
+from jobs.retry import builtin, report
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,14 @@ async def record_failed(ctx: dict[str, Any], kwargs: dict[str, Any]) -> None:
             await pipe.execute()
 
 
-@classified("email", on_dead_letter=record_failed)
+@builtin(
+    "send_email",
+    "email",
+    priority="transactional",
+    schedulable=True,
+    on_dead_letter=record_failed,
+    shown=("email.to", "email.subject"),
+)
 async def send_email(
     ctx: dict[str, Any], email: dict[str, Any], message_id: str, batch_id: str | None = None
 ) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from pydantic import (
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from core.addresses import Address, unique_addresses
-from core.keys import MAIL_BATCH_KEY_PREFIX, mail_batch_key
+from asyncjobs.addresses import Address, unique_addresses
+from asyncjobs.keys import MAIL_BATCH_KEY_PREFIX, mail_batch_key
 from jobs.engine.monitor import count_enqueued
 from jobs.mail.email import (
     MAX_BODY_CHARS,
@@ -40,7 +40,7 @@ from jobs.mail.email import (
     validation_context,
 )
 from jobs.mail.headers import header_name
-from jobs.retry import classified
+from jobs.retry import builtin
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ async def enqueue_children(
         await pipe.execute()
 
 
-@classified("email")
+@builtin("send_newsletter", "email", schedulable=True, shown=("newsletter.subject",))
 async def send_newsletter(
     ctx: dict[str, Any], newsletter_id: str, newsletter: dict[str, Any]
 ) -> dict[str, Any]:

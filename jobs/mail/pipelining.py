@@ -17,7 +17,7 @@ from typing import cast
 import aiosmtplib
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from core.deadlines import deadline
+from asyncjobs.deadlines import deadline
 
 MAX_REPLY_BYTES = 64 * 1024  # a reply longer than this is not from a sane server
 # a CR or LF in an address would start a command of its own (addresses are validated before

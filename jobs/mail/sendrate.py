@@ -14,8 +14,8 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from core.keys import SMTP_NEXT_SLOT_KEY
-from jobs.errors import TransientJobError
+from asyncjobs.errors import TransientJobError
+from asyncjobs.keys import SMTP_NEXT_SLOT_KEY
 
 MAX_WAIT_S = 10.0
 

@@ -17,8 +17,8 @@ from email.utils import parseaddr
 
 import aiosmtplib
 
-from core.settings import Settings
-from jobs.errors import JobError, PermanentJobError, TransientJobError
+from asyncjobs.errors import JobError, PermanentJobError, TransientJobError
+from asyncjobs.settings import Settings
 from jobs.mail.pipelining import send_pipelined
 
 log = logging.getLogger(__name__)

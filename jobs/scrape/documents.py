@@ -18,14 +18,14 @@ from typing import Any
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from core.keys import (
+from asyncjobs.keys import (
     DOC_CHANGED_KEY,
     DOC_INDEX_KEY,
     DOC_KEY_PREFIX,
     doc_versions_key,
     source_docs_key,
 )
-from core.speedups import dumps
+from asyncjobs.speedups import dumps
 from jobs.values import as_text
 
 MAX_STORED_LINKS = 500  # links kept per document, for following them after a 304

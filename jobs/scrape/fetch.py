@@ -14,9 +14,9 @@ from aiohttp.abc import AbstractResolver
 from redis.asyncio import Redis
 from yarl import URL
 
-from core.deadlines import deadline
-from core.settings import Settings
-from jobs.errors import PermanentJobError, TransientJobError
+from asyncjobs.deadlines import deadline
+from asyncjobs.errors import PermanentJobError, TransientJobError
+from asyncjobs.settings import Settings
 from jobs.scrape.guard import ForbiddenTargetError, GuardedResolver, check_url
 from jobs.scrape.politeness import HostWait, Politeness
 from jobs.scrape.robots import RobotsPolicy

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from core.settings import Settings
+from asyncjobs.errors import JobError
+from asyncjobs.settings import Settings
 from jobs.engine.monitor import monitor_of
-from jobs.errors import JobError
-from jobs.retry import classified, report
+from jobs.retry import builtin, report
 from jobs.scrape.documents import (
     DocumentSnapshot,
     content_hash,
@@ -56,7 +56,7 @@ class ScrapeTarget(BaseModel):
     selectors: Selectors = Field(default_factory=dict)
 
 
-@classified("scrape")
+@builtin("scrape", "scrape", priority="transactional", schedulable=True, shown=("target.url",))
 async def scrape(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
     """arq job: fetch, summarize and save one page; returns the summary."""
     return await scrape_page(ctx, target)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from core.keys import HOST_KEY_PREFIX
-from core.settings import Settings
-from jobs.errors import Postpone, TransientJobError
+from asyncjobs.errors import Postpone, TransientJobError
+from asyncjobs.keys import HOST_KEY_PREFIX
+from asyncjobs.settings import Settings
 
 MAX_WAIT_STEP_S = 0.5
 # A job waits in place for at most this long (a claim is ~poll_delay late anyway); longer and it

@@ -11,7 +11,7 @@ from urllib.robotparser import RobotFileParser
 from redis.asyncio import Redis
 from yarl import URL
 
-from core.keys import ROBOTS_KEY_PREFIX
+from asyncjobs.keys import ROBOTS_KEY_PREFIX
 
 LOCAL_TTL_S = 60  # a worker re-reads the shared copy in Redis at least this often
 DISALLOW_ALL = "\x00disallow-all"  # cached verdict when robots.txt could not be read (5xx)

@@ -10,17 +10,17 @@ from typing import Any
 from arq.connections import ArqRedis
 from yarl import URL
 
-from core.keys import (
+from asyncjobs.errors import JobError, PermanentJobError
+from asyncjobs.keys import (
     CRON_KEY_PREFIX,
     source_failures_key,
     source_pages_key,
     source_run_key,
     source_seen_key,
 )
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from jobs.engine.monitor import count_enqueued
-from jobs.errors import JobError, PermanentJobError
-from jobs.retry import classified, max_tries
+from jobs.retry import builtin, classified, max_tries
 from jobs.scrape.documents import document_id
 from jobs.scrape.page import scrape_url
 from jobs.scrape.sources import Source, get_source, list_sources, period_length, period_start
@@ -80,7 +80,7 @@ async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
     return {"enqueued": enqueued}
 
 
-@classified("scrape")
+@builtin("scrape_source", "scrape", shown=("source_id", "url"))
 async def scrape_source(
     ctx: dict[str, Any], source_id: str, period: int, url: str | None = None, depth: int = 0
 ) -> dict[str, Any]:

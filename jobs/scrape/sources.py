@@ -14,7 +14,7 @@ from croniter import croniter
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from redis.asyncio import Redis
 
-from core.keys import SOURCE_KEY_PREFIX, SOURCES_KEY, source_failures_key
+from asyncjobs.keys import SOURCE_KEY_PREFIX, SOURCES_KEY, source_failures_key
 from jobs.scrape.page import MAX_URL_LENGTH, Selectors
 from jobs.values import as_text, now_utc
 

@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from core.redis import redis_answers
+from asyncjobs.redis import redis_answers
 from tests.helpers import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.web import create_app
-from core.redis import connect
-from core.settings import Settings
+from asyncjobs.redis import connect
+from asyncjobs.settings import Settings
 from tests.faults.conftest import (
     delivery_counts,
     job_outcomes,

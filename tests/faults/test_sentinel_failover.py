@@ -19,9 +19,9 @@ import pytest
 from arq.jobs import Job
 
 from app.web import create_app
-from core.keys import RETRYING_KEY_PREFIX
-from core.redis import connect
-from core.settings import Settings
+from asyncjobs.keys import RETRYING_KEY_PREFIX
+from asyncjobs.redis import connect
+from asyncjobs.settings import Settings
 from tests.conftest import AUTH
 from tests.faults.procs import SentinelCluster, start_worker_process, stop_process
 from tests.helpers import api_client, wait_for

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from arq.connections import ArqRedis
 
-from core.settings import Settings
+from asyncjobs.settings import Settings
 from tests.conftest import start_worker, stop_worker
 from tests.faults.conftest import (
     delivery_counts,

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from arq.connections import ArqRedis
 
 from app.mailsink import start_smtp_server
-from core.keys import DEAD_INDEX_KEY
-from core.settings import Settings
+from asyncjobs.keys import DEAD_INDEX_KEY
+from asyncjobs.settings import Settings
 from tests.conftest import start_worker, stop_worker
 from tests.faults.conftest import delivery_counts, job_views, post_emails, wait_all_finished
 from tests.helpers import ApiClient, api_client, free_port, wait_for

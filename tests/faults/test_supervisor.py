@@ -16,8 +16,8 @@ from pathlib import Path
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
-from core.keys import WORKER_KEY_PREFIX, WORKERS_KEY
-from core.settings import Settings
+from asyncjobs.keys import WORKER_KEY_PREFIX, WORKERS_KEY
+from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_jobs
 from jobs.values import as_text
 from tests.faults.procs import REPO, service_env

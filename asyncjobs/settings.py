@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from core import __version__
-from core.addresses import check_address
+from asyncjobs.addresses import check_address
+from asyncjobs.version import __version__
 
 Network = IPv4Network | IPv6Network
 
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # Web API
     # Bearer keys, comma-separated: full access, and read-only (GET only). From the environment.
     api_keys: Annotated[list[SecretStr], NoDecode] = []
+    # Modules with users' own `@job` functions, comma-separated (myproject.tasks), imported
+    # by the worker and the API at start (the current directory is searched last).
+    job_modules: Annotated[list[str], NoDecode] = []
     api_read_keys: Annotated[list[SecretStr], NoDecode] = []
     # Enqueue requests one key may make per window, counted in Redis across web processes.
     # Slow clients: a request body must arrive within HTTP_BODY_TIMEOUT seconds (else 408), and
@@ -186,7 +189,7 @@ class Settings(BaseSettings):
             return [ip_network(part.strip()) for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_keys", "api_read_keys", mode="before")
+    @field_validator("api_keys", "api_read_keys", "job_modules", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

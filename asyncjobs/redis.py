@@ -18,8 +18,8 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import str_if_bytes
 
-from core.settings import Settings
-from core.speedups import redis_pool_options
+from asyncjobs.settings import Settings
+from asyncjobs.speedups import redis_pool_options
 
 _ONE_TRY = Retry(NoBackoff(), 0)
 

@@ -1,0 +1,121 @@
+"""Routes derived from the job registry: `POST /jobs/<name>` for each user's job type, and
+`GET /jobs/types` listing every job type (built-ins included) with its schemas and policy.
+
+An enqueue with an `Idempotency-Key` gets a job id derived from the key (and the caller's
+API key), so a retry after an unclear answer (a 503 while replicas confirm, a dropped
+connection) finds the job already there and returns it: it cannot enqueue twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from app.auth import PRINCIPAL, charge_more
+from app.http import json_model, status_url
+from app.idempotency import idempotent
+from app.joboptions import read_job_request
+from app.schemas import JobAccepted
+from app.state import REDIS, SETTINGS
+from asyncjobs.registry import JobType, job_types, user_job_types
+from jobs.registered import enqueue_registered
+
+
+class JobTypeView(BaseModel):
+    name: str
+    builtin: bool
+    endpoint: str | None  # where to enqueue it (a built-in's own endpoint takes its own body)
+    summary: str
+    priority: str
+    cost: int
+    schedulable: bool
+    max_tries: int
+    timeout_seconds: float
+    arguments: dict[str, Any] | None  # JSON schema of a user's job's arguments
+    result: dict[str, Any] | None
+
+
+class JobTypeList(BaseModel):
+    job_types: list[JobTypeView]
+
+
+BUILTIN_ENDPOINTS = {
+    "send_email": "/jobs/email",
+    "send_newsletter": "/jobs/newsletter",
+    "scrape": "/jobs/scrape",
+    "export": "/jobs/export",
+    "report": "/jobs/report",
+    "process_image": "/jobs/image",
+}
+
+
+def endpoint_of(job_type: JobType) -> str | None:
+    if job_type.builtin:
+        return BUILTIN_ENDPOINTS.get(job_type.name)
+    return f"/jobs/{job_type.name}"
+
+
+def idempotent_job_id(request: web.Request) -> str | None:
+    """The job id an Idempotency-Key stands for, scoped to the caller's API key."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    principal = request.get(PRINCIPAL)
+    scope = f"{principal.key_id if principal else '-'}:{key}"
+    return "idem-" + hashlib.sha256(scope.encode()).hexdigest()[:32]
+
+
+def enqueue_handler(job_type: JobType) -> Any:
+    @idempotent
+    async def enqueue(request: web.Request) -> web.Response:
+        settings = request.app[SETTINGS]
+        options, body = await read_job_request(request)
+        arguments = job_type.validate(body)  # 422 naming the field, before anything is stored
+        await charge_more(request, job_type.cost)
+        job_id = await enqueue_registered(
+            request.app[REDIS],
+            settings,
+            job_type.name,
+            arguments.model_dump(mode="json"),
+            priority=options.priority,
+            delay_seconds=options.delay_ms() / 1000 or None,
+            job_id=idempotent_job_id(request),
+            callback_url=str(options.callback_url) if options.callback_url else None,
+            replicated=True,
+        )
+        accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
+        return json_model(accepted, status=202)
+
+    enqueue.__name__ = f"enqueue_{job_type.name}"
+    return enqueue
+
+
+def view_of(job_type: JobType, settings: Any) -> JobTypeView:
+    policy = job_type.policy(settings)
+    return JobTypeView(
+        name=job_type.name,
+        builtin=job_type.builtin,
+        endpoint=endpoint_of(job_type),
+        summary=job_type.summary,
+        priority=job_type.priority,
+        cost=job_type.cost,
+        schedulable=job_type.schedulable,
+        max_tries=policy.max_tries,
+        timeout_seconds=job_type.timeout or settings.job_timeout,
+        arguments=job_type.arguments.model_json_schema() if job_type.arguments else None,
+        result=job_type.result_schema() or None,
+    )
+
+
+async def list_job_types(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return json_model(JobTypeList(job_types=[view_of(t, settings) for t in job_types()]))
+
+
+def add_registered_routes(app: web.Application) -> None:
+    app.router.add_get("/jobs/types", list_job_types)
+    for job_type in user_job_types():
+        app.router.add_post(f"/jobs/{job_type.name}", enqueue_handler(job_type))
