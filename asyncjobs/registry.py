@@ -24,7 +24,7 @@ import typing
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, create_model
 
@@ -165,8 +165,14 @@ def user_job_types() -> list[JobType]:
     return [t for t in job_types() if not t.builtin]
 
 
+@overload
+def job(function: F, /) -> F: ...
+
+
+@overload
 def job(
-    function: F | None = None,
+    function: None = None,
+    /,
     *,
     name: str | None = None,
     tries: int = 3,
@@ -179,7 +185,25 @@ def job(
     cost: int = 1,
     schedulable: bool = True,
     shown: Iterable[str] = (),
-) -> Any:
+) -> Callable[[F], F]: ...
+
+
+def job(
+    function: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    tries: int = 3,
+    backoff: tuple[float, float] = (2.0, 300.0),
+    lifetime: float | None = None,
+    transient: Iterable[type[BaseException]] = (),
+    permanent: Iterable[type[BaseException]] = (),
+    timeout: float | None = None,
+    priority: Priority = "bulk",
+    cost: int = 1,
+    schedulable: bool = True,
+    shown: Iterable[str] = (),
+) -> F | Callable[[F], F]:
     """Declare an async function as a job type (usable bare, `@job`, or with options).
 
     - `tries`, `backoff` (first and largest delay, seconds) and `lifetime` (seconds after the

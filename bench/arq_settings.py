@@ -25,6 +25,7 @@ from asyncjobs.logs import log_config
 from asyncjobs.settings import get_settings
 from asyncjobs.speedups import install_event_loop, redis_pool_options
 from bench.noop import noop
+from bench.userjobs import ARQ_FUNCTIONS, USER_JOBS
 from jobs.registered import arq_functions
 from jobs.worker import shutdown, startup
 
@@ -33,7 +34,11 @@ install_event_loop()
 
 _settings = get_settings()
 _base: dict[str, Any] = {
-    "functions": [*arq_functions(_settings), func(cast(WorkerCoroutine, noop), name="noop")],
+    "functions": [
+        *(f for f in arq_functions(_settings) if f.name not in USER_JOBS),
+        func(cast(WorkerCoroutine, noop), name="noop"),
+        *ARQ_FUNCTIONS,  # a user's jobs, as plain arq functions
+    ],
     "on_startup": startup,
     "on_shutdown": shutdown,
     "redis_settings": RedisSettings.from_dsn(_settings.redis_url),

@@ -142,6 +142,11 @@ def noop(enqueued: float, times_key: str, n: int) -> None:
     _timed(times_key, n, enqueued, lambda: None)
 
 
+def user_get(url: str, enqueued: float, times_key: str, n: int) -> None:
+    _timed(times_key, n, enqueued, lambda: _http().get(url, timeout=20).raise_for_status())
+
+
 scrape_task = app.task(name="bench.scrape")(scrape)
+user_get_task = app.task(name="bench.user_get")(user_get)
 email_task = app.task(name="bench.email")(send_email)
 noop_task = app.task(name="bench.noop")(noop)

@@ -16,11 +16,17 @@ from typing import Any
 from bench.celery_app import app
 from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, page_url, recipient
 
-TASKS = {"scrape": "bench.scrape", "email": "bench.email", "noop": "bench.noop"}
+TASKS = {
+    "scrape": "bench.scrape",
+    "email": "bench.email",
+    "noop": "bench.noop",
+    "user-noop": "bench.noop",  # the same body: Celery has no other kind of task
+    "user-get": "bench.user_get",
+}
 
 
 def task_args(workload: str, n: int, site: str, times_key: str, now: float) -> list[Any]:
-    if workload == "scrape":
+    if workload in ("scrape", "user-get"):
         return [page_url(site, n), now, times_key, n]
     if workload == "email":
         subject, text, html = (t.format(n=n) for t in (EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML))

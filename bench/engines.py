@@ -111,8 +111,11 @@ class Engine:
 
     def start(self, services: Services, log: Path) -> ChildProcess:
         if self.kind == "arq":
-            env = child_env(**(arq_env(services) | dict(self.settings)))
+            settings = arq_env(services) | dict(self.settings)
             if self.revision is not None:  # that commit's code first on the path
+                settings.pop("job_modules")  # bench.userjobs may not exist there
+            env = child_env(**settings)
+            if self.revision is not None:
                 env["PYTHONPATH"] = str(checkout(self.revision))
             command = python_module("arq", self.target)
             if self.processes > 1:
@@ -210,6 +213,7 @@ def arq_env(services: Services) -> dict[str, Any]:
         "smtp_port": services.sink.port,
         "smtp_max_connections": 20,
         "worker_max_jobs": 500,
+        "job_modules": "bench.userjobs",  # the asyncjobs worker's user jobs (arq: listed)
     }
 
 

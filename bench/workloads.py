@@ -11,7 +11,7 @@ from typing import Any, Literal
 from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, MAIL_FROM, page_url, recipient
 from jobs.mail.email import EmailSpec, new_message_id
 
-WorkloadName = Literal["scrape", "email", "noop"]
+WorkloadName = Literal["scrape", "email", "noop", "user-noop", "user-get"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,15 @@ WORKLOADS: dict[WorkloadName, Workload] = {
     ),
     "email": Workload("email", "(b) email: one message to the SMTP sink", 5000, 300, 0.02),
     "noop": Workload("noop", "(c) no-op: jobs that return at once", 10_000, 1000, 0.01),
+    "user-noop": Workload(
+        "user-noop", "(e) a user's no-op job (`@job`, JOB_MODULES)", 10_000, 1000, 0.01
+    ),
+    "user-get": Workload(
+        "user-get", "(f) a user's job doing one HTTP GET of a 50 ms page", 2000, 200, 0.05
+    ),
 }
+# Workloads of a user's `@job` functions: a worker from before the registry has none.
+USER_WORKLOADS = frozenset({"user-noop", "user-get"})
 
 
 def arq_job(workload: WorkloadName, n: int, site: str) -> tuple[str, dict[str, Any]]:
@@ -54,4 +62,8 @@ def arq_job(workload: WorkloadName, n: int, site: str) -> tuple[str, dict[str, A
         )
         email = spec.model_dump(mode="json", by_alias=True)
         return "send_email", {"email": email, "message_id": new_message_id(MAIL_FROM)}
+    if workload == "user-noop":
+        return "user_noop", {}
+    if workload == "user-get":
+        return "user_get", {"url": page_url(site, n)}
     return "noop", {}
