@@ -220,10 +220,10 @@ def job(
 
     def declare(fn: F) -> F:
         job_name = name or fn.__name__
-        _check_name(job_name)
         declared: Any = fn  # not narrowed by the check below: `fn` keeps its own type
         if not inspect.iscoroutinefunction(declared):
             raise JobRegistrationError(f"job {job_name!r} must be an `async def` function")
+        _check_name(job_name)
         if tries < 1 or cost < 0 or backoff[0] <= 0 or backoff[1] < backoff[0]:
             raise JobRegistrationError(
                 f"job {job_name!r}: tries >= 1, cost >= 0, 0 < backoff[0] <= backoff[1]"

@@ -1,0 +1,109 @@
+"""The one enqueue path every producer takes: the API, schedules, sources, the newsletter's
+fan-out, jobs enqueueing follow-ups (`JobContext.enqueue`) and the client through the API.
+
+It looks the job type up in the registry, checks a user's job's arguments with its model,
+applies the type's default priority, and enqueues through the engine's script
+(jobs.engine.queue), which counts the job for the metrics and wakes a waiting worker in the
+same round trip. A job id that exists already is never enqueued twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from asyncjobs.registry import JobType, get_job_type
+from asyncjobs.settings import Settings
+from jobs.engine.queue import enqueue_job, enqueue_jobs
+from jobs.mail.email import new_message_id
+from jobs.webhooks import CALLBACK_KWARG
+
+
+class UnknownJobType(LookupError):
+    """No job type of that name is registered."""
+
+
+def job_type_of(name: str) -> JobType:
+    job_type = get_job_type(name)
+    if job_type is None:
+        raise UnknownJobType(f"no job type {name!r} is registered")
+    return job_type
+
+
+def call_of(job_type: JobType, arguments: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The keyword arguments stored in the job: a user's, checked by its model and stored as
+    JSON; a built-in's as given (its worker checks them), with what its enqueue must fix
+    (an email's Message-ID, the same on every retry)."""
+    if job_type.arguments is not None:
+        return job_type.validate(arguments).model_dump(mode="json")
+    call = dict(arguments)
+    if job_type.name == "send_email" and not call.get("message_id"):
+        sender = (call.get("email") or {}).get("from") or settings.mail_from
+        call["message_id"] = new_message_id(sender)
+    return call
+
+
+def _options(
+    job_type: JobType,
+    settings: Settings,
+    priority: str | None,
+    delay_seconds: float | None,
+    job_id: str | None,
+    callback_url: str | None,
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "_priority": priority or job_type.priority,
+        "_queue_name": settings.queue_name,
+    }
+    if delay_seconds:
+        options["_defer_by"] = timedelta(seconds=delay_seconds)
+    if job_id is not None:
+        options["_job_id"] = job_id
+    if callback_url is not None:
+        options[CALLBACK_KWARG] = callback_url
+    return options
+
+
+async def enqueue_registered(
+    redis: ArqRedis,
+    settings: Settings,
+    name: str,
+    arguments: dict[str, Any],
+    *,
+    priority: str | None = None,
+    delay_seconds: float | None = None,
+    job_id: str | None = None,
+    callback_url: str | None = None,
+    replicated: bool = False,
+) -> str | None:
+    """Enqueue one job of a registered type; its id, or None when a job with `job_id` exists
+    already. With `replicated` and REDIS_WAIT_REPLICAS, only once replicas have it. Raises
+    UnknownJobType, and pydantic's ValidationError for bad arguments."""
+    job_type = job_type_of(name)
+    kwargs = call_of(job_type, arguments, settings)
+    kwargs |= _options(job_type, settings, priority, delay_seconds, job_id, callback_url)
+    if replicated:
+        kwargs["_replicated"] = settings
+    return await enqueue_job(redis, job_type.name, **kwargs)
+
+
+async def enqueue_registered_many(
+    redis: ArqRedis,
+    settings: Settings,
+    name: str,
+    calls: Sequence[tuple[dict[str, Any], str | None]],
+    *,
+    priority: str | None = None,
+) -> list[str | None]:
+    """`enqueue_registered` for many jobs of one type, (arguments, job id) each, in one
+    pipelined round trip; each new job's id, None for one that existed."""
+    job_type = job_type_of(name)
+    prepared = [
+        call_of(job_type, arguments, settings)
+        | _options(job_type, settings, priority, None, job_id, None)
+        for arguments, job_id in calls
+    ]
+    return await enqueue_jobs(redis, job_type.name, prepared)
