@@ -13,6 +13,7 @@ from arq.utils import timestamp_ms
 
 from app.jobstatus import read_job
 from app.schemas import JobView
+from asyncjobs.registry import Priority, get_job_type
 from asyncjobs.settings import Settings
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
 from jobs.engine.queue import enqueue_job, enqueue_jobs
@@ -21,10 +22,18 @@ from jobs.housekeeping.export import ExportRequest
 ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
 
 
+def default_priority(function: str) -> Priority:
+    """The registered job type's priority (a name no type has: bulk, and its worker will
+    dead-letter it as unknown)."""
+    job_type = get_job_type(function)
+    return job_type.priority if job_type is not None else "bulk"
+
+
 async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
     """Enqueue an arq job, count it for the metrics and wake a waiting worker, in one round
     trip (jobs.engine.queue.enqueue_job); the job's id. arq's `_job_id` etc. pass through
     (positional-only names leave every keyword to the job)."""
+    kwargs.setdefault("_priority", default_priority(function))
     job_id = await enqueue_job(redis, function, **kwargs)
     if job_id is None:
         raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
@@ -38,6 +47,8 @@ async def enqueue_many(
     replicated: Settings | None = None,
 ) -> list[str]:
     """`enqueue` for many jobs of one function in one round trip; their ids, in order."""
+    priority = default_priority(function)
+    calls = [{"_priority": priority} | call for call in calls]
     ids = await enqueue_jobs(redis, function, calls, replicated)
     taken = [call.get("_job_id") for call, job_id in zip(calls, ids, strict=True) if not job_id]
     if taken:

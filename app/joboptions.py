@@ -23,8 +23,8 @@ from app.http import read_json_object
 from app.state import SETTINGS
 from asyncjobs.registry import Priority
 from asyncjobs.settings import Settings
+from jobs.engine.queue import CALLBACK_KWARG
 from jobs.scrape.page import MAX_URL_LENGTH
-from jobs.webhooks import CALLBACK_KWARG
 
 # A run_at this far in the past is taken as "now" (clocks differ); further back is a mistake.
 PAST_TOLERANCE_S = 60
@@ -79,9 +79,12 @@ class JobOptions(BaseModel):
             return max(0, int((self.run_at - datetime.now(UTC)).total_seconds() * 1000))
         return int((self.delay_seconds or 0) * 1000)
 
-    def enqueue_kwargs(self, default_priority: Priority) -> dict[str, Any]:
-        """The enqueue options (`_defer_by`, `_priority`) and the callback the runner reads."""
-        kwargs: dict[str, Any] = {"_priority": self.priority or default_priority}
+    def enqueue_kwargs(self, default_priority: Priority | None = None) -> dict[str, Any]:
+        """The enqueue options (`_defer_by`, `_priority`) and the callback the runner reads.
+        Without a priority here, the job type's own applies (app.actions.enqueue)."""
+        kwargs: dict[str, Any] = {}
+        if priority := self.priority or default_priority:
+            kwargs["_priority"] = priority
         if delay_ms := self.delay_ms():
             kwargs["_defer_by"] = timedelta(milliseconds=delay_ms)  # a number would be seconds
         if self.callback_url is not None:

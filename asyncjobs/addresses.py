@@ -8,6 +8,7 @@ globally deliverable domains pass, as pydantic's own EmailStr allows.
 from __future__ import annotations
 
 import re
+from email.utils import make_msgid
 from typing import Annotated
 
 from email_validator import EmailNotValidError, validate_email
@@ -62,3 +63,12 @@ def unique_addresses(addresses: list[str], seen: set[str] | None = None) -> list
             seen.add(key)
             unique.append(address)
     return unique
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def new_message_id(sender: str) -> str:
+    """A globally unique Message-ID, fixed at enqueue time so every retry sends the same one."""
+    return make_msgid(domain=domain_of(sender) or "localhost")

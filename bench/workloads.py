@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from asyncjobs.addresses import new_message_id
 from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, MAIL_FROM, page_url, recipient
-from jobs.mail.email import EmailSpec, new_message_id
+from jobs.mail.email import EmailSpec
 
 WorkloadName = Literal["scrape", "email", "noop", "user-noop", "user-get"]
 

@@ -15,11 +15,10 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
+from asyncjobs.addresses import new_message_id
 from asyncjobs.registry import JobType, get_job_type
 from asyncjobs.settings import Settings
-from jobs.engine.queue import enqueue_job, enqueue_jobs
-from jobs.mail.email import new_message_id
-from jobs.webhooks import CALLBACK_KWARG
+from jobs.engine.queue import CALLBACK_KWARG, enqueue_job, enqueue_jobs
 
 
 class UnknownJobType(LookupError):
@@ -97,13 +96,14 @@ async def enqueue_registered_many(
     calls: Sequence[tuple[dict[str, Any], str | None]],
     *,
     priority: str | None = None,
+    callback_url: str | None = None,
 ) -> list[str | None]:
     """`enqueue_registered` for many jobs of one type, (arguments, job id) each, in one
     pipelined round trip; each new job's id, None for one that existed."""
     job_type = job_type_of(name)
     prepared = [
         call_of(job_type, arguments, settings)
-        | _options(job_type, settings, priority, None, job_id, None)
+        | _options(job_type, settings, priority, None, job_id, callback_url)
         for arguments, job_id in calls
     ]
     return await enqueue_jobs(redis, job_type.name, prepared)

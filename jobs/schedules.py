@@ -19,18 +19,24 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from arq.connections import ArqRedis
 from croniter import CroniterBadDateError, croniter
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from redis.asyncio import Redis
 
+from asyncjobs.addresses import new_message_id
 from asyncjobs.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
 from asyncjobs.registry import JobType, Priority, get_job_type, user_job_types
 from asyncjobs.settings import Settings
-from jobs.engine.queue import enqueue_jobs
-from jobs.mail.email import new_message_id
+from jobs.enqueue import enqueue_registered_many
 from jobs.mail.newsletter import start_progress
 from jobs.retry import classified
 from jobs.values import as_text, now_utc
-from jobs.webhooks import CALLBACK_KWARG
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +273,11 @@ async def run_due_schedules(redis: ArqRedis, settings: Settings, now: datetime) 
         marker = schedule_run_key(schedule.id, period)
         if await redis.exists(marker):
             continue
-        job_ids = await enqueue_run(redis, settings, schedule, period)
+        try:
+            job_ids = await enqueue_run(redis, settings, schedule, period)
+        except (ValidationError, ValueError) as exc:  # a job type gone, or its model changed
+            log.warning("schedule %s: run of %s skipped: %s", schedule.id, start, exc)
+            job_ids = []
         ttl = schedule.period_length(start) + timedelta(days=1)
         await redis.set(marker, "1", ex=ttl)
         if not job_ids:  # another worker enqueued this run first
@@ -289,13 +299,14 @@ async def enqueue_run(
     job = schedule.job
     run_id = hashlib.sha256(f"{schedule.id}:{period}".encode()).hexdigest()[:32]
     function, calls = await run_calls(redis, settings, job, run_id)
-    options: dict[str, Any] = {"_priority": job.priority or default_priority(job)}
-    if job.callback_url:
-        options[CALLBACK_KWARG] = job.callback_url
-    for n, call in enumerate(calls):
-        call.setdefault("_job_id", f"schedule:{schedule.id}:{period}:{n}")
-        call.update(options)
-    ids = await enqueue_jobs(redis, function, calls)
+    prepared = [
+        (call, call.pop("_job_id", None) or f"schedule:{schedule.id}:{period}:{n}")
+        for n, call in enumerate(calls)
+    ]
+    ids = await enqueue_registered_many(
+        redis, settings, function, prepared,
+        priority=job.priority or default_priority(job), callback_url=job.callback_url,
+    )  # fmt: skip
     return [job_id for job_id in ids if job_id]
 
 

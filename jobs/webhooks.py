@@ -30,7 +30,6 @@ from jobs.scrape.fetch import parse_retry_after, translate_errors
 from jobs.scrape.guard import check_url
 from jobs.values import as_text
 
-CALLBACK_KWARG = "_callback_url"  # carried in the job's kwargs; the runner takes it out
 SIGNATURE_HEADER = "X-Asyncjobs-Signature"
 MAX_RESULT_CHARS = 64 * 1024  # a result larger than this is sent as a note, not inline
 CALLBACK_TTL_S = 7 * 24 * 3600

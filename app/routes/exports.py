@@ -30,7 +30,7 @@ async def enqueue_export(request: web.Request) -> web.Response:
         export_id=export_id,
         request=spec.model_dump(mode="json"),
         _job_id=export_id,
-        **options.enqueue_kwargs("bulk"),
+        **options.enqueue_kwargs(),
     )
     name = export_name(export_id, spec.format)
     accepted = ExportAccepted(

@@ -46,9 +46,7 @@ async def enqueue_image(request: web.Request) -> web.Response:
             )
         outputs = [o.model_dump() for o in spec.outputs]
         kwargs = {"url": str(spec.url), "outputs": outputs}
-    await enqueue(
-        request, "process_image", _job_id=job_id, **kwargs, **options.enqueue_kwargs("bulk")
-    )
+    await enqueue(request, "process_image", _job_id=job_id, **kwargs, **options.enqueue_kwargs())
     accepted = ImageAccepted(
         job_id=job_id, status_url=status_url(request, job_id), images_url=f"/images/{job_id}/"
     )

@@ -32,7 +32,8 @@ from app.schemas import (
     ScrapeRequest,
 )
 from app.state import REDIS, SETTINGS
-from jobs.mail.email import new_message_id, validation_context
+from asyncjobs.addresses import new_message_id
+from jobs.mail.email import validation_context
 from jobs.mail.newsletter import NewsletterSpec, start_progress
 
 
@@ -49,7 +50,7 @@ async def enqueue_email(request: web.Request) -> web.Response:
         "send_email",
         email=spec.model_dump(mode="json", by_alias=True),
         message_id=message_id,
-        **options.enqueue_kwargs("transactional"),
+        **options.enqueue_kwargs(),
     )
     accepted = EmailAccepted(
         job_id=job_id, status_url=status_url(request, job_id), message_id=message_id
@@ -73,7 +74,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
         newsletter_id=newsletter_id,
         newsletter=spec.model_dump(mode="json", by_alias=True),
         _job_id=newsletter_id,
-        **options.enqueue_kwargs("bulk"),
+        **options.enqueue_kwargs(),
     )
     accepted = NewsletterAccepted(
         job_id=newsletter_id,
@@ -92,7 +93,7 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     targets = scrape.targets()
     await charge_more(request, len(targets))
     # one page is someone waiting; a batch is bulk work
-    extra = options.enqueue_kwargs("transactional" if scrape.url is not None else "bulk")
+    extra = options.enqueue_kwargs(None if scrape.url is not None else "bulk")
     calls = [{"target": target.model_dump(mode="json"), **extra} for target in targets]
     job_ids = await enqueue_many(request, "scrape", calls)
     accepted = [

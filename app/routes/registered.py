@@ -21,7 +21,7 @@ from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
 from asyncjobs.registry import JobType, job_types, user_job_types
-from jobs.registered import enqueue_registered
+from jobs.enqueue import enqueue_registered
 
 
 class JobTypeView(BaseModel):
@@ -75,17 +75,20 @@ def enqueue_handler(job_type: JobType) -> Any:
         options, body = await read_job_request(request)
         arguments = job_type.validate(body)  # 422 naming the field, before anything is stored
         await charge_more(request, job_type.cost)
-        job_id = await enqueue_registered(
+        key_job_id = idempotent_job_id(request)
+        new_id = await enqueue_registered(
             request.app[REDIS],
             settings,
             job_type.name,
             arguments.model_dump(mode="json"),
             priority=options.priority,
             delay_seconds=options.delay_ms() / 1000 or None,
-            job_id=idempotent_job_id(request),
+            job_id=key_job_id,
             callback_url=str(options.callback_url) if options.callback_url else None,
             replicated=True,
         )
+        job_id = new_id or key_job_id  # None: the key's job exists (a retry): that one
+        assert job_id is not None
         accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
         return json_model(accepted, status=202)
 

@@ -23,7 +23,7 @@ async def enqueue_report(request: web.Request) -> web.Response:
         raise web.HTTPUnprocessableEntity(
             text=f"unknown fields {sorted(rest)}: a report takes only the job options"
         )
-    job_id = await enqueue(request, "report", **options.enqueue_kwargs("bulk"))
+    job_id = await enqueue(request, "report", **options.enqueue_kwargs())
     accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
     return json_model(accepted, status=202)
 

@@ -38,6 +38,9 @@ from asyncjobs.registry import PRIORITIES, Priority
 from asyncjobs.settings import Settings
 
 RETRY_KEY_TTL_S = 88400  # arq's
+# A completion webhook's URL, carried in the job's kwargs beside arq's options; the runner
+# takes it out before the job's function sees its arguments (jobs.webhooks sends it).
+CALLBACK_KWARG = "_callback_url"
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
 KEEP_AFTER_NEXT_TRY_MS = 24 * 3600 * 1000  # arq's expires_extra_ms
 # While transactional and bulk jobs both wait, one claim in this many takes a bulk job.

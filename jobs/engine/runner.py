@@ -30,6 +30,7 @@ from asyncjobs.deadlines import deadline
 from asyncjobs.errors import JobError, Postpone
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.engine.queue import (
+    CALLBACK_KWARG,
     RETRY_KEY_TTL_S,
     Claimed,
     Claims,
@@ -39,7 +40,7 @@ from jobs.engine.queue import (
     renew_leases,
 )
 from jobs.values import now_utc
-from jobs.webhooks import CALLBACK_KWARG, FinalStatus, enqueue_webhook
+from jobs.webhooks import FinalStatus, enqueue_webhook
 
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
 

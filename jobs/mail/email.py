@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from email.header import Header
 from email.message import EmailMessage, Message
 from email.mime.multipart import MIMEMultipart
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from typing import Annotated, Any, cast
 from uuid import uuid4
 
@@ -25,7 +25,7 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
-from asyncjobs.addresses import Address, unique_addresses
+from asyncjobs.addresses import Address, domain_of, unique_addresses
 from asyncjobs.keys import SENT_KEY_PREFIX, mail_batch_key
 from asyncjobs.redis import NotReplicatedError, execute_replicated, replicas_ready
 from asyncjobs.settings import Settings
@@ -119,15 +119,6 @@ def check_message_rules(
     allowed = context.get("allowed_sender_domains")
     if sender and allowed and domain_of(sender) not in allowed:
         raise ValueError(f"sender domain {domain_of(sender)!r} is not allowed")
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
-def new_message_id(sender: str) -> str:
-    """A globally unique Message-ID, fixed at enqueue time so every retry sends the same one."""
-    return make_msgid(domain=domain_of(sender) or "localhost")
 
 
 def build_message(spec: EmailSpec, default_from: str, message_id: str) -> Message:

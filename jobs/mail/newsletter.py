@@ -11,9 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
-from arq.utils import timestamp_ms
+from arq.connections import ArqRedis
 from jinja2 import Template, TemplateSyntaxError
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
@@ -29,14 +27,14 @@ from pydantic import (
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from asyncjobs.addresses import Address, unique_addresses
+from asyncjobs.addresses import Address, domain_of, unique_addresses
 from asyncjobs.keys import MAIL_BATCH_KEY_PREFIX, mail_batch_key
-from jobs.engine.monitor import count_enqueued
+from asyncjobs.settings import Settings
+from jobs.enqueue import enqueue_registered_many
 from jobs.mail.email import (
     MAX_BODY_CHARS,
     EmailSpec,
     check_message_rules,
-    domain_of,
     validation_context,
 )
 from jobs.mail.headers import header_name
@@ -223,16 +221,12 @@ def child_message_id(newsletter_id: str, index: int, sender: str) -> str:
 
 
 async def enqueue_children(
-    redis: Redis, queue: str, jobs: list[tuple[str, dict[str, Any]]]
+    redis: ArqRedis, settings: Settings, jobs: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    """Pipelined arq enqueue of many `send_email` jobs; NX keeps a re-run from duplicating."""
-    now = timestamp_ms()
-    async with redis.pipeline(transaction=False) as pipe:
-        for job_id, kwargs in jobs:
-            data = serialize_job("send_email", (), kwargs, None, now)
-            pipe.set(job_key_prefix + job_id, data, px=86_400_000, nx=True)
-            pipe.zadd(queue, {job_id: now}, nx=True)
-        await pipe.execute()
+    """The messages' `send_email` jobs, pipelined; a child that exists (a re-run of the
+    fan-out) is not enqueued again."""
+    calls = [(kwargs, job_id) for job_id, kwargs in jobs]
+    await enqueue_registered_many(redis, settings, "send_email", calls)
 
 
 @builtin("send_newsletter", "email", schedulable=True, shown=("newsletter.subject",))
@@ -240,7 +234,7 @@ async def send_newsletter(
     ctx: dict[str, Any], newsletter_id: str, newsletter: dict[str, Any]
 ) -> dict[str, Any]:
     settings = ctx["settings"]
-    redis: Redis = ctx["redis"]
+    redis: ArqRedis = ctx["redis"]
     contexts = (  # the newsletter's, as the API checked it, and its messages'
         validation_context(settings, settings.newsletter_max_recipients),
         validation_context(settings, settings.mail_max_recipients),
@@ -261,7 +255,7 @@ async def send_newsletter(
             kwargs = {"email": email, "message_id": message_id, "batch_id": newsletter_id}
             chunk.append((child_job_id(newsletter_id, index), kwargs))
         if chunk:
-            await enqueue_children(redis, settings.queue_name, chunk)
+            await enqueue_children(redis, settings, chunk)
     async with redis.pipeline(transaction=True) as pipe:
         # again, for producers that enqueue a newsletter without the API
         set_total(pipe, newsletter_id, len(spec.recipients), settings.sent_marker_ttl)
@@ -270,7 +264,6 @@ async def send_newsletter(
             pipe.expire(mail_batch_key(newsletter_id, "failed"), int(settings.sent_marker_ttl))
         await pipe.execute()
     enqueued = len(spec.recipients) - len(invalid)
-    await count_enqueued(redis, "send_email", enqueued)
     log.info(
         "newsletter %s: %d messages enqueued, %d invalid", newsletter_id, enqueued, len(invalid)
     )

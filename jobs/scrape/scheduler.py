@@ -19,7 +19,7 @@ from asyncjobs.keys import (
     source_seen_key,
 )
 from asyncjobs.settings import Settings
-from jobs.engine.monitor import count_enqueued
+from jobs.enqueue import enqueue_registered
 from jobs.retry import builtin, classified, max_tries
 from jobs.scrape.documents import document_id
 from jobs.scrape.page import scrape_url
@@ -66,15 +66,14 @@ async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
         period = int(start.timestamp())
         if await redis.exists(source_run_key(source.id, period)):
             continue
-        job = await redis.enqueue_job(
-            "scrape_source", source_id=source.id, period=period,
-            _job_id=source_job_id(source.id, period),
+        job = await enqueue_registered(
+            redis, ctx["settings"], "scrape_source", {"source_id": source.id, "period": period},
+            job_id=source_job_id(source.id, period),
         )  # fmt: skip
         ttl = period_length(source.schedule, start) + timedelta(days=1)
         await redis.set(source_run_key(source.id, period), "1", ex=ttl)
         if job is not None:
             enqueued.append(source.id)
-            await count_enqueued(redis, "scrape_source")
     if enqueued:
         log.info("scheduled %d due source(s): %s", len(enqueued), ", ".join(enqueued))
     return {"enqueued": enqueued}
@@ -136,13 +135,13 @@ async def follow_links(
             await redis.decr(taken)  # every place is taken by a distinct page: the run is full
             break
         await redis.expire(taken, RUN_KEYS_TTL_S)
-        job = await redis.enqueue_job(
-            "scrape_source", source_id=source.id, period=period, url=link, depth=depth + 1,
-            _job_id=source_job_id(source.id, period, link),
+        arguments = {"source_id": source.id, "period": period, "url": link, "depth": depth + 1}
+        job = await enqueue_registered(
+            redis, settings, "scrape_source", arguments,
+            job_id=source_job_id(source.id, period, link),
         )  # fmt: skip
         if job is not None:
             followed += 1
-            await count_enqueued(redis, "scrape_source")
     return followed
 
 
