@@ -1,28 +1,34 @@
 """What a running job receives: `JobContext`, typed attributes instead of arq's `ctx` dict.
 
-The worker builds one per try from the clients it shares between all its jobs (one HTTP
-session, one Redis pool, the settings), so a job never opens its own.
+arq hands every try a dict: the worker's shared clients (put there once by its start-up) and
+the try's own fields. `JobContext` is a typed view of that dict, so job code reads
+`ctx.redis`, not `ctx["redis"]`; the names of the dict's keys live here and in the worker's
+start-up (jobs/worker.py) only. The built-ins get a view with the worker's other clients
+(jobs.context.WorkerContext); users' jobs get this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 import aiohttp
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
 
+from asyncjobs.registry import JOB_NAME_ATTRIBUTE
 from asyncjobs.settings import Settings
 
-# (job name, arguments, enqueue options) -> the new job's id; given by the worker
+# (job name, arguments, enqueue options) -> the new job's id
 Enqueuer = Callable[[str, dict[str, Any], dict[str, Any]], Awaitable[str]]
-# (done, total, step) -> None
-ProgressWriter = Callable[[int, int | None, str], Awaitable[None]]
+# (job id, done, total, step) -> None
+ProgressWriter = Callable[[str, int, int | None, str], Awaitable[None]]
+
+# The keys of arq's ctx dict that the worker's start-up fills (the rest are arq's own).
+SETTINGS, REDIS, HTTP = "settings", "redis", "http"
+ENQUEUER, PROGRESS = "asyncjobs_enqueue", "asyncjobs_progress"
 
 
-@dataclass(frozen=True)
 class JobContext:
     """One try of one job.
 
@@ -32,14 +38,41 @@ class JobContext:
     - `enqueue(...)` a follow-up job, `send_email(...)`, and `progress(...)` shown by
       `GET /jobs/{id}` and the dashboard."""
 
-    job_id: str
-    job_try: int
-    enqueue_time: datetime | None
-    settings: Settings
-    redis: Redis
-    http: aiohttp.ClientSession
-    _enqueue: Enqueuer
-    _progress: ProgressWriter
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Mapping[str, Any]) -> None:
+        self._ctx = ctx
+
+    @property
+    def job_id(self) -> str:
+        job_id: str = self._ctx["job_id"]
+        return job_id
+
+    @property
+    def job_try(self) -> int:
+        job_try: int = self._ctx["job_try"]
+        return job_try
+
+    @property
+    def enqueue_time(self) -> datetime | None:
+        enqueue_time: datetime | None = self._ctx.get("enqueue_time")
+        return enqueue_time
+
+    @property
+    def settings(self) -> Settings:
+        settings: Settings = self._ctx[SETTINGS]
+        return settings
+
+    @property
+    def redis(self) -> ArqRedis:
+        """The worker's Redis client (arq's, a redis-py `Redis`)."""
+        redis: ArqRedis = self._ctx[REDIS]
+        return redis
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        http: aiohttp.ClientSession = self._ctx[HTTP]
+        return http
 
     async def enqueue(
         self,
@@ -52,8 +85,9 @@ class JobContext:
         **arguments: Any,
     ) -> str:
         """Enqueue a job (a registered name or a `@job` function) with keyword arguments,
-        validated by its model first; the new job's id."""
-        name = job if isinstance(job, str) else job.__name__
+        validated by its model first; the new job's id (with `job_id` of a job that exists,
+        that job's: nothing is enqueued twice)."""
+        name = job if isinstance(job, str) else getattr(job, JOB_NAME_ATTRIBUTE, job.__name__)
         options: dict[str, Any] = {}
         if delay_seconds:
             options["delay_seconds"] = delay_seconds
@@ -61,7 +95,8 @@ class JobContext:
             options["priority"] = priority
         if job_id is not None:
             options["job_id"] = job_id
-        return await self._enqueue(name, arguments, options)
+        enqueuer: Enqueuer = self._ctx[ENQUEUER]
+        return await enqueuer(name, arguments, options)
 
     async def send_email(
         self, *, to: list[str] | str, subject: str, text: str | None = None, **fields: Any
@@ -71,8 +106,9 @@ class JobContext:
         email = {"to": recipients, "subject": subject, **fields}
         if text is not None:
             email["text"] = text
-        return await self._enqueue("send_email", {"email": email}, {})
+        return await self.enqueue("send_email", email=email)
 
     async def progress(self, done: int, total: int | None = None, step: str = "") -> None:
         """Record how far the job is (`done` of `total`, and what it does now)."""
-        await self._progress(done, total, step)
+        writer: ProgressWriter = self._ctx[PROGRESS]
+        await writer(self.job_id, done, total, step)

@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import aiohttp
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
 
-from asyncjobs.context import JobContext
+from asyncjobs.context import ENQUEUER, HTTP, PROGRESS, REDIS, SETTINGS, JobContext
 from asyncjobs.registry import JOB_NAME_ATTRIBUTE, JobType, get_job_type
 from asyncjobs.settings import Settings
 
@@ -55,25 +55,25 @@ async def job_context(
         recorded.enqueued.append(Enqueued(name, arguments, options))
         return f"{job_id}-follow-up-{len(recorded.enqueued)}"
 
-    async def progress(done: int, total: int | None, step: str) -> None:
+    async def progress(_job_id: str, done: int, total: int | None, step: str) -> None:
         recorded.progress.append((done, total, step))
 
-    redis = Redis.from_url(settings.redis_url)
+    redis = ArqRedis.from_url(settings.redis_url)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            yield (
-                JobContext(
-                    job_id=job_id,
-                    job_try=job_try,
-                    enqueue_time=datetime.now(UTC),
-                    settings=settings,
-                    redis=redis,
-                    http=http,
-                    _enqueue=enqueue,
-                    _progress=progress,
-                ),
-                recorded,
+            ctx = JobContext(
+                {
+                    "job_id": job_id,
+                    "job_try": job_try,
+                    "enqueue_time": datetime.now(UTC),
+                    SETTINGS: settings,
+                    REDIS: redis,
+                    HTTP: http,
+                    ENQUEUER: enqueue,
+                    PROGRESS: progress,
+                }
             )
+            yield ctx, recorded
     finally:
         await redis.aclose()
 

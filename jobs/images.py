@@ -24,9 +24,8 @@ from redis.asyncio import Redis
 
 from asyncjobs.errors import PermanentJobError
 from asyncjobs.keys import UPLOAD_KEY_PREFIX
-from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.retry import builtin
-from jobs.scrape.fetch import Fetcher
 from jobs.scrape.page import MAX_URL_LENGTH
 
 ImageFormat = Literal["jpeg", "png", "webp"]
@@ -159,35 +158,34 @@ async def save_upload(redis: Redis, upload_id: str, data: bytes) -> None:
     await redis.set(UPLOAD_KEY_PREFIX + upload_id, data, ex=UPLOAD_TTL_S)
 
 
-async def _source_bytes(ctx: dict[str, Any], job: ImageJob) -> bytes:
-    settings: Settings = ctx["settings"]
+async def _source_bytes(ctx: WorkerContext, job: ImageJob) -> bytes:
+    settings = ctx.settings
     if job.upload_id is not None:
-        data: bytes | None = await ctx["redis"].get(UPLOAD_KEY_PREFIX + job.upload_id)
+        data: bytes | None = await ctx.redis.get(UPLOAD_KEY_PREFIX + job.upload_id)
         if data is None:
             raise PermanentJobError("the uploaded image is gone (kept for a day)")
         return data
     assert job.url is not None
-    fetcher: Fetcher = ctx["fetcher"]
-    return await fetcher.fetch_bytes(job.url, settings.image_max_bytes, ctx["job_id"])
+    return await ctx.fetcher.fetch_bytes(job.url, settings.image_max_bytes, ctx.job_id)
 
 
 @builtin("process_image", "scrape", schedulable=True, shown=("url",))
 async def process_image(
-    ctx: dict[str, Any],
+    ctx: WorkerContext,
     outputs: list[dict[str, Any]],
     url: str | None = None,
     upload_id: str | None = None,
 ) -> dict[str, Any]:
     """arq job: the image's versions, written to IMAGES_DIR/<job id>/ (files named
     <n>-<width>x<height>.<format>); returns their names, sizes and dimensions."""
-    settings: Settings = ctx["settings"]
-    job_id: str = ctx["job_id"]
+    settings = ctx.settings
+    job_id = ctx.job_id
     if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it becomes a folder name
         raise PermanentJobError(f"image job ids are 32 hex digits, not {job_id!r}")
     job = ImageJob(url=url, upload_id=upload_id, outputs=outputs)
     data = await _source_bytes(ctx, job)
     specs = [output.model_dump() for output in job.outputs]
-    versions = await ctx["cpu"].run(
+    versions = await ctx.cpu.run(
         "decoding and resizing the image", render_images, data, specs, settings.image_max_pixels
     )
     folder = settings.images_dir / job_id
@@ -202,7 +200,7 @@ async def process_image(
              "bytes": len(body)}
         )  # fmt: skip
     if job.upload_id is not None:
-        await ctx["redis"].delete(UPLOAD_KEY_PREFIX + job.upload_id)
+        await ctx.redis.delete(UPLOAD_KEY_PREFIX + job.upload_id)
     return {"outputs": written, "source_bytes": len(data)}
 
 

@@ -11,9 +11,10 @@ from arq.worker import Function, func
 from pydantic import BaseModel
 
 import jobs.builtins  # noqa: F401  (registers every built-in job type)
-from asyncjobs.context import JobContext
+from asyncjobs.context import ENQUEUER, PROGRESS
 from asyncjobs.registry import JobType, job_types
 from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.engine.monitor import Progress
 from jobs.enqueue import enqueue_registered
 from jobs.retry import ENGINE_TIMEOUT_GRACE_S, Classification, classified, job_timeout
@@ -38,11 +39,11 @@ def runner(job_type: JobType) -> Any:
     """The arq coroutine of a user's job: its arguments checked again by its model (a
     producer may run another version of the code), then the function, with a JobContext."""
 
-    async def run(ctx: dict[str, Any], **kwargs: Any) -> Any:
+    async def run(ctx: WorkerContext, **kwargs: Any) -> Any:
         arguments = job_type.validate(kwargs)  # a ValidationError is permanent (classified)
         call = job_type.call_arguments(arguments)
-        if job_type.takes_context:
-            result = await job_type.function(context_of(ctx), **call)
+        if job_type.takes_context:  # the same view of the try the built-ins get
+            result = await job_type.function(ctx, **call)
         else:
             result = await job_type.function(**call)
         return result.model_dump(mode="json") if isinstance(result, BaseModel) else result
@@ -52,26 +53,15 @@ def runner(job_type: JobType) -> Any:
     return classified(rules)(run)
 
 
-def context_of(ctx: dict[str, Any]) -> JobContext:
-    """The typed context of one try, from arq's ctx dict (built by jobs.worker.startup)."""
-    redis: ArqRedis = ctx["redis"]
-    settings: Settings = ctx["settings"]
-    job_id: str = ctx["job_id"]
+def context_clients(redis: ArqRedis, settings: Settings) -> dict[str, Any]:
+    """What `JobContext.enqueue` and `.progress` call, for the worker's start-up to put in
+    arq's ctx once: the one enqueue path, and the progress `GET /jobs/{id}` shows."""
 
     async def enqueue(name: str, arguments: dict[str, Any], options: dict[str, Any]) -> str:
         new = await enqueue_registered(redis, settings, name, arguments, **options)
-        return new or options["job_id"]  # None: the job with that id exists already
+        return new or str(options["job_id"])  # None: the job with that id exists already
 
-    async def progress(done: int, total: int | None, step: str) -> None:
+    async def progress(job_id: str, done: int, total: int | None, step: str) -> None:
         await Progress(redis, job_id, total).update(done, step)
 
-    return JobContext(
-        job_id=job_id,
-        job_try=ctx["job_try"],
-        enqueue_time=ctx.get("enqueue_time"),
-        settings=settings,
-        redis=redis,
-        http=ctx["http"],
-        _enqueue=enqueue,
-        _progress=progress,
-    )
+    return {ENQUEUER: enqueue, PROGRESS: progress}

@@ -34,8 +34,8 @@ from asyncjobs.registry import (
     register,
 )
 from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.deadletter import DeadLetter, add_dead_letter
-from jobs.engine.monitor import monitor_of
 from jobs.values import now_utc
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # What the running job said about its result, for its one completion line (see `report`).
 _REPORT: ContextVar[dict[str, Any] | None] = ContextVar("job_report", default=None)
 
-DeadLetterHook = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]
+DeadLetterHook = Callable[[WorkerContext, dict[str, Any]], Awaitable[None]]
 # The engine's own deadline is this much longer than the job's timeout, so the wrapper's fires
 # first and the timeout is classified (transient) and recorded like any other failure.
 ENGINE_TIMEOUT_GRACE_S = 5.0
@@ -122,10 +122,11 @@ def classified(
         attempt = _attempt(job, rules, on_dead_letter)
 
         @functools.wraps(job)
-        async def run(ctx: dict[str, Any], **kwargs: Any) -> Any:
+        async def run(arq_ctx: dict[str, Any] | WorkerContext, **kwargs: Any) -> Any:
             """Run one try and tell the monitor and the log how it ended."""
-            monitor = monitor_of(ctx)
-            name, job_id = job.__name__, ctx["job_id"]
+            ctx = WorkerContext.of(arq_ctx)  # the job's typed view of arq's ctx
+            monitor = ctx.monitor
+            name, job_id = job.__name__, ctx.job_id
             if monitor:
                 monitor.started(job_id, name, due_ms(ctx))
             started = time.perf_counter()
@@ -155,7 +156,7 @@ def classified(
                 log.info(
                     "job %s %s %s in %.0f ms%s", name, job_id, outcome, seconds * 1000,
                     f": {summary}" if summary else "",
-                    extra={"job_id": job_id, "function": name, "try": ctx["job_try"],
+                    extra={"job_id": job_id, "function": name, "try": ctx.job_try,
                            "duration_ms": round(seconds * 1000, 1), "outcome": outcome, **note},
                 )  # fmt: skip
 
@@ -164,12 +165,12 @@ def classified(
     return decorate
 
 
-def due_ms(ctx: dict[str, Any]) -> float | None:
+def due_ms(ctx: WorkerContext) -> float | None:
     """When this run became due: its queue score (enqueued, or a retry's or postponement's
     time), so pickup latency is not inflated by waits the job asked for."""
-    if ctx.get("score"):
-        return float(ctx["score"])
-    enqueue_time = ctx.get("enqueue_time")
+    if score := ctx.score:
+        return score
+    enqueue_time = ctx.enqueue_time
     return enqueue_time.timestamp() * 1000 if enqueue_time else None
 
 
@@ -179,9 +180,9 @@ def _attempt(
     """One try: the job's result, `Retry` for a transient error with tries left, or the error
     (after dead-lettering the job) when there is nothing more to try."""
 
-    async def attempt(ctx: dict[str, Any], **kwargs: Any) -> Any:
-        settings: Settings = ctx["settings"]
-        job_try: int = ctx["job_try"]
+    async def attempt(ctx: WorkerContext, **kwargs: Any) -> Any:
+        settings = ctx.settings
+        job_try = ctx.job_try
         policy = rules.policy(settings)
         limit = policy.max_tries
         timeout = job_timeout(settings, rules.timeout)
@@ -196,7 +197,7 @@ def _attempt(
                 except rules.transient as exc:
                     raise TransientJobError(f"{type(exc).__name__}: {exc}") from exc
             if job_try > 1:  # it waited for a retry: nothing to explain any more
-                await ctx["redis"].delete(RETRYING_KEY_PREFIX + ctx["job_id"])
+                await ctx.redis.delete(RETRYING_KEY_PREFIX + ctx.job_id)
             return result
         except Postpone:
             raise  # not a failure: the job runs again later, and this run is not a try
@@ -210,36 +211,36 @@ def _attempt(
         except ValidationError as exc:
             error = PermanentJobError(f"invalid job arguments: {exc}")
         except Exception as exc:  # a bug: retrying will not fix it, keep it for a human
-            log.exception("job %s (%s) raised an unexpected error", ctx["job_id"], job.__name__)
+            log.exception("job %s (%s) raised an unexpected error", ctx.job_id, job.__name__)
             error = PermanentJobError(f"unexpected error: {type(exc).__name__}: {exc}")
 
         if (
             isinstance(error, TransientJobError)
             and job_try < limit
-            and not policy.expired(ctx.get("enqueue_time"), now_utc())
+            and not policy.expired(ctx.enqueue_time, now_utc())
         ):
             if error.backoff or error.retry_after is None:
                 delay = backoff_delay(policy, job_try, error.retry_after)
             else:  # told when: a little past it, so a crowd of deferred jobs spreads out
                 delay = error.retry_after * random.uniform(1.0, 1.1)
             log.warning(
-                "job %s try %d failed, retrying in %.2fs: %s", ctx["job_id"], job_try, delay, error
+                "job %s try %d failed, retrying in %.2fs: %s", ctx.job_id, job_try, delay, error
             )
-            await record_retry(ctx["redis"], ctx["job_id"], error, job_try, delay)
+            await record_retry(ctx.redis, ctx.job_id, error, job_try, delay)
             raise Retry(defer=delay) from error
         reason: Literal["permanent", "exhausted"] = (
             "exhausted" if isinstance(error, TransientJobError) else "permanent"
         )
         await add_dead_letter(
-            ctx["redis"],
+            ctx.redis,
             DeadLetter(
-                id=ctx["job_id"],
+                id=ctx.job_id,
                 function=job.__name__,
                 arguments=kwargs,
                 error=str(error),
                 reason=reason,
                 tries=job_try,
-                enqueue_time=ctx.get("enqueue_time"),
+                enqueue_time=ctx.enqueue_time,
                 failed_at=now_utc(),
             ),
             settings,
@@ -249,7 +250,7 @@ def _attempt(
         # One line with the reason: a 404 or a refused address is expected, not a crash (an
         # unexpected error already logged its traceback above).
         log.warning(
-            "job %s dead-lettered (%s after %d tries): %s", ctx["job_id"], reason, job_try, error
+            "job %s dead-lettered (%s after %d tries): %s", ctx.job_id, reason, job_try, error
         )
         raise error
 

@@ -33,6 +33,7 @@ from asyncjobs.addresses import new_message_id
 from asyncjobs.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
 from asyncjobs.registry import JobType, Priority, get_job_type, user_job_types
 from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.enqueue import enqueue_registered_many
 from jobs.mail.newsletter import start_progress
 from jobs.retry import classified
@@ -250,9 +251,9 @@ def view_of(schedule: Schedule, now: datetime) -> ScheduleView:
 
 # --- running ----------------------------------------------------------------------------------
 @classified("maintenance")
-async def run_schedules(ctx: dict[str, Any]) -> dict[str, Any]:
+async def run_schedules(ctx: WorkerContext) -> dict[str, Any]:
     """Cron tick: enqueue every schedule's run that is due and not yet taken."""
-    enqueued = await run_due_schedules(ctx["redis"], ctx["settings"], now_utc())
+    enqueued = await run_due_schedules(ctx.redis, ctx.settings, now_utc())
     if enqueued:
         log.info("ran %d due schedule(s): %s", len(enqueued), ", ".join(enqueued))
     return {"enqueued": enqueued}

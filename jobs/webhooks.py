@@ -23,7 +23,7 @@ from yarl import URL
 
 from asyncjobs.errors import PermanentJobError, TransientJobError
 from asyncjobs.keys import CALLBACK_KEY_PREFIX
-from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.engine.queue import enqueue_job
 from jobs.retry import builtin
 from jobs.scrape.fetch import parse_retry_after, translate_errors
@@ -87,16 +87,16 @@ async def _record(redis: Redis, job_id: str, **changes: Any) -> None:
         await redis.set(CALLBACK_KEY_PREFIX + job_id, updated.model_dump_json(), ex=CALLBACK_TTL_S)
 
 
-async def _mark_failed(ctx: dict[str, Any], kwargs: dict[str, Any]) -> None:
+async def _mark_failed(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
     """Dead-letter hook: the receiver never accepted it."""
-    await _record(ctx["redis"], kwargs["payload"]["job_id"], state="failed")
+    await _record(ctx.redis, kwargs["payload"]["job_id"], state="failed")
 
 
 @builtin("deliver_webhook", "webhook", on_dead_letter=_mark_failed, shown=("url",))
-async def deliver_webhook(ctx: dict[str, Any], *, url: str, payload: dict[str, Any]) -> int:
+async def deliver_webhook(ctx: WorkerContext, *, url: str, payload: dict[str, Any]) -> int:
     """POST the payload once; the receiver's HTTP status. 2xx is delivered; 408, 429, 5xx and
     network errors are tried again; other answers, redirects included, fail for good."""
-    settings: Settings = ctx["settings"]
+    settings = ctx.settings
     secret = settings.webhook_secret
     if secret is None:
         raise PermanentJobError("WEBHOOK_SECRET is not set: cannot sign the callback")
@@ -108,7 +108,7 @@ async def deliver_webhook(ctx: dict[str, Any], *, url: str, payload: dict[str, A
         "X-Asyncjobs-Job-Id": job_id,
     }
     target = URL(url)
-    session: aiohttp.ClientSession = ctx["fetcher"].session
+    session = ctx.fetcher.session
     status: int | None = None
     try:
         with translate_errors(target, settings):
@@ -123,15 +123,13 @@ async def deliver_webhook(ctx: dict[str, Any], *, url: str, payload: dict[str, A
                 status = response.status
                 _check_answer(response)
     except Exception as exc:
-        await _record(
-            ctx["redis"], job_id, tries=ctx["job_try"], last_status=status, last_error=str(exc)
-        )
+        await _record(ctx.redis, job_id, tries=ctx.job_try, last_status=status, last_error=str(exc))
         raise
     await _record(
-        ctx["redis"],
+        ctx.redis,
         job_id,
         state="delivered",
-        tries=ctx["job_try"],
+        tries=ctx.job_try,
         last_status=status,
         last_error=None,
         delivered_at=time.time(),

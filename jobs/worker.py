@@ -11,16 +11,18 @@ from arq.cron import CronJob, cron
 from arq.typing import WorkerCoroutine
 
 from asyncjobs import speedups
+from asyncjobs.context import HTTP, REDIS, SETTINGS
 from asyncjobs.redis import AutoPipelinedRedis, eviction_policy_warning, redis_settings
 from asyncjobs.registry import load_job_modules
 from asyncjobs.settings import Settings, get_settings
+from jobs.context import CPU, FETCHER, MONITOR, SEND_RATE, SMTP, WAKE_LISTENER
 from jobs.cpulimit import CpuPool
 from jobs.engine.monitor import JobMonitor
 from jobs.engine.worker import WakeListener, worker_redis
 from jobs.housekeeping import daily_cleanup, daily_report
 from jobs.mail.sendrate import SendRate
 from jobs.mail.smtp import SmtpPool
-from jobs.registered import arq_functions
+from jobs.registered import arq_functions, context_clients
 from jobs.retry import ENGINE_TIMEOUT_GRACE_S
 from jobs.schedules import run_schedules
 from jobs.scrape import schedule_sources
@@ -30,23 +32,36 @@ log = logging.getLogger(__name__)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    """One HTTP session and one SMTP pool for all jobs of this worker process."""
-    settings: Settings = ctx.setdefault("settings", get_settings())
+    """The worker's lifespan, first half: the clients all its jobs share (one HTTP session,
+    one SMTP pool, one CPU pool, Redis), put in arq's ctx once under the keys the jobs' typed
+    view reads (asyncjobs.context.JobContext, jobs.context.WorkerContext)."""
+    settings: Settings = ctx.setdefault(SETTINGS, get_settings())
     # jobs' own commands share arq's pool, sent together when jobs send them together
-    ctx["redis"] = AutoPipelinedRedis.sharing_pool_of(ctx["redis"])
-    ctx["http"] = make_http_session(settings)
-    ctx["fetcher"] = Fetcher(ctx["http"], settings, ctx["redis"])
-    ctx["smtp"] = SmtpPool(settings) if settings.smtp_host else None
-    ctx["cpu"] = CpuPool(settings.cpu_workers, settings.cpu_limit_seconds)
-    if settings.smtp_max_per_second:
-        ctx["send_rate"] = SendRate(ctx["redis"], settings.smtp_max_per_second)
-    ctx["monitor"] = JobMonitor(ctx["redis"])
-    ctx["monitor"].start()
-    ctx["wake_listener"] = WakeListener(settings)
-    ctx["wake_listener"].start()
+    redis = AutoPipelinedRedis.sharing_pool_of(ctx[REDIS])
+    http = make_http_session(settings)
+    monitor, wake_listener = JobMonitor(redis), WakeListener(settings)
+    ctx.update(
+        {
+            REDIS: redis,
+            HTTP: http,
+            FETCHER: Fetcher(http, settings, redis),
+            SMTP: SmtpPool(settings) if settings.smtp_host else None,
+            CPU: CpuPool(settings.cpu_workers, settings.cpu_limit_seconds),
+            SEND_RATE: (
+                SendRate(redis, settings.smtp_max_per_second)
+                if settings.smtp_max_per_second
+                else None
+            ),
+            MONITOR: monitor,
+            WAKE_LISTENER: wake_listener,
+            **context_clients(redis, settings),
+        }
+    )
+    monitor.start()
+    wake_listener.start()
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     log.info("worker started: event loop %s, speedups: %s", loop, speedups.describe())
-    if warning := await eviction_policy_warning(ctx["redis"]):
+    if warning := await eviction_policy_warning(redis):
         log.warning(warning)
     log.info(
         "worker ready: max_jobs=%d smtp=%s:%s",
@@ -57,16 +72,13 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    if ctx.get("monitor"):
-        await ctx["monitor"].stop()
-    if ctx.get("wake_listener"):
-        await ctx["wake_listener"].stop()
-    if ctx.get("http"):
-        await ctx["http"].close()
-    if ctx.get("smtp"):
-        await ctx["smtp"].close()
-    if ctx.get("cpu"):
-        await ctx["cpu"].close()
+    """The lifespan's second half: each client closed, if start-up got as far as making it."""
+    for key in (MONITOR, WAKE_LISTENER):
+        if ctx.get(key):
+            await ctx[key].stop()
+    for key in (HTTP, SMTP, CPU):
+        if ctx.get(key):
+            await ctx[key].close()
 
 
 def cron_jobs(settings: Settings) -> list[CronJob]:

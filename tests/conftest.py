@@ -23,6 +23,7 @@ from app.mailsink import server_port, start_smtp_server
 from app.web import create_app
 from asyncjobs.redis import connect
 from asyncjobs.settings import Settings, get_settings
+from jobs.context import WorkerContext
 from jobs.cpulimit import CpuPool
 from jobs.engine.worker import EngineWorker
 from jobs.scrape.fetch import Fetcher, make_http_session
@@ -173,7 +174,7 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
 
 
-Ctx = dict[str, Any]  # a job's context, as the worker's startup builds it
+Ctx = WorkerContext  # a job's context, as the worker's startup builds it
 
 
 @pytest.fixture
@@ -185,13 +186,19 @@ async def make_ctx(
     with a real HTTP session, closed at the end of the test."""
     sessions, pools = [], []
 
-    def build(dns: AbstractResolver | None = None, **overrides: Any) -> Ctx:
+    def build(
+        dns: AbstractResolver | None = None, job_id: str | None = None, **overrides: Any
+    ) -> Ctx:
+        """`job_id`: the context of a try of that job (else of a call outside a worker)."""
         settings = make_settings(**overrides)
         session = make_http_session(settings, dns=dns)
         sessions.append(session)
         pools.append(CpuPool(settings.cpu_workers, settings.cpu_limit_seconds))
         fetcher = Fetcher(session, settings, redis)
-        return {"settings": settings, "redis": redis, "fetcher": fetcher, "cpu": pools[-1]}
+        return WorkerContext(
+            {"settings": settings, "redis": redis, "fetcher": fetcher, "cpu": pools[-1]}
+            | ({"job_id": job_id, "job_try": 1} if job_id else {})
+        )
 
     try:
         yield build

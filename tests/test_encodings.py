@@ -101,7 +101,7 @@ async def test_pages_are_read_as_browsers_read_them(
     ctx = make_ctx()
     result = await scrape_page(ctx, {"url": raw_site + path})
     assert result["title"] == title, result
-    stored = await load_document(ctx["redis"], document_id(raw_site + path))
+    stored = await load_document(ctx.redis, document_id(raw_site + path))
     assert stored is not None and stored.title == title
     assert stored.encoding is not None
     if encoding is not None:

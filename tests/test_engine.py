@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
@@ -15,6 +15,7 @@ from arq.worker import func
 from asyncjobs.errors import Postpone
 from asyncjobs.keys import COUNTERS_KEY
 from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.engine.queue import enqueue_job
 from jobs.retry import classified
 from tests.conftest import start_worker, stop_worker
@@ -106,13 +107,13 @@ POSTPONEMENTS = 5  # more than the family's 3 tries: postponed runs must not cou
 
 
 @classified("scrape")
-async def postpones(ctx: dict[str, Any], delay: float) -> int:
+async def postpones(ctx: WorkerContext, delay: float) -> int:
     """Postpones itself POSTPONEMENTS times, then returns its try number."""
-    runs = RUNS.setdefault(ctx["job_id"], [])
+    runs = RUNS.setdefault(ctx.job_id, [])
     runs.append(time.monotonic())
     if len(runs) <= POSTPONEMENTS:
         raise Postpone(delay, "not yet")
-    return int(ctx["job_try"])
+    return int(ctx.job_try)
 
 
 async def test_a_postponed_job_runs_again_later_without_counting_a_try(

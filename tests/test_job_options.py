@@ -216,7 +216,7 @@ async def test_a_transactional_retry_is_not_lost_behind_its_old_hint(
     attempts: list[int] = []
 
     async def fail_once(ctx: dict[str, Any]) -> str:
-        attempts.append(ctx["job_try"])
+        attempts.append(ctx["job_try"])  # a plain arq function: arq's ctx dict
         if ctx["job_try"] == 1:
             raise Retry(defer=0)
         return "ok"

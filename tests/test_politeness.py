@@ -107,7 +107,7 @@ async def test_no_limits_means_no_politeness_bookkeeping(
     make_ctx: Callable[..., Ctx], crawl_site: tuple[int, CrawlStats], redis: ArqRedis
 ) -> None:
     ctx = make_ctx(scrape_per_host_concurrency=0, scrape_min_host_delay=0)
-    assert ctx["fetcher"].politeness is None
+    assert ctx.fetcher.politeness is None
     port, stats = crawl_site
     await scrape_page(ctx, {"url": f"http://127.0.0.1:{port}/plain/1"})
     assert stats.hits["/plain/1"] == 1

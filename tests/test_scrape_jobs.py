@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
@@ -22,7 +21,7 @@ async def ctx(make_ctx: Callable[..., Ctx]) -> Ctx:
 
 
 async def test_scrape_returns_summary_and_saves_document(
-    ctx: dict[str, Any], site: tuple[str, SiteStats], redis: ArqRedis
+    ctx: Ctx, site: tuple[str, SiteStats], redis: ArqRedis
 ) -> None:
     base, _ = site
     url = f"{base}/page/1"
@@ -46,7 +45,7 @@ async def test_scrape_returns_summary_and_saves_document(
 
 
 async def test_redirect_is_followed_and_final_url_reported(
-    ctx: dict[str, Any], site: tuple[str, SiteStats]
+    ctx: Ctx, site: tuple[str, SiteStats]
 ) -> None:
     base, _ = site
     result = await scrape_page(ctx, {"url": f"{base}/redirect"})
@@ -81,7 +80,7 @@ async def test_huge_page_is_cut_off_at_the_size_cap(
     ],
 )
 async def test_bad_pages_fail_with_a_clear_error(
-    ctx: dict[str, Any],
+    ctx: Ctx,
     site: tuple[str, SiteStats],
     path: str,
     error: type[Exception],
@@ -91,16 +90,14 @@ async def test_bad_pages_fail_with_a_clear_error(
         await scrape_page(ctx, {"url": site[0] + path})
 
 
-async def test_redirect_loop_stops_after_the_limit(
-    ctx: dict[str, Any], site: tuple[str, SiteStats]
-) -> None:
+async def test_redirect_loop_stops_after_the_limit(ctx: Ctx, site: tuple[str, SiteStats]) -> None:
     base, stats = site
     with pytest.raises(PermanentJobError):
         await scrape_page(ctx, {"url": f"{base}/loop"})
     assert stats.hits["/loop"] == 6  # the first request and 5 redirects
 
 
-async def test_connection_refused_is_transient(ctx: dict[str, Any]) -> None:
+async def test_connection_refused_is_transient(ctx: Ctx) -> None:
     from tests.helpers import free_port
 
     with pytest.raises(TransientJobError, match="could not connect"):

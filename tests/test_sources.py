@@ -153,7 +153,7 @@ async def test_a_start_page_that_did_not_change_still_has_its_links_followed(
     port, stats = crawl_site
     spec = SourceSpec(url=f"http://127.0.0.1:{port}/news", schedule="hourly", follow_links=1)
     source = await create_source(redis, spec)
-    ctx = make_ctx(scheduler_tick_seconds=1) | {"job_try": 1, "job_id": "test"}
+    ctx = make_ctx(job_id="test", scheduler_tick_seconds=1)
     first = await scrape_source(ctx, source_id=source.id, period=1)
     second = await scrape_source(ctx, source_id=source.id, period=2)
     assert (first["status"], second["status"], second["changed"]) == (200, 304, False)
@@ -176,7 +176,7 @@ async def test_a_source_keeps_pages_it_reaches_unchanged_or_not_modified(
     source; and a document can belong to two sources. Both were missing from the source."""
     port, stats = crawl_site
     news, plain = f"http://127.0.0.1:{port}/news", f"http://127.0.0.1:{port}/plain/1"
-    ctx = make_ctx() | {"job_try": 1, "job_id": "test"}
+    ctx = make_ctx(job_id="test")
     for url in (news, plain):
         await scrape_page(ctx, {"url": url})
     sources = [
@@ -209,7 +209,7 @@ async def test_a_run_fetches_exactly_its_budget_of_distinct_pages(
     spec = SourceSpec(url=f"http://127.0.0.1:{port}/cycle/0", schedule="hourly",
                       follow_links=2, max_pages=max_pages)  # fmt: skip
     source = await create_source(redis, spec)
-    ctx = make_ctx() | {"job_try": 1, "job_id": "test"}
+    ctx = make_ctx(job_id="test")
     await scrape_source(ctx, source_id=source.id, period=1)
     worker, task = await start_worker(make_settings(), cron_jobs=[])
     try:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import importlib
+import json
 import sys
 import textwrap
 import time
@@ -18,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, CookieJar
+from aiohttp import ClientSession, CookieJar, web
+from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 
 from asyncjobs.client import Client, JobFailed, SyncClient, ValidationFailed
@@ -82,6 +86,9 @@ async def nap(seconds: float) -> str:
 '''
 
 
+WEBHOOK_SECRET = "user-jobs-webhook-secret"
+
+
 @dataclass
 class Service:
     base: str
@@ -131,6 +138,8 @@ async def service(redis: ArqRedis, tmp_path: Path) -> AsyncIterator[Service]:
     env = service_env(
         redis_url=TEST_REDIS_URL, web_port=port, api_keys=API_KEY, job_modules="tasks",
         rate_limit_requests=100_000, log_format="text", scheduler_tick_seconds=1,
+        webhook_secret=WEBHOOK_SECRET, scrape_allowed_cidrs="127.0.0.0/8",
+        scrape_allowed_ports="*",  # the completion webhook's receiver is on loopback
     )  # fmt: skip
     env.pop("PYTHONPATH")  # as a user runs it: the installed package, not the repo's folder
     web = await asyncio.create_subprocess_exec(
@@ -335,3 +344,33 @@ async def test_the_typed_client_async_and_sync(service: Service) -> None:
         "number": "INV-8-USD-1",
         "total_cents": 800,
     }
+
+
+async def test_a_delayed_users_job_reports_its_end_to_a_signed_webhook(service: Service) -> None:
+    received: list[tuple[bool, dict[str, Any]]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        expected = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        signed = request.headers.get("X-Asyncjobs-Signature") == f"sha256={expected}"
+        received.append((signed, json.loads(body)))
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    async with TestServer(receiver, host="127.0.0.1") as server:
+        callback = str(server.make_url("/hook"))
+        body = {"order_id": 9, "delay_seconds": 1, "callback_url": callback}
+        status, accepted = await post(service, "/jobs/generate_invoice", body)
+        assert status == 202, accepted
+        view = await get(service, f"/jobs/{accepted['job_id']}")
+        assert view["status"] == "deferred" and view["due_at"] is not None
+
+        async def delivered() -> bool:
+            return bool(received)
+
+        await wait_for(delivered, timeout=20, what="the completion webhook")
+    [(signed, payload)] = received
+    assert signed
+    assert payload["job_id"] == accepted["job_id"] and payload["status"] == "complete"
+    assert payload["result"] == {"number": "INV-9-EUR-1", "total_cents": 900}

@@ -187,11 +187,6 @@ async def count_enqueued(redis: Redis, function: str, n: int = 1) -> None:
     await redis.hincrby(COUNTERS_KEY, f"enqueued|{function}", n)  # type: ignore[misc]
 
 
-def monitor_of(ctx: dict[str, Any]) -> JobMonitor | None:
-    monitor = ctx.get("monitor")
-    return monitor if isinstance(monitor, JobMonitor) else None
-
-
 PROGRESS_TTL_S = 24 * 3600
 
 

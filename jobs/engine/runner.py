@@ -26,6 +26,7 @@ from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
 from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
+from asyncjobs.context import SETTINGS
 from asyncjobs.deadlines import deadline
 from asyncjobs.errors import JobError, Postpone
 from jobs.deadletter import DeadLetter, add_dead_letter
@@ -340,7 +341,7 @@ async def _dead_letter_unknown(worker: Worker, job: _Job, error: UnknownFunction
         enqueue_time=ms_to_datetime(job.enqueue_time_ms) if job.enqueue_time_ms else None,
         failed_at=now_utc(),
     )
-    await add_dead_letter(worker.pool, entry, worker.ctx.get("settings"))
+    await add_dead_letter(worker.pool, entry, worker.ctx.get(SETTINGS))
 
 
 def _failed(worker: Worker, job: _Job, error: BaseException) -> Finish:

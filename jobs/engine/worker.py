@@ -41,6 +41,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from asyncjobs.context import SETTINGS
 from asyncjobs.keys import wake_key
 from asyncjobs.redis import redis_pool, redis_settings
 from asyncjobs.settings import Settings
@@ -127,7 +128,7 @@ class EngineWorker(Worker):
         super().__init__(*args, **kwargs)
         # The lease comes from the worker's own settings (its ctx), so two workers in one
         # process (tests) each keep theirs.
-        settings = self.ctx.get("settings")
+        settings = self.ctx.get(SETTINGS)
         lease = settings.job_lease_seconds if isinstance(settings, Settings) else DEFAULT_LEASE_S
         self.in_progress_timeout_s = min(self.in_progress_timeout_s, lease)
         # arq's main loop sleeps poll_delay between iterations; here the wait moves into

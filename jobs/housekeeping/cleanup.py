@@ -21,7 +21,6 @@ import shutil
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from redis.asyncio import Redis
 
@@ -36,6 +35,7 @@ from asyncjobs.keys import (
     source_docs_key,
 )
 from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.housekeeping.export import EXPORT_NAME_PATTERN
 from jobs.images import JOB_ID_PATTERN as IMAGE_JOB_ID_PATTERN
 from jobs.retry import builtin
@@ -113,9 +113,9 @@ async def cleanup(redis: Redis, settings: Settings, now: datetime) -> dict[str, 
 
 
 @builtin("daily_cleanup", "maintenance", schedulable=True)
-async def daily_cleanup(ctx: dict[str, Any]) -> dict[str, int]:
+async def daily_cleanup(ctx: WorkerContext) -> dict[str, int]:
     """Cron job: the day's housekeeping, with its counts in the log and as the job result."""
-    counts = await cleanup(ctx["redis"], ctx["settings"], now_utc())
+    counts = await cleanup(ctx.redis, ctx.settings, now_utc())
     log.info(
         "cleanup removed %d versions, %d exports, %d image folders, %d orphaned documents, "
         "%d dead letters",

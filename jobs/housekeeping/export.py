@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from asyncjobs.errors import PermanentJobError
 from asyncjobs.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, source_docs_key
+from jobs.context import WorkerContext
 from jobs.engine.monitor import Progress
 from jobs.retry import builtin
 from jobs.scrape.documents import StoredDocument, parse_document
@@ -270,14 +271,14 @@ class _Sink:
 
 
 @builtin("export", "maintenance", schedulable=True, shown=("request.format",))
-async def export(ctx: dict[str, Any], export_id: str, request: dict[str, Any]) -> dict[str, Any]:
+async def export(ctx: WorkerContext, export_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """arq job: validate the request (a ValidationError is permanent) and write the file."""
     if not re.fullmatch(EXPORT_ID_PATTERN, export_id):
         raise PermanentJobError(f"export id must be 32 lowercase hex digits, not {export_id!r}")
     spec = ExportRequest.model_validate(request)
-    redis: Redis = ctx["redis"]
-    progress = Progress(redis, ctx["job_id"], total=await _count_matching(redis, spec.filter))
-    result = await export_documents(redis, ctx["settings"].exports_dir, export_id, spec, progress)
+    redis = ctx.redis
+    progress = Progress(redis, ctx.job_id, total=await _count_matching(redis, spec.filter))
+    result = await export_documents(redis, ctx.settings.exports_dir, export_id, spec, progress)
     await progress.update(result["rows"], "done")
     return result
 

@@ -23,6 +23,7 @@ from asyncjobs.keys import (
     SOURCES_KEY,
     source_failures_key,
 )
+from jobs.context import WorkerContext
 from jobs.retry import builtin
 from jobs.values import as_text, as_utc, now_utc
 
@@ -128,15 +129,15 @@ async def latest_report(redis: Redis) -> dict[str, Any] | None:
 
 
 @builtin("daily_report", "maintenance", schedulable=True)
-async def daily_report(ctx: dict[str, Any]) -> dict[str, Any]:
+async def daily_report(ctx: WorkerContext) -> dict[str, Any]:
     """Cron job: a fresh report every day, so `GET /reports/latest` is never more than a day old."""
-    return await build_report(ctx["redis"], now_utc())
+    return await build_report(ctx.redis, now_utc())
 
 
 @builtin("report", "maintenance", schedulable=True)
-async def report(ctx: dict[str, Any]) -> dict[str, Any]:
+async def report(ctx: WorkerContext) -> dict[str, Any]:
     """On-demand job behind `POST /jobs/report`."""
-    return await build_report(ctx["redis"], now_utc())
+    return await build_report(ctx.redis, now_utc())
 
 
 async def _failures(redis: Redis, source_ids: list[str]) -> dict[str, dict[str, int]]:

@@ -29,7 +29,7 @@ from asyncjobs.addresses import Address, domain_of, unique_addresses
 from asyncjobs.keys import SENT_KEY_PREFIX, mail_batch_key
 from asyncjobs.redis import NotReplicatedError, execute_replicated, replicas_ready
 from asyncjobs.settings import Settings
-from jobs.engine.monitor import monitor_of
+from jobs.context import WorkerContext
 from jobs.mail.headers import header_name, single_line
 from jobs.mail.smtp import SendOutcome
 from jobs.retry import builtin, report
@@ -237,14 +237,14 @@ async def record_sent(
             log.warning("email %s: sent marker not replicated: %s", message_id, exc)
 
 
-async def record_failed(ctx: dict[str, Any], kwargs: dict[str, Any]) -> None:
+async def record_failed(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
     """Dead-letter hook: count the message as failed in its batch's progress."""
     batch_id, message_id = kwargs.get("batch_id"), kwargs.get("message_id")
     if batch_id and message_id:
         key = mail_batch_key(batch_id, "failed")
-        async with ctx["redis"].pipeline(transaction=True) as pipe:
+        async with ctx.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(key, message_id)
-            pipe.expire(key, int(ctx["settings"].sent_marker_ttl))
+            pipe.expire(key, int(ctx.settings.sent_marker_ttl))
             await pipe.execute()
 
 
@@ -257,7 +257,7 @@ async def record_failed(ctx: dict[str, Any], kwargs: dict[str, Any]) -> None:
     shown=("email.to", "email.subject"),
 )
 async def send_email(
-    ctx: dict[str, Any], email: dict[str, Any], message_id: str, batch_id: str | None = None
+    ctx: WorkerContext, email: dict[str, Any], message_id: str, batch_id: str | None = None
 ) -> dict[str, Any]:
     """arq job: send one message at most once, however often the job itself runs.
 
@@ -268,8 +268,8 @@ async def send_email(
     before the marker is written sends it again on the re-run, with the same Message-ID. At
     most one message per open SMTP connection (SMTP_MAX_CONNECTIONS) is in that window.
     """
-    settings = ctx["settings"]
-    redis: Redis = ctx["redis"]
+    settings = ctx.settings
+    redis = ctx.redis
     if await redis.exists(SENT_KEY_PREFIX + message_id):
         await record_sent(redis, message_id, batch_id, settings)
         report(f"email {message_id} already sent; not sending again", message_id=message_id)
@@ -277,15 +277,15 @@ async def send_email(
     context = validation_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(email, context=context)  # the queue is a boundary too
     message = build_message(spec, settings.mail_from, message_id)
-    if send_rate := ctx.get("send_rate"):
+    if send_rate := ctx.send_rate:
         await send_rate.wait_for_slot()
     await replicas_ready(redis, settings)  # REDIS_WAIT_REPLICAS: the marker must be durable
 
     async def mark_sent(_: SendOutcome) -> None:
         await record_sent(redis, message_id, batch_id, settings)
 
-    outcome = await ctx["smtp"].send(message, spec.envelope_recipients(), on_accepted=mark_sent)
-    if monitor := monitor_of(ctx):
+    outcome = await ctx.smtp.send(message, spec.envelope_recipients(), on_accepted=mark_sent)
+    if monitor := ctx.monitor:
         monitor.count("emails_sent")
         if outcome.refused:
             monitor.count("recipients_refused", n=len(outcome.refused))

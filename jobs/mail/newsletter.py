@@ -30,6 +30,7 @@ from redis.asyncio.client import Pipeline
 from asyncjobs.addresses import Address, domain_of, unique_addresses
 from asyncjobs.keys import MAIL_BATCH_KEY_PREFIX, mail_batch_key
 from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.enqueue import enqueue_registered_many
 from jobs.mail.email import (
     MAX_BODY_CHARS,
@@ -231,10 +232,10 @@ async def enqueue_children(
 
 @builtin("send_newsletter", "email", schedulable=True, shown=("newsletter.subject",))
 async def send_newsletter(
-    ctx: dict[str, Any], newsletter_id: str, newsletter: dict[str, Any]
+    ctx: WorkerContext, newsletter_id: str, newsletter: dict[str, Any]
 ) -> dict[str, Any]:
-    settings = ctx["settings"]
-    redis: ArqRedis = ctx["redis"]
+    settings = ctx.settings
+    redis = ctx.redis
     contexts = (  # the newsletter's, as the API checked it, and its messages'
         validation_context(settings, settings.newsletter_max_recipients),
         validation_context(settings, settings.mail_max_recipients),
@@ -245,7 +246,7 @@ async def send_newsletter(
     invalid: dict[str, str] = {}
     for first in range(0, len(spec.recipients), ENQUEUE_CHUNK):
         part = checked | {"recipients": checked["recipients"][first : first + ENQUEUE_CHUNK]}
-        rendered = await ctx["cpu"].run("the newsletter's templates", render_chunk, part, contexts)
+        rendered = await ctx.cpu.run("the newsletter's templates", render_chunk, part, contexts)
         chunk: list[tuple[str, dict[str, Any]]] = []
         for index, (email, problem) in enumerate(rendered, start=first):
             message_id = child_message_id(newsletter_id, index, sender)

@@ -6,11 +6,9 @@ import asyncio
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
-from redis.asyncio import Redis
 
 from asyncjobs.errors import JobError
-from asyncjobs.settings import Settings
-from jobs.engine.monitor import monitor_of
+from jobs.context import WorkerContext
 from jobs.retry import builtin, report
 from jobs.scrape.documents import (
     DocumentSnapshot,
@@ -22,7 +20,6 @@ from jobs.scrape.documents import (
     stored_links,
 )
 from jobs.scrape.encoding import decode_page
-from jobs.scrape.fetch import Fetcher
 from jobs.scrape.html import is_valid_selector, select, summarize_html
 from jobs.values import now_utc
 
@@ -57,12 +54,12 @@ class ScrapeTarget(BaseModel):
 
 
 @builtin("scrape", "scrape", priority="transactional", schedulable=True, shown=("target.url",))
-async def scrape(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+async def scrape(ctx: WorkerContext, target: dict[str, Any]) -> dict[str, Any]:
     """arq job: fetch, summarize and save one page; returns the summary."""
     return await scrape_page(ctx, target)
 
 
-async def scrape_page(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+async def scrape_page(ctx: WorkerContext, target: dict[str, Any]) -> dict[str, Any]:
     """Fetch, summarize and save one page with the worker's shared clients in `ctx`."""
     spec = ScrapeTarget.model_validate(target)
     result, _ = await scrape_url(ctx, str(spec.url), spec.selectors)
@@ -70,19 +67,17 @@ async def scrape_page(ctx: dict[str, Any], target: dict[str, Any]) -> dict[str, 
 
 
 async def scrape_url(
-    ctx: dict[str, Any], url: str, selectors: dict[str, str], source_id: str | None = None
+    ctx: WorkerContext, url: str, selectors: dict[str, str], source_id: str | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """Fetch (conditionally, if the URL was seen before), summarize and save `url`.
 
     Returns the job result and the page's links (the stored ones when the server says 304)."""
-    settings: Settings = ctx["settings"]
-    redis: Redis = ctx["redis"]
-    fetcher: Fetcher = ctx["fetcher"]
+    settings, redis, fetcher = ctx.settings, ctx.redis, ctx.fetcher
     doc_id = document_id(url)
     etag, last_modified = await previous_validators(redis, url)
-    monitor = monitor_of(ctx)
+    monitor = ctx.monitor
     try:
-        page = await fetcher.fetch_page(url, etag, last_modified, waiter=ctx.get("job_id"))
+        page = await fetcher.fetch_page(url, etag, last_modified, waiter=ctx.waiter)
     except JobError:
         if monitor:
             monitor.count("pages_scraped", "error")
@@ -103,7 +98,7 @@ async def scrape_url(
     else:
         summary = summarize_html(html)
     if selectors:
-        summary.extracted = await ctx["cpu"].run("the CSS selectors", select, html, selectors)
+        summary.extracted = await ctx.cpu.run("the CSS selectors", select, html, selectors)
     snapshot = DocumentSnapshot(
         url=url,
         final_url=page.final_url,

@@ -7,7 +7,6 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from arq.connections import ArqRedis
 from yarl import URL
 
 from asyncjobs.errors import JobError, PermanentJobError
@@ -18,7 +17,7 @@ from asyncjobs.keys import (
     source_run_key,
     source_seen_key,
 )
-from asyncjobs.settings import Settings
+from jobs.context import WorkerContext
 from jobs.enqueue import enqueue_registered
 from jobs.retry import builtin, classified, max_tries
 from jobs.scrape.documents import document_id
@@ -52,13 +51,13 @@ def source_job_id(source_id: str, period: int, url: str | None = None) -> str:
 
 
 @classified("maintenance")
-async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
+async def schedule_sources(ctx: WorkerContext) -> dict[str, Any]:
     """Cron tick: enqueue the scrape of every source whose current period has not run yet.
 
     The job id is derived from (source, period), so however many workers tick at once, arq
     accepts one job per period; the run marker (kept for the whole period) stops a later tick
     from enqueueing it again after arq has forgotten the finished job."""
-    redis: ArqRedis = ctx["redis"]
+    redis = ctx.redis
     now = now_utc()
     enqueued = []
     for source in await list_sources(redis):
@@ -67,7 +66,7 @@ async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
         if await redis.exists(source_run_key(source.id, period)):
             continue
         job = await enqueue_registered(
-            redis, ctx["settings"], "scrape_source", {"source_id": source.id, "period": period},
+            redis, ctx.settings, "scrape_source", {"source_id": source.id, "period": period},
             job_id=source_job_id(source.id, period),
         )  # fmt: skip
         ttl = period_length(source.schedule, start) + timedelta(days=1)
@@ -81,10 +80,10 @@ async def schedule_sources(ctx: dict[str, Any]) -> dict[str, Any]:
 
 @builtin("scrape_source", "scrape", shown=("source_id", "url"))
 async def scrape_source(
-    ctx: dict[str, Any], source_id: str, period: int, url: str | None = None, depth: int = 0
+    ctx: WorkerContext, source_id: str, period: int, url: str | None = None, depth: int = 0
 ) -> dict[str, Any]:
     """arq job: one page of a source's run (its start page, or a link found on the way)."""
-    source = await get_source(ctx["redis"], source_id)
+    source = await get_source(ctx.redis, source_id)
     if source is None:
         return {"skipped": "the source was deleted"}
     target = url or source.url
@@ -99,11 +98,11 @@ async def scrape_source(
     return result
 
 
-async def count_failure(ctx: dict[str, Any], source_id: str, exc: JobError) -> None:
+async def count_failure(ctx: WorkerContext, source_id: str, exc: JobError) -> None:
     """Count a failure once: when it is permanent or the last try, not on every retry."""
     final = isinstance(exc, PermanentJobError)
-    if final or ctx["job_try"] >= max_tries(ctx["settings"], "scrape"):
-        await ctx["redis"].hincrby(source_failures_key(source_id), failure_reason(exc), 1)
+    if final or ctx.job_try >= max_tries(ctx.settings, "scrape"):
+        await ctx.redis.hincrby(source_failures_key(source_id), failure_reason(exc), 1)  # type: ignore[misc]
 
 
 def failure_reason(exc: Exception) -> str:
@@ -115,11 +114,11 @@ def failure_reason(exc: Exception) -> str:
 
 
 async def follow_links(
-    ctx: dict[str, Any], source: Source, period: int, base: str, links: list[str], depth: int
+    ctx: WorkerContext, source: Source, period: int, base: str, links: list[str], depth: int
 ) -> int:
     """Enqueue same-host links within the run's page budget; each URL once per run."""
-    settings: Settings = ctx["settings"]
-    redis: ArqRedis = ctx["redis"]
+    settings = ctx.settings
+    redis = ctx.redis
     budget = min(source.max_pages, settings.source_max_pages) - 1  # the start page counts
     start = str(URL(source.url).with_fragment(None))
     seen, taken = source_seen_key(source.id, period), source_pages_key(source.id, period)

@@ -1,0 +1,75 @@
+"""The built-ins' view of a try: `asyncjobs.JobContext` plus the worker's other shared clients
+(the scraper's fetcher, the SMTP pool, the CPU pool, the send rate, the monitor), each typed.
+The worker's start-up (jobs/worker.py) puts them in arq's ctx dict under these keys once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from asyncjobs.context import JobContext
+from jobs.engine.monitor import JobMonitor
+
+if TYPE_CHECKING:  # the families import the retry wrapper, which imports this module
+    from jobs.cpulimit import CpuPool
+    from jobs.mail.sendrate import SendRate
+    from jobs.mail.smtp import SmtpPool
+    from jobs.scrape.fetch import Fetcher
+
+FETCHER, SMTP, CPU, SEND_RATE, MONITOR, WAKE_LISTENER = (
+    "fetcher", "smtp", "cpu", "send_rate", "monitor", "wake_listener"
+)  # fmt: skip
+
+
+class WorkerContext(JobContext):
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, ctx: dict[str, Any] | JobContext) -> WorkerContext:
+        """The view of arq's ctx dict (a view given is taken as it is)."""
+        if isinstance(ctx, WorkerContext):
+            return ctx
+        if isinstance(ctx, JobContext):
+            return cls(ctx._ctx)
+        return cls(ctx)
+
+    @property
+    def fetcher(self) -> Fetcher:
+        fetcher: Fetcher = self._ctx[FETCHER]
+        return fetcher
+
+    @property
+    def smtp(self) -> SmtpPool:
+        """The SMTP pool; a worker without SMTP_HOST has none (KeyError: a misconfiguration
+        the email job reports)."""
+        smtp: SmtpPool | None = self._ctx.get(SMTP)
+        if smtp is None:
+            raise LookupError("this worker has no SMTP server (SMTP_HOST is not set)")
+        return smtp
+
+    @property
+    def cpu(self) -> CpuPool:
+        cpu: CpuPool = self._ctx[CPU]
+        return cpu
+
+    @property
+    def send_rate(self) -> SendRate | None:
+        send_rate: SendRate | None = self._ctx.get(SEND_RATE)
+        return send_rate
+
+    @property
+    def monitor(self) -> JobMonitor | None:
+        monitor = self._ctx.get(MONITOR)
+        return monitor if isinstance(monitor, JobMonitor) else None
+
+    @property
+    def waiter(self) -> str | None:
+        """Whom the scraper's politeness books a host's turn for: this job, when it runs in a
+        worker (None for a call outside one, which waits in place)."""
+        waiter: str | None = self._ctx.get("job_id")
+        return waiter
+
+    @property
+    def score(self) -> float | None:
+        """This run's queue score (ms): when it became due."""
+        score = self._ctx.get("score")
+        return float(score) if score else None
