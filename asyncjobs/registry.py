@@ -78,6 +78,11 @@ def family_policy(settings: Settings, family: Family) -> RetryPolicy:
     return RetryPolicy(tries, settings.retry_base_delay, settings.retry_max_delay)
 
 
+def policy_of(retry: RetryPolicy | Family, settings: Settings) -> RetryPolicy:
+    """A declaration's policy: its own, or its built-in family's from the settings."""
+    return family_policy(settings, retry) if isinstance(retry, str) else retry
+
+
 @dataclass(frozen=True)
 class JobType:
     """One registered job type."""
@@ -102,7 +107,7 @@ class JobType:
     shown: tuple[str, ...] = field(default=())
 
     def policy(self, settings: Settings) -> RetryPolicy:
-        return family_policy(settings, self.retry) if isinstance(self.retry, str) else self.retry
+        return policy_of(self.retry, settings)
 
     def validate(self, arguments: dict[str, Any]) -> BaseModel:
         """The call's arguments checked against the model (pydantic's ValidationError if not)."""

@@ -31,6 +31,7 @@ from asyncjobs.registry import (
     Priority,
     RetryPolicy,
     family_policy,
+    policy_of,
     register,
 )
 from asyncjobs.settings import Settings
@@ -109,7 +110,7 @@ class Classification:
     permanent: tuple[type[BaseException], ...] = ()
 
     def policy(self, settings: Settings) -> RetryPolicy:
-        return family_policy(settings, self.retry) if isinstance(self.retry, str) else self.retry
+        return policy_of(self.retry, settings)
 
 
 def classified(
