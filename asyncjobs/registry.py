@@ -97,6 +97,9 @@ class JobType:
     transient: tuple[type[BaseException], ...] = ()  # retried by the policy
     permanent: tuple[type[BaseException], ...] = ()  # dead-lettered at once
     builtin: bool = False
+    # A built-in's own endpoint, `POST /jobs/<endpoint>`, and its name in a schedule's `type`
+    # (a user's job is both by its name).
+    endpoint: str | None = None
     # A user's job: its arguments' model, its result type, and whether it takes the context.
     arguments: type[BaseModel] | None = None
     result: Any = None

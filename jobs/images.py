@@ -169,7 +169,7 @@ async def _source_bytes(ctx: WorkerContext, job: ImageJob) -> bytes:
     return await ctx.fetcher.fetch_bytes(job.url, settings.image_max_bytes, ctx.job_id)
 
 
-@builtin("process_image", "scrape", schedulable=True, shown=("url",))
+@builtin("process_image", "scrape", endpoint="image", shown=("url",))
 async def process_image(
     ctx: WorkerContext,
     outputs: list[dict[str, Any]],

@@ -27,6 +27,7 @@ from asyncjobs.keys import RETRYING_KEY_PREFIX
 from asyncjobs.registry import (
     Family,
     JobFunction,
+    JobRegistrationError,
     JobType,
     Priority,
     RetryPolicy,
@@ -263,14 +264,19 @@ def builtin(
     retry: Family,
     *,
     priority: Priority = "bulk",
+    endpoint: str | None = None,
     schedulable: bool = False,
     cost: int = 1,
     on_dead_letter: DeadLetterHook | None = None,
     shown: tuple[str, ...] = (),
 ) -> Callable[[JobFunction], JobFunction]:
     """Declare a built-in job in the registry (asyncjobs.registry), wrapped by `classified`:
-    its name, its family's retry policy, its default priority, what a call costs and whether
-    `POST /schedules` may run it. Its API has an endpoint of its own (app/routes)."""
+    its name, its family's retry policy, its default priority, its endpoint (`POST
+    /jobs/<endpoint>`, whose body app/routes checks; none for jobs only the worker enqueues),
+    what a call costs and whether `POST /schedules` may run it (by its endpoint's name)."""
+
+    if schedulable and endpoint is None:  # a schedule names a built-in by its endpoint
+        raise JobRegistrationError(f"built-in {name!r}: schedulable needs an endpoint")
 
     def declare(job: JobFunction) -> JobFunction:
         wrapped = classified(retry, on_dead_letter)(job)
@@ -283,6 +289,7 @@ def builtin(
                 cost=cost,
                 schedulable=schedulable,
                 builtin=True,
+                endpoint=endpoint,
                 summary=(job.__doc__ or "").strip().split("\n")[0],
                 shown=shown,
             )

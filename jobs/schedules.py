@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 
 from asyncjobs.addresses import new_message_id
 from asyncjobs.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
-from asyncjobs.registry import JobType, Priority, get_job_type, user_job_types
+from asyncjobs.registry import JobType, Priority, job_types
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
 from jobs.enqueue import enqueue_registered_many
@@ -44,26 +44,15 @@ log = logging.getLogger(__name__)
 MIN_EVERY_S = 60
 HISTORY_KEEP = 50
 NEXT_RUNS_SHOWN = 5
-# The built-ins a schedule names by their endpoint (`POST /jobs/email`), and the job type each
-# runs; any user's job type that is schedulable is named by its own name.
-BUILTIN_SCHEDULE_TYPES = {
-    "email": "send_email",
-    "newsletter": "send_newsletter",
-    "scrape": "scrape",
-    "export": "export",
-    "report": "report",
-}
 
 
 def scheduled_job_type(name: str) -> JobType:
-    """The registered job type a schedule's `type` names; ValueError if it cannot be run."""
-    registered = get_job_type(BUILTIN_SCHEDULE_TYPES.get(name, name))
-    if registered is None or (registered.builtin and name not in BUILTIN_SCHEDULE_TYPES):
-        known = [*BUILTIN_SCHEDULE_TYPES, *(t.name for t in user_job_types() if t.schedulable)]
-        raise ValueError(f"{name!r} is not a job type; one of: {', '.join(known)}")
-    if not registered.schedulable:
-        raise ValueError(f"job type {name!r} cannot be scheduled")
-    return registered
+    """The registered job type a schedule's `type` names: a built-in by its endpoint's name
+    (`email` for send_email), a user's job by its own; ValueError if it cannot be run."""
+    schedulable = {t.endpoint or t.name: t for t in job_types() if t.schedulable}
+    if name not in schedulable:
+        raise ValueError(f"{name!r} is not a job type; one of: {', '.join(schedulable)}")
+    return schedulable[name]
 
 
 def default_priority(job: ScheduledJob) -> Priority:

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
 
 import jobs.builtins  # noqa: F401  (the built-ins registered, as in the worker and the API)
+from app.web import create_app
 from asyncjobs import JobContext, job
+from asyncjobs.keys import COUNTERS_KEY
 from asyncjobs.registry import (
     JobRegistrationError,
     RetryPolicy,
@@ -22,9 +25,10 @@ from asyncjobs.registry import (
     load_job_modules,
     unregister,
 )
+from asyncjobs.settings import Settings
 from tests.conftest import API_KEY, TEST_REDIS_URL
 from tests.faults.procs import service_env
-from tests.helpers import free_port
+from tests.helpers import api_client, free_port
 
 BUILTINS = {
     "send_email", "send_newsletter", "scrape", "scrape_source", "export", "report",
@@ -170,3 +174,24 @@ async def test_start_up_stops_with_one_line(
     assert process.returncode not in (0, None)
     assert text.strip().splitlines()[-1].startswith(expected), text
     assert "Traceback" not in text
+
+
+async def test_a_users_job_is_charged_its_cost_against_the_rate_limit(
+    declared: list[str], make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    """cost=4 with RATE_LIMIT_REQUESTS=10: two calls fit (8), the third is a 429 and is not
+    enqueued."""
+    job(name="heavy_export", cost=4)(_coroutine_with_argument)
+    declared.append("heavy_export")
+    settings = make_settings(rate_limit_requests=10, rate_limit_window=3600)
+    async with api_client(create_app(settings)) as api:
+        statuses = [
+            (await api.post("/jobs/heavy_export", json={"rows": n})).status for n in range(3)
+        ]
+    assert statuses == [202, 202, 429]
+    counted = await redis.hget(COUNTERS_KEY, "enqueued|heavy_export")  # type: ignore[misc]
+    assert int(counted) == 2
+
+
+async def _coroutine_with_argument(rows: int) -> int:
+    return rows

@@ -42,19 +42,11 @@ class JobTypeList(BaseModel):
     job_types: list[JobTypeView]
 
 
-BUILTIN_ENDPOINTS = {
-    "send_email": "/jobs/email",
-    "send_newsletter": "/jobs/newsletter",
-    "scrape": "/jobs/scrape",
-    "export": "/jobs/export",
-    "report": "/jobs/report",
-    "process_image": "/jobs/image",
-}
-
-
 def endpoint_of(job_type: JobType) -> str | None:
+    """Where to enqueue it: a user's job by its name, a built-in at its own endpoint (none
+    for the jobs only the worker enqueues)."""
     if job_type.builtin:
-        return BUILTIN_ENDPOINTS.get(job_type.name)
+        return f"/jobs/{job_type.endpoint}" if job_type.endpoint else None
     return f"/jobs/{job_type.name}"
 
 

@@ -112,7 +112,7 @@ async def cleanup(redis: Redis, settings: Settings, now: datetime) -> dict[str, 
     }
 
 
-@builtin("daily_cleanup", "maintenance", schedulable=True)
+@builtin("daily_cleanup", "maintenance")  # a cron job
 async def daily_cleanup(ctx: WorkerContext) -> dict[str, int]:
     """Cron job: the day's housekeeping, with its counts in the log and as the job result."""
     counts = await cleanup(ctx.redis, ctx.settings, now_utc())

@@ -270,7 +270,7 @@ class _Sink:
         self._path.unlink(missing_ok=True)
 
 
-@builtin("export", "maintenance", schedulable=True, shown=("request.format",))
+@builtin("export", "maintenance", endpoint="export", schedulable=True, shown=("request.format",))
 async def export(ctx: WorkerContext, export_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """arq job: validate the request (a ValidationError is permanent) and write the file."""
     if not re.fullmatch(EXPORT_ID_PATTERN, export_id):

@@ -128,13 +128,13 @@ async def latest_report(redis: Redis) -> dict[str, Any] | None:
     return report
 
 
-@builtin("daily_report", "maintenance", schedulable=True)
+@builtin("daily_report", "maintenance")  # a cron job
 async def daily_report(ctx: WorkerContext) -> dict[str, Any]:
     """Cron job: a fresh report every day, so `GET /reports/latest` is never more than a day old."""
     return await build_report(ctx.redis, now_utc())
 
 
-@builtin("report", "maintenance", schedulable=True)
+@builtin("report", "maintenance", endpoint="report", schedulable=True)
 async def report(ctx: WorkerContext) -> dict[str, Any]:
     """On-demand job behind `POST /jobs/report`."""
     return await build_report(ctx.redis, now_utc())

@@ -252,6 +252,7 @@ async def record_failed(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
     "send_email",
     "email",
     priority="transactional",
+    endpoint="email",
     schedulable=True,
     on_dead_letter=record_failed,
     shown=("email.to", "email.subject"),

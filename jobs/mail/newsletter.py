@@ -230,7 +230,13 @@ async def enqueue_children(
     await enqueue_registered_many(redis, settings, "send_email", calls)
 
 
-@builtin("send_newsletter", "email", schedulable=True, shown=("newsletter.subject",))
+@builtin(
+    "send_newsletter",
+    "email",
+    endpoint="newsletter",
+    schedulable=True,
+    shown=("newsletter.subject",),
+)
 async def send_newsletter(
     ctx: WorkerContext, newsletter_id: str, newsletter: dict[str, Any]
 ) -> dict[str, Any]:

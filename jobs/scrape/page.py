@@ -53,7 +53,14 @@ class ScrapeTarget(BaseModel):
     selectors: Selectors = Field(default_factory=dict)
 
 
-@builtin("scrape", "scrape", priority="transactional", schedulable=True, shown=("target.url",))
+@builtin(
+    "scrape",
+    "scrape",
+    priority="transactional",
+    endpoint="scrape",
+    schedulable=True,
+    shown=("target.url",),
+)
 async def scrape(ctx: WorkerContext, target: dict[str, Any]) -> dict[str, Any]:
     """arq job: fetch, summarize and save one page; returns the summary."""
     return await scrape_page(ctx, target)
