@@ -21,7 +21,9 @@ from app.state import REDIS, SETTINGS
 from asyncjobs.keys import RATE_KEY_PREFIX
 from asyncjobs.settings import Settings
 
-PUBLIC_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json")})
+PUBLIC_ROUTES = frozenset(
+    {("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json"), ("HEAD", "/openapi.json")}
+)
 # The operator dashboard (app/dashboard) checks its own session cookie and CSRF tokens instead.
 PUBLIC_PREFIXES = ("/ui",)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import reprlib
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -124,7 +125,7 @@ def classified(
         attempt = _attempt(job, rules, on_dead_letter)
 
         @functools.wraps(job)
-        async def run(arq_ctx: dict[str, Any] | WorkerContext, **kwargs: Any) -> Any:
+        async def run(arq_ctx: dict[str, Any] | WorkerContext, *args: Any, **kwargs: Any) -> Any:
             """Run one try and tell the monitor and the log how it ended."""
             ctx = WorkerContext.of(arq_ctx)  # the job's typed view of arq's ctx
             monitor = ctx.monitor
@@ -136,7 +137,7 @@ def classified(
             note: dict[str, Any] = {}
             _REPORT.set(note)  # each job runs in a task of its own, so in a context of its own
             try:
-                result = await attempt(ctx, **kwargs)
+                result = await attempt(ctx, *args, **kwargs)
                 outcome = "completed"
                 if monitor and job_id.startswith("cron:"):
                     monitor.cron_ran(job_id.split(":")[1], result)
@@ -182,7 +183,7 @@ def _attempt(
     """One try: the job's result, `Retry` for a transient error with tries left, or the error
     (after dead-lettering the job) when there is nothing more to try."""
 
-    async def attempt(ctx: WorkerContext, **kwargs: Any) -> Any:
+    async def attempt(ctx: WorkerContext, *args: Any, **kwargs: Any) -> Any:
         settings = ctx.settings
         job_try = ctx.job_try
         policy = rules.policy(settings)
@@ -191,6 +192,11 @@ def _attempt(
         try:
             if job_try > limit:  # re-runs after worker crashes count as tries too
                 raise PermanentJobError(f"gave up: started {job_try - 1} times, never finished")
+            if args:  # a plain arq producer's positional call: kept, with why, not a crash
+                raise PermanentJobError(
+                    f"{job.__name__} takes keyword arguments only; got {len(args)} positional: "
+                    f"{reprlib.repr(args)}"
+                )
             async with deadline(timeout):
                 try:
                     result = await job(ctx, **kwargs)

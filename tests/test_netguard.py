@@ -50,6 +50,7 @@ TEREDO_TO_PUBLIC = "2001:0:4136:e378:8000:63bf:f7f7:f7f7"  # client 8.8.8.8
         ("64:ff9b:1::a9fe:a9fe", True), ("64:ff9b:1::808:808", False),  # RFC 8215 local-use
         ("2002:7f00:1::", True), ("2002:a9fe:a9fe::1", True), ("2002:808:808::1", False),
         ("::7f00:1", True), ("::a00:1", True), ("::808:808", False),  # IPv4-compatible
+        ("::ffff:0:127.0.0.1", True), ("::ffff:0:808:808", False),  # IPv4-translated (RFC 2765)
         (TEREDO_TO_LOOPBACK, True), (TEREDO_TO_PUBLIC, False),
     ],
 )  # fmt: skip

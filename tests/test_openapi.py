@@ -53,3 +53,17 @@ async def test_request_schemas_come_from_the_models(api: ApiClient) -> None:
     )
     assert set(email["required"]) == {"to", "subject"}
     assert email["additionalProperties"] is False
+
+
+async def test_head_of_the_public_documents_needs_no_key(settings: Settings) -> None:
+    """HEAD is answered as GET is: /openapi.json and /health are public for both."""
+    async with api_client(create_app(settings)) as client:
+        client.session.headers.pop("Authorization", None)
+        statuses = {
+            (method, path): (await client.request(method, path)).status
+            for method in ("GET", "HEAD")
+            for path in ("/openapi.json", "/health")
+        }
+        locked = (await client.request("HEAD", "/jobs/types")).status
+    assert set(statuses.values()) == {200}, statuses
+    assert locked == 401

@@ -126,3 +126,19 @@ def test_default_email_retries_span_more_than_a_day_like_an_mta() -> None:
 def backoff_delay_floor(policy: RetryPolicy, job_try: int) -> float:
     """The least `backoff_delay` can return for a try ("equal jitter": half the ceiling)."""
     return min(policy.max_delay, policy.base_delay * 2.0 ** (job_try - 1)) / 2
+
+
+async def test_a_plain_arq_producers_positional_call_is_dead_lettered(
+    api: ApiClient, worker: Worker, redis: ArqRedis
+) -> None:
+    """arq's own `enqueue_job('send_email', {...}, message_id)`: the job takes keyword
+    arguments only, so it fails at once, kept in the dead-letter store with why (it used to
+    end in a TypeError that was neither dead-lettered nor counted)."""
+    email = {"to": ["ada@example.com"], "subject": "Hi", "text": "Hello"}
+    job = await redis.enqueue_job("send_email", email, "<mid@example.com>")
+    assert job is not None
+    status = await wait_job(api, job.job_id)
+    assert status["status"] == "failed"
+    entry = await get_dead_letter(redis, job.job_id)
+    assert entry is not None and entry.reason == "permanent"
+    assert "send_email takes keyword arguments only; got 2 positional" in entry.error

@@ -32,6 +32,7 @@ _LAST_32_BITS_IS_IPV4 = (
     IPv6Network("64:ff9b::/96"),
     IPv6Network("64:ff9b:1::/48"),
     IPv6Network("::/96"),
+    IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated (RFC 2765, SIIT)
 )
 
 
