@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
 from arq.connections import ArqRedis
 from arq.worker import Worker
 
@@ -147,6 +148,27 @@ async def test_newsletter_fans_out_renders_and_reports_progress(
     assert html is not None and "<p>Hello Reader 7</p>" in html.get_content()
     plain = by_rcpt["plain@example.com"].get_body(("plain",))
     assert plain is not None and plain.get_content().strip() == "Hello plain@example.com"
+
+
+@pytest.mark.parametrize(
+    ("field", "template"),
+    [
+        ("text", "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}"),
+        ("html", "{% if a %}" * 3000 + "x" + "{% endif %}" * 3000),
+        ("text", "{{ " + "[" * 1500 + "]" * 1500 + " }}"),
+    ],
+    ids=["parentheses", "blocks", "lists"],
+)
+async def test_a_template_nested_thousands_deep_is_a_422_naming_the_field(
+    api: ApiClient, field: str, template: str
+) -> None:
+    """Jinja2 recurses once per level: a template 3,000 deep was a RecursionError and a 500
+    with a 100 KB traceback in the log."""
+    body = {"recipients": ["a@example.com"], "subject": "s", "text": "t"} | {field: template}
+    response = await api.post("/jobs/newsletter", json=body)
+    assert response.status == 422
+    [detail] = (await response.json())["details"]
+    assert detail["field"] == field and "nests too deeply" in detail["message"]
 
 
 async def test_newsletter_html_is_escaped_and_templates_validated(

@@ -109,6 +109,10 @@ class NewsletterSpec(BaseModel):
                 _text_env.parse(template)
             except TemplateSyntaxError as exc:
                 raise ValueError(f"template error on line {exc.lineno}: {exc.message}") from exc
+            except RecursionError:  # ((((...)))) or {% if %} thousands deep: Jinja2 recurses
+                raise ValueError(
+                    "template nests too deeply (expressions or blocks inside each other)"
+                ) from None
         return template
 
     @field_validator("headers")
