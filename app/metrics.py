@@ -209,5 +209,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 def add_metrics(app: web.Application) -> None:
     app[HTTP_METRICS] = HttpMetrics()
-    app.middlewares.append(count_requests)
+    # outermost: it sees the answer the client gets, after the JSON error middleware made a
+    # 422 of a ValidationError and after auth and the rate limit answered 401, 403 or 429
+    app.middlewares.insert(0, count_requests)
     app.router.add_get("/metrics", metrics_endpoint)

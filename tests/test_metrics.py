@@ -4,14 +4,18 @@ The worker's numbers cross processes through Redis; this test reads them through
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from arq.connections import ArqRedis
 from arq.worker import Worker
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.web import create_app
+from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_job
-from tests.helpers import ApiClient, wait_for
+from tests.conftest import READ_KEY
+from tests.helpers import ApiClient, api_client, wait_for
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler, SiteStats
 
@@ -122,3 +126,28 @@ async def test_oldest_due_job_age_and_schedules(api: ApiClient, redis: ArqRedis)
     assert 1.9 <= value(samples, "asyncjobs_queue_oldest_age_seconds") < 10
     assert value(samples, "asyncjobs_schedules", state="active") == 1
     assert value(samples, "asyncjobs_schedules", state="paused") == 1
+
+
+async def test_http_errors_are_counted_with_the_status_the_client_got(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    """A 422 used to be counted as 500 (a ValidationError passed the counter before it became
+    a 422), and 401, 403 and 429, answered by outer middlewares, were not counted at all."""
+    settings = make_settings(rate_limit_requests=2, rate_limit_window=3600)
+    async with api_client(create_app(settings)) as api:
+        route = "/jobs/email"
+        assert (await api.post(route, json={"to": "not an address"})).status == 422
+        unauthorized = {"Authorization": "Bearer wrong"}
+        assert (await api.post(route, json={}, headers=unauthorized)).status == 401
+        read_only = {"Authorization": f"Bearer {READ_KEY}"}
+        assert (await api.post(route, json={}, headers=read_only)).status == 403
+        answers = [(await api.post(route, json={"to": "x"})).status for _ in range(3)]
+        assert answers[-1] == 429
+        samples = await scrape_metrics(api)
+    counted = {
+        status: value(samples, "asyncjobs_http_requests_total", method="POST", route=route,
+                      status=status)
+        for status in ("422", "401", "403", "429", "500")
+    }  # fmt: skip
+    expected = {"422": 1 + answers.count(422), "401": 1, "403": 1, "429": answers.count(429)}
+    assert counted == expected | {"500": 0}
