@@ -1,20 +1,35 @@
-"""Secrets kept out of what any reader sees: job arguments shown by the API and the dashboard."""
+"""Secrets kept out of what any reader sees: job arguments shown by the API and the dashboard.
+
+A value is hidden when its key sounds secret, or when the value itself looks like a
+credential whatever its key is called (`X-Auth: Bearer ...`, `Basic ...`, a JWT, a URL with a
+password in it)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 SECRET_WORDS = ("password", "secret", "token", "key", "authorization")
 REDACTED = "***"
+# Credentials by their shape: an HTTP auth scheme and its token, a JWT, user:password@ in a URL
+SECRET_SHAPES = re.compile(
+    r"^\s*(?:bearer|basic|digest|token|apikey)\s+\S{8,}"
+    r"|^ey[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+$"
+    r"|^[a-z][a-z0-9+.-]*://[^/@:\s]+:[^/@\s]+@",
+    re.IGNORECASE,
+)
 
 
 def redact(value: Any) -> Any:
-    """A copy with the value of every key that sounds secret replaced, at any depth."""
+    """A copy with the value of every key that sounds secret, and every string that looks
+    like a credential, replaced, at any depth."""
     if isinstance(value, Mapping):
         return {k: REDACTED if _sounds_secret(k) else redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
+    if isinstance(value, str) and SECRET_SHAPES.match(value):
+        return REDACTED
     return value
 
 

@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job_raw
 
+from app.redaction import redact
 from app.web import create_app
 from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
@@ -164,3 +165,22 @@ async def test_every_change_counts_its_real_weight_against_the_key(
         assert window_number(window) == started, "the requests took longer than the window"
     # 8; +1 for the refused one (counted on arrival, its 2 more given back): 9; a source: 10
     assert statuses == [201, 429, 429], statuses
+
+
+@pytest.mark.parametrize(
+    ("value", "hidden"),
+    [
+        ("Bearer s3cret-value-123", True),
+        ("basic dXNlcjpwYXNzd29yZA==", True),
+        ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9", True),
+        ("https://user:hunter22@example.com/feed", True),
+        ("https://example.com/feed", False),
+        ("Bearer", False),
+        ("text/html", False),
+    ],
+)  # fmt: skip
+def test_a_credential_is_redacted_by_its_shape_whatever_its_key(value: str, hidden: bool) -> None:
+    """`X-Auth: Bearer ...` showed on the dashboard: its key does not sound secret."""
+    shown = redact({"headers": {"X-Auth": value}, "list": [value]})
+    expected = "***" if hidden else value
+    assert shown == {"headers": {"X-Auth": expected}, "list": [expected]}
