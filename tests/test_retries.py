@@ -17,7 +17,7 @@ from jobs.retry import backoff_delay, retry_policy
 from jobs.scrape.fetch import parse_retry_after
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
-from tests.servers import SiteStats
+from tests.servers import RecordingSmtpHandler, SiteStats
 
 
 async def enqueue_scrape(api: ApiClient, url: str) -> str:
@@ -142,3 +142,20 @@ async def test_a_plain_arq_producers_positional_call_is_dead_lettered(
     entry = await get_dead_letter(redis, job.job_id)
     assert entry is not None and entry.reason == "permanent"
     assert "send_email takes keyword arguments only; got 2 positional" in entry.error
+
+
+async def test_a_message_id_with_a_line_break_is_refused_for_good(
+    api: ApiClient, worker: Worker, redis: ArqRedis, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    """A plain arq producer's message_id is not checked by the API: a CR LF in it would be a
+    header of its own. The job refuses it before anything is sent, and keeps it."""
+    email = {"to": ["ada@example.com"], "subject": "Hi", "text": "Hello"}
+    job = await redis.enqueue_job(
+        "send_email", email=email, message_id="<a@example.com>\r\nBcc: eve@example.com"
+    )
+    assert job is not None
+    status = await wait_job(api, job.job_id)
+    assert status["status"] == "failed"
+    entry = await get_dead_letter(redis, job.job_id)
+    assert entry is not None and "is not <left@right> on one line" in entry.error
+    assert smtp[0].messages == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from email.header import Header
@@ -26,6 +27,7 @@ from pydantic import (
 from redis.asyncio import Redis
 
 from asyncjobs.addresses import Address, domain_of, unique_addresses
+from asyncjobs.errors import PermanentJobError
 from asyncjobs.keys import SENT_KEY_PREFIX, mail_batch_key
 from asyncjobs.redis import NotReplicatedError, execute_replicated, replicas_ready
 from asyncjobs.settings import Settings
@@ -248,6 +250,18 @@ async def record_failed(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
             await pipe.execute()
 
 
+# `<left@right>`: no space or control character (CR, LF above all), angle brackets only around
+# it (RFC 5322; a sender's internationalized domain may appear on the right)
+MESSAGE_ID = re.compile(r"<[^\s<>@\x00-\x1f\x7f]{1,250}@[^\s<>\x00-\x1f\x7f]{1,250}>")
+
+
+def check_message_id(message_id: str) -> None:
+    """A Message-ID goes into a header and a Redis key: anything but `<left@right>` without
+    spaces or control characters (a CR or LF above all) is refused, for good."""
+    if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
+        raise PermanentJobError(f"message_id {message_id!r} is not <left@right> on one line")
+
+
 @builtin(
     "send_email",
     "email",
@@ -271,6 +285,7 @@ async def send_email(
     """
     settings = ctx.settings
     redis = ctx.redis
+    check_message_id(message_id)  # a plain arq producer's is not checked by the API
     if await redis.exists(SENT_KEY_PREFIX + message_id):
         await record_sent(redis, message_id, batch_id, settings)
         report(f"email {message_id} already sent; not sending again", message_id=message_id)
