@@ -189,6 +189,11 @@ def make_site(stats: SiteStats) -> web.Application:
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound("/page/redirected")
 
+    async def redirect_to(request: web.Request) -> web.Response:
+        """A 302 to the Location given as `to`, as it is (a broken one included)."""
+        stats.hits["redirect-to"] = stats.hits.get("redirect-to", 0) + 1
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
     async def flaky(request: web.Request) -> web.Response:
         """Fails `fail` times per `key` with `status` (and Retry-After if given), then works."""
         key = f"flaky:{request.query['key']}"
@@ -214,6 +219,7 @@ def make_site(stats: SiteStats) -> web.Application:
     app.router.add_get("/error", error)
     app.router.add_get("/json", as_json)
     app.router.add_get("/redirect", redirect)
+    app.router.add_get("/redirect-to", redirect_to)
     app.router.add_get("/flaky", flaky)
     return app
 

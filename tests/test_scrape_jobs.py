@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import quote
 
 import pytest
 from arq.connections import ArqRedis
@@ -102,3 +103,18 @@ async def test_connection_refused_is_transient(ctx: Ctx) -> None:
 
     with pytest.raises(TransientJobError, match="could not connect"):
         await scrape_page(ctx, {"url": f"http://127.0.0.1:{free_port()}/"})
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://exa mple.com/", "http://[::1/", "http://:80/", "ftp://example.com/file"],
+    ids=["space", "broken-ipv6", "no-host", "not-http"],
+)
+async def test_a_redirect_to_an_invalid_url_fails_for_good(
+    ctx: Ctx, site: tuple[str, SiteStats], location: str
+) -> None:
+    """It used to end in a connection error, retried as transient."""
+    base, stats = site
+    with pytest.raises(PermanentJobError, match="redirect to an invalid URL"):
+        await scrape_page(ctx, {"url": f"{base}/redirect-to?to={quote(location, safe='')}"})
+    assert stats.hits["redirect-to"] == 1

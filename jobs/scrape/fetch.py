@@ -4,10 +4,12 @@ politeness and robots.txt (through Redis), timeouts, size caps and errors a user
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from ipaddress import ip_address
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -154,7 +156,7 @@ class Fetcher:
                 if r.status not in REDIRECT_STATUSES or not location:
                     yield r
                     return
-            target = target.join(URL(location, encoded=True))
+            target = redirect_target(target, location)
         raise PermanentJobError(f"more than {self.settings.scrape_max_redirects} redirects")
 
     def _slot(
@@ -163,6 +165,32 @@ class Fetcher:
         if self.politeness is None:
             return contextlib.nullcontext(HostWait())
         return self.politeness.slot(host, waiter)
+
+
+# A host name as DNS knows it (after IDNA): labels of letters, digits and hyphens
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+def redirect_target(current: URL, location: str) -> URL:
+    """Where a redirect leads; a Location no request could be made to (no host, a space or a
+    control character in the host, a broken IPv6 literal) fails the job for good instead of
+    being retried as a network error."""
+    try:
+        target = current.join(URL(location, encoded=True))
+        host = target.raw_host or ""
+    except (ValueError, UnicodeError) as exc:
+        raise PermanentJobError(f"redirect to an invalid URL {location[:200]!r}") from exc
+    if target.scheme not in ("http", "https") or not _valid_host(host):
+        raise PermanentJobError(f"redirect to an invalid URL {location[:200]!r}")
+    return target
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.fullmatch(host))
 
 
 @contextlib.contextmanager
