@@ -8,6 +8,7 @@ addresses at connect time, so a DNS answer that changes between checks (rebindin
 from __future__ import annotations
 
 import functools
+import logging
 import socket
 from collections.abc import Collection, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -18,6 +19,8 @@ from yarl import URL
 
 Network = IPv4Network | IPv6Network
 IPAddress = IPv4Address | IPv6Address
+
+log = logging.getLogger(__name__)
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 
@@ -101,9 +104,10 @@ class GuardedResolver(AbstractResolver):
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         safe = [r for r in results if not is_forbidden(ip_address(r["host"]), self._allowed)]
-        if not safe:
+        if not safe:  # which internal addresses is the operator's business, not the caller's
             addresses = ", ".join(sorted({r["host"] for r in results}))
-            raise ForbiddenTargetError(f"{host} resolves to non-public address(es): {addresses}")
+            log.warning("refused %s: it resolves to non-public address(es) %s", host, addresses)
+            raise ForbiddenTargetError(f"{host} resolves only to non-public addresses")
         return safe
 
     async def close(self) -> None:
