@@ -3,7 +3,8 @@
 Each child is the ordinary single-process entry point, `arq worker_settings.WorkerSettings`, so
 a child behaves exactly like a worker started by hand. The supervisor restarts a child that
 exits (a crash, a SIGKILL, the OOM killer; backing off when one keeps dying at once), and on
-SIGTERM or SIGINT passes SIGTERM to every child, which finishes its running jobs within
+SIGTERM or SIGINT passes SIGTERM to every child (on Linux the kernel does it too when the
+supervisor itself is killed: see `die_with_parent`), which finishes its running jobs within
 SHUTDOWN_GRACE and leaves the rest to be re-run; a child still there after the grace and a
 margin is killed. A killed child's jobs run again when their leases end (JOB_LEASE_SECONDS).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -23,6 +25,23 @@ from asyncjobs.settings import Settings
 log = logging.getLogger("app.supervisor")
 
 WORKER_COMMAND = (sys.executable, "-m", "arq", "worker_settings.WorkerSettings")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In the child, before it runs the worker: on Linux, ask the kernel to send it SIGTERM
+    when the supervisor dies, however it dies (a SIGKILL gives the supervisor no chance to
+    pass anything on). Without it, a killed supervisor left its workers running and taking
+    jobs, and its restart made twice as many. SIGTERM, so a child still finishes its jobs
+    within SHUTDOWN_GRACE. Elsewhere there is no such call: nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the supervisor died before the call: nobody will signal
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 STOP_MARGIN_S = 5.0  # beyond SHUTDOWN_GRACE, for a child to close its connections
 QUICK_EXIT_S = 5.0  # a child that dies sooner than this after starting is restarted later
 MAX_BACKOFF_S = 30.0
@@ -77,7 +96,9 @@ class Supervisor:
     async def _keep_running(self, child: Child) -> None:
         loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
-            child.process = await asyncio.create_subprocess_exec(*self.command)
+            child.process = await asyncio.create_subprocess_exec(
+                *self.command, preexec_fn=die_with_parent
+            )
             child.started_at = loop.time()
             log.info("supervisor: worker %d started (pid %d)", child.slot, child.process.pid)
             code = await self._wait(child.process)

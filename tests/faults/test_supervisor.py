@@ -122,6 +122,46 @@ async def _busy(redis: ArqRedis) -> bool:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited, only not reaped yet
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
+
+
+async def test_children_stop_when_the_supervisor_is_killed(
+    settings: Settings, redis: ArqRedis, tmp_path: Path, fault_report: Callable[[str], None]
+) -> None:
+    """SIGKILL of the supervisor used to leave its workers running and taking jobs (and a
+    restart then made four). The kernel now sends each child SIGTERM when it dies."""
+    env = service_env(
+        redis_url=settings.redis_url, smtp_host="127.0.0.1", smtp_port=settings.smtp_port,
+        shutdown_grace=GRACE_S, worker_health_interval=1,
+    )  # fmt: skip
+    log = (tmp_path / "supervisor.log").open("ab")
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "worker", "--processes", "2",
+        cwd=REPO, env=env, stdout=log, stderr=STDOUT,
+    )  # fmt: skip
+    children: set[int] = set()
+    try:
+        children = await wait_for(
+            lambda: _workers(redis, 2), timeout=60, what="two workers to register"
+        )
+        supervisor.kill()
+        await supervisor.wait()
+        killed_at = time.monotonic()
+
+        async def all_gone() -> bool:
+            return not any(_alive(pid) for pid in children)
+
+        await wait_for(all_gone, timeout=GRACE_S + 10, what="the children to exit")
+        gone_after = time.monotonic() - killed_at
+    finally:
+        if supervisor.returncode is None:
+            supervisor.kill()
+            await supervisor.wait()
+        for pid in children:  # a failed run leaves no worker behind for the next tests
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+    fault_report(f"supervisor SIGKILLed: its 2 children exited {gone_after:.1f} s later")
