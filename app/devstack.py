@@ -89,16 +89,21 @@ async def local_redis(settings: Settings, var_dir: Path) -> AsyncIterator[Settin
             "install it (apt-get install redis-server, brew install redis) or set REDIS_URL"
         )
     port = parts.port or 6379
-    var_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at start-up)
+    data_dir = (var_dir / "redis").resolve()  # schedules, sources, dead letters survive Ctrl-C
+    data_dir.mkdir(parents=True, exist_ok=True)
     with (var_dir / "redis.log").open("ab") as logfile:
         process = await asyncio.create_subprocess_exec(
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes", "--dir", str(data_dir),
             stdout=logfile, stderr=logfile, start_new_session=True,
         )  # fmt: skip
     async with _child(process, "redis-server"):
         if not await _wait_until(lambda: redis_answers(settings.redis_url), timeout=10):
             raise DevStackError(f"redis-server did not start; see {var_dir / 'redis.log'}")
-        log.info("started redis-server on 127.0.0.1:%d (pid %d)", port, process.pid)
+        log.info(
+            "started redis-server on 127.0.0.1:%d (pid %d), its data in %s",
+            port, process.pid, data_dir,
+        )  # fmt: skip
         yield settings
 
 

@@ -21,27 +21,33 @@ from tests.servers import SiteStats
 REPO = Path(__file__).resolve().parent.parent
 
 
+async def start_dev(folder: Path, redis_url: str, web_port: int) -> asyncio.subprocess.Process:
+    """`python -m app dev` in `folder` (its var/ there), with nothing answering at REDIS_URL
+    unless an earlier launcher's Redis still runs."""
+    prefixes = ("SMTP_", "MAIL_", "REDIS_", "API_", "SCRAPE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env |= {
+        "REDIS_URL": redis_url,
+        "WEB_PORT": str(web_port),
+        "MAIL_SINK_DIR": str(folder / "mail"),
+        "SCRAPE_ALLOWED_CIDRS": "127.0.0.0/8",
+        "SCRAPE_ALLOWED_PORTS": "*",
+        "API_KEYS": API_KEY,
+        "PYTHONPATH": str(REPO),
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "dev", cwd=folder, env=env,
+        stdout=(folder / "dev.log").open("ab"), stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+
+
 @pytest.fixture
 async def dev_stack(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[str, str, Path, asyncio.subprocess.Process]]:
     redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers: the launcher starts one
     web_port = free_port()
-    prefixes = ("SMTP_", "MAIL_", "REDIS_", "API_", "SCRAPE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env |= {
-        "REDIS_URL": redis_url,
-        "WEB_PORT": str(web_port),
-        "MAIL_SINK_DIR": str(tmp_path / "mail"),
-        "SCRAPE_ALLOWED_CIDRS": "127.0.0.0/8",
-        "SCRAPE_ALLOWED_PORTS": "*",
-        "API_KEYS": API_KEY,
-        "PYTHONPATH": str(REPO),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", "dev", cwd=tmp_path, env=env,
-        stdout=(tmp_path / "dev.log").open("wb"), stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+    process = await start_dev(tmp_path, redis_url, web_port)
     try:
         yield f"http://127.0.0.1:{web_port}", redis_url, tmp_path, process
     finally:
@@ -98,3 +104,38 @@ async def test_dev_stack_sends_mail_scrapes_and_stops_cleanly(
     process.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(process.wait(), timeout=30) == 0, log.read_text()
     assert not await redis_answers(redis_url), "the redis-server child outlived the launcher"
+
+
+async def test_the_dev_redis_keeps_its_data_across_a_restart(
+    dev_stack: tuple[str, str, Path, asyncio.subprocess.Process],
+) -> None:
+    """The dev stack's Redis had no persistence: every Ctrl-C lost schedules, sources and
+    dead letters. Its append-only file is now under var/redis."""
+    base, redis_url, tmp_path, process = dev_stack
+    schedule = {"every": 3600, "job": {"type": "report"}, "name": "kept"}
+    async with ClientSession(headers=AUTH) as http:
+        await wait_for(lambda: _up(http, base), timeout=60, what="the dev stack")
+        async with http.post(f"{base}/schedules", json=schedule) as response:
+            assert response.status == 201, await response.text()
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    port = int(base.rsplit(":", 1)[1])
+    again = await start_dev(tmp_path, redis_url, port)
+    try:
+        async with ClientSession(headers=AUTH) as http:
+            await wait_for(lambda: _up(http, base), timeout=60, what="the dev stack again")
+            async with http.get(f"{base}/schedules") as response:
+                names = [s["name"] for s in (await response.json())["schedules"]]
+        assert names == ["kept"]
+    finally:
+        again.send_signal(signal.SIGINT)
+        await asyncio.wait_for(again.wait(), timeout=30)
+    assert (tmp_path / "var" / "redis").is_dir()
+
+
+async def _up(http: ClientSession, base: str) -> bool:
+    try:
+        async with http.get(f"{base}/health") as response:
+            return response.status == 200
+    except OSError:
+        return False
