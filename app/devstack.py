@@ -21,12 +21,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from arq.constants import health_check_key_suffix
 from pydantic import SecretStr
+from redis.exceptions import RedisError
 
 from app.mailsink import MaildirHandler, server_port, start_smtp_server
 from app.supervisor import STOP_MARGIN_S, process_count
 from app.web import app_runner
-from asyncjobs.redis import redis_answers
+from asyncjobs.redis import connect, redis_answers
 from asyncjobs.settings import Settings
 
 log = logging.getLogger("app.dev")
@@ -40,6 +42,9 @@ class DevStackError(RuntimeError):
     """The dev stack cannot start; the message says what to do."""
 
 
+WORKER_READY_S = 60.0  # the banner waits this long for a worker's first health check
+
+
 async def run_dev(settings: Settings, var_dir: Path = Path("var")) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -51,7 +56,9 @@ async def run_dev(settings: Settings, var_dir: Path = Path("var")) -> int:
         settings = await stack.enter_async_context(local_mail_sink(settings, var_dir))
         worker = await stack.enter_async_context(worker_process(settings))
         await stack.enter_async_context(web_server(settings))
-        print_banner(settings)
+        if not await _wait_until(lambda: worker_ready(settings), timeout=WORKER_READY_S):
+            log.warning("the worker is not ready after %g s; see its log above", WORKER_READY_S)
+        print_banner(settings)  # once the API and a worker answer, not before
         worker_exit = asyncio.ensure_future(worker.wait())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({worker_exit, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -204,13 +211,27 @@ async def _wait_until(
     return False
 
 
+async def worker_ready(settings: Settings) -> bool:
+    """A worker has written its health check (arq's key), so jobs enqueued now are taken."""
+    redis = connect(settings)
+    try:
+        return bool(await redis.exists(settings.queue_name + health_check_key_suffix))
+    except (RedisError, OSError):
+        return False
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
 def print_banner(settings: Settings) -> None:
     base = f"http://{settings.web_host}:{settings.web_port}"
     key = settings.api_keys[0].get_secret_value()
     auth = f"-H 'Authorization: Bearer {key}'"
+    redis = urlsplit(settings.redis_url)
+    database = redis.path.lstrip("/") or "0"
     lines = [
-        f"asyncjobs dev stack is up: API on {base}",
+        f"asyncjobs dev stack is up: API on {base}, dashboard on {base}/ui",
         f"  API key: {key}",
+        f"  Redis:   {redis.hostname}:{redis.port or 6379}, database {database} (REDIS_URL)",
         f"  health:  curl {base}/health",
         f"  email:   curl -X POST {base}/jobs/email {auth} "
         """-d '{"to": "you@example.com", "subject": "Hello", "text": "Hi!"}'""",

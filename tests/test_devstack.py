@@ -72,6 +72,17 @@ async def test_dev_stack_sends_mail_scrapes_and_stops_cleanly(
 
         await wait_for(healthy, timeout=60, interval=0.2, what=f"dev stack health; log: {log}")
 
+        async def banner() -> bool:
+            return "dev stack is up" in log.read_text()
+
+        await wait_for(banner, timeout=60, what="the banner")
+        text = log.read_text()
+        assert f"dashboard on {base}/ui" in text
+        redis_port = redis_url.rsplit(":", 1)[1].split("/")[0]
+        assert f"Redis:   127.0.0.1:{redis_port}, database 0" in text
+        async with http.get(f"{base}/health") as r:  # the banner waits for the worker
+            assert (await r.json())["worker"]["alive"] is True
+
         mail = {"to": "you@example.com", "subject": "Hello from dev", "text": "Hi!"}
         async with http.post(f"{base}/jobs/email", json=mail) as r:
             assert r.status == 202
