@@ -127,12 +127,19 @@ class FakeApi:
             headers["Retry-After"] = self.unavailable_retry_after
         return error(503, "service_unavailable", "Redis is away", headers=headers)
 
-    async def status(self, request: web.Request) -> web.Response:
+    async def arrive(self, request: web.Request) -> web.Response | tuple[str, FakeJob | None]:
+        """Record a request on a job; the 503 it gets while unavailable, else (id, job)."""
         await self.record(request)
         if self.unavailable > 0:
             return self.unavailable_answer()
         job_id = request.match_info["job_id"]
-        job = self.jobs.get(job_id)
+        return job_id, self.jobs.get(job_id)
+
+    async def status(self, request: web.Request) -> web.Response:
+        arrived = await self.arrive(request)
+        if isinstance(arrived, web.Response):
+            return arrived
+        job_id, job = arrived
         if job is None:
             view = {"job_id": job_id, "status": "not_found", "function": None}
             return web.json_response(
@@ -155,11 +162,10 @@ class FakeApi:
         return view
 
     async def abort(self, request: web.Request) -> web.Response:
-        await self.record(request)
-        if self.unavailable > 0:
-            return self.unavailable_answer()
-        job_id = request.match_info["job_id"]
-        job = self.jobs.get(job_id)
+        arrived = await self.arrive(request)
+        if isinstance(arrived, web.Response):
+            return arrived
+        job_id, job = arrived
         if job is None:
             return error(404, "not_found", f"no job {job_id}")
         if job.aborted or job.polls >= self.polls_to_finish:

@@ -12,6 +12,7 @@ import time
 from asyncio.subprocess import STDOUT
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
@@ -26,6 +27,14 @@ from tests.servers import SiteStats
 
 GRACE_S = 3
 JOBS = 12
+
+
+async def start_supervisor(env: dict[str, str], log: IO[bytes]) -> asyncio.subprocess.Process:
+    """`python -m app worker --processes 2`, as production starts it."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "worker", "--processes", "2",
+        cwd=REPO, env=env, stdout=log, stderr=STDOUT,
+    )  # fmt: skip
 
 
 async def live_workers(redis: ArqRedis) -> dict[int, list[str]]:
@@ -54,10 +63,7 @@ async def test_a_killed_child_is_restarted_and_sigterm_stops_all(
         worker_health_interval=1,
     )  # fmt: skip
     log = (tmp_path / "supervisor.log").open("ab")
-    supervisor = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", "worker", "--processes", "2",
-        cwd=REPO, env=env, stdout=log, stderr=STDOUT,
-    )  # fmt: skip
+    supervisor = await start_supervisor(env, log)
     try:
         first = await wait_for(
             lambda: _workers(redis, 2), timeout=60, what="two workers to register"
@@ -138,10 +144,7 @@ async def test_children_stop_when_the_supervisor_is_killed(
         shutdown_grace=GRACE_S, worker_health_interval=1,
     )  # fmt: skip
     log = (tmp_path / "supervisor.log").open("ab")
-    supervisor = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", "worker", "--processes", "2",
-        cwd=REPO, env=env, stdout=log, stderr=STDOUT,
-    )  # fmt: skip
+    supervisor = await start_supervisor(env, log)
     children: set[int] = set()
     try:
         children = await wait_for(
