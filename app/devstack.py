@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -51,6 +52,7 @@ async def run_dev(settings: Settings, var_dir: Path = Path("var")) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     settings = with_api_key(settings)
+    check_port_free(settings.web_host, settings.web_port)  # before anything is started
     async with contextlib.AsyncExitStack() as stack:
         settings = await stack.enter_async_context(local_redis(settings, var_dir))
         settings = await stack.enter_async_context(local_mail_sink(settings, var_dir))
@@ -156,10 +158,30 @@ async def web_server(settings: Settings) -> AsyncIterator[web.AppRunner]:
     runner = app_runner(settings)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+        try:
+            await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+        except OSError as exc:  # taken since the check: the same one line
+            raise DevStackError(_port_taken(settings.web_host, settings.web_port)) from exc
         yield runner
     finally:
         await runner.cleanup()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """DevStackError (one line, not aiohttp's traceback) when the API's port is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise DevStackError(_port_taken(host, port)) from None
+
+
+def _port_taken(host: str, port: int) -> str:
+    return (
+        f"{host}:{port} is already in use (another `asyncjobs dev`?); "
+        "stop it or set WEB_PORT to a free port"
+    )
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -150,3 +151,21 @@ async def _up(http: ClientSession, base: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+async def test_a_taken_port_is_one_line_and_nothing_is_started(tmp_path: Path) -> None:
+    """A second `dev` beside a running one died with a 33-line traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        redis_url = f"redis://127.0.0.1:{free_port()}/0"
+        process = await start_dev(tmp_path, redis_url, port)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 2
+    lines = (tmp_path / "dev.log").read_text().strip().splitlines()
+    assert lines[-1] == (
+        f"error: 127.0.0.1:{port} is already in use (another `asyncjobs dev`?); "
+        "stop it or set WEB_PORT to a free port"
+    )
+    assert not any("Traceback" in line for line in lines)
+    assert not await redis_answers(redis_url)  # no Redis was started for nothing
