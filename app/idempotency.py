@@ -37,10 +37,7 @@ def idempotent(handler: Handler) -> Handler:
             )
         redis = request.app[REDIS]
         ttl = int(request.app[SETTINGS].idempotency_ttl)
-        # Scoped to the caller: two API keys may pick the same Idempotency-Key independently.
-        principal = request.get(PRINCIPAL)
-        scope = f"{principal.key_id if principal else '-'}:{key}"
-        redis_key = IDEMPOTENCY_KEY_PREFIX + hashlib.sha256(scope.encode()).hexdigest()
+        redis_key = IDEMPOTENCY_KEY_PREFIX + scoped_key(request, key)
         fingerprint = await request_fingerprint(request)
         pending = json.dumps({"fingerprint": fingerprint, "state": "pending"})
         if not await redis.set(redis_key, pending, nx=True, ex=ttl):
@@ -63,6 +60,14 @@ def idempotent(handler: Handler) -> Handler:
         return response
 
     return wrapped
+
+
+def scoped_key(request: web.Request, key: str) -> str:
+    """An Idempotency-Key scoped to the caller, as a digest: two API keys may pick the same
+    Idempotency-Key independently."""
+    principal = request.get(PRINCIPAL)
+    scope = f"{principal.key_id if principal else '-'}:{key}"
+    return hashlib.sha256(scope.encode()).hexdigest()
 
 
 async def request_fingerprint(request: web.Request) -> str:

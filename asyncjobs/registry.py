@@ -112,6 +112,12 @@ class JobType:
     def policy(self, settings: Settings) -> RetryPolicy:
         return policy_of(self.retry, settings)
 
+    @property
+    def public_name(self) -> str | None:
+        """How callers name it (`POST /jobs/<it>`, a schedule's `type`): a built-in by its
+        endpoint, none for those only the worker enqueues; a user's job by its name."""
+        return self.endpoint if self.builtin else self.name
+
     def validate(self, arguments: dict[str, Any]) -> BaseModel:
         """The call's arguments checked against the model (pydantic's ValidationError if not)."""
         if self.arguments is None:

@@ -24,13 +24,9 @@ class WorkerContext(JobContext):
     __slots__ = ()
 
     @classmethod
-    def of(cls, ctx: dict[str, Any] | JobContext) -> WorkerContext:
+    def of(cls, ctx: dict[str, Any] | WorkerContext) -> WorkerContext:
         """The view of arq's ctx dict (a view given is taken as it is)."""
-        if isinstance(ctx, WorkerContext):
-            return ctx
-        if isinstance(ctx, JobContext):
-            return cls(ctx._ctx)
-        return cls(ctx)
+        return ctx if isinstance(ctx, WorkerContext) else cls(ctx)
 
     @property
     def fetcher(self) -> Fetcher:

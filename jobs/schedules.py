@@ -29,7 +29,6 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
-from asyncjobs.addresses import new_message_id
 from asyncjobs.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
 from asyncjobs.registry import JobType, Priority, job_types
 from asyncjobs.settings import Settings
@@ -49,7 +48,7 @@ NEXT_RUNS_SHOWN = 5
 def scheduled_job_type(name: str) -> JobType:
     """The registered job type a schedule's `type` names: a built-in by its endpoint's name
     (`email` for send_email), a user's job by its own; ValueError if it cannot be run."""
-    schedulable = {t.endpoint or t.name: t for t in job_types() if t.schedulable}
+    schedulable = {t.public_name: t for t in job_types() if t.schedulable and t.public_name}
     if name not in schedulable:
         raise ValueError(f"{name!r} is not a job type; one of: {', '.join(schedulable)}")
     return schedulable[name]
@@ -306,9 +305,8 @@ async def run_calls(
     """The function and the calls of one run of `job`. Exports and newsletters are known by
     the run's id (32 hex, the form their download and progress URLs take)."""
     body = json.loads(json.dumps(job.body))  # a copy the calls may keep
-    if job.type == "email":
-        message_id = new_message_id(body.get("from") or settings.mail_from)
-        return "send_email", [{"email": body, "message_id": message_id}]
+    if job.type == "email":  # its Message-ID, fresh per run, is fixed by the enqueue path
+        return "send_email", [{"email": body}]
     if job.type == "newsletter":
         await start_progress(redis, run_id, len(body["recipients"]), settings.sent_marker_ttl)
         return "send_newsletter", [{"newsletter_id": run_id, "newsletter": body, "_job_id": run_id}]

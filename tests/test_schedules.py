@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from arq.connections import ArqRedis
+from arq.jobs import Job
 
 from asyncjobs.settings import Settings
 from jobs.schedules import Schedule, get_schedule, run_due_schedules
@@ -124,6 +125,10 @@ async def test_each_period_runs_once_however_many_workers_tick(
     runs = (await (await api.get(f"/schedules/{schedule.id}/runs", headers=AUTH)).json())["runs"]
     assert len(runs) == 2 and all(len(run["jobs"]) == 1 for run in runs)
     assert all(job["status"] == "queued" for run in runs for job in run["jobs"])
+    # each run's email gets a Message-ID of its own, fixed at its enqueue
+    infos = [await Job(job["job_id"], redis).info() for run in runs for job in run["jobs"]]
+    message_ids = {info.kwargs["message_id"] for info in infos if info is not None}
+    assert len(message_ids) == 2 and all(m.startswith("<") for m in message_ids)
 
     await api.post(f"/schedules/{schedule.id}/pause", headers=AUTH)
     assert await run_due_schedules(redis, settings, tick + timedelta(seconds=120)) == []

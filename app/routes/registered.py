@@ -8,20 +8,20 @@ connection) finds the job already there and returns it: it cannot enqueue twice.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from app.auth import PRINCIPAL, charge_more
+from app.auth import charge_more
 from app.http import json_model, status_url
-from app.idempotency import idempotent
+from app.idempotency import idempotent, scoped_key
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
 from asyncjobs.registry import JobType, job_types, user_job_types
 from jobs.enqueue import enqueue_registered
+from jobs.retry import job_timeout
 
 
 class JobTypeView(BaseModel):
@@ -45,9 +45,7 @@ class JobTypeList(BaseModel):
 def endpoint_of(job_type: JobType) -> str | None:
     """Where to enqueue it: a user's job by its name, a built-in at its own endpoint (none
     for the jobs only the worker enqueues)."""
-    if job_type.builtin:
-        return f"/jobs/{job_type.endpoint}" if job_type.endpoint else None
-    return f"/jobs/{job_type.name}"
+    return f"/jobs/{job_type.public_name}" if job_type.public_name else None
 
 
 def idempotent_job_id(request: web.Request) -> str | None:
@@ -55,9 +53,7 @@ def idempotent_job_id(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    principal = request.get(PRINCIPAL)
-    scope = f"{principal.key_id if principal else '-'}:{key}"
-    return "idem-" + hashlib.sha256(scope.encode()).hexdigest()[:32]
+    return "idem-" + scoped_key(request, key)[:32]
 
 
 def enqueue_handler(job_type: JobType) -> Any:
@@ -99,7 +95,7 @@ def view_of(job_type: JobType, settings: Any) -> JobTypeView:
         cost=job_type.cost,
         schedulable=job_type.schedulable,
         max_tries=policy.max_tries,
-        timeout_seconds=job_type.timeout or settings.job_timeout,
+        timeout_seconds=job_timeout(settings, job_type.timeout),
         arguments=job_type.arguments.model_json_schema() if job_type.arguments else None,
         result=job_type.result_schema() or None,
     )
