@@ -1,5 +1,5 @@
-"""API keys (Bearer), the per-key rate limit on enqueue endpoints, and the fixed-window counter
-it uses (also for failed dashboard sign-ins).
+"""API keys (Bearer), and what a key is charged: the per-key rate limit on requests that change
+something, and the hourly message quota (asyncjobs/quota.py).
 
 Keys are kept only as SHA-256 digests and compared in constant time; a key is identified in
 logs, rate-limit counters and idempotency records by a short prefix of its digest, never itself.
@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
-from redis.asyncio import Redis
 
 from app.errors import Handler
 from app.state import REDIS, SETTINGS
-from asyncjobs.keys import RATE_KEY_PREFIX
+from asyncjobs.quota import NeverFits, QuotaExceeded, Window, message_quota
 from asyncjobs.settings import Settings
 
 PUBLIC_ROUTES = frozenset(
@@ -90,33 +89,6 @@ def _under_public_prefix(path: str) -> bool:
     return any(path == prefix or path.startswith(prefix + "/") for prefix in PUBLIC_PREFIXES)
 
 
-@dataclass(frozen=True)
-class Window:
-    """A fixed-window counter in Redis, shared by every web process."""
-
-    name: str  # what is counted, and for whom: "<kind>:<id>"
-    seconds: float
-
-    def _key(self, now: float) -> str:
-        return f"{RATE_KEY_PREFIX}{self.name}:{int(now // self.seconds)}"
-
-    def retry_after(self, now: float) -> int:
-        """Whole seconds until the next window."""
-        return max(1, math.ceil((int(now // self.seconds) + 1) * self.seconds - now))
-
-    async def add(self, redis: Redis, now: float, n: int = 1) -> int:
-        """Count `n` more; the count in this window."""
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(self._key(now), n)
-            pipe.expire(self._key(now), math.ceil(self.seconds) + 1)
-            count, _ = await pipe.execute()
-        return int(count)
-
-    async def give_back(self, redis: Redis, now: float, n: int = 1) -> None:
-        """Count `n` fewer (what `add` counted turned out not to count)."""
-        await redis.decrby(self._key(now), n)
-
-
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Fixed window per key: every request that changes something (enqueues, aborts, retries,
@@ -130,19 +102,24 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
 async def charge(
     request: web.Request, key_id: str, weight: int = 1, refund_if_refused: bool = False
 ) -> None:
-    """Count `weight` against the key's window; 429 past the limit. A request is charged 1 on
-    arrival; an enqueue then charges what it really asks for beyond that (one per message:
-    recipients after de-duplication, URLs), so a 10,000-recipient newsletter is not one hit."""
+    """Count `weight` against the key's window: 429 past the limit when the next window can
+    hold it, 422 when no window can. A request is charged 1 on arrival; an enqueue then
+    charges the pages it asks for beyond that (URLs), and its messages to `charge_messages`."""
     settings = request.config_dict[SETTINGS]
-    window = Window(key_id, settings.rate_limit_window)
+    limit, seconds = settings.rate_limit_requests, settings.rate_limit_window
+    if weight > limit:
+        raise web.HTTPUnprocessableEntity(
+            text=f"this request counts {weight} against a rate limit of {limit} per "
+            f"{seconds:g}s (RATE_LIMIT_REQUESTS): it never fits; send fewer at a time"
+        )
+    window = Window(key_id, seconds)
     now = time.time()
     redis = request.config_dict[REDIS]
-    if await window.add(redis, now, weight) > settings.rate_limit_requests:
-        if refund_if_refused:  # nothing will be sent for it
+    if await window.add(redis, now, weight) > limit:
+        if refund_if_refused:  # nothing will be done for it
             await window.give_back(redis, now, weight)
         raise web.HTTPTooManyRequests(
-            text=f"rate limit of {settings.rate_limit_requests} requests per "
-            f"{settings.rate_limit_window:g}s reached",
+            text=f"rate limit of {limit} requests per {seconds:g}s reached",
             headers={"Retry-After": str(window.retry_after(now))},
         )
 
@@ -152,3 +129,21 @@ async def charge_more(request: web.Request, weight: int) -> None:
     principal: Principal | None = request.get(PRINCIPAL)
     if principal is not None and weight > 1:
         await charge(request, principal.key_id, weight - 1, refund_if_refused=True)
+
+
+async def charge_messages(request: web.Request, messages: int) -> None:
+    """Charge an email's or a newsletter's messages to the key's hourly quota: 422 when they
+    exceed the whole quota, 429 with the true wait when they fit later."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is None:
+        return
+    try:
+        await message_quota(request.config_dict[SETTINGS]).take(
+            request.config_dict[REDIS], principal.key_id, messages
+        )
+    except NeverFits as exc:
+        raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+    except QuotaExceeded as exc:
+        raise web.HTTPTooManyRequests(
+            text=str(exc), headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        ) from None

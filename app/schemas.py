@@ -196,6 +196,7 @@ class RunView(BaseModel):
     period: datetime  # when the run was due
     enqueued_at: datetime
     jobs: list[RunJob]
+    skipped: str | None = None  # why nothing was enqueued: the owner's message quota was full
 
 
 class RunList(BaseModel):

@@ -13,7 +13,8 @@ from typing import Literal
 PREFIX = "asyncjobs:"
 
 # --- API (app/) ---------------------------------------------------------------------------
-RATE_KEY_PREFIX = PREFIX + "rate:"  # + key name:window -> requests in the window (app/auth.py)
+RATE_KEY_PREFIX = PREFIX + "rate:"  # + key name:window -> requests in the window (quota.py)
+QUOTA_KEY_PREFIX = PREFIX + "quota:"  # + unit:key id -> hash {tokens, at} (asyncjobs/quota.py)
 IDEMPOTENCY_KEY_PREFIX = PREFIX + "idem:"  # + sha256(scope) -> the first answer
 SESSION_KEY_PREFIX = PREFIX + "session:"  # + session id -> dashboard session hash
 SCRAPE_BATCH_KEY_PREFIX = PREFIX + "scrape-batch:"  # + batch id -> JSON [{job_id, url}]
@@ -114,8 +115,13 @@ def schedule_runs_key(schedule_id: str) -> str:
 
 
 def schedule_run_key(schedule_id: str, period: int) -> str:
-    """Marker: the period's run is enqueued."""
+    """Marker: the period's run is enqueued (or skipped)."""
     return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:run:{period}"
+
+
+def schedule_charge_key(schedule_id: str, period: int) -> str:
+    """The period's run's charge to its owner's quota, once: "1:<left>" or "0:<wait s>"."""
+    return f"{SCHEDULE_KEY_PREFIX}{schedule_id}:charge:{period}"
 
 
 # --- Housekeeping (jobs/housekeeping/) -------------------------------------------------------

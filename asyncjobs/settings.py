@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     # When set, callers may only send `from` these domains (the service is not an open relay).
     mail_allowed_sender_domains: Annotated[list[str], NoDecode] = []
     newsletter_max_recipients: int = Field(10_000, gt=0)
+    # Messages one API key may have sent per hour (emails' recipients, newsletters', and every
+    # run of its schedules), a bucket that refills continuously: it must hold the largest
+    # newsletter, so that one is admitted at once when the bucket is full.
+    mail_messages_per_hour: int = Field(20_000, gt=0)
     mail_sink_dir: Path | None = Field(None, description="dev mail sink folder; enables /dev/mail")
 
     # Scraping
@@ -211,6 +215,16 @@ class Settings(BaseSettings):
             check_address(self.mail_from, self.mail_allow_local_domains)
         except ValueError as exc:
             raise ValueError(f"MAIL_FROM={self.mail_from!r}: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> Settings:
+        if self.newsletter_max_recipients > self.mail_messages_per_hour:
+            raise ValueError(
+                f"NEWSLETTER_MAX_RECIPIENTS={self.newsletter_max_recipients} is more than "
+                f"MAIL_MESSAGES_PER_HOUR={self.mail_messages_per_hour}: the largest newsletter "
+                "allowed could never be sent; lower the one or raise the other"
+            )
         return self
 
     @field_validator("mail_allowed_sender_domains", mode="before")

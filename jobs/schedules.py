@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,14 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
-from asyncjobs.keys import SCHEDULE_KEY_PREFIX, SCHEDULES_KEY, schedule_run_key, schedule_runs_key
+from asyncjobs.keys import (
+    SCHEDULE_KEY_PREFIX,
+    SCHEDULES_KEY,
+    schedule_charge_key,
+    schedule_run_key,
+    schedule_runs_key,
+)
+from asyncjobs.quota import HourlyQuota, NeverFits, QuotaExceeded, message_quota
 from asyncjobs.registry import JobType, Priority, job_types
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
@@ -132,6 +140,8 @@ class ScheduleSpec(ScheduleFields):
 
 class Schedule(BaseModel):
     id: str
+    # The API key (its id) that created it: each run's messages are charged to its quota.
+    owner: str | None = None
     name: str | None = None
     cron: str | None = None
     every: int | None = None
@@ -161,10 +171,47 @@ class Schedule(BaseModel):
         return self.upcoming(start, 1)[0] - start
 
 
+# --- cost -------------------------------------------------------------------------------------
+RUNS_LOOKED_AHEAD = 1500  # a cron's runs read to find its busiest hour (a minutely one: a day)
+
+
+def messages_per_run(job: ScheduledJob) -> int:
+    """The messages one run sends (its body is stored validated: addresses de-duplicated)."""
+    if job.type == "email":
+        return sum(len(job.body.get(field) or []) for field in ("to", "cc", "bcc"))
+    if job.type == "newsletter":
+        return len(job.body.get("recipients") or [])
+    return 0
+
+
+def busiest_hour_runs(schedule: Schedule, now: datetime) -> int:
+    """The most runs the schedule makes in any hour: for a cron, over its next runs."""
+    if schedule.every is not None:
+        return math.ceil(3600 / schedule.every)
+    times = [t.timestamp() for t in schedule.upcoming(now, RUNS_LOOKED_AHEAD)]
+    busiest, first = 0, 0
+    for last, at in enumerate(times):  # a window of one hour slid over the run times
+        while at - times[first] >= 3600:
+            first += 1
+        busiest = max(busiest, last - first + 1)
+    return busiest
+
+
+def check_schedule_fits(schedule: Schedule, quota: HourlyQuota, now: datetime) -> None:
+    """NeverFits if one run, or the runs of its busiest hour, need more than the quota."""
+    per_run = messages_per_run(schedule.job)
+    if not per_run:
+        return
+    quota.check_fits(per_run, "one run of this schedule")
+    runs = busiest_hour_runs(schedule, now)
+    quota.check_fits(per_run * runs, f"this schedule's busiest hour ({runs} runs)")
+
+
 class ScheduleRun(BaseModel):
     period: datetime  # the time the run was due
     enqueued_at: datetime
     job_ids: list[str]
+    skipped: str | None = None  # why nothing was enqueued (the owner's quota)
 
 
 class ScheduleView(Schedule):
@@ -179,14 +226,12 @@ async def save_schedule(redis: Redis, schedule: Schedule) -> None:
         await pipe.execute()
 
 
-async def create_schedule(redis: Redis, spec: ScheduleSpec) -> Schedule:
+def new_schedule(spec: ScheduleSpec, owner: str | None) -> Schedule:
     now = now_utc()
     data = spec.model_dump(exclude_none=True)
-    schedule = Schedule.model_validate(
-        data | {"id": uuid.uuid4().hex, "created_at": now, "updated_at": now}
+    return Schedule.model_validate(
+        data | {"id": uuid.uuid4().hex, "owner": owner, "created_at": now, "updated_at": now}
     )
-    await save_schedule(redis, schedule)
-    return schedule
 
 
 async def get_schedule(redis: Redis, schedule_id: str) -> Schedule | None:
@@ -202,13 +247,17 @@ async def list_schedules(redis: Redis) -> list[Schedule]:
     return [Schedule.model_validate_json(as_text(raw)) for raw in raws if raw]
 
 
-async def update_schedule(redis: Redis, schedule: Schedule, changes: dict[str, Any]) -> Schedule:
+def changed_schedule(schedule: Schedule, changes: dict[str, Any]) -> Schedule:
     merged = schedule.model_dump() | changes | {"updated_at": now_utc()}
     if "cron" in changes:
         merged["every"] = None
     if "every" in changes:
         merged["cron"] = None
-    updated = Schedule.model_validate(merged)
+    return Schedule.model_validate(merged)
+
+
+async def update_schedule(redis: Redis, schedule: Schedule, changes: dict[str, Any]) -> Schedule:
+    updated = changed_schedule(schedule, changes)
     await save_schedule(redis, updated)
     return updated
 
@@ -262,22 +311,53 @@ async def run_due_schedules(redis: ArqRedis, settings: Settings, now: datetime) 
         marker = schedule_run_key(schedule.id, period)
         if await redis.exists(marker):
             continue
+        ttl = schedule.period_length(start) + timedelta(days=1)
+        skipped = await charge_run(redis, settings, schedule, period, ttl)
+        if skipped is not None:
+            if await redis.set(marker, "skipped", ex=ttl, nx=True):  # one worker records it
+                log.warning("schedule %s: run of %s skipped: %s", schedule.id, start, skipped)
+                await record_run(redis, schedule.id, ScheduleRun(
+                    period=start, enqueued_at=now_utc(), job_ids=[], skipped=skipped
+                ))  # fmt: skip
+            continue
         try:
             job_ids = await enqueue_run(redis, settings, schedule, period)
         except (ValidationError, ValueError) as exc:  # a job type gone, or its model changed
             log.warning("schedule %s: run of %s skipped: %s", schedule.id, start, exc)
             job_ids = []
-        ttl = schedule.period_length(start) + timedelta(days=1)
         await redis.set(marker, "1", ex=ttl)
         if not job_ids:  # another worker enqueued this run first
             continue
-        run = ScheduleRun(period=start, enqueued_at=now_utc(), job_ids=job_ids)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.lpush(schedule_runs_key(schedule.id), run.model_dump_json())
-            pipe.ltrim(schedule_runs_key(schedule.id), 0, HISTORY_KEEP - 1)
-            await pipe.execute()
+        await record_run(
+            redis, schedule.id, ScheduleRun(period=start, enqueued_at=now_utc(), job_ids=job_ids)
+        )
         ran.append(schedule.id)
     return ran
+
+
+async def charge_run(
+    redis: ArqRedis, settings: Settings, schedule: Schedule, period: int, ttl: timedelta
+) -> str | None:
+    """Charge the run's messages to the owner's quota, once per period however many workers
+    tick; why the run is skipped, or None if it may go."""
+    messages = messages_per_run(schedule.job)
+    if schedule.owner is None or not messages:
+        return None
+    once = (schedule_charge_key(schedule.id, period), ttl.total_seconds())
+    try:
+        await message_quota(settings).take(
+            redis, schedule.owner, messages, f"this run of schedule {schedule.id}", once
+        )
+    except (QuotaExceeded, NeverFits) as exc:
+        return str(exc)
+    return None
+
+
+async def record_run(redis: Redis, schedule_id: str, run: ScheduleRun) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.lpush(schedule_runs_key(schedule_id), run.model_dump_json())
+        pipe.ltrim(schedule_runs_key(schedule_id), 0, HISTORY_KEEP - 1)
+        await pipe.execute()
 
 
 async def enqueue_run(

@@ -149,16 +149,17 @@ async def test_dead_letter_arguments_are_redacted_for_every_reader_but_retried_w
 async def test_every_change_counts_its_real_weight_against_the_key(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """One unit per message or URL, and every mutating route: a 10-recipient email used to be
-    one hit, and POST /sources was not limited at all."""
+    """One unit per URL, and every mutating route: a 10-URL scrape used to be one hit, and
+    POST /sources was not limited at all. (Messages count against their own hourly quota,
+    tests/test_quotas.py.)"""
     window = 8.0
     settings = make_settings(rate_limit_requests=10, rate_limit_window=window)
     async with api_client(create_app(settings)) as client:
         started = await start_of_a_window(window)
-        eight = EMAIL | {"to": [f"r{n}@example.com" for n in range(8)] + ["r0@example.com"]}
-        assert (await client.post("/jobs/email", json=eight)).status == 202  # 8 after de-dup
-        three = EMAIL | {"to": ["a@example.com", "b@example.com", "c@example.com"]}
-        refused = await client.post("/jobs/email", json=three)
+        eight = {"urls": [f"http://127.0.0.1:9/{n}" for n in range(8)]}
+        assert (await client.post("/jobs/scrape", json=eight)).status == 202
+        three = {"urls": [f"http://127.0.0.1:9/{n}" for n in range(3)]}
+        refused = await client.post("/jobs/scrape", json=three)
         assert refused.status == 429  # 8 + 3 > 10
         source = {"url": "http://example.com/", "schedule": "daily"}
         statuses = [(await client.post("/sources", json=source)).status for _ in range(3)]

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from app import actions, mailsink
 from app.actions import ABORTABLE
-from app.auth import KEYRING, Window
+from app.auth import KEYRING
 from app.dashboard.data import (
     JOB_STATES,
     WINDOWS,
@@ -44,6 +44,7 @@ from app.jobstatus import read_job_with_progress
 from app.redaction import redact
 from app.schemas import JobView
 from app.state import REDIS, SETTINGS
+from asyncjobs.quota import Window
 from asyncjobs.registry import job_types
 from asyncjobs.settings import Settings
 from jobs.deadletter import list_dead_letters

@@ -10,7 +10,7 @@ import uuid
 from aiohttp import web
 
 from app import actions
-from app.auth import charge_more
+from app.auth import charge_messages, charge_more
 from app.http import (
     JOB_ID_PATTERN,
     enqueue,
@@ -43,7 +43,7 @@ async def enqueue_email(request: web.Request) -> web.Response:
     context = validation_context(settings, settings.mail_max_recipients)
     options, body = await read_job_request(request)
     spec = EmailSpec.model_validate(body, context=context)
-    await charge_more(request, len(spec.envelope_recipients()))  # one per message sent
+    await charge_messages(request, len(spec.envelope_recipients()))  # one per message sent
     message_id = new_message_id(spec.from_ or settings.mail_from)
     job_id = await enqueue(
         request,
@@ -66,7 +66,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     spec = NewsletterSpec.model_validate(body, context=context)
     newsletter_id = uuid.uuid4().hex
     total = len(spec.recipients)
-    await charge_more(request, total)
+    await charge_messages(request, total)
     await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
     await enqueue(
         request,

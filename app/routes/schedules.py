@@ -11,11 +11,13 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from app.auth import PRINCIPAL
 from app.http import found, json_model, read_json_object
 from app.joboptions import JobOptions
 from app.jobstatus import read_job
 from app.schemas import RunJob, RunList, RunView, ScheduleList, ScrapeRequest
 from app.state import REDIS, SETTINGS
+from asyncjobs.quota import NeverFits, message_quota
 from asyncjobs.settings import Settings
 from jobs.housekeeping.export import ExportRequest
 from jobs.mail.email import EmailSpec, validation_context
@@ -25,14 +27,16 @@ from jobs.schedules import (
     ScheduledJob,
     ScheduleFields,
     ScheduleSpec,
-    create_schedule,
+    changed_schedule,
+    check_schedule_fits,
     delete_schedule,
     get_schedule,
     list_schedules,
+    new_schedule,
     read_runs,
+    save_schedule,
     scheduled_job_type,
     set_paused,
-    update_schedule,
     view_of,
 )
 from jobs.values import now_utc
@@ -87,11 +91,23 @@ def _prefixed(exc: ValidationError, prefix: tuple[str, ...]) -> ValidationError:
     return ValidationError.from_exception_data(exc.title, errors)
 
 
+def within_quota(schedule: Schedule, settings: Settings) -> Schedule:
+    """The schedule, if its runs can fit its owner's message quota; 422 otherwise (each run is
+    charged to the owner when it runs, and skipped when the quota has no room)."""
+    try:
+        check_schedule_fits(schedule, message_quota(settings), now_utc())
+    except NeverFits as exc:
+        raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+    return schedule
+
+
 async def create(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     spec = ScheduleSpec.model_validate(await read_json_object(request))
     spec = spec.model_copy(update={"job": checked_job(spec.job, settings)})
-    schedule = await create_schedule(request.app[REDIS], spec)
+    principal = request.get(PRINCIPAL)
+    schedule = within_quota(new_schedule(spec, principal and principal.key_id), settings)
+    await save_schedule(request.app[REDIS], schedule)
     response = json_model(view_of(schedule, now_utc()), status=201)
     response.headers["Location"] = f"/schedules/{schedule.id}"
     return response
@@ -114,7 +130,8 @@ async def change(request: web.Request) -> web.Response:
     changes = fields.model_dump(exclude_none=True)
     if fields.job is not None:
         changes["job"] = checked_job(fields.job, request.app[SETTINGS]).model_dump()
-    schedule = await update_schedule(request.app[REDIS], await _existing(request), changes)
+    schedule = changed_schedule(await _existing(request), changes)
+    await save_schedule(request.app[REDIS], within_quota(schedule, request.app[SETTINGS]))
     return json_model(view_of(schedule, now_utc()))
 
 
@@ -141,7 +158,9 @@ async def runs(request: web.Request) -> web.Response:
             RunJob(job_id=job_id, status=(await read_job(redis, job_id, queue)).status)
             for job_id in run.job_ids
         ]
-        views.append(RunView(period=run.period, enqueued_at=run.enqueued_at, jobs=jobs))
+        views.append(RunView(
+            period=run.period, enqueued_at=run.enqueued_at, jobs=jobs, skipped=run.skipped
+        ))  # fmt: skip
     return json_model(RunList(runs=views))
 
 
