@@ -29,15 +29,21 @@ def default_priority(function: str) -> Priority:
     return job_type.priority if job_type is not None else "bulk"
 
 
-async def enqueue(redis: ArqRedis, function: str, /, **kwargs: Any) -> str:
+async def enqueue(
+    redis: ArqRedis, function: str, /, *, _existing_ok: bool = False, **kwargs: Any
+) -> str:
     """Enqueue an arq job, count it for the metrics and wake a waiting worker, in one round
     trip (jobs.engine.queue.enqueue_job); the job's id. arq's `_job_id` etc. pass through
-    (positional-only names leave every keyword to the job)."""
+    (positional-only names leave every keyword to the job). A `_job_id` that exists is a 409,
+    or with `_existing_ok` the answer (the caller's own earlier try enqueued it)."""
     kwargs.setdefault("_priority", default_priority(function))
+    chosen: str | None = kwargs.get("_job_id")
     job_id = await enqueue_job(redis, function, **kwargs)
-    if job_id is None:
-        raise web.HTTPConflict(text=f"job {kwargs.get('_job_id')} already exists")
-    return job_id
+    if job_id is not None:
+        return job_id
+    if _existing_ok and chosen is not None:
+        return chosen
+    raise web.HTTPConflict(text=f"job {chosen} already exists")
 
 
 async def enqueue_many(
@@ -45,15 +51,17 @@ async def enqueue_many(
     function: str,
     calls: list[dict[str, Any]],
     replicated: Settings | None = None,
+    existing_ok: bool = False,
 ) -> list[str]:
     """`enqueue` for many jobs of one function in one round trip; their ids, in order."""
     priority = default_priority(function)
     calls = [{"_priority": priority} | call for call in calls]
     ids = await enqueue_jobs(redis, function, calls, replicated)
-    taken = [call.get("_job_id") for call, job_id in zip(calls, ids, strict=True) if not job_id]
-    if taken:
+    chosen = [call.get("_job_id") for call in calls]
+    taken = [wanted for wanted, job_id in zip(chosen, ids, strict=True) if not job_id]
+    if taken and not (existing_ok and all(taken)):
         raise web.HTTPConflict(text=f"jobs {', '.join(map(str, taken))} already exist")
-    return [job_id for job_id in ids if job_id]
+    return [job_id or str(wanted) for job_id, wanted in zip(ids, chosen, strict=True)]
 
 
 async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:

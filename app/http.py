@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from app import actions
+from app.idempotency import new_job_id
 from app.state import REDIS, SETTINGS
 
 T = TypeVar("T")
@@ -93,14 +94,28 @@ def status_url(request: web.Request, job_id: str) -> str:
 
 async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
     """`app.actions.enqueue` with the app's Redis; the new job's id. With REDIS_WAIT_REPLICAS,
-    only once replicas have the job (else 503: see app/errors.py)."""
+    only once replicas have the job (else 503: see app/errors.py). With an Idempotency-Key, the
+    job's id is derived from it (unless the handler chose one, derived too) and an existing job
+    of that id is this request's own, from an earlier try: its id is the answer."""
     settings = request.app[SETTINGS]
-    return await actions.enqueue(request.app[REDIS], function, _replicated=settings, **kwargs)
+    keyed = "Idempotency-Key" in request.headers
+    if keyed:
+        kwargs.setdefault("_job_id", new_job_id(request))
+    return await actions.enqueue(
+        request.app[REDIS], function, _replicated=settings, _existing_ok=keyed, **kwargs
+    )
 
 
 async def enqueue_many(
     request: web.Request, function: str, calls: list[dict[str, Any]]
 ) -> list[str]:
-    """`app.actions.enqueue_many` with the app's Redis; the new jobs' ids."""
+    """`app.actions.enqueue_many` with the app's Redis; the new jobs' ids (derived from an
+    Idempotency-Key as `enqueue`'s are, one per call)."""
     settings = request.app[SETTINGS]
-    return await actions.enqueue_many(request.app[REDIS], function, calls, settings)
+    keyed = "Idempotency-Key" in request.headers
+    if keyed:
+        base = new_job_id(request)
+        calls = [{"_job_id": f"{base}-{n}"} | call for n, call in enumerate(calls)]
+    return await actions.enqueue_many(
+        request.app[REDIS], function, calls, settings, existing_ok=keyed
+    )

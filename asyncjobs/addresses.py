@@ -69,6 +69,9 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def new_message_id(sender: str) -> str:
-    """A globally unique Message-ID, fixed at enqueue time so every retry sends the same one."""
-    return make_msgid(domain=domain_of(sender) or "localhost")
+def new_message_id(sender: str, unique: str | None = None) -> str:
+    """A globally unique Message-ID, fixed at enqueue time so every retry sends the same one:
+    from `unique` (an id no other message has, e.g. derived from an Idempotency-Key, so that
+    every try of the request names one message), or made up."""
+    domain = domain_of(sender) or "localhost"
+    return f"<{unique}@{domain}>" if unique else make_msgid(domain=domain)

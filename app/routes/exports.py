@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from uuid import uuid4
 
 from aiohttp import web
 
 from app.http import enqueue, json_model, status_url
-from app.idempotency import idempotent
+from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import SETTINGS
@@ -23,7 +22,7 @@ class ExportAccepted(JobAccepted):
 async def enqueue_export(request: web.Request) -> web.Response:
     options, body = await read_job_request(request)
     spec = ExportRequest.model_validate(body)
-    export_id = uuid4().hex
+    export_id = new_job_id(request)
     await enqueue(
         request,
         "export",

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from app.http import enqueue, json_model, status_url
-from app.idempotency import idempotent
+from app.idempotency import idempotent, new_job_id
 from app.joboptions import JobOptions, read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
@@ -34,7 +33,7 @@ class ImageAccepted(JobAccepted):
 
 @idempotent
 async def enqueue_image(request: web.Request) -> web.Response:
-    job_id = uuid.uuid4().hex  # also the folder of its versions
+    job_id = new_job_id(request)  # also the folder of its versions
     if request.content_type == "multipart/form-data":
         options, kwargs = await _upload(request, job_id)
     else:

@@ -5,8 +5,6 @@ Each handler is small; the work happens in the worker.
 
 from __future__ import annotations
 
-import uuid
-
 from aiohttp import web
 
 from app import actions
@@ -18,7 +16,7 @@ from app.http import (
     json_model,
     status_url,
 )
-from app.idempotency import idempotent
+from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.jobstatus import read_job_with_progress
 from app.routes.batches import batch_url, save_batch
@@ -44,7 +42,7 @@ async def enqueue_email(request: web.Request) -> web.Response:
     options, body = await read_job_request(request)
     spec = EmailSpec.model_validate(body, context=context)
     await charge_messages(request, len(spec.envelope_recipients()))  # one per message sent
-    message_id = new_message_id(spec.from_ or settings.mail_from)
+    message_id = new_message_id(spec.from_ or settings.mail_from, new_job_id(request))
     job_id = await enqueue(
         request,
         "send_email",
@@ -64,7 +62,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     context = validation_context(settings, settings.newsletter_max_recipients)
     options, body = await read_job_request(request)
     spec = NewsletterSpec.model_validate(body, context=context)
-    newsletter_id = uuid.uuid4().hex
+    newsletter_id = new_job_id(request)
     total = len(spec.recipients)
     await charge_messages(request, total)
     await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
@@ -102,7 +100,7 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     ]
     if scrape.url is not None:
         return json_model(accepted[0], status=202)
-    batch_id = uuid.uuid4().hex
+    batch_id = new_job_id(request)
     await save_batch(request.app[REDIS], batch_id, accepted)
     batch = ScrapeBatchAccepted(
         batch_id=batch_id, batch_url=batch_url(request, batch_id), jobs=accepted

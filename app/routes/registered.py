@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from app.auth import charge_more
 from app.http import json_model, status_url
-from app.idempotency import idempotent, scoped_key
+from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
@@ -48,14 +48,6 @@ def endpoint_of(job_type: JobType) -> str | None:
     return f"/jobs/{job_type.public_name}" if job_type.public_name else None
 
 
-def idempotent_job_id(request: web.Request) -> str | None:
-    """The job id an Idempotency-Key stands for, scoped to the caller's API key."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    return "idem-" + scoped_key(request, key)[:32]
-
-
 def enqueue_handler(job_type: JobType) -> Any:
     @idempotent
     async def enqueue(request: web.Request) -> web.Response:
@@ -63,7 +55,7 @@ def enqueue_handler(job_type: JobType) -> Any:
         options, body = await read_job_request(request)
         arguments = job_type.validate(body)  # 422 naming the field, before anything is stored
         await charge_more(request, job_type.cost)
-        key_job_id = idempotent_job_id(request)
+        key_job_id = new_job_id(request) if "Idempotency-Key" in request.headers else None
         new_id = await enqueue_registered(
             request.app[REDIS],
             settings,
