@@ -33,8 +33,11 @@ from app.state import REDIS, SETTINGS
 from asyncjobs.keys import IDEMPOTENCY_KEY_PREFIX
 
 MAX_KEY_LENGTH = 255
-# A claim whose request never finished (its web process died) frees the key after this.
-PENDING_TTL_S = 120
+# A claim whose request never finished (its web process died, or Redis stalled so long that the
+# try could not mark its outcome unknown) frees the key after this: longer than a request may
+# take (a 10 s body, a few 2 s Redis calls); a retry sooner gets 409. Two tries at once could
+# only name the same ids, so the bound is about answers, not duplicates.
+PENDING_TTL_S = 30
 
 # KEYS: the record. ARGV: the state to replace, the new record, its life (s). 1 if replaced.
 _TAKE_OVER = """
