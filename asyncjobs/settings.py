@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # CPU_WORKERS pool processes and is stopped after CPU_LIMIT_SECONDS (the job fails for good).
     cpu_limit_seconds: float = Field(5, gt=0)
     cpu_workers: int = Field(2, ge=1, le=32)
+    # Address space of each pool process (MiB; 0: none): whatever slips past the templates'
+    # sandbox or a selector's bounds fails with the reason instead of exhausting the host.
+    cpu_memory_limit_mb: int = Field(2048, ge=0)
     # The default sender; checked at start against the rules below, as every address is.
     mail_from: str = "asyncjobs@localhost.localdomain"
     # Dotless domains (you@localhost, ops@mailhost): off by default, on in `python -m app dev`.

@@ -46,7 +46,7 @@ async def startup(ctx: dict[str, Any]) -> None:
             HTTP: http,
             FETCHER: Fetcher(http, settings, redis),
             SMTP: SmtpPool(settings) if settings.smtp_host else None,
-            CPU: CpuPool(settings.cpu_workers, settings.cpu_limit_seconds),
+            CPU: CpuPool.from_settings(settings),
             SEND_RATE: (
                 SendRate(redis, settings.smtp_max_per_second)
                 if settings.smtp_max_per_second

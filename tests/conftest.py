@@ -193,7 +193,7 @@ async def make_ctx(
         settings = make_settings(**overrides)
         session = make_http_session(settings, dns=dns)
         sessions.append(session)
-        pools.append(CpuPool(settings.cpu_workers, settings.cpu_limit_seconds))
+        pools.append(CpuPool.from_settings(settings))
         fetcher = Fetcher(session, settings, redis)
         return WorkerContext(
             {"settings": settings, "redis": redis, "fetcher": fetcher, "cpu": pools[-1]}

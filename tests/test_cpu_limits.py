@@ -9,10 +9,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import pytest
 from arq.connections import ArqRedis
 
 from app.web import create_app
 from asyncjobs.settings import Settings
+from jobs.cpulimit import CpuLimitExceeded, CpuPool
 from jobs.deadletter import get_dead_letter
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient, api_client, wait_for
@@ -138,3 +140,20 @@ async def test_output_that_would_be_too_big_is_refused_before_it_is_built(
         problem
     )
     assert [m.rcpt_tos for m in smtp[0].messages] == [["ok@example.com"]]
+
+
+def allocate(megabytes: int) -> int:
+    """In a pool process: build a value of this size."""
+    return len(bytearray(megabytes * 1024 * 1024))
+
+
+async def test_work_past_the_pools_memory_limit_fails_with_the_reason() -> None:
+    """What slips past the sandbox's and the selectors' bounds meets the address-space limit
+    of the pool process, not the host's memory; the pool goes on serving."""
+    pool = CpuPool(workers=1, seconds=10, memory_mb=1024)
+    try:
+        with pytest.raises(CpuLimitExceeded, match="needed more than 1024 MiB"):
+            await pool.run("the test's allocation", allocate, 4096)
+        assert await pool.run("a small allocation", allocate, 64) == 64 * 1024 * 1024
+    finally:
+        await pool.close()

@@ -13,8 +13,6 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from jinja2 import Template, TemplateSyntaxError
-from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -39,39 +37,13 @@ from jobs.mail.email import (
     validation_context,
 )
 from jobs.mail.headers import header_name
+from jobs.mail.sandbox import html_env, render, text_env
 from jobs.retry import builtin
 
 log = logging.getLogger(__name__)
 
 HARD_MAX_RECIPIENTS = 100_000
 ENQUEUE_CHUNK = 500
-
-MAX_RENDERED_CHARS = MAX_BODY_CHARS  # what one rendered template may grow to
-TOO_LONG = f"template output exceeded {MAX_RENDERED_CHARS} characters"
-
-
-class LimitedSandbox(SandboxedEnvironment):
-    """Jinja2's sandbox (no Python internals), and no string, list or number built bigger than
-    a message may be: `{{ 'x' * 10000000 }}` used to be built in full before the size check.
-    Loops are bounded by the sandbox's `range` (100,000 items) and, in all, by the deadline of
-    the pool process that renders (jobs.cpulimit)."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, times in ((left, right), (right, left)):
-                sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
-                if sized and len(seq) * times > MAX_RENDERED_CHARS:
-                    raise SecurityError(TOO_LONG)
-        if operator == "**" and isinstance(right, int) and abs(right) > 1000:
-            raise SecurityError("template exponent larger than 1000")
-        return super().call_binop(context, operator, left, right)
-
-
-# Templates come from API callers: the sandbox keeps them away from Python internals.
-_text_env = LimitedSandbox(autoescape=False)
-_html_env = LimitedSandbox(autoescape=True)
 
 
 class Recipient(BaseModel):
@@ -106,7 +78,7 @@ class NewsletterSpec(BaseModel):
     def _compiles(cls, template: str | None) -> str | None:
         if template is not None:
             try:
-                _text_env.parse(template)
+                text_env.parse(template)
             except TemplateSyntaxError as exc:
                 raise ValueError(f"template error on line {exc.lineno}: {exc.message}") from exc
             except RecursionError:  # ((((...)))) or {% if %} thousands deep: Jinja2 recurses
@@ -145,9 +117,9 @@ class Templates:
     @classmethod
     def compile(cls, spec: NewsletterSpec) -> Templates:
         return cls(
-            subject=_text_env.from_string(spec.subject),
-            text=_text_env.from_string(spec.text) if spec.text else None,
-            html=_html_env.from_string(spec.html) if spec.html else None,
+            subject=text_env.from_string(spec.subject),
+            text=text_env.from_string(spec.text) if spec.text else None,
+            html=html_env.from_string(spec.html) if spec.html else None,
         )
 
 
@@ -162,9 +134,9 @@ def render_for(
     a valid email, RenderError if the recipient's variables break a template."""
     variables = {"email": recipient.email, **recipient.vars}
     try:
-        subject = _render(templates.subject, variables)
-        text = _render(templates.text, variables) if templates.text else None
-        html = _render(templates.html, variables) if templates.html else None
+        subject = render(templates.subject, variables)
+        text = render(templates.text, variables) if templates.text else None
+        html = render(templates.html, variables) if templates.html else None
     except Exception as exc:  # the sandbox's errors and whatever the template itself raises
         raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from exc
     email = EmailSpec.model_validate(
@@ -180,17 +152,6 @@ def render_for(
         context=context,
     )
     return email.model_dump(mode="json", by_alias=True)
-
-
-def _render(template: Template, variables: dict[str, Any]) -> str:
-    """The template's output, stopped as soon as it grows past MAX_RENDERED_CHARS."""
-    parts, size = [], 0
-    for part in template.generate(variables):
-        size += len(part)
-        if size > MAX_RENDERED_CHARS:
-            raise SecurityError(TOO_LONG)
-        parts.append(part)
-    return "".join(parts)
 
 
 Rendered = tuple[dict[str, Any] | None, str | None]  # (job arguments, or why not)
