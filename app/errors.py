@@ -26,10 +26,14 @@ ERROR_CODES = {
     405: "method_not_allowed",
     408: "request_timeout",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
     422: "validation_error",
     429: "too_many_requests",
+    431: "request_header_fields_too_large",
+    500: "internal_error",
     503: "service_unavailable",
+    504: "gateway_timeout",
 }
 
 

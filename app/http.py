@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -26,16 +27,22 @@ def json_model(model: BaseModel, status: int = 200) -> web.Response:
     )
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; 400 for empty or malformed JSON, 413 (by aiohttp) if too big."""
+async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
+    """`reading` (of the request's body) within HTTP_BODY_TIMEOUT, else 408: a client that
+    trickles its body holds its own connection that long, and nothing else."""
     timeout = request.config_dict[SETTINGS].http_body_timeout
     try:
         async with asyncio.timeout(timeout):
-            raw = await request.read()
+            return await reading
     except TimeoutError:
         raise web.HTTPRequestTimeout(
             text=f"the request body did not arrive within {timeout:g} s"
         ) from None
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; 400 for empty or malformed JSON, 413 (by aiohttp) if too big."""
+    raw = await within_body_timeout(request, request.read())
     if not raw.strip():
         raise web.HTTPBadRequest(text="request body is empty: send a JSON object")
     try:

@@ -68,6 +68,7 @@ class HttpMetrics:
 
 
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
+UNPARSED = "unparsed"  # method and route of a request the HTTP parser refused
 
 
 @web.middleware
@@ -87,6 +88,14 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
         metrics = request.app[HTTP_METRICS]
         metrics.requests.labels(request.method, route, str(status)).inc()
         metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+
+
+def count_unparsed(app: web.Application, status: int) -> None:
+    """A request aiohttp's HTTP parser refused (app/httperrors.py): no middleware saw it, and
+    it has no method or route to label it with."""
+    metrics = app.get(HTTP_METRICS)
+    if metrics is not None:
+        metrics.requests.labels(UNPARSED, UNPARSED, str(status)).inc()
 
 
 class _Snapshot:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
 from app.auth import KEYRING, KeyRing, rate_limit, require_api_key
 from app.dashboard import setup_dashboard
 from app.errors import json_errors
+from app.httperrors import JsonErrorAppRunner
 from app.routes import add_routes
 from app.state import REDIS, SETTINGS
 from asyncjobs.redis import connect
@@ -39,17 +43,30 @@ async def _redis_client(app: web.Application) -> AsyncIterator[None]:
     await app[REDIS].aclose(close_connection_pool=True)
 
 
-def app_runner(settings: Settings) -> web.AppRunner:
-    """The app as it is served: idle keep-alive connections closed after a while."""
-    return web.AppRunner(create_app(settings), keepalive_timeout=settings.http_keepalive_timeout)
+def app_runner(settings: Settings, **kwargs: Any) -> web.AppRunner:
+    """The app as it is served: idle keep-alive connections closed after a while, and the
+    requests aiohttp's HTTP parser refuses answered in JSON too (app/httperrors.py)."""
+    return JsonErrorAppRunner(
+        create_app(settings), keepalive_timeout=settings.http_keepalive_timeout, **kwargs
+    )
 
 
 def run_web(settings: Settings) -> None:
     if not (settings.api_keys or settings.api_read_keys):
         raise SystemExit("error: set API_KEYS (comma-separated bearer keys); none is configured")
-    web.run_app(
-        create_app(settings),
-        host=settings.web_host,
-        port=settings.web_port,
-        keepalive_timeout=settings.http_keepalive_timeout,
-    )
+    with contextlib.suppress(web.GracefulExit):  # SIGTERM or Ctrl-C, once cleaned up
+        asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings) -> None:
+    """What web.run_app does (which always makes a plain AppRunner): serve app_runner on
+    WEB_HOST:WEB_PORT until SIGINT or SIGTERM, then shut down gracefully."""
+    runner = app_runner(settings, handle_signals=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.web_host, settings.web_port)
+        await site.start()
+        print(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)", flush=True)
+        await asyncio.Event().wait()  # a signal raises GracefulExit out of the loop
+    finally:
+        await runner.cleanup()

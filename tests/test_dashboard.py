@@ -49,9 +49,16 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
+async def login_token(ui: ApiClient) -> str:
+    """GET the login form as a browser does: its CSRF token (the client keeps the cookie)."""
+    page = await ui.get("/ui/login")
+    assert page.status == 200
+    return csrf_of(await page.text())
+
+
 async def log_in(ui: ApiClient, key: str = API_KEY) -> str:
     """Log in through the form; the session's CSRF token."""
-    response = await ui.post("/ui/login", data={"key": key})
+    response = await ui.post("/ui/login", data={"key": key, "csrf": await login_token(ui)})
     assert response.status == 200 and response.url.path == "/ui"
     return csrf_of(await response.text())
 
@@ -68,13 +75,18 @@ async def test_login_sets_a_strict_cookie_and_logout_ends_the_session(
 ) -> None:
     login_page = await ui.get("/ui/login")
     assert login_page.status == 200 and 'name="key"' in await login_page.text()
+    token = csrf_of(await login_page.text())
 
-    wrong = await ui.post("/ui/login", data={"key": "not-a-key"}, allow_redirects=False)
+    wrong = await ui.post(
+        "/ui/login", data={"key": "not-a-key", "csrf": token}, allow_redirects=False
+    )
     assert wrong.status == 401
     assert "not valid" in await wrong.text()
-    assert "Set-Cookie" not in wrong.headers
+    assert "asyncjobs_session" not in wrong.cookies
 
-    response = await ui.post("/ui/login", data={"key": API_KEY}, allow_redirects=False)
+    response = await ui.post(
+        "/ui/login", data={"key": API_KEY, "csrf": token}, allow_redirects=False
+    )
     assert response.status == 303 and response.headers["Location"] == "/ui"
     cookie = response.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/ui" in cookie
@@ -101,18 +113,21 @@ async def test_failed_sign_ins_are_limited_per_address(
     window = 4.0
     app = create_app(make_settings(login_max_failures=3, login_failure_window=window))
     async with TestClient(TestServer(app, host="127.0.0.1")) as ui:
+        token = await login_token(ui)
         started = await start_of_a_window(window)
         for _ in range(3):
-            assert (await ui.post("/ui/login", data={"key": "guess"})).status == 401
-        blocked = await ui.post("/ui/login", data={"key": API_KEY}, allow_redirects=False)
+            guess = await ui.post("/ui/login", data={"key": "guess", "csrf": token})
+            assert guess.status == 401
+        right = {"key": API_KEY, "csrf": token}
+        blocked = await ui.post("/ui/login", data=right, allow_redirects=False)
         assert window_number(window) == started, "4 sign-ins took longer than 3.5 s"
         assert blocked.status == 429
         assert 1 <= int(blocked.headers["Retry-After"]) <= window
         assert "Too many failed sign-ins" in await blocked.text()
-        assert "Set-Cookie" not in blocked.headers
+        assert "asyncjobs_session" not in blocked.cookies
 
         async def signed_in() -> bool:
-            response = await ui.post("/ui/login", data={"key": API_KEY}, allow_redirects=False)
+            response = await ui.post("/ui/login", data=right, allow_redirects=False)
             return response.status == 303
 
         await wait_for(signed_in, timeout=10, interval=0.25, what="the window to end")
@@ -121,7 +136,7 @@ async def test_failed_sign_ins_are_limited_per_address(
 async def test_cookie_is_secure_behind_a_tls_proxy(ui: ApiClient) -> None:
     response = await ui.post(
         "/ui/login",
-        data={"key": API_KEY},
+        data={"key": API_KEY, "csrf": await login_token(ui)},
         headers={"X-Forwarded-Proto": "https"},
         allow_redirects=False,
     )
@@ -169,7 +184,10 @@ async def test_actions_need_the_sessions_csrf_token(
 
     # one session's token is no good with another session
     async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as other:
-        await other.post(ui.make_url("/ui/login"), data={"key": API_KEY})
+        form = await other.get(ui.make_url("/ui/login"))
+        token = csrf_of(await form.text())
+        login = await other.post(ui.make_url("/ui/login"), data={"key": API_KEY, "csrf": token})
+        assert login.status == 200 and login.url.path == "/ui"
         stolen = await other.post(ui.make_url(abort), data={"csrf": csrf}, allow_redirects=False)
         assert stolen.status == 403
 
@@ -357,9 +375,10 @@ async def test_concurrent_wrong_keys_are_counted_one_by_one(
     window = 4.0
     app = create_app(make_settings(login_max_failures=10, login_failure_window=window))
     async with TestClient(TestServer(app, host="127.0.0.1")) as ui:
+        token = await login_token(ui)
         started = await start_of_a_window(window)
         responses = await asyncio.gather(
-            *(ui.post("/ui/login", data={"key": f"guess-{n}"}) for n in range(200))
+            *(ui.post("/ui/login", data={"key": f"guess-{n}", "csrf": token}) for n in range(200))
         )
         assert window_number(window) == started, "200 sign-ins took longer than 3.5 s"
     statuses = sorted(r.status for r in responses)

@@ -34,6 +34,7 @@ from jobs.schedules import run_due_schedules
 from tests.conftest import API_KEY, AUTH, TEST_REDIS_URL
 from tests.faults.procs import service_env, stop_process
 from tests.helpers import free_port, wait_for
+from tests.test_dashboard import csrf_of
 
 TASKS = '''
 """A project's own jobs."""
@@ -288,7 +289,10 @@ async def test_the_users_job_shows_in_the_dashboard_and_in_job_types(service: Se
     assert status == 202
     await finished(service, body["job_id"])
     async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:  # cookies of an IP
-        async with http.post(f"{service.base}/ui/login", data={"key": API_KEY}) as login:
+        async with http.get(f"{service.base}/ui/login") as form:
+            token = csrf_of(await form.text())
+        login_form = {"key": API_KEY, "csrf": token}
+        async with http.post(f"{service.base}/ui/login", data=login_form) as login:
             assert login.status == 200
 
         async def listed() -> bool:  # the worker writes its recent jobs about once a second

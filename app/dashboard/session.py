@@ -3,6 +3,9 @@
 An operator types an API key into /ui/login once; the dashboard then keeps a random session id
 in Redis (`asyncjobs:session:<id>`, 12 hours) and in a cookie the browser sends only to /ui.
 Every POST form carries the session's CSRF token; read-only keys may look but not act.
+The login form, before any session exists, carries a token of its own: the same random value
+in a cookie and in a hidden field (double submit), so another site cannot sign a browser in.
+Every form body is read within HTTP_BODY_TIMEOUT, as the API reads its JSON bodies.
 """
 
 from __future__ import annotations
@@ -13,21 +16,26 @@ import secrets
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import MultiDictProxy
 from redis.asyncio import Redis
 
 from app.auth import KEYRING, Principal, charge
 from app.errors import Handler
+from app.http import within_body_timeout
 from app.state import REDIS
 from asyncjobs.keys import SESSION_KEY_PREFIX
 
 SESSION_TTL_S = 12 * 3600
 COOKIE_NAME = "asyncjobs_session"
+LOGIN_COOKIE_NAME = "asyncjobs_login"  # the login form's CSRF token, before any session
 COOKIE_PATH = "/ui"
 LOGIN_PATH = "/ui/login"
 LOGOUT_PATH = "/ui/logout"
 STATIC_PREFIX = "/ui/static/"
 CSRF_FIELD = "csrf"
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # what secrets.token_urlsafe(32) makes
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")  # what secrets.token_urlsafe(32) makes
+
+Form = MultiDictProxy[str | bytes | bytearray | web.FileField]
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ async def create_session(redis: Redis, principal: Principal) -> Session:
 
 async def load_session(request: web.Request) -> Session | None:
     session_id = request.cookies.get(COOKIE_NAME, "")
-    if not _SESSION_ID.fullmatch(session_id):  # not worth a Redis round trip
+    if not _TOKEN.fullmatch(session_id):  # not worth a Redis round trip
         return None
     redis = request.config_dict[REDIS]
     fields = await redis.hgetall(SESSION_KEY_PREFIX + session_id)  # type: ignore[misc]
@@ -112,6 +120,43 @@ def clear_session_cookie(response: web.StreamResponse) -> None:
     response.del_cookie(COOKIE_NAME, path=COOKIE_PATH)
 
 
+async def read_form(request: web.Request) -> Form:
+    """The form body within HTTP_BODY_TIMEOUT, else 408 (no sign-in failure counted)."""
+    return await within_body_timeout(request, request.post())
+
+
+def same_token(given: object, expected: str) -> bool:
+    """In constant time: how long a wrong guess takes tells nothing about the right one."""
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def login_token(request: web.Request) -> str:
+    """The browser's login CSRF token if it has one (so two tabs on the form both work), else
+    a new one."""
+    token = request.cookies.get(LOGIN_COOKIE_NAME, "")
+    return token if _TOKEN.fullmatch(token) else secrets.token_urlsafe(32)
+
+
+def set_login_cookie(response: web.StreamResponse, request: web.Request, token: str) -> None:
+    # A browser session cookie: a form left open for hours still signs in.
+    response.set_cookie(
+        LOGIN_COOKIE_NAME,
+        token,
+        path=LOGIN_PATH,
+        httponly=True,
+        samesite="Strict",
+        secure=is_https(request),
+    )
+
+
+def login_token_ok(request: web.Request, form: Form) -> bool:
+    """Double submit: the hidden field must match the cookie sent with the form. Another site
+    can make a browser POST here (login CSRF: signing the victim in with the attacker's key)
+    but cannot read that cookie, nor set it short of owning a sibling host."""
+    cookie = request.cookies.get(LOGIN_COOKIE_NAME, "")
+    return bool(_TOKEN.fullmatch(cookie)) and same_token(form.get(CSRF_FIELD), cookie)
+
+
 def _is_open(request: web.Request) -> bool:
     return request.path == LOGIN_PATH or request.path.startswith(STATIC_PREFIX)
 
@@ -125,11 +170,8 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
     if session is None:
         raise web.HTTPSeeOther(LOGIN_PATH)
     if request.method not in ("GET", "HEAD"):
-        form = await request.post()
-        token = form.get(CSRF_FIELD)
-        if not isinstance(token, str) or not hmac.compare_digest(
-            token.encode(), session.csrf.encode()
-        ):
+        form = await read_form(request)
+        if not same_token(form.get(CSRF_FIELD), session.csrf):
             raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page, try again")
         if session.read_only and request.path != LOGOUT_PATH:
             raise web.HTTPForbidden(text="this API key is read-only")

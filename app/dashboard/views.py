@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from app import actions, mailsink
 from app.actions import ABORTABLE
-from app.auth import KEYRING
+from app.auth import KEYRING, Principal
 from app.dashboard.data import (
     JOB_STATES,
     WINDOWS,
@@ -37,6 +37,10 @@ from app.dashboard.session import (
     create_session,
     delete_session,
     load_session,
+    login_token,
+    login_token_ok,
+    read_form,
+    set_login_cookie,
     set_session_cookie,
 )
 from app.errors import Handler
@@ -130,14 +134,30 @@ async def html_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 # -- login --
 
 
+def render_login(request: web.Request, error: str | None, *, status: int = 200) -> web.Response:
+    """The form, its CSRF token both in a hidden field and in the cookie it must match."""
+    token = login_token(request)
+    response = render(request, "login.html", {"error": error, "login_token": token}, status=status)
+    set_login_cookie(response, request, token)
+    return response
+
+
 async def login_form(request: web.Request) -> web.Response:
-    return render(request, "login.html", {"error": None})
+    return render_login(request, None)
 
 
 async def login(request: web.Request) -> web.Response:
     """Sign in with an API key. Failed tries are counted per client address in Redis: past
     `login_max_failures` in `login_failure_window` seconds, the form answers 429 until the
-    window ends (keys are long and random; this keeps guessing from being free)."""
+    window ends (keys are long and random; this keeps guessing from being free).
+
+    The body is read first, within HTTP_BODY_TIMEOUT (408), and the form's CSRF token checked
+    (403); neither counts as a failure: a slow or forged post cannot lock an address out."""
+    form = await read_form(request)
+    if not login_token_ok(request, form):
+        log.warning("dashboard sign-in without the form's CSRF token from %s", request.remote)
+        error = "This form has expired or did not come from this site; please sign in again."
+        return render_login(request, error, status=403)
     settings = request.config_dict[SETTINGS]
     failures = Window(f"login:{request.remote or '-'}", settings.login_failure_window)
     now = time.time()
@@ -146,18 +166,25 @@ async def login(request: web.Request) -> web.Response:
     # A good key gives its count back.
     if await failures.add(_redis(request), now) > settings.login_max_failures:
         retry_after = failures.retry_after(now)
-        context = {"error": f"Too many failed sign-ins; try again in {retry_after} s."}
-        response = render(request, "login.html", context, status=429)
+        error = f"Too many failed sign-ins; try again in {retry_after} s."
+        response = render_login(request, error, status=429)
         response.headers["Retry-After"] = str(retry_after)
         return response
-    form = await request.post()
-    key = form.get("key")
-    keyring = request.config_dict[KEYRING]
-    principal = keyring.identify(key.strip()) if isinstance(key, str) and key.strip() else None
+    principal = _principal_of(request, form.get("key"))
     if principal is None:
         log.warning("dashboard sign-in with an invalid key from %s", request.remote)
-        return render(request, "login.html", {"error": "That key is not valid."}, status=401)
+        return render_login(request, "That key is not valid.", status=401)
     await failures.give_back(_redis(request), now)
+    return await _signed_in(request, principal)
+
+
+def _principal_of(request: web.Request, key: object) -> Principal | None:
+    if not isinstance(key, str) or not key.strip():
+        return None
+    return request.config_dict[KEYRING].identify(key.strip())
+
+
+async def _signed_in(request: web.Request, principal: Principal) -> web.Response:
     previous = await load_session(request)
     if previous is not None:  # a fresh id at every login: no session fixation
         await delete_session(_redis(request), previous)
