@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from app import actions
+from app.auth import PRINCIPAL
 from app.idempotency import new_job_id
-from app.state import REDIS, SETTINGS
+from app.state import CPU, REDIS, SETTINGS
+from jobs.cpulimit import CpuLimitExceeded
+from jobs.engine.queue import OWNER_KWARG
 
 T = TypeVar("T")
 
@@ -99,6 +102,23 @@ def status_url(request: web.Request, job_id: str) -> str:
     return str(request.app.router["job_status"].url_for(job_id=job_id))
 
 
+def owner_of(request: web.Request) -> str:
+    """The id of the API key the request came with ("" without one): whom its jobs and its
+    CPU pool calls belong to."""
+    principal = request.get(PRINCIPAL)
+    return principal.key_id if principal is not None else ""
+
+
+async def off_loop(request: web.Request, what: str, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in the API's CPU pool, in the caller's turn: work whose cost the
+    caller's input decides (a newsletter's templates and addresses) never stalls the event
+    loop. Past CPU_LIMIT_SECONDS or CPU_MEMORY_LIMIT_MB: 422, the input is too costly."""
+    try:
+        return await request.app[CPU].run(what, function, *args, owner=owner_of(request))
+    except CpuLimitExceeded as exc:
+        raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+
+
 async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
     """`app.actions.enqueue` with the app's Redis; the new job's id. With REDIS_WAIT_REPLICAS,
     only once replicas have the job (else 503: see app/errors.py). With an Idempotency-Key, the
@@ -108,6 +128,8 @@ async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
     keyed = "Idempotency-Key" in request.headers
     if keyed:
         kwargs.setdefault("_job_id", new_job_id(request))
+    if owner := owner_of(request):
+        kwargs[OWNER_KWARG] = owner
     return await actions.enqueue(
         request.app[REDIS], function, _replicated=settings, _existing_ok=keyed, **kwargs
     )
@@ -123,6 +145,8 @@ async def enqueue_many(
     if keyed:
         base = new_job_id(request)
         calls = [{"_job_id": f"{base}-{n}"} | call for n, call in enumerate(calls)]
+    if owner := owner_of(request):
+        calls = [call | {OWNER_KWARG: owner} for call in calls]
     return await actions.enqueue_many(
         request.app[REDIS], function, calls, settings, existing_ok=keyed
     )

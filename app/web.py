@@ -14,10 +14,11 @@ from app.dashboard import setup_dashboard
 from app.errors import json_errors
 from app.httperrors import JsonErrorAppRunner
 from app.routes import add_routes
-from app.state import REDIS, SETTINGS
+from app.state import CPU, REDIS, SETTINGS
 from asyncjobs.redis import connect
 from asyncjobs.registry import load_job_modules
 from asyncjobs.settings import Settings
+from jobs.cpulimit import CpuPool
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -31,9 +32,17 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[KEYRING] = KeyRing(settings)
     app.cleanup_ctx.append(_redis_client)
+    app.cleanup_ctx.append(_cpu_pool)
     add_routes(app, settings)
     setup_dashboard(app)  # the operator pages under /ui
     return app
+
+
+async def _cpu_pool(app: web.Application) -> AsyncIterator[None]:
+    # Its processes start at the first call that needs one (pebble starts them lazily).
+    app[CPU] = CpuPool.from_settings(app[SETTINGS])
+    yield
+    await app[CPU].close()
 
 
 async def _redis_client(app: web.Application) -> AsyncIterator[None]:

@@ -4,7 +4,8 @@ The worker's start-up (jobs/worker.py) puts them in arq's ctx dict under these k
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncjobs.context import JobContext
 from jobs.engine.monitor import JobMonitor
@@ -15,9 +16,12 @@ if TYPE_CHECKING:  # the families import the retry wrapper, which imports this m
     from jobs.mail.smtp import SmtpPool
     from jobs.scrape.fetch import Fetcher
 
+T = TypeVar("T")
+
 FETCHER, SMTP, CPU, SEND_RATE, MONITOR, WAKE_LISTENER = (
     "fetcher", "smtp", "cpu", "send_rate", "monitor", "wake_listener"
 )  # fmt: skip
+OWNER = "owner"  # per try: the API key the job was enqueued for (jobs.engine.queue.OWNER_KWARG)
 
 
 class WorkerContext(JobContext):
@@ -46,6 +50,15 @@ class WorkerContext(JobContext):
     def cpu(self) -> CpuPool:
         cpu: CpuPool = self._ctx[CPU]
         return cpu
+
+    @property
+    def owner(self) -> str:
+        """The API key (its id) the job was enqueued for; "" when none was."""
+        return str(self._ctx.get(OWNER) or "")
+
+    async def run_cpu(self, what: str, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in the CPU pool, in this job's owner's turn (jobs.cpulimit)."""
+        return await self.cpu.run(what, function, *args, owner=self.owner)
 
     @property
     def send_rate(self) -> SendRate | None:

@@ -18,7 +18,7 @@ from arq.connections import ArqRedis
 from asyncjobs.addresses import new_message_id
 from asyncjobs.registry import JobType, get_job_type
 from asyncjobs.settings import Settings
-from jobs.engine.queue import CALLBACK_KWARG, enqueue_job, enqueue_jobs
+from jobs.engine.queue import CALLBACK_KWARG, OWNER_KWARG, enqueue_job, enqueue_jobs
 
 
 class UnknownJobType(LookupError):
@@ -52,6 +52,7 @@ def _options(
     delay_seconds: float | None,
     job_id: str | None,
     callback_url: str | None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     options: dict[str, Any] = {
         "_priority": priority or job_type.priority,
@@ -63,6 +64,8 @@ def _options(
         options["_job_id"] = job_id
     if callback_url is not None:
         options[CALLBACK_KWARG] = callback_url
+    if owner is not None:
+        options[OWNER_KWARG] = owner
     return options
 
 
@@ -77,13 +80,14 @@ async def enqueue_registered(
     job_id: str | None = None,
     callback_url: str | None = None,
     replicated: bool = False,
+    owner: str | None = None,
 ) -> str | None:
     """Enqueue one job of a registered type; its id, or None when a job with `job_id` exists
     already. With `replicated` and REDIS_WAIT_REPLICAS, only once replicas have it. Raises
     UnknownJobType, and pydantic's ValidationError for bad arguments."""
     job_type = job_type_of(name)
     kwargs = call_of(job_type, arguments, settings)
-    kwargs |= _options(job_type, settings, priority, delay_seconds, job_id, callback_url)
+    kwargs |= _options(job_type, settings, priority, delay_seconds, job_id, callback_url, owner)
     if replicated:
         kwargs["_replicated"] = settings
     return await enqueue_job(redis, job_type.name, **kwargs)
@@ -97,13 +101,14 @@ async def enqueue_registered_many(
     *,
     priority: str | None = None,
     callback_url: str | None = None,
+    owner: str | None = None,
 ) -> list[str | None]:
     """`enqueue_registered` for many jobs of one type, (arguments, job id) each, in one
     pipelined round trip; each new job's id, None for one that existed."""
     job_type = job_type_of(name)
     prepared = [
         call_of(job_type, arguments, settings)
-        | _options(job_type, settings, priority, None, job_id, callback_url)
+        | _options(job_type, settings, priority, None, job_id, callback_url, owner)
         for arguments, job_id in calls
     ]
     return await enqueue_jobs(redis, job_type.name, prepared)

@@ -375,6 +375,7 @@ async def enqueue_run(
     ids = await enqueue_registered_many(
         redis, settings, function, prepared,
         priority=job.priority or default_priority(job), callback_url=job.callback_url,
+        owner=schedule.owner,
     )  # fmt: skip
     return [job_id for job_id in ids if job_id]
 

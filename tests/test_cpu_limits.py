@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -16,7 +17,7 @@ from app.web import create_app
 from asyncjobs.settings import Settings
 from jobs.cpulimit import CpuLimitExceeded, CpuPool
 from jobs.deadletter import get_dead_letter
-from tests.conftest import start_worker, stop_worker
+from tests.conftest import API_KEY, start_worker, stop_worker
 from tests.helpers import ApiClient, api_client, wait_for
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler, SiteStats
@@ -157,3 +158,129 @@ async def test_work_past_the_pools_memory_limit_fails_with_the_reason() -> None:
         assert await pool.run("a small allocation", allocate, 64) == 64 * 1024 * 1024
     finally:
         await pool.close()
+
+
+async def test_hostile_newsletters_stall_neither_the_api_nor_the_worker(
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    smtp: tuple[RecordingSmtpHandler, int],
+    fault_report: Callable[[str], None],
+) -> None:
+    """A 490 KB template of 70,000 `{{ a }}` was parsed in the API's event loop and again in
+    the worker's (/health took 5.1 s, pickups 5.4 s), and 10,000 addresses were checked in
+    the loop even when the answer was a refusal. Now both run in pool processes: /health is
+    probed every 20 ms while they are sent, and emails beside them are picked up at once."""
+    settings = make_settings(mail_allowed_sender_domains=["shop.example"])
+    bomb = {"recipients": ["a@example.com"], "subject": "s", "text": "{{ a }}" * 70_000}
+    crowd = {
+        "recipients": [f"reader{n}@example.com" for n in range(10_000)],
+        "subject": "s", "text": "hi", "from": "x@elsewhere.example",  # refused, once checked
+    }  # fmt: skip
+    loop = asyncio.get_running_loop()
+    health: list[float] = []
+    worker, task = await start_worker(settings)
+    try:
+        async with api_client(create_app(settings)) as api:
+            done = asyncio.Event()
+
+            async def probe_health() -> None:
+                while not done.is_set():
+                    started = loop.time()
+                    assert (await api.get("/health")).status == 200
+                    health.append(loop.time() - started)
+                    await asyncio.sleep(0.02)  # pacing the probes
+
+            prober = asyncio.create_task(probe_health())
+            statuses = [
+                (await api.post("/jobs/newsletter", json=body)).status
+                for body in (bomb, crowd, bomb, crowd)
+            ]
+            pickups = await probe_pickups(api)  # while the worker checks the bombs
+            done.set()
+            await prober
+    finally:
+        await stop_worker(worker, task)
+    fault_report(
+        f"hostile newsletters (2 x 490 KB templates, 2 x 10,000 addresses): /health probed "
+        f"{len(health)} times, p50 {statistics.median(health) * 1000:.0f} ms, "
+        f"p99 {p99(health) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms; email pickups "
+        f"p50 {statistics.median(pickups) * 1000:.0f} ms, max {max(pickups) * 1000:.0f} ms"
+    )
+    assert statuses == [202, 422, 202, 422]
+    assert len(health) >= 20
+    # In the loop, one template parse alone held every probe for over a second.
+    assert max(health) < 0.5, health
+    assert max(pickups) < 0.5, pickups
+
+
+def nap(seconds: float) -> float:
+    """In a pool process: a call that holds it this long."""
+    time.sleep(seconds)
+    return seconds
+
+
+async def test_the_pool_takes_turns_between_owners() -> None:
+    """Five calls of one owner queue; another owner's call then waits for the one running and
+    at most one more of the first owner's (it came sixth in one queue)."""
+    pool = CpuPool(workers=1, seconds=10)
+    finished: list[str] = []
+
+    async def call(owner: str, n: int) -> None:
+        await pool.run("a nap", nap, 0.2, owner=owner)
+        finished.append(f"{owner}{n}")
+
+    try:
+        await pool.run("starting the process", nap, 0)
+        hog = [asyncio.create_task(call("a", n)) for n in range(5)]
+        await asyncio.sleep(0)  # the five queue first
+        other = asyncio.create_task(call("b", 0))
+        await asyncio.gather(*hog, other)
+    finally:
+        await pool.close()
+    assert finished.index("b0") <= 2, finished  # a0 (running), a1 (its turn), then b0
+    assert [f for f in finished if f.startswith("a")] == ["a0", "a1", "a2", "a3", "a4"]
+
+
+async def test_one_keys_costly_selectors_do_not_hold_another_keys_scrape(
+    make_settings: Callable[..., Settings],
+    redis: ArqRedis,
+    site: tuple[str, SiteStats],
+    fault_report: Callable[[str], None],
+) -> None:
+    """20 scrapes with a costly selector held the pool 74 s, and another key's ordinary scrape
+    waited 10 s behind them. Now the other key's job waits for at most the call running and
+    one more: here 6 costly ones (1 s each, one pool process), then the other key's."""
+    other_key = "test-key-another-tenant"
+    settings = make_settings(cpu_workers=1, cpu_limit_seconds=1.0, api_keys=[API_KEY, other_key])
+    costly = {"s": "span div div div div div"}
+    urls = [f"{site[0]}/nested?depth=100&n={n}" for n in range(6)]
+    worker, task = await start_worker(settings)
+    try:
+        async with api_client(create_app(settings)) as api:
+            batch = await api.post("/jobs/scrape", json={"urls": urls, "selectors": costly})
+            hostile = [job["job_id"] for job in (await batch.json())["jobs"]]
+
+            async def costly_running() -> bool:
+                view = await (await api.get(f"/jobs/{hostile[0]}")).json()
+                return bool(view["status"] != "queued")
+
+            await wait_for(costly_running, what="the costly scrapes to start")
+            mine = {"url": f"{site[0]}/nested?depth=3", "selectors": {"s": "span"}}
+            other = await api.post(
+                "/jobs/scrape", json=mine, headers={"Authorization": f"Bearer {other_key}"}
+            )
+            other_view = await wait_job(api, (await other.json())["job_id"], timeout=30)
+            views = [await wait_job(api, job_id, timeout=30) for job_id in hostile]
+    finally:
+        await stop_worker(worker, task)
+    ends = sorted(_seconds(v["finish_time"]) for v in views)
+    other_end = _seconds(other_view["finish_time"])
+    ahead = sum(1 for end in ends if end < other_end)
+    fault_report(
+        f"fair CPU pool: another key's scrape finished after {ahead} of 6 costly calls "
+        f"(1 s each, one pool process) had ended; the last costly one ended "
+        f"{ends[-1] - other_end:.1f} s after it"
+    )
+    assert other_view["status"] == "complete", other_view
+    assert all(v["status"] == "failed" for v in views)
+    assert ahead <= 2, (ahead, ends, other_end)

@@ -14,6 +14,7 @@ from app.http import (
     enqueue,
     enqueue_many,
     json_model,
+    off_loop,
     status_url,
 )
 from app.idempotency import idempotent, new_job_id
@@ -32,7 +33,7 @@ from app.schemas import (
 from app.state import REDIS, SETTINGS
 from asyncjobs.addresses import new_message_id
 from jobs.mail.email import validation_context
-from jobs.mail.newsletter import NewsletterSpec, start_progress
+from jobs.mail.newsletter import checked_newsletter, start_progress
 
 
 @idempotent
@@ -61,16 +62,16 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = validation_context(settings, settings.newsletter_max_recipients)
     options, body = await read_job_request(request)
-    spec = NewsletterSpec.model_validate(body, context=context)
+    newsletter = await off_loop(request, "the newsletter", checked_newsletter, body, context)
     newsletter_id = new_job_id(request)
-    total = len(spec.recipients)
+    total = len(newsletter["recipients"])
     await charge_messages(request, total)
     await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
     await enqueue(
         request,
         "send_newsletter",
         newsletter_id=newsletter_id,
-        newsletter=spec.model_dump(mode="json", by_alias=True),
+        newsletter=newsletter,
         _job_id=newsletter_id,
         **options.enqueue_kwargs(),
     )

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from app.auth import charge_more
-from app.http import json_model, status_url
+from app.http import json_model, owner_of, status_url
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
@@ -66,6 +66,7 @@ def enqueue_handler(job_type: JobType) -> Any:
             job_id=key_job_id,
             callback_url=str(options.callback_url) if options.callback_url else None,
             replicated=True,
+            owner=owner_of(request) or None,
         )
         job_id = new_id or key_job_id  # None: the key's job exists (a retry): that one
         assert job_id is not None

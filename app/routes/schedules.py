@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from app.auth import PRINCIPAL
-from app.http import found, json_model, read_json_object
+from app.http import found, json_model, off_loop, read_json_object
 from app.joboptions import JobOptions
 from app.jobstatus import read_job
 from app.schemas import RunJob, RunList, RunView, ScheduleList, ScrapeRequest
@@ -21,7 +21,7 @@ from asyncjobs.quota import NeverFits, message_quota
 from asyncjobs.settings import Settings
 from jobs.housekeeping.export import ExportRequest
 from jobs.mail.email import EmailSpec, validation_context
-from jobs.mail.newsletter import NewsletterSpec
+from jobs.mail.newsletter import checked_newsletter
 from jobs.schedules import (
     Schedule,
     ScheduledJob,
@@ -44,14 +44,19 @@ from jobs.values import now_utc
 SCHEDULE_ID_PATTERN = r"[0-9a-f]{32}"
 
 
-def checked_job(job: ScheduledJob, settings: Settings) -> ScheduledJob:
+async def checked_job(request: web.Request, job: ScheduledJob) -> ScheduledJob:
     """The job with its body as its endpoint would take it; 422 naming job.* otherwise."""
+    settings = request.app[SETTINGS]
     try:
         JobOptions.model_validate(
             {"priority": job.priority, "callback_url": job.callback_url},
             context={"settings": settings},
         )
-        body = _validated_body(job, settings)
+        if job.type == "newsletter":  # as POST /jobs/newsletter does: off the event loop
+            context = validation_context(settings, settings.newsletter_max_recipients)
+            body = await off_loop(request, "the newsletter", checked_newsletter, job.body, context)
+        else:
+            body = _validated_body(job, settings)
     except ValidationError as exc:
         raise _prefixed(exc, ("job",) if _is_option_error(exc) else ("job", "body")) from None
     return job.model_copy(update={"body": body})
@@ -62,10 +67,6 @@ def _validated_body(job: ScheduledJob, settings: Settings) -> dict[str, Any]:
         context = validation_context(settings, settings.mail_max_recipients)
         email = EmailSpec.model_validate(job.body, context=context)
         return email.model_dump(mode="json", by_alias=True)
-    if job.type == "newsletter":
-        context = validation_context(settings, settings.newsletter_max_recipients)
-        newsletter = NewsletterSpec.model_validate(job.body, context=context)
-        return newsletter.model_dump(mode="json", by_alias=True)
     if job.type == "scrape":
         limits = {
             "max_urls": settings.max_urls_per_request,
@@ -104,7 +105,7 @@ def within_quota(schedule: Schedule, settings: Settings) -> Schedule:
 async def create(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     spec = ScheduleSpec.model_validate(await read_json_object(request))
-    spec = spec.model_copy(update={"job": checked_job(spec.job, settings)})
+    spec = spec.model_copy(update={"job": await checked_job(request, spec.job)})
     principal = request.get(PRINCIPAL)
     schedule = within_quota(new_schedule(spec, principal and principal.key_id), settings)
     await save_schedule(request.app[REDIS], schedule)
@@ -129,7 +130,7 @@ async def change(request: web.Request) -> web.Response:
         raise web.HTTPUnprocessableEntity(text="give at most one of 'cron' or 'every'")
     changes = fields.model_dump(exclude_none=True)
     if fields.job is not None:
-        changes["job"] = checked_job(fields.job, request.app[SETTINGS]).model_dump()
+        changes["job"] = (await checked_job(request, fields.job)).model_dump()
     schedule = changed_schedule(await _existing(request), changes)
     await save_schedule(request.app[REDIS], within_quota(schedule, request.app[SETTINGS]))
     return json_model(view_of(schedule, now_utc()))

@@ -41,6 +41,9 @@ RETRY_KEY_TTL_S = 88400  # arq's
 # A completion webhook's URL, carried in the job's kwargs beside arq's options; the runner
 # takes it out before the job's function sees its arguments (jobs.webhooks sends it).
 CALLBACK_KWARG = "_callback_url"
+# The API key a job was enqueued for (its id, as app/auth.py names keys), carried the same way:
+# the runner hands it to the job's context, and the CPU pool takes turns between owners.
+OWNER_KWARG = "_owner"
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
 KEEP_AFTER_NEXT_TRY_MS = 24 * 3600 * 1000  # arq's expires_extra_ms
 # While transactional and bulk jobs both wait, one claim in this many takes a bulk job.

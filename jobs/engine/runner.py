@@ -29,9 +29,11 @@ from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 from asyncjobs.context import SETTINGS
 from asyncjobs.deadlines import deadline
 from asyncjobs.errors import JobError, Postpone
+from jobs.context import OWNER
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.engine.queue import (
     CALLBACK_KWARG,
+    OWNER_KWARG,
     RETRY_KEY_TTL_S,
     Claimed,
     Claims,
@@ -87,6 +89,7 @@ class _Job:
     enqueue_time_ms: int = 0
     job_try: int = 0
     callback_url: str | None = None  # a completion webhook to enqueue when it ends for good
+    owner: str | None = None  # the API key it was enqueued for
     ended: tuple[FinalStatus, Any] | None = None  # how it ended for good, once it has
 
 
@@ -276,6 +279,7 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
         "job_try": job.job_try,
         "enqueue_time": ms_to_datetime(job.enqueue_time_ms),
         "score": claimed.score,
+        OWNER: job.owner,
     }
     if worker.on_job_start:
         await worker.on_job_start(ctx)
@@ -303,6 +307,7 @@ def _check(worker: Worker, job: _Job) -> Function | CronJob | BaseException:
         return exc
     if job.kwargs:
         job.callback_url = job.kwargs.pop(CALLBACK_KWARG, None)
+        job.owner = job.kwargs.pop(OWNER_KWARG, None)
     if claimed.aborted and worker.allow_abort_jobs:
         log.info("%s:%s aborted before start", claimed.job_id, job.function_name)
         return asyncio.CancelledError()

@@ -105,7 +105,7 @@ async def scrape_url(
     else:
         summary = summarize_html(html)
     if selectors:
-        summary.extracted = await ctx.cpu.run("the CSS selectors", select, html, selectors)
+        summary.extracted = await ctx.run_cpu("the CSS selectors", select, html, selectors)
     snapshot = DocumentSnapshot(
         url=url,
         final_url=page.final_url,
