@@ -178,10 +178,29 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def _port_taken(host: str, port: int) -> str:
-    return (
-        f"{host}:{port} is already in use (another `asyncjobs dev`?); "
-        "stop it or set WEB_PORT to a free port"
-    )
+    holder = listener_of(port)
+    by = f"by {holder}" if holder else "(another `asyncjobs dev`?)"
+    return f"{host}:{port} is already in use {by}; stop it or set WEB_PORT to a free port"
+
+
+def listener_of(port: int) -> str | None:
+    """Which process listens on this TCP port ("pid 42: python -m app dev"), from Linux's
+    /proc; None elsewhere, or when it is another user's process (its sockets are not ours
+    to read)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rpartition(":")[2], 16)
+                if local_port == port and fields[3] == "0A":  # LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    for fd_dir in Path("/proc").glob("[0-9]*/fd") if inodes else ():
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                return f"pid {fd_dir.parent.name}: {command.decode(errors='replace').strip()}"
+    return None
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
