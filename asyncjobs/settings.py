@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from asyncjobs.addresses import check_address
+from asyncjobs.addresses import check_address, domain_of
 from asyncjobs.version import __version__
 
 Network = IPv4Network | IPv6Network
@@ -124,7 +124,8 @@ class Settings(BaseSettings):
     # Dotless domains (you@localhost, ops@mailhost): off by default, on in `python -m app dev`.
     mail_allow_local_domains: bool = False
     mail_max_recipients: int = Field(50, gt=0)
-    # When set, callers may only send `from` these domains (the service is not an open relay).
+    # The domains callers may send `from` (the service is not an open relay): by default
+    # MAIL_FROM's only; "*" allows any (a trusted network, or a relay that checks it itself).
     mail_allowed_sender_domains: Annotated[list[str], NoDecode] = []
     newsletter_max_recipients: int = Field(10_000, gt=0)
     # Messages one API key may have sent per hour (emails' recipients, newsletters', and every
@@ -236,6 +237,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def sender_domains(self) -> list[str] | None:
+        """The domains a caller may use in `from`; None: any."""
+        if "*" in self.mail_allowed_sender_domains:
+            return None
+        return self.mail_allowed_sender_domains or [domain_of(self.mail_from)]
 
     @property
     def version(self) -> str:

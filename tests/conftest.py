@@ -149,6 +149,7 @@ def make_settings(
             "images_dir": tmp_path / "images",
             "smtp_host": "127.0.0.1",
             "smtp_port": smtp[1],
+            "mail_from": "asyncjobs@example.com",  # senders @example.com allowed, as by default
             "scrape_allowed_cidrs": LOOPBACK,
             "scrape_allowed_ports": None,  # the test servers listen on random ports
             "api_keys": [API_KEY],

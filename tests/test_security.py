@@ -117,6 +117,25 @@ async def test_open_relay_attempt_from_a_disallowed_sender_is_422(
         assert relay.status == 422
 
 
+async def test_by_default_only_mail_froms_domain_may_be_sent_from(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """`from` was unrestricted unless MAIL_ALLOWED_SENDER_DOMAINS was set: an open relay by
+    default. Now MAIL_FROM's domain only, unless "*" says any."""
+    settings = make_settings(mail_from="news@shop.example")
+    assert settings.mail_allowed_sender_domains == []
+    async with api_client(create_app(settings)) as client:
+        spam = await client.post("/jobs/email", json=EMAIL | {"from": "ceo@bank.example"})
+        assert spam.status == 422
+        assert "'bank.example' is not allowed" in (await spam.json())["details"][0]["message"]
+        ok = await client.post("/jobs/email", json=EMAIL | {"from": "billing@shop.example"})
+        assert ok.status == 202
+    anyone = make_settings(mail_from="news@shop.example", mail_allowed_sender_domains="*")
+    async with api_client(create_app(anyone)) as client:
+        relayed = await client.post("/jobs/email", json=EMAIL | {"from": "ceo@bank.example"})
+        assert relayed.status == 202
+
+
 async def test_dead_letter_arguments_are_redacted_for_every_reader_but_retried_whole(
     api: ApiClient, redis: ArqRedis
 ) -> None:

@@ -97,7 +97,7 @@ def validation_context(settings: Settings, max_recipients: int) -> dict[str, obj
     and the worker validate with the same context."""
     return {
         "max_recipients": max_recipients,
-        "allowed_sender_domains": settings.mail_allowed_sender_domains,
+        "allowed_sender_domains": settings.sender_domains,
         "allow_local_domains": settings.mail_allow_local_domains,
     }
 
