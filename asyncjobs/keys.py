@@ -14,7 +14,8 @@ PREFIX = "asyncjobs:"
 
 # --- API (app/) ---------------------------------------------------------------------------
 RATE_KEY_PREFIX = PREFIX + "rate:"  # + key name:window -> requests in the window (quota.py)
-QUOTA_KEY_PREFIX = PREFIX + "quota:"  # + unit:key id -> hash {tokens, at} (asyncjobs/quota.py)
+QUOTA_KEY_PREFIX = PREFIX + "quota:"  # + unit:key id -> a key's quota (asyncjobs/quota.py):
+# messages:<id> hash {tokens, at}; upload-bytes:<id> zset of uploads, :sizes, :total
 IDEMPOTENCY_KEY_PREFIX = PREFIX + "idem:"  # + sha256(scope) -> the first answer
 SESSION_KEY_PREFIX = PREFIX + "session:"  # + session id -> dashboard session hash
 SCRAPE_BATCH_KEY_PREFIX = PREFIX + "scrape-batch:"  # + batch id -> JSON [{job_id, url}]
@@ -50,7 +51,7 @@ PROGRESS_KEY_PREFIX = PREFIX + "progress:"  # + job id -> {done, total, step}
 RETRYING_KEY_PREFIX = PREFIX + "retrying:"  # + job id -> {error, try, next_try_ms}
 DEAD_KEY_PREFIX = PREFIX + "dead:"  # + job id -> JSON dead-letter entry
 DEAD_INDEX_KEY = PREFIX + "dead"  # zset job id -> failure time
-UPLOAD_KEY_PREFIX = PREFIX + "upload:"  # + upload id -> an uploaded image's bytes (a day)
+UPLOAD_KEY_PREFIX = PREFIX + "upload:"  # + upload id -> an uploaded image, until its job ends
 CALLBACK_KEY_PREFIX = PREFIX + "callback:"  # + job id -> JSON: its webhook's delivery
 
 

@@ -163,6 +163,15 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
     image_max_pixels: int = Field(40_000_000, gt=0)
     images_dir: Path = Path("var/images")
+    # An upload waits in Redis for its job and is removed when the job ends (complete, failed
+    # for good, aborted while it runs). One no try reaches expires UPLOAD_TTL seconds after it
+    # was due (after the job's delay), or after its last try began; at least JOB_TIMEOUT +
+    # RETRY_MAX_DELAY, so that a retry still finds it.
+    upload_ttl: float = Field(3600, gt=0, description="seconds")
+    # Bytes one API key's uploads may hold in Redis at once: over it a 429 whose Retry-After is
+    # when enough of them have expired at the latest (ending jobs free room sooner); an upload
+    # larger than this alone is a 422. Without API_KEYS there is no key, and no quota.
+    upload_max_bytes_per_key: int = Field(50 * 1024 * 1024, gt=0)
 
     # Housekeeping (daily cron jobs)
     exports_dir: Path = Path("var/exports")

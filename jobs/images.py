@@ -6,33 +6,48 @@ CPU pool (jobs/cpulimit.py), under CPU_LIMIT_SECONDS, never in the event loop. L
 image's bytes (IMAGE_MAX_BYTES for a URL, MAX_BODY_BYTES for an upload) and its pixels
 (IMAGE_MAX_PIXELS, checked from the header before anything is decoded: a decompression bomb is
 refused, never expanded).
+
+An upload waits for its job in Redis (every worker on every host can read it there), charged to
+its API key's held bytes (UPLOAD_MAX_BYTES_PER_KEY, asyncjobs.quota.HeldBytes), and goes with its
+charge when the job ends: completed, failed for good (the dead-letter hook), or aborted while it
+runs. One the job never gets to (aborted before it started, a worker gone) expires with its
+charge `upload_life` after it was due or after its last try began.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+from arq.constants import abort_jobs_ss
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from asyncjobs.errors import PermanentJobError
 from asyncjobs.keys import UPLOAD_KEY_PREFIX
+from asyncjobs.quota import upload_quota
+from asyncjobs.registry import Family
+from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
-from jobs.retry import builtin
+from jobs.retry import builtin, job_timeout, retry_policy
 from jobs.scrape.page import MAX_URL_LENGTH
+from jobs.values import as_text
+
+log = logging.getLogger(__name__)
 
 ImageFormat = Literal["jpeg", "png", "webp"]
 INPUT_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
 MAX_SIDE = 4096
 MAX_OUTPUTS = 10
-UPLOAD_TTL_S = 24 * 3600
+FAMILY: Family = "scrape"  # process_image's retry policy: SCRAPE_MAX_TRIES, RETRY_*_DELAY
 JOB_ID_PATTERN = r"[0-9a-f]{32}"
 # No anchors, no capturing groups: it is also used inside an aiohttp route pattern.
 IMAGE_NAME_PATTERN = r"[0-9]{1,2}-[0-9]{1,4}x[0-9]{1,4}\.(?:jpeg|png|webp)"
@@ -154,22 +169,113 @@ def _encode(image: Image.Image, output: ImageOutput) -> tuple[bytes, int, int]:
     return buffer.getvalue(), version.width, version.height
 
 
-async def save_upload(redis: Redis, upload_id: str, data: bytes) -> None:
-    await redis.set(UPLOAD_KEY_PREFIX + upload_id, data, ex=UPLOAD_TTL_S)
+def upload_life(settings: Settings) -> float:
+    """How long an upload waits for its job's next try, in seconds: UPLOAD_TTL, and at least a
+    whole try and the longest backoff after it, so that a retry still finds it."""
+    longest_wait = job_timeout(settings, None) + retry_policy(settings, FAMILY).max_delay
+    return max(settings.upload_ttl, longest_wait)
+
+
+async def save_upload(
+    redis: Redis,
+    settings: Settings,
+    upload_id: str,
+    data: bytes,
+    owner: str | None,
+    delay: float = 0.0,
+) -> None:
+    """Keep an upload for its job, due after `delay` seconds: for that and `upload_life`.
+    Charged first to `owner`'s held bytes (NeverFits, QuotaExceeded: nothing is kept); no
+    owner (no API keys), no charge. If the write fails after the charge, the charge expires
+    when the upload would have: the bytes kept are never more than the bytes counted."""
+    life = delay + upload_life(settings)
+    if owner is not None:
+        await upload_quota(settings).hold(redis, owner, upload_id, len(data), life)
+    key = UPLOAD_KEY_PREFIX + upload_id
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(key)  # the same request tried again (an Idempotency-Key): replaced
+        pipe.hset(key, mapping={"data": data, "owner": owner or ""})
+        pipe.pexpire(key, _ms(life))
+        await pipe.execute()
+
+
+async def read_upload(redis: Redis, settings: Settings, upload_id: str) -> bytes | None:
+    """An upload's bytes for a try of its job (None: gone); it and its charge are given
+    `upload_life` again from now, so that the job's retries find it."""
+    key = UPLOAD_KEY_PREFIX + upload_id
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(key, ["data", "owner"])
+        [fields] = await pipe.execute(raise_on_error=False)
+    if isinstance(fields, Exception):  # WRONGTYPE: kept by an earlier version, bytes alone
+        legacy: bytes | None = await redis.get(key)
+        return legacy
+    data, owner = fields
+    if data is None:
+        return None
+    life = upload_life(settings)
+    if owner:  # the charge first: the bytes kept never outlive the bytes counted
+        await upload_quota(settings).extend(redis, as_text(owner), upload_id, life)
+    await redis.pexpire(key, _ms(life))
+    return bytes(data)
+
+
+async def release_upload(redis: Redis, settings: Settings, upload_id: str) -> None:
+    """Remove an upload, then its charge (its job has ended)."""
+    key = UPLOAD_KEY_PREFIX + upload_id
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hget(key, "owner")
+        pipe.delete(key)
+        owner, _ = await pipe.execute(raise_on_error=False)
+    if owner and not isinstance(owner, Exception):
+        await upload_quota(settings).release(redis, as_text(owner), upload_id)
+
+
+async def _discard_upload(ctx: WorkerContext, upload_id: str, why: str) -> None:
+    """`release_upload`, best effort: if Redis fails now, the upload and its charge expire
+    with their life instead (the job's end is not worth a retry of its own)."""
+    try:
+        await release_upload(ctx.redis, ctx.settings, upload_id)
+    except (RedisError, OSError) as exc:
+        log.warning("job %s %s; its upload expires instead: %s", ctx.job_id, why, exc)
+
+
+async def _drop_upload(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
+    """The dead-letter hook: the job failed for good, and its upload is of no more use (a retry
+    of the dead letter fails for want of it: the image is to be uploaded again)."""
+    upload_id = kwargs.get("upload_id")
+    if isinstance(upload_id, str):
+        await _discard_upload(ctx, upload_id, "failed for good")
+
+
+async def _aborted(ctx: WorkerContext) -> bool:
+    """Whether this try was cancelled by an abort (`DELETE /jobs/{id}`: no try follows) rather
+    than by its worker stopping (the job runs again elsewhere): an aborted job's id stays in
+    arq's abort set until the job's end is written."""
+    try:
+        return await ctx.redis.zscore(abort_jobs_ss, ctx.job_id) is not None
+    except (RedisError, OSError):
+        return False  # cannot tell: keep the upload, which expires if no try comes
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 async def _source_bytes(ctx: WorkerContext, job: ImageJob) -> bytes:
     settings = ctx.settings
     if job.upload_id is not None:
-        data: bytes | None = await ctx.redis.get(UPLOAD_KEY_PREFIX + job.upload_id)
+        data = await read_upload(ctx.redis, settings, job.upload_id)
         if data is None:
-            raise PermanentJobError("the uploaded image is gone (kept for a day)")
+            raise PermanentJobError(
+                "the uploaded image is gone (an upload is kept for its job only, and expires "
+                "when it is not run within UPLOAD_TTL)"
+            )
         return data
     assert job.url is not None
     return await ctx.fetcher.fetch_bytes(job.url, settings.image_max_bytes, ctx.job_id)
 
 
-@builtin("process_image", "scrape", endpoint="image", shown=("url",))
+@builtin("process_image", FAMILY, endpoint="image", shown=("url",), on_dead_letter=_drop_upload)
 async def process_image(
     ctx: WorkerContext,
     outputs: list[dict[str, Any]],
@@ -178,14 +284,29 @@ async def process_image(
 ) -> dict[str, Any]:
     """arq job: the image's versions, written to IMAGES_DIR/<job id>/ (files named
     <n>-<width>x<height>.<format>); returns their names, sizes and dimensions."""
+    if not re.fullmatch(JOB_ID_PATTERN, ctx.job_id):  # it becomes a folder name
+        raise PermanentJobError(f"image job ids are 32 hex digits, not {ctx.job_id!r}")
+    job = ImageJob(url=url, upload_id=upload_id, outputs=outputs)
+    if job.upload_id is None:
+        return await _render(ctx, job)
+    # Its upload goes when the job ends: here when it completes or is aborted, in the
+    # dead-letter hook when it fails for good; a failure that will be retried keeps it.
+    try:
+        result = await _render(ctx, job)
+    except asyncio.CancelledError:
+        if await _aborted(ctx):
+            await _discard_upload(ctx, job.upload_id, "was aborted")
+        raise
+    await _discard_upload(ctx, job.upload_id, "completed")
+    return result
+
+
+async def _render(ctx: WorkerContext, job: ImageJob) -> dict[str, Any]:
     settings = ctx.settings
     job_id = ctx.job_id
-    if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it becomes a folder name
-        raise PermanentJobError(f"image job ids are 32 hex digits, not {job_id!r}")
-    job = ImageJob(url=url, upload_id=upload_id, outputs=outputs)
     data = await _source_bytes(ctx, job)
     specs = [output.model_dump() for output in job.outputs]
-    versions = await ctx.cpu.run(
+    versions = await ctx.run_cpu(
         "decoding and resizing the image", render_images, data, specs, settings.image_max_pixels
     )
     folder = settings.images_dir / job_id
@@ -199,8 +320,6 @@ async def process_image(
             {"name": name, "format": output.format, "width": width, "height": height,
              "bytes": len(body)}
         )  # fmt: skip
-    if job.upload_id is not None:
-        await ctx.redis.delete(UPLOAD_KEY_PREFIX + job.upload_id)
     return {"outputs": written, "source_bytes": len(data)}
 
 

@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from app.auth import PRINCIPAL
 from app.http import enqueue, json_model, status_url
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import JobOptions, read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
+from asyncjobs.quota import NeverFits, QuotaExceeded
 from jobs.images import (
     CONTENT_TYPES,
     IMAGE_NAME_PATTERN,
     JOB_ID_PATTERN,
     ImageSpec,
     ImageUploadSpec,
+    release_upload,
     save_upload,
 )
 
@@ -45,7 +49,14 @@ async def enqueue_image(request: web.Request) -> web.Response:
             )
         outputs = [o.model_dump() for o in spec.outputs]
         kwargs = {"url": str(spec.url), "outputs": outputs}
-    await enqueue(request, "process_image", _job_id=job_id, **kwargs, **options.enqueue_kwargs())
+    try:
+        await enqueue(
+            request, "process_image", _job_id=job_id, **kwargs, **options.enqueue_kwargs()
+        )
+    except web.HTTPException as exc:
+        if "upload_id" in kwargs and exc.status < 500:  # refused: no job will read the upload
+            await release_upload(request.app[REDIS], request.app[SETTINGS], kwargs["upload_id"])
+        raise  # an unknown outcome keeps it: the job may be there; if not, it expires
     accepted = ImageAccepted(
         job_id=job_id, status_url=status_url(request, job_id), images_url=f"/images/{job_id}/"
     )
@@ -54,7 +65,9 @@ async def enqueue_image(request: web.Request) -> web.Response:
 
 async def _upload(request: web.Request, job_id: str) -> tuple[JobOptions, dict[str, Any]]:
     """Parts: `image` (the file, at most MAX_BODY_BYTES with the rest), and optionally
-    `outputs` (a JSON list) and `options` (a JSON object of job options)."""
+    `outputs` (a JSON list) and `options` (a JSON object of job options). The image is kept
+    in Redis for its job, charged to the API key's held bytes (UPLOAD_MAX_BYTES_PER_KEY):
+    422 if it is larger than all of them, 429 while the key's other uploads leave no room."""
     settings = request.app[SETTINGS]
     parts = await _read_parts(request)
     image = parts.get("image")
@@ -65,7 +78,17 @@ async def _upload(request: web.Request, job_id: str) -> tuple[JobOptions, dict[s
         _json_part(parts, "options", {}, None), context={"settings": settings}
     )
     upload_id = job_id
-    await save_upload(request.app[REDIS], upload_id, image)
+    principal = request.get(PRINCIPAL)
+    owner = principal.key_id if principal is not None else None
+    delay = options.delay_ms() / 1000
+    try:
+        await save_upload(request.app[REDIS], settings, upload_id, image, owner, delay)
+    except NeverFits as exc:
+        raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+    except QuotaExceeded as exc:
+        raise web.HTTPTooManyRequests(
+            text=str(exc), headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        ) from None
     return options, {"upload_id": upload_id, "outputs": [o.model_dump() for o in spec.outputs]}
 
 
