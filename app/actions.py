@@ -11,13 +11,14 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
 
-from app.jobstatus import read_job
+from app.jobstatus import read_job, read_job_with_progress
 from app.schemas import JobView
 from asyncjobs.registry import Priority, get_job_type
 from asyncjobs.settings import Settings
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
 from jobs.engine.queue import enqueue_job, enqueue_jobs
 from jobs.housekeeping.export import ExportRequest
+from jobs.mail.newsletter import abort_batch
 
 ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
 
@@ -66,8 +67,15 @@ async def enqueue_many(
 
 async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
     """Ask the workers to abort a queued, deferred or running job; its state before asking.
-    A job in any other state is left alone."""
+    A job in any other state is left alone. A newsletter is running while its messages are
+    sent, after its own job has ended: aborting it stops them (jobs.mail.newsletter)."""
     view = await read_job(redis, job_id, queue_name)
+    if view.function == "send_newsletter":
+        shown = await read_job_with_progress(redis, queue_name, job_id)
+        if shown.status in ABORTABLE:
+            await abort_batch(redis, job_id)
+        if view.status not in ABORTABLE:  # its job has fanned out: the messages were the rest
+            return shown
     if view.status not in ABORTABLE:
         return view
     now = timestamp_ms()

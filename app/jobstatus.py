@@ -93,7 +93,9 @@ async def read_job_with_progress(redis: ArqRedis, queue_name: str, job_id: str) 
 def newsletter_phase(view: JobView) -> None:
     """A newsletter is done when its last message is, not when its job has fanned out: until
     then it is in progress, `fanning_out` (its job runs) or `sending` (its messages are)."""
-    if view.status == "in_progress":
+    if view.progress and view.progress.aborted and view.status not in ("queued", "in_progress"):
+        view.status = "aborted"  # its job has ended (or was aborted) and no message is left
+    elif view.status == "in_progress":
         view.phase = "fanning_out"
     elif view.status == "complete" and view.progress and view.progress.pending > 0:
         view.status, view.phase = "in_progress", "sending"

@@ -57,7 +57,8 @@ CALLBACK_KEY_PREFIX = PREFIX + "callback:"  # + job id -> JSON: its webhook's de
 
 # --- Mail (jobs/mail/) -----------------------------------------------------------------------
 SENT_KEY_PREFIX = PREFIX + "sent:"  # + message id -> sent marker (effectively-once delivery)
-MAIL_BATCH_KEY_PREFIX = PREFIX + "batch:"  # + newsletter id -> total; :sent / :failed sets
+MAIL_BATCH_KEY_PREFIX = PREFIX + "batch:"  # + newsletter id -> {total, aborted}; :sent, :failed
+BATCH_ABORTED_FIELD = "aborted"  # in a batch's hash: DELETE /jobs/<newsletter id> stopped it
 SMTP_NEXT_SLOT_KEY = PREFIX + "smtp:next-slot"  # microseconds (Redis time) of the next free slot
 
 

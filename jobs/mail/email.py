@@ -28,7 +28,12 @@ from redis.asyncio import Redis
 
 from asyncjobs.addresses import Address, domain_of, unique_addresses
 from asyncjobs.errors import PermanentJobError
-from asyncjobs.keys import SENT_KEY_PREFIX, mail_batch_key
+from asyncjobs.keys import (
+    BATCH_ABORTED_FIELD,
+    MAIL_BATCH_KEY_PREFIX,
+    SENT_KEY_PREFIX,
+    mail_batch_key,
+)
 from asyncjobs.redis import NotReplicatedError, execute_replicated, replicas_ready
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
@@ -239,6 +244,12 @@ async def record_sent(
             log.warning("email %s: sent marker not replicated: %s", message_id, exc)
 
 
+async def batch_aborted(redis: Redis, batch_id: str) -> bool:
+    """Whether the message's newsletter was aborted (jobs.mail.newsletter.abort_batch)."""
+    key = MAIL_BATCH_KEY_PREFIX + batch_id
+    return bool(await redis.hexists(key, BATCH_ABORTED_FIELD))  # type: ignore[misc]
+
+
 async def record_failed(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
     """Dead-letter hook: count the message as failed in its batch's progress."""
     batch_id, message_id = kwargs.get("batch_id"), kwargs.get("message_id")
@@ -290,6 +301,8 @@ async def send_email(
         await record_sent(redis, message_id, batch_id, settings)
         report(f"email {message_id} already sent; not sending again", message_id=message_id)
         return {"message_id": message_id, "skipped": "already sent"}
+    if batch_id and await batch_aborted(redis, batch_id):
+        return {"message_id": message_id, "skipped": "newsletter aborted"}
     context = validation_context(settings, settings.mail_max_recipients)
     spec = EmailSpec.model_validate(email, context=context)  # the queue is a boundary too
     message = build_message(spec, settings.mail_from, message_id)

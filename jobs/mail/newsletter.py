@@ -26,13 +26,14 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from asyncjobs.addresses import Address, domain_of, unique_addresses
-from asyncjobs.keys import MAIL_BATCH_KEY_PREFIX, mail_batch_key
+from asyncjobs.keys import BATCH_ABORTED_FIELD, MAIL_BATCH_KEY_PREFIX, mail_batch_key
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
 from jobs.enqueue import enqueue_registered_many
 from jobs.mail.email import (
     MAX_BODY_CHARS,
     EmailSpec,
+    batch_aborted,
     check_message_rules,
     validation_context,
 )
@@ -227,6 +228,11 @@ async def send_newsletter(
     sender = checked.get("from") or settings.mail_from
     invalid: dict[str, str] = {}
     for first in range(0, total, ENQUEUE_CHUNK):
+        if await batch_aborted(redis, newsletter_id):
+            log.info(
+                "newsletter %s: aborted; %d messages not enqueued", newsletter_id, total - first
+            )
+            break
         part = checked | {"recipients": checked["recipients"][first : first + ENQUEUE_CHUNK]}
         rendered = await ctx.run_cpu("the newsletter's templates", render_chunk, part, contexts)
         chunk: list[tuple[str, dict[str, Any]]] = []
@@ -276,15 +282,31 @@ class BatchProgress(BaseModel):
     sent: int
     failed: int
     pending: int
+    aborted: int = 0  # once aborted: the messages that will not be sent
 
 
 async def batch_progress(redis: Redis, batch_id: str) -> BatchProgress | None:
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hget(MAIL_BATCH_KEY_PREFIX + batch_id, "total")
+        pipe.hmget(MAIL_BATCH_KEY_PREFIX + batch_id, ["total", BATCH_ABORTED_FIELD])
         pipe.scard(mail_batch_key(batch_id, "sent"))
         pipe.scard(mail_batch_key(batch_id, "failed"))
-        total, sent, failed = await pipe.execute()
+        (total, aborted), sent, failed = await pipe.execute()
     if total is None:
         return None
-    total = int(total)
-    return BatchProgress(total=total, sent=sent, failed=failed, pending=total - sent - failed)
+    rest = int(total) - sent - failed
+    if aborted:  # none of the rest is sent now (one being sent as it came may still go)
+        return BatchProgress(total=int(total), sent=sent, failed=failed, pending=0, aborted=rest)
+    return BatchProgress(total=int(total), sent=sent, failed=failed, pending=rest)
+
+
+async def abort_batch(redis: Redis, batch_id: str) -> bool:
+    """Stop a newsletter: its fan-out enqueues no more messages and its queued messages are
+    not sent (each checks before sending). False if there is no such newsletter."""
+    key = MAIL_BATCH_KEY_PREFIX + batch_id
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.exists(key)
+        pipe.hsetnx(key, BATCH_ABORTED_FIELD, "1")
+        exists, _ = await pipe.execute()
+    if not exists:
+        await redis.delete(key)  # HSETNX made a hash of one field: not a newsletter
+    return bool(exists)
