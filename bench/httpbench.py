@@ -52,7 +52,8 @@ async def run_http(redis: RedisServer, log: Path, requests: int, concurrency: in
     result = HttpResult(requests, concurrency)
     key, port = secrets.token_urlsafe(24), free_port()
     env = child_env(
-        api_keys=key, rate_limit_requests=10_000_000, redis_url=redis.url,
+        api_keys=key, rate_limit_requests=10_000_000, mail_messages_per_hour=10_000_000,
+        redis_url=redis.url,
         web_host="127.0.0.1", web_port=port,
     )  # fmt: skip
     await redis.reset()
