@@ -1,5 +1,6 @@
 """Image jobs: fetch an image (through the scraper's SSRF guard and politeness) or take an
-upload, and write resized versions in JPEG, PNG or WebP, downloadable like exports.
+upload, and write resized versions in JPEG, PNG, WebP or GIF (an animation kept in the last two),
+downloadable like exports.
 
 Decoding and resizing are CPU work whose cost the input decides, so they run in the worker's
 CPU pool (jobs/cpulimit.py), under CPU_LIMIT_SECONDS, never in the event loop. Limits: the
@@ -23,11 +24,11 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from arq.constants import abort_jobs_ss
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -43,27 +44,51 @@ from jobs.values import as_text
 
 log = logging.getLogger(__name__)
 
-ImageFormat = Literal["jpeg", "png", "webp"]
+ImageFormat = Literal["jpeg", "png", "webp", "gif"]
 INPUT_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
-MAX_SIDE = 4096
+TAKEN = "upload PNG, JPEG, GIF or WebP"  # said by every refusal of an input's format
+ANIMATED_FORMATS = {"gif", "webp"}  # outputs that keep every frame of an animation
+MAX_SIDE = 4096  # every version fits in MAX_SIDE x MAX_SIDE, the original size included
 MAX_OUTPUTS = 10
+DEFAULT_FRAME_MS = 100  # a frame stating no (or a zero) duration: what browsers show it for
 FAMILY: Family = "scrape"  # process_image's retry policy: SCRAPE_MAX_TRIES, RETRY_*_DELAY
 JOB_ID_PATTERN = r"[0-9a-f]{32}"
 # No anchors, no capturing groups: it is also used inside an aiohttp route pattern.
-IMAGE_NAME_PATTERN = r"[0-9]{1,2}-[0-9]{1,4}x[0-9]{1,4}\.(?:jpeg|png|webp)"
-CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+IMAGE_NAME_PATTERN = r"[0-9]{1,2}-[0-9]{1,4}x[0-9]{1,4}\.(?:jpeg|png|webp|gif)"
+CONTENT_TYPES: dict[str, str] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+}
 
 
 class ImageOutput(BaseModel):
     """One version to write: a format, and a box it must fit in (the aspect ratio is kept and
-    an image is never enlarged); no box keeps the original size."""
+    an image is never enlarged); no box keeps the original size, up to MAX_SIDE a side."""
 
     model_config = ConfigDict(extra="forbid")
 
     format: ImageFormat
-    width: int | None = Field(None, ge=1, le=MAX_SIDE)
-    height: int | None = Field(None, ge=1, le=MAX_SIDE)
+    # The cap is checked by _within_max_side, whose 422 says what it is; the schema shows it.
+    width: int | None = Field(None, ge=1, json_schema_extra={"maximum": MAX_SIDE})
+    height: int | None = Field(None, ge=1, json_schema_extra={"maximum": MAX_SIDE})
     quality: int = Field(85, ge=1, le=100, description="JPEG and WebP")
+    background: str | None = Field(
+        None,
+        pattern=r"^#[0-9a-fA-F]{6}$",
+        description="#rrggbb to flatten transparency onto; JPEG is always flattened (on white "
+        "when not given), other formats keep transparency unless this is given",
+    )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _within_max_side(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_SIDE:
+            raise ValueError(
+                f"at most {MAX_SIDE} pixels: versions are made at most {MAX_SIDE}x{MAX_SIDE}"
+            )
+        return value
 
 
 DEFAULT_OUTPUTS = [
@@ -111,32 +136,83 @@ def image_name(index: int, width: int, height: int, fmt: ImageFormat) -> str:
     return f"{index}-{width}x{height}.{fmt}"
 
 
-def render_images(
-    data: bytes, outputs: list[dict[str, Any]], max_pixels: int
-) -> list[tuple[bytes, int, int]]:
-    """Decode once, then encode each output: (bytes, width, height) per output. Runs in a pool
-    process; a bad or oversized image is a PermanentJobError."""
+class Version(NamedTuple):
+    """One encoded output, as render_images hands it back from the CPU pool."""
+
+    body: bytes
+    width: int
+    height: int
+    frames: int
+    note: str | None  # said when frames of an animation were left out
+
+
+class Decoded(NamedTuple):
+    frames: list[Image.Image]  # every frame when an output keeps the animation, else the first
+    source_frames: int  # frames in the source
+    durations: list[int]  # milliseconds, one per decoded frame
+    loop: int | None  # the source's loop count (0: forever); None: it plays once
+
+
+def render_images(data: bytes, outputs: list[dict[str, Any]], max_pixels: int) -> list[Version]:
+    """Decode once, then encode each output. Runs in a pool process; a bad or oversized image
+    is a PermanentJobError."""
+    specs = [ImageOutput.model_validate(spec) for spec in outputs]
+    animate = any(spec.format in ANIMATED_FORMATS for spec in specs)
+    decoded = _decode(data, max_pixels, animate)
+    return [_encode(decoded, spec) for spec in specs]
+
+
+def _decode(data: bytes, max_pixels: int, animate: bool) -> Decoded:
+    """The first frame, or every frame when `animate`; refused from the header when that is
+    more than `max_pixels` in all (a small GIF can declare thousands of full-canvas frames)."""
     Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             opened = Image.open(io.BytesIO(data))
             if opened.format not in INPUT_FORMATS:
-                raise PermanentJobError(
-                    f"{opened.format} images are not taken (JPEG, PNG, WebP, GIF)"
-                )
-            if opened.width * opened.height > max_pixels:
-                raise PermanentJobError(too_many_pixels(opened.width, opened.height, max_pixels))
-            image = ImageOps.exif_transpose(opened)  # as a camera held it, then EXIF is gone
-            image.load()
+                raise PermanentJobError(f"{opened.format} is not supported: {TAKEN}")
+            count: int = getattr(opened, "n_frames", 1)  # frame headers only: nothing decoded
+            keep = count if animate else 1
+            _check_pixels(opened.width, opened.height, keep, max_pixels)
+            return _frames(opened, count, keep)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             # Pillow's own check, from the header (over twice the limit it refuses to open)
             raise PermanentJobError(too_many_pixels(*_header_size(data), max_pixels)) from None
-        except UnidentifiedImageError as exc:
-            raise PermanentJobError(f"not an image this job can read: {exc}") from None
-        except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+        except UnidentifiedImageError:  # its message is a repr of our buffer: say what it is
+            raise PermanentJobError(_unidentified(data)) from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt
             raise PermanentJobError(f"the image could not be decoded: {exc}") from None
-    return [_encode(image, ImageOutput.model_validate(spec)) for spec in outputs]
+
+
+def _check_pixels(width: int, height: int, frames: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise PermanentJobError(too_many_pixels(width, height, max_pixels))
+    if width * height * frames > max_pixels:
+        raise PermanentJobError(
+            f"{frames} frames of {width}x{height} are more than {max_pixels:,} pixels "
+            "(IMAGE_MAX_PIXELS counts every frame of an animation): not decoded"
+        )
+
+
+def _frames(opened: Image.Image, count: int, keep: int) -> Decoded:
+    """The first `keep` frames, each whole (Pillow draws a GIF's frame over the ones before)
+    and upright as a camera held it (EXIF orientation applied, then dropped)."""
+    frames, durations = [], []
+    for index in range(keep):
+        opened.seek(index)
+        frames.append(ImageOps.exif_transpose(opened))  # loads the frame: its info is current
+        durations.append(int(opened.info.get("duration") or DEFAULT_FRAME_MS))
+    loop = opened.info.get("loop")
+    return Decoded(frames, count, durations, int(loop) if loop is not None else None)
+
+
+def _unidentified(data: bytes) -> str:
+    """Why bytes Pillow cannot identify are refused; SVG, the usual one, by name."""
+    head = data[:65536].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<") and b"<svg" in head:
+        return f"SVG is not supported: {TAKEN}"
+    return f"not an image this job can read: {TAKEN}"
 
 
 def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
@@ -153,20 +229,70 @@ def _header_size(data: bytes) -> tuple[int, int]:
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def _encode(image: Image.Image, output: ImageOutput) -> tuple[bytes, int, int]:
-    version = image.copy()
-    if output.width or output.height:
-        version.thumbnail((output.width or MAX_SIDE, output.height or MAX_SIDE))
-    if output.format == "jpeg" and version.mode not in ("RGB", "L"):
-        version = version.convert("RGB")  # JPEG has no alpha
-    elif version.mode == "P":
-        version = version.convert("RGBA")
+def _encode(decoded: Decoded, output: ImageOutput) -> Version:
+    animated = output.format in ANIMATED_FORMATS and len(decoded.frames) > 1
+    versions = [_prepare(frame, output) for frame in decoded.frames[: None if animated else 1]]
+    first = versions[0]
     buffer = io.BytesIO()
+    first.save(buffer, format=output.format.upper(), **_save_options(output, versions, decoded))
+    note = None
+    if decoded.source_frames > 1 and not animated:
+        note = (
+            f"only the first of {decoded.source_frames} frames was used: {output.format.upper()} "
+            "versions are not animated (ask for gif or webp to keep the animation)"
+        )
+    return Version(buffer.getvalue(), first.width, first.height, len(versions), note)
+
+
+def _prepare(frame: Image.Image, output: ImageOutput) -> Image.Image:
+    """One frame in a mode the format writes, flattened if asked (JPEG: always), resized."""
+    background = output.background or ("#ffffff" if output.format == "jpeg" else None)
+    if _transparent(frame):
+        version = frame.convert("RGBA") if background is None else _flatten(frame, background)
+    elif frame.mode in ("RGB", "L"):
+        version = frame.copy()  # thumbnail() works in place: the decoded frame is shared
+    else:
+        version = frame.convert("RGB")  # P, CMYK, I;16...: what every output format writes
+    version.thumbnail((output.width or MAX_SIDE, output.height or MAX_SIDE))
+    return version
+
+
+def _transparent(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _flatten(frame: Image.Image, colour: str) -> Image.Image:
+    """`frame` drawn over a plain `colour`. Dropping alpha instead would show whatever the
+    transparent pixels happen to store: usually black."""
+    canvas = Image.new("RGBA", frame.size, colour)
+    canvas.alpha_composite(frame.convert("RGBA"))
+    return canvas.convert("RGB")
+
+
+def _save_options(
+    output: ImageOutput, versions: list[Image.Image], decoded: Decoded
+) -> dict[str, Any]:
     options: dict[str, Any] = {"optimize": True}
     if output.format in ("jpeg", "webp"):
         options["quality"] = output.quality
-    version.save(buffer, format=output.format.upper(), **options)
-    return buffer.getvalue(), version.width, version.height
+    if len(versions) == 1:
+        return options
+    options |= {
+        "save_all": True,
+        "append_images": versions[1:],
+        "duration": decoded.durations[: len(versions)],
+    }
+    if decoded.loop is not None:
+        options["loop"] = decoded.loop
+    elif output.format == "webp":
+        options["loop"] = 1  # WebP loops forever unless told; the source plays once
+    if output.format == "gif":
+        options["disposal"] = 2  # frames are whole: clear each, or transparent parts show the last
+    elif any(_transparent(version) for version in versions):
+        # libwebp's sub-frame optimisation can leave the file's alpha flag unset, and readers
+        # (Pillow) then show transparent parts black; every frame a key frame keeps it
+        options["kmax"] = 1
+    return options
 
 
 def upload_life(settings: Settings) -> float:
@@ -311,15 +437,20 @@ async def _render(ctx: WorkerContext, job: ImageJob) -> dict[str, Any]:
     )
     folder = settings.images_dir / job_id
     written = []
-    for index, ((body, width, height), output) in enumerate(
-        zip(versions, job.outputs, strict=True)
-    ):
-        name = image_name(index, width, height, output.format)
-        await asyncio.to_thread(_write_atomically, folder / name, body)
-        written.append(
-            {"name": name, "format": output.format, "width": width, "height": height,
-             "bytes": len(body)}
-        )  # fmt: skip
+    for index, (version, output) in enumerate(zip(versions, job.outputs, strict=True)):
+        name = image_name(index, version.width, version.height, output.format)
+        await asyncio.to_thread(_write_atomically, folder / name, version.body)
+        entry: dict[str, Any] = {
+            "name": name,
+            "format": output.format,
+            "width": version.width,
+            "height": version.height,
+            "bytes": len(version.body),
+            "frames": version.frames,
+        }
+        if version.note is not None:
+            entry["note"] = version.note
+        written.append(entry)
     return {"outputs": written, "source_bytes": len(data)}
 
 
