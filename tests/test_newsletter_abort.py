@@ -35,7 +35,9 @@ async def test_aborting_a_newsletter_while_it_sends_stops_the_rest(
         await stop_worker(worker, task)
 
 
-async def abort_while_sending(api: ApiClient, redis: ArqRedis, handler: RecordingSmtpHandler) -> None:
+async def abort_while_sending(
+    api: ApiClient, redis: ArqRedis, handler: RecordingSmtpHandler
+) -> None:
     handler.gate.clear()  # every message waits in the server until the test lets it through
     body = {
         "recipients": [f"reader{n}@example.com" for n in range(RECIPIENTS)],
