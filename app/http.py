@@ -20,7 +20,9 @@ from jobs.engine.queue import OWNER_KWARG
 T = TypeVar("T")
 
 # Any arq job id, but not the names of the fixed endpoints beside it (/jobs/email is no job).
-JOB_ID_PATTERN = r"(?!(?:email|newsletter|scrape|export|report|image|types)$)[A-Za-z0-9_.:-]{1,128}"
+JOB_ID_PATTERN = (
+    r"(?!(?:email|newsletter|scrape|export|report|image|http|types)$)[A-Za-z0-9_.:-]{1,128}"
+)
 
 
 def json_model(model: BaseModel, status: int = 200) -> web.Response:

@@ -37,12 +37,16 @@ from app.schemas import (
     ScrapeBatch,
     ScrapeRequest,
     SourceList,
+    SourceRunAccepted,
+    SourceRunList,
+    SourceRunRequest,
 )
 from app.state import SETTINGS
 from asyncjobs import __version__
 from asyncjobs.registry import user_job_types
 from jobs.deadletter import DeadLetter
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
+from jobs.http.spec import HttpAnswer, HttpCall
 from jobs.images import CONTENT_TYPES as IMAGE_CONTENT_TYPES
 from jobs.images import IMAGE_NAME_PATTERN, ImageSpec
 from jobs.mail.newsletter import NewsletterSpec
@@ -121,6 +125,9 @@ OPERATIONS = [
                        for ctype in IMAGE_CONTENT_TYPES.values()}),
     Operation("post", "/jobs/report", "Compute the analysis report now", 202, JobAccepted,
               JobOptions),
+    Operation("post", "/jobs/http", "Call a URL, signed, until it answers a success status "
+              "(retried, limited per target)", 202, JobAccepted, HttpCall,
+              result=HttpAnswer.model_json_schema()),
     Operation("get", "/batches/{batch_id}", "Progress of a multi-URL scrape: each job's status",
               200, ScrapeBatch, path_params={"batch_id": ID32}),
     Operation("get", "/jobs/types", "Every job type: arguments, result, retries, priority, cost",
@@ -147,6 +154,11 @@ OPERATIONS = [
               path_params={"source_id": ID32}),
     Operation("delete", "/sources/{source_id}", "Delete a source", 204,
               path_params={"source_id": ID32}),
+    Operation("post", "/sources/{source_id}/run", "Run a source now", 202, SourceRunAccepted,
+              SourceRunRequest, path_params={"source_id": ID32},
+              extra={409: ("A run of the source is in progress", ErrorBody)}),
+    Operation("get", "/sources/{source_id}/runs", "The source's last runs, newest first", 200,
+              SourceRunList, path_params={"source_id": ID32}),
     Operation("post", "/schedules", "Run a job on a cron expression or every N seconds", 201,
               ScheduleView, ScheduleSpec),
     Operation("get", "/schedules", "All schedules, with their next runs", 200, ScheduleList),

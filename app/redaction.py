@@ -10,7 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-SECRET_WORDS = ("password", "secret", "token", "key", "authorization")
+# "cookie": an HTTP job's `headers.Cookie` carries a session as surely as Authorization does
+SECRET_WORDS = ("password", "secret", "token", "key", "authorization", "cookie")
 REDACTED = "***"
 # Credentials by their shape: an HTTP auth scheme and its token, a JWT, user:password@ in a URL
 SECRET_SHAPES = re.compile(

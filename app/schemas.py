@@ -20,9 +20,12 @@ from jobs.deadletter import DeadLetter
 from jobs.engine.monitor import StepProgress
 from jobs.mail.email import EmailSpec
 from jobs.mail.newsletter import BatchProgress
+from jobs.mail.smtpconfig import SmtpProblem
 from jobs.schedules import ScheduleView
 from jobs.scrape.documents import DocumentVersion, StoredDocument
-from jobs.scrape.page import MAX_URL_LENGTH, ScrapeTarget, Selectors
+from jobs.scrape.page import MAX_URL_LENGTH, ScrapeTarget
+from jobs.scrape.runs import SourceRun
+from jobs.scrape.selectors import Selectors
 from jobs.scrape.sources import Source
 from jobs.webhooks import CallbackRecord
 
@@ -41,6 +44,7 @@ class ScrapeRequest(BaseModel):
     url: AnyHttpUrl | None = Field(None, max_length=MAX_URL_LENGTH)
     urls: list[AnyHttpUrl] | None = Field(None, min_length=1)
     selectors: Selectors = Field(default_factory=dict)
+    force: bool = Field(False, description="fetch unconditionally, as if never seen before")
 
     @model_validator(mode="after")
     def _one_of_url_or_urls(self, info: ValidationInfo) -> ScrapeRequest:
@@ -58,7 +62,7 @@ class ScrapeRequest(BaseModel):
 
     def targets(self) -> list[ScrapeTarget]:
         urls = [self.url] if self.url is not None else list(self.urls or [])
-        return [ScrapeTarget(url=u, selectors=self.selectors) for u in urls]
+        return [ScrapeTarget(url=u, selectors=self.selectors, force=self.force) for u in urls]
 
 
 class JobAccepted(BaseModel):
@@ -146,17 +150,39 @@ class Health(BaseModel):
     redis: Literal["ok", "unreachable"]
     worker: WorkerHealth
     version: str
+    # present only while a worker's SMTP configuration fails (a wrong password, an untrusted
+    # certificate, a refused MAIL_FROM): why, and since when; the status is then degraded
+    smtp: SmtpProblem | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class SourceList(BaseModel):
     sources: list[Source]
 
 
+class SourceRunRequest(BaseModel):
+    """`POST /sources/{id}/run`: an optional body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="fetch every page unconditionally (no 304s)")
+
+
+class SourceRunAccepted(BaseModel):
+    run_id: str
+    job_id: str  # the start page's job
+    status_url: str
+    runs_url: str
+
+
+class SourceRunList(BaseModel):
+    runs: list[SourceRun]  # newest first
+
+
 class DocumentList(BaseModel):
     total: int
     offset: int
     limit: int
-    items: list[StoredDocument]  # without their text; GET /documents/{id} has it
+    items: list[StoredDocument]  # without text and metadata; GET /documents/{id} has them
 
 
 class DocumentDetail(BaseModel):

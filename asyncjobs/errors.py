@@ -14,6 +14,9 @@ class TransientJobError(JobError):
 
     # False: `retry_after` is when to try again, not a floor under the family's backoff
     backoff = True
+    # False: the cause is told elsewhere at most once a minute (an SMTP configuration failure
+    # fails every email alike), so each retry is logged at INFO, not as a warning of its own
+    warn_each_try = True
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)

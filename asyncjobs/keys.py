@@ -60,6 +60,10 @@ SENT_KEY_PREFIX = PREFIX + "sent:"  # + message id -> sent marker (effectively-o
 MAIL_BATCH_KEY_PREFIX = PREFIX + "batch:"  # + newsletter id -> {total, aborted}; :sent, :failed
 BATCH_ABORTED_FIELD = "aborted"  # in a batch's hash: DELETE /jobs/<newsletter id> stopped it
 SMTP_NEXT_SLOT_KEY = PREFIX + "smtp:next-slot"  # microseconds (Redis time) of the next free slot
+# + message id -> {address: JSON answer}: each recipient's last SMTP answer, kept while some
+# recipients lack the message (its sent marker then says "partial"; jobs/mail/outcomes.py)
+RECIPIENTS_KEY_PREFIX = PREFIX + "rcpt:"
+SMTP_PROBLEM_KEY = PREFIX + "smtp:problem"  # {reason, since}: an SMTP configuration failure
 
 
 def mail_batch_key(batch_id: str, outcome: Literal["sent", "failed"]) -> str:
@@ -69,11 +73,15 @@ def mail_batch_key(batch_id: str, outcome: Literal["sent", "failed"]) -> str:
 # --- Scraping (jobs/scrape/) -----------------------------------------------------------------
 HOST_KEY_PREFIX = PREFIX + "host:"  # + host -> :leases, :next, :tail, :turn:<job id> (politeness)
 ROBOTS_KEY_PREFIX = PREFIX + "robots:"  # + origin -> cached robots.txt
+# HTTP jobs' limits per target (jobs/http/limits.py), kept as politeness keeps a host's:
+# + "host:<host:port>" or "group:<limit_group>" -> :leases, :next, :tail, :turn:<job id>
+HTTP_LIMIT_KEY_PREFIX = PREFIX + "http-limit:"
 DOC_KEY_PREFIX = PREFIX + "doc:"  # + doc id -> hash: the latest snapshot of the URL
 DOC_INDEX_KEY = PREFIX + "docs"  # zset doc id -> last fetch time (unix seconds)
 DOC_CHANGED_KEY = PREFIX + "docs:changed"  # zset doc id -> time its content last changed
 SOURCES_KEY = PREFIX + "sources"  # set of source ids
 SOURCE_KEY_PREFIX = PREFIX + "source:"  # + source id -> JSON definition
+SCRAPE_FAILURES_KEY = PREFIX + "scrape:failures"  # hash: reason -> scrapes (no source) failed
 
 
 def doc_versions_key(doc_id: str) -> str:
@@ -104,6 +112,31 @@ def source_pages_key(source_id: str, period: int) -> str:
 def source_seen_key(source_id: str, period: int) -> str:
     """The links the run has met: each takes a place in the budget once."""
     return f"{SOURCE_KEY_PREFIX}{source_id}:seen:{period}"
+
+
+def source_runs_key(source_id: str) -> str:
+    """List, newest first: the ids of the last runs (a run's id is its period)."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:runs"
+
+
+def source_run_info_key(source_id: str, period: int) -> str:
+    """Hash: a run's trigger, start, end and first job."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:runs:{period}"
+
+
+def source_run_pending_key(source_id: str, period: int) -> str:
+    """Zset job id -> enqueued ms: the run's page jobs not finished yet."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:runs:{period}:pending"
+
+
+def source_run_pages_key(source_id: str, period: int) -> str:
+    """Hash job id -> outcome (changed, unchanged, not_modified, failed:<reason>...)."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:runs:{period}:pages"
+
+
+def source_active_runs_key(source_id: str) -> str:
+    """Zset run id -> start ms: the source's runs in progress."""
+    return f"{SOURCE_KEY_PREFIX}{source_id}:active-runs"
 
 
 # --- Schedules (jobs/schedules.py) ---------------------------------------------------------

@@ -33,7 +33,7 @@ from asyncjobs.settings import Settings
 Priority = Literal["transactional", "bulk"]
 PRIORITIES: tuple[Priority, ...] = ("transactional", "bulk")
 # The built-ins retry by their family's settings (EMAIL_MAX_TRIES, SCRAPE_MAX_TRIES, ...).
-Family = Literal["email", "scrape", "maintenance", "webhook"]
+Family = Literal["email", "scrape", "maintenance", "webhook", "http"]
 JobFunction = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=JobFunction)
 
@@ -74,6 +74,7 @@ def family_policy(settings: Settings, family: Family) -> RetryPolicy:
     tries = {
         "scrape": settings.scrape_max_tries,
         "webhook": settings.webhook_max_tries,
+        "http": settings.http_jobs_max_tries,
     }.get(family, settings.maintenance_max_tries)
     return RetryPolicy(tries, settings.retry_base_delay, settings.retry_max_delay)
 

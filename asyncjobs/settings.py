@@ -65,6 +65,30 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_timeout: float = Field(10, gt=0)
     webhook_max_tries: int = Field(8, ge=1)
+    # HTTP jobs (`POST /jobs/http`, jobs/http/): each request is signed as webhooks are, with
+    # HTTP_JOBS_SECRET, or WEBHOOK_SECRET when that is unset (one secret for both unless the
+    # receivers must not share it); with neither, POST /jobs/http is refused.
+    http_jobs_secret: SecretStr | None = None
+    # A request's timeout when it gives none, and the most it may ask for (seconds).
+    http_jobs_timeout: float = Field(30, gt=0)
+    http_jobs_max_timeout: float = Field(120, gt=0)
+    # Tries of a transient failure (408, 429, 5xx, timeouts, network errors), backoff as
+    # RETRY_BASE_DELAY..RETRY_MAX_DELAY, a Retry-After (up to RETRY_MAX_DELAY) as a floor.
+    http_jobs_max_tries: int = Field(10, ge=1)
+    # The response body kept in a job's result (more is cut, and the result says so).
+    http_jobs_result_max_bytes: int = Field(64 * 1024, ge=0)
+    http_jobs_max_connections: int = Field(100, gt=0, description="the HTTP jobs' pool")
+    # Limits per target (a host:port, or the `limit_group` a request names), shared by every
+    # worker through Redis; a job over them waits for its turn, it does not fail. Each is the
+    # default for a target and the most a request may ask for (it may ask for less); 0: none.
+    http_jobs_concurrency: int = Field(0, ge=0, description="requests at once per target")
+    http_jobs_rate_per_second: float = Field(0, ge=0, description="request starts per second")
+    # What HTTP jobs may call, apart from the scraper's SCRAPE_ALLOWED_*: internal services are
+    # their usual targets. Ports ("*": any), networks that may be reached although non-public,
+    # and host names whose addresses are not checked at all (exact, or "*.svc.internal").
+    http_jobs_allowed_ports: Annotated[list[int] | None, NoDecode] = [80, 443]
+    http_jobs_allowed_cidrs: Annotated[list[Network], NoDecode] = []
+    http_jobs_allowed_hosts: Annotated[list[str], NoDecode] = []
 
     # Worker
     worker_max_jobs: int = Field(200, gt=0, description="jobs one worker runs at once")
@@ -132,6 +156,10 @@ class Settings(BaseSettings):
     # run of its schedules), a bucket that refills continuously: it must hold the largest
     # newsletter, so that one is admitted at once when the bucket is full.
     mail_messages_per_hour: int = Field(20_000, gt=0)
+    # An email's attachments (bytes before base64): each, and all of one message together.
+    # Inline ones also fit in the request body (MAX_BODY_BYTES); URLs are fetched by the worker.
+    mail_max_attachment_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    mail_max_total_attachment_bytes: int = Field(10 * 1024 * 1024, gt=0)
     mail_sink_dir: Path | None = Field(None, description="dev mail sink folder; enables /dev/mail")
 
     # Scraping
@@ -199,7 +227,7 @@ class Settings(BaseSettings):
             pairs.append((host, int(port)))
         return pairs
 
-    @field_validator("scrape_allowed_cidrs", mode="before")
+    @field_validator("scrape_allowed_cidrs", "http_jobs_allowed_cidrs", mode="before")
     @classmethod
     def _split_cidrs(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -213,7 +241,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("scrape_allowed_ports", mode="before")
+    @field_validator("scrape_allowed_ports", "http_jobs_allowed_ports", mode="before")
     @classmethod
     def _split_ports(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -240,6 +268,13 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("http_jobs_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        return [part.strip().lower().rstrip(".") for part in value if part.strip()]
+
     @field_validator("mail_allowed_sender_domains", mode="before")
     @classmethod
     def _split_domains(cls, value: Any) -> Any:
@@ -253,6 +288,11 @@ class Settings(BaseSettings):
         if "*" in self.mail_allowed_sender_domains:
             return None
         return self.mail_allowed_sender_domains or [domain_of(self.mail_from)]
+
+    @property
+    def http_jobs_signing_secret(self) -> SecretStr | None:
+        """What HTTP jobs are signed with: HTTP_JOBS_SECRET, else WEBHOOK_SECRET."""
+        return self.http_jobs_secret or self.webhook_secret
 
     @property
     def version(self) -> str:

@@ -28,7 +28,7 @@ from bench.httpbench import HttpResult, run_http
 from bench.report import machine, render, write_json
 from bench.runner import PickupResult, RunResult, measure_drain, run_workload
 from bench.services import CACHE, REPO, BenchError, RedisServer, Sink, Site, celery_python
-from bench.workloads import USER_WORKLOADS, WORKLOADS, WorkloadName
+from bench.workloads import NEWER_WORKLOADS, WORKLOADS, WorkloadName
 
 DEFAULT_JSON = REPO / "bench" / "results" / "latest.json"
 HTTP_REQUESTS = {"full": 2000, "quick": 300}
@@ -117,8 +117,8 @@ async def run(args: argparse.Namespace) -> int:
             workload = WORKLOADS[name]
             n = args.jobs or workload.size(args.quick)
             for engine in engines:
-                if name in USER_WORKLOADS and engine.revision is not None:
-                    say(f"{name} x {engine.name}: skipped (a worker from before the registry)")
+                if name in NEWER_WORKLOADS and engine.revision is not None:
+                    say(f"{name} x {engine.name}: skipped (an older worker may not have its job)")
                     continue
                 say(f"{name} x {engine.name}: {n:,} jobs")
                 began = time.monotonic()

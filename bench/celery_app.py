@@ -10,6 +10,9 @@ seconds) to a Redis hash, which is how the bench sees completions and latencies.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import os
 import smtplib
 import threading
@@ -24,7 +27,7 @@ import requests  # type: ignore[import-untyped,unused-ignore]
 from celery import Celery  # type: ignore[import-not-found,unused-ignore]
 from selectolax.lexbor import LexborHTMLParser
 
-from bench.common import CELERY_DOC_PREFIX, CELERY_SENT_PREFIX, MAIL_FROM
+from bench.common import CELERY_DOC_PREFIX, CELERY_SENT_PREFIX, HTTP_JOBS_SECRET, MAIL_FROM
 
 BROKER_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SMTP_HOST = os.environ.get("BENCH_SMTP_HOST", "127.0.0.1")
@@ -142,11 +145,34 @@ def noop(enqueued: float, times_key: str, n: int) -> None:
     _timed(times_key, n, enqueued, lambda: None)
 
 
+def signed_post(url: str, n: int) -> None:
+    """What the project's http job does: a JSON body signed with HMAC-SHA256 over timestamp and
+    body, the job id and try as headers, a 2xx or an error, at most 64 KB of answer kept."""
+    body = json.dumps({"n": n}, separators=(",", ":")).encode()
+    timestamp = str(int(time.time()))
+    digest = hmac.new(HTTP_JOBS_SECRET.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    headers = {
+        "Content-Type": "application/json",
+        "X-Asyncjobs-Timestamp": timestamp,
+        "X-Asyncjobs-Signature": "sha256=" + digest.hexdigest(),
+        "X-Asyncjobs-Job-Id": str(n),
+        "X-Asyncjobs-Try": "1",
+    }
+    response = _http().post(url, data=body, headers=headers, timeout=30, allow_redirects=False)
+    response.raise_for_status()
+    _kept = response.content[: 64 * 1024]  # the body read, its start kept as a result is
+
+
+def http(url: str, enqueued: float, times_key: str, n: int) -> None:
+    _timed(times_key, n, enqueued, lambda: signed_post(url, n))
+
+
 def user_get(url: str, enqueued: float, times_key: str, n: int) -> None:
     _timed(times_key, n, enqueued, lambda: _http().get(url, timeout=20).raise_for_status())
 
 
 scrape_task = app.task(name="bench.scrape")(scrape)
 user_get_task = app.task(name="bench.user_get")(user_get)
+http_task = app.task(name="bench.http")(http)
 email_task = app.task(name="bench.email")(send_email)
 noop_task = app.task(name="bench.noop")(noop)

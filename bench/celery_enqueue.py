@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from bench.celery_app import app
-from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, page_url, recipient
+from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, page_url, recipient, task_url
 
 TASKS = {
     "scrape": "bench.scrape",
@@ -22,12 +22,15 @@ TASKS = {
     "noop": "bench.noop",
     "user-noop": "bench.noop",  # the same body: Celery has no other kind of task
     "user-get": "bench.user_get",
+    "http": "bench.http",
 }
 
 
 def task_args(workload: str, n: int, site: str, times_key: str, now: float) -> list[Any]:
     if workload in ("scrape", "user-get"):
         return [page_url(site, n), now, times_key, n]
+    if workload == "http":
+        return [task_url(site, n), now, times_key, n]
     if workload == "email":
         subject, text, html = (t.format(n=n) for t in (EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML))
         return [recipient(n), subject, text, html, now, times_key, n]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 PAGE_DELAY_S = 0.05  # every page of the bench site takes this long to answer
 PAGE_PATH = "/page/{n}"
+TASK_PATH = "/task/{n}"  # the http workload's endpoint: a signed POST, answered after 50 ms
+HTTP_JOBS_SECRET = "bench-http-jobs-secret"  # what every engine signs the http workload with
 MAIL_FROM = "asyncjobs@localhost"  # the project's default sender, used by Celery's task too
 EMAIL_SUBJECT = "Benchmark message {n}"
 EMAIL_TEXT = "Hello,\n\nthis is benchmark message {n}.\n\n-- \nasyncjobs bench\n"
@@ -22,3 +24,7 @@ def recipient(n: int) -> str:
 
 def page_url(site: str, n: int) -> str:
     return site.rstrip("/") + PAGE_PATH.format(n=n)
+
+
+def task_url(site: str, n: int) -> str:
+    return site.rstrip("/") + TASK_PATH.format(n=n)

@@ -22,7 +22,7 @@ from arq.constants import default_queue_name, health_check_key_suffix, result_ke
 from arq.jobs import deserialize_result
 from redis.asyncio import Redis
 
-from bench.common import CELERY_TIMES_KEY
+from bench.common import CELERY_TIMES_KEY, HTTP_JOBS_SECRET
 from bench.producers import PRODUCERS, Producer
 from bench.services import (
     CACHE,
@@ -214,6 +214,10 @@ def arq_env(services: Services) -> dict[str, Any]:
         "smtp_max_connections": 20,
         "worker_max_jobs": 500,
         "job_modules": "bench.userjobs",  # the asyncjobs worker's user jobs (arq: listed)
+        # the http workload: signed, to the loopback site, no limits per target (the default)
+        "http_jobs_secret": HTTP_JOBS_SECRET,
+        "http_jobs_allowed_cidrs": "127.0.0.0/8",
+        "http_jobs_allowed_ports": "*",
     }
 
 

@@ -15,7 +15,7 @@ from bench.common import PAGE_DELAY_S
 from bench.engines import BEFORE_ISSUE_17, ENGINES, STACK_ENGINES, WIDE, Engine, engine_named
 from bench.httpbench import PATH, HttpResult
 from bench.runner import PickupResult, RunResult
-from bench.workloads import WORKLOADS
+from bench.workloads import SITE_WORKLOADS, WORKLOADS
 
 BASELINE = "celery-prefork"
 KNOWN_ENGINES = ENGINES | STACK_ENGINES
@@ -112,7 +112,7 @@ def workload_table(name: str, results: list[RunResult]) -> list[str]:
             f"| {_num(r.peak_rss_mb)} | {_num(r.cpu_s_per_1k, 2)} "
             f"| {_num(r.redis_cmds_per_job, 1)} | {_num(r.enqueue_s, 2)} |"
         )
-    if name == "scrape":
+    if name in SITE_WORKLOADS:
         lines += [
             "",
             f"Latency-bound limit, N x {PAGE_DELAY_S * 1000:.0f} ms / concurrency "

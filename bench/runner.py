@@ -19,7 +19,7 @@ from bench.procstat import TreeSampler, cpu_seconds
 from bench.profile import Profiler
 from bench.services import BenchError, ChildProcess, RedisServer
 from bench.stats import percentile
-from bench.workloads import Workload
+from bench.workloads import SITE_WORKLOADS, Workload
 
 READY_TIMEOUT_S = 60.0
 POLL_EVERY_S = 0.05
@@ -38,7 +38,7 @@ class RunResult:
     completed: int = 0  # jobs that finished (ok or failed)
     failed: int = 0
     delivered: int | None = None  # pages the site served / messages the sink accepted
-    peak_in_flight: int | None = None  # scrape: most requests the site had in flight at once
+    peak_in_flight: int | None = None  # scrape, http: most requests the site had in flight
     profile: str | None = None  # --profile: where the worker's CPU went (bench/profile.py)
     enqueue_s: float | None = None
     seconds: float | None = None  # last finish - first enqueue
@@ -161,7 +161,7 @@ async def run_workload(
         calls.subtract(own)
         result.redis_commands = {k: v for k, v in calls.most_common() if v > 0}
         result.redis_cmds_per_job = sum(result.redis_commands.values()) / n
-        if workload.name == "scrape":
+        if workload.name in SITE_WORKLOADS:
             site = await services.site.stats()
             result.delivered, result.peak_in_flight = site["pages"], site["max_in_flight"]
         elif workload.name == "email":

@@ -3,15 +3,17 @@
 Run as `python -m bench.site --port N`: a process of its own, so serving pages does not compete
 with the bench's load generator or the measured worker in one event loop.
 `/slow/{ms}/page/{n}` is the same page after `ms` milliseconds (to hold many requests in
-flight). `/robots.txt` allows everything; `GET /_stats` says how many pages were served and the
-most requests that were in flight at once (the concurrency a scraper reached), `POST /_reset`
-zeroes both.
+flight). `POST /task/{n}` (the http workload) reads its body, waits the same 50 ms and answers
+a small JSON object; it counts as a page. `/robots.txt` allows everything; `GET /_stats` says
+how many pages were served and the most requests that were in flight at once (the concurrency
+a scraper reached), `POST /_reset` zeroes both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -45,6 +47,13 @@ def make_app() -> web.Application:
     app[STATS] = stats = {"pages": 0, "in_flight": 0, "max_in_flight": 0}
 
     async def page(request: web.Request) -> web.Response:
+        n = request.match_info["n"]
+        return await after_delay(
+            request, lambda: web.Response(text=page_html(n), content_type="text/html")
+        )
+
+    async def after_delay(request: web.Request, answer: Callable[[], web.Response]) -> web.Response:
+        """`answer()` after the page delay, counted in flight meanwhile and served after."""
         stats["in_flight"] += 1
         stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
         delay_ms = request.match_info.get("ms")
@@ -53,7 +62,11 @@ def make_app() -> web.Application:
         finally:
             stats["in_flight"] -= 1
         stats["pages"] += 1
-        return web.Response(text=page_html(request.match_info["n"]), content_type="text/html")
+        return answer()
+
+    async def task(request: web.Request) -> web.Response:
+        await request.read()
+        return await after_delay(request, lambda: web.json_response({"ok": True}))
 
     async def robots(request: web.Request) -> web.Response:
         return web.Response(text="User-agent: *\nAllow: /\n", content_type="text/plain")
@@ -67,6 +80,7 @@ def make_app() -> web.Application:
 
     app.router.add_get("/page/{n}", page)
     app.router.add_get("/slow/{ms:[0-9]+}/page/{n}", page)
+    app.router.add_post("/task/{n}", task)
     app.router.add_get("/robots.txt", robots)
     app.router.add_get("/_stats", show)
     app.router.add_post("/_reset", reset)

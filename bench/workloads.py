@@ -9,10 +9,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from asyncjobs.addresses import new_message_id
-from bench.common import EMAIL_HTML, EMAIL_SUBJECT, EMAIL_TEXT, MAIL_FROM, page_url, recipient
+from bench.common import (
+    EMAIL_HTML,
+    EMAIL_SUBJECT,
+    EMAIL_TEXT,
+    MAIL_FROM,
+    page_url,
+    recipient,
+    task_url,
+)
+from jobs.http.spec import HttpCall
 from jobs.mail.email import EmailSpec
 
-WorkloadName = Literal["scrape", "email", "noop", "user-noop", "user-get"]
+WorkloadName = Literal["scrape", "email", "noop", "user-noop", "user-get", "http"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,20 @@ WORKLOADS: dict[WorkloadName, Workload] = {
     "user-get": Workload(
         "user-get", "(f) a user's job doing one HTTP GET of a 50 ms page", 2000, 200, 0.05
     ),
+    "http": Workload(
+        "http",
+        "(g) http job: a signed POST of a small JSON body to a 50 ms endpoint",
+        2000,
+        200,
+        0.05,
+    ),
 }
 # Workloads of a user's `@job` functions: a worker from before the registry has none.
 USER_WORKLOADS = frozenset({"user-noop", "user-get"})
+# Workloads whose job an older worker (asyncjobs@<commit>) may not have: skipped for it.
+NEWER_WORKLOADS = USER_WORKLOADS | {"http"}
+# Workloads that call the bench site: their latency-bound limit and its peak in flight.
+SITE_WORKLOADS = frozenset({"scrape", "http"})
 
 
 def arq_job(workload: WorkloadName, n: int, site: str) -> tuple[str, dict[str, Any]]:
@@ -67,4 +87,7 @@ def arq_job(workload: WorkloadName, n: int, site: str) -> tuple[str, dict[str, A
         return "user_noop", {}
     if workload == "user-get":
         return "user_get", {"url": page_url(site, n)}
+    if workload == "http":  # as POST /jobs/http stores it
+        call = HttpCall.model_validate({"url": task_url(site, n), "json": {"n": n}})
+        return "http", call.model_dump(mode="json")
     return "noop", {}

@@ -3,6 +3,7 @@ and the API import this module before the modules JOB_MODULES names, so a user's
 take a built-in's name."""
 
 from jobs.housekeeping import daily_cleanup, daily_report, export, report
+from jobs.http.job import http
 from jobs.images import process_image
 from jobs.mail import send_email, send_newsletter
 from jobs.scrape import scrape, scrape_source
@@ -13,6 +14,7 @@ __all__ = [
     "daily_report",
     "deliver_webhook",
     "export",
+    "http",
     "process_image",
     "report",
     "scrape",

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
+
 from asyncjobs.context import JobContext
 from jobs.engine.monitor import JobMonitor
 
@@ -21,6 +23,7 @@ T = TypeVar("T")
 FETCHER, SMTP, CPU, SEND_RATE, MONITOR, WAKE_LISTENER = (
     "fetcher", "smtp", "cpu", "send_rate", "monitor", "wake_listener"
 )  # fmt: skip
+HTTP_JOBS = "http_jobs"  # the HTTP jobs' session: their own guard allowlist and pool
 OWNER = "owner"  # per try: the API key the job was enqueued for (jobs.engine.queue.OWNER_KWARG)
 
 
@@ -36,6 +39,12 @@ class WorkerContext(JobContext):
     def fetcher(self) -> Fetcher:
         fetcher: Fetcher = self._ctx[FETCHER]
         return fetcher
+
+    @property
+    def http_jobs(self) -> aiohttp.ClientSession:
+        """The session HTTP jobs call through (jobs/http/session.py)."""
+        session: aiohttp.ClientSession = self._ctx[HTTP_JOBS]
+        return session
 
     @property
     def smtp(self) -> SmtpPool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from arq.worker import Retry
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -231,9 +231,10 @@ def _attempt(
                 delay = backoff_delay(policy, job_try, error.retry_after)
             else:  # told when: a little past it, so a crowd of deferred jobs spreads out
                 delay = error.retry_after * random.uniform(1.0, 1.1)
-            log.warning(
-                "job %s try %d failed, retrying in %.2fs: %s", ctx.job_id, job_try, delay, error
-            )
+            log.log(
+                logging.WARNING if error.warn_each_try else logging.INFO,
+                "job %s try %d failed, retrying in %.2fs: %s", ctx.job_id, job_try, delay, error,
+            )  # fmt: skip
             await record_retry(ctx.redis, ctx.job_id, error, job_try, delay)
             raise Retry(defer=delay) from error
         reason: Literal["permanent", "exhausted"] = (
@@ -275,11 +276,14 @@ def builtin(
     cost: int = 1,
     on_dead_letter: DeadLetterHook | None = None,
     shown: tuple[str, ...] = (),
+    arguments: type[BaseModel] | None = None,
 ) -> Callable[[JobFunction], JobFunction]:
     """Declare a built-in job in the registry (asyncjobs.registry), wrapped by `classified`:
     its name, its family's retry policy, its default priority, its endpoint (`POST
     /jobs/<endpoint>`, whose body app/routes checks; none for jobs only the worker enqueues),
-    what a call costs and whether `POST /schedules` may run it (by its endpoint's name)."""
+    what a call costs and whether `POST /schedules` may run it (by its endpoint's name). With
+    `arguments` (a model of its keyword arguments), every enqueue path checks a call as it
+    does a user's job's, and a schedule runs it with no code of its own (the http job)."""
 
     if schedulable and endpoint is None:  # a schedule names a built-in by its endpoint
         raise JobRegistrationError(f"built-in {name!r}: schedulable needs an endpoint")
@@ -298,6 +302,7 @@ def builtin(
                 endpoint=endpoint,
                 summary=(job.__doc__ or "").strip().split("\n")[0],
                 shown=shown,
+                arguments=arguments,
             )
         )
         return wrapped

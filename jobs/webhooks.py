@@ -1,7 +1,8 @@
 """Completion webhooks: when a job with a `callback_url` ends for good (complete, failed,
 aborted), its worker enqueues `deliver_webhook`, which POSTs `{job_id, status, result, error}`
-signed with HMAC-SHA256 (`X-Asyncjobs-Signature: sha256=<hex>` of the raw body, key
-WEBHOOK_SECRET), through the scraper's SSRF guard, retried with backoff like any job.
+signed with HMAC-SHA256 over a timestamp and the raw body, key WEBHOOK_SECRET (the scheme of
+asyncjobs.signing, which HTTP jobs share), through the scraper's SSRF guard, retried with
+backoff like any job.
 
 The delivery is recorded on the job (`asyncjobs:callback:<job id>`, shown by GET /jobs/{id}):
 url, state (pending, delivered, failed), tries, the last HTTP status or error.
@@ -9,8 +10,6 @@ url, state (pending, delivered, failed), tries, the last HTTP status or error.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from yarl import URL
 
 from asyncjobs.errors import PermanentJobError, TransientJobError
 from asyncjobs.keys import CALLBACK_KEY_PREFIX
+from asyncjobs.signing import JOB_ID_HEADER, signed_headers
 from jobs.context import WorkerContext
 from jobs.engine.queue import enqueue_job
 from jobs.retry import builtin
@@ -30,7 +30,6 @@ from jobs.scrape.fetch import parse_retry_after, translate_errors
 from jobs.scrape.guard import check_url
 from jobs.values import as_text
 
-SIGNATURE_HEADER = "X-Asyncjobs-Signature"
 MAX_RESULT_CHARS = 64 * 1024  # a result larger than this is sent as a note, not inline
 CALLBACK_TTL_S = 7 * 24 * 3600
 
@@ -44,10 +43,6 @@ class CallbackRecord(BaseModel):
     last_status: int | None = None
     last_error: str | None = None
     delivered_at: float | None = None
-
-
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def webhook_payload(job_id: str, status: FinalStatus, outcome: Any) -> dict[str, Any]:
@@ -104,8 +99,8 @@ async def deliver_webhook(ctx: WorkerContext, *, url: str, payload: dict[str, An
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(secret.get_secret_value(), body),
-        "X-Asyncjobs-Job-Id": job_id,
+        **signed_headers(secret.get_secret_value(), body),  # signed per try: a fresh timestamp
+        JOB_ID_HEADER: job_id,
     }
     target = URL(url)
     session = ctx.fetcher.session

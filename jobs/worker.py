@@ -15,13 +15,15 @@ from asyncjobs.context import HTTP, REDIS, SETTINGS
 from asyncjobs.redis import AutoPipelinedRedis, eviction_policy_warning, redis_settings
 from asyncjobs.registry import load_job_modules
 from asyncjobs.settings import Settings, get_settings
-from jobs.context import CPU, FETCHER, MONITOR, SEND_RATE, SMTP, WAKE_LISTENER
+from jobs.context import CPU, FETCHER, HTTP_JOBS, MONITOR, SEND_RATE, SMTP, WAKE_LISTENER
 from jobs.cpulimit import CpuPool
 from jobs.engine.monitor import JobMonitor
 from jobs.engine.worker import WakeListener, worker_redis
 from jobs.housekeeping import daily_cleanup, daily_report
+from jobs.http.session import make_http_jobs_session
 from jobs.mail.sendrate import SendRate
 from jobs.mail.smtp import SmtpPool
+from jobs.mail.smtpconfig import SmtpProblems
 from jobs.registered import arq_functions, context_clients
 from jobs.retry import ENGINE_TIMEOUT_GRACE_S
 from jobs.schedules import run_schedules
@@ -45,7 +47,8 @@ async def startup(ctx: dict[str, Any]) -> None:
             REDIS: redis,
             HTTP: http,
             FETCHER: Fetcher(http, settings, redis),
-            SMTP: SmtpPool(settings) if settings.smtp_host else None,
+            HTTP_JOBS: make_http_jobs_session(settings),
+            SMTP: SmtpPool(settings, SmtpProblems(redis)) if settings.smtp_host else None,
             CPU: CpuPool.from_settings(settings),
             SEND_RATE: (
                 SendRate(redis, settings.smtp_max_per_second)
@@ -59,6 +62,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     monitor.start()
     wake_listener.start()
+    if ctx[SMTP] is not None:  # a wrong password or CA: an ERROR line now, not at the first email
+        ctx[SMTP].start_check()
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     log.info("worker started: event loop %s, speedups: %s", loop, speedups.describe())
     if warning := await eviction_policy_warning(redis):
@@ -76,7 +81,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     for key in (MONITOR, WAKE_LISTENER):
         if ctx.get(key):
             await ctx[key].stop()
-    for key in (HTTP, SMTP, CPU):
+    for key in (HTTP, HTTP_JOBS, SMTP, CPU):
         if ctx.get(key):
             await ctx[key].close()
 

@@ -121,7 +121,7 @@ async def test_a_recipient_whose_variables_break_the_template_fails_alone(
         return view if progress and progress["pending"] == 0 else None
 
     view = await wait_for(settled, what="the newsletter to settle")
-    assert view["progress"] == {"total": 3, "sent": 2, "failed": 1, "pending": 0}
+    assert view["progress"] == {"total": 3, "sent": 2, "failed": 1, "pending": 0, "aborted": 0}
     assert sorted(m.rcpt_tos[0] for m in smtp[0].messages) == ["r1@example.com", "r2@example.com"]
     [invalid] = view["result"]["invalid"]
     assert invalid.startswith("r0@example.com: template failed: ZeroDivisionError"), invalid
@@ -152,6 +152,6 @@ async def test_a_newsletter_is_in_progress_until_its_last_message_is_sent(
         return view if view["status"] == "complete" else None
 
     view = await wait_for(done, interval=0.005, what="the newsletter to complete")
-    assert view["progress"] == {"total": 60, "sent": 60, "failed": 0, "pending": 0}
+    assert view["progress"] == {"total": 60, "sent": 60, "failed": 0, "pending": 0, "aborted": 0}
     assert view["phase"] is None
     assert "sending" in phases, phases

@@ -135,7 +135,7 @@ async def test_output_that_would_be_too_big_is_refused_before_it_is_built(
     response = await api.post("/jobs/newsletter", json=body)
     view = await wait_job(api, (await response.json())["job_id"], timeout=30)
     assert view["status"] == "complete"
-    assert view["progress"] == {"total": 2, "sent": 1, "failed": 1, "pending": 0}
+    assert view["progress"] == {"total": 2, "sent": 1, "failed": 1, "pending": 0, "aborted": 0}
     [problem] = view["result"]["invalid"]
     assert problem.startswith("big@example.com: template failed: SecurityError: template output"), (
         problem

@@ -140,7 +140,7 @@ async def test_newsletter_fans_out_renders_and_reports_progress(
 
     view = await wait_for(settled, timeout=30, what="all newsletter messages to settle")
     assert view["status"] == "complete"
-    assert view["progress"] == {"total": 42, "sent": 41, "failed": 1, "pending": 0}
+    assert view["progress"] == {"total": 42, "sent": 41, "failed": 1, "pending": 0, "aborted": 0}
     by_rcpt = {m.rcpt_tos[0]: m.message for m in handler.messages}
     assert len(handler.messages) == 41
     assert by_rcpt["r7@example.com"]["Subject"] == "News for Reader 7"

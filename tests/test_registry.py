@@ -32,7 +32,7 @@ from tests.helpers import api_client, free_port
 
 BUILTINS = {
     "send_email", "send_newsletter", "scrape", "scrape_source", "export", "report",
-    "process_image", "deliver_webhook", "daily_cleanup", "daily_report",
+    "process_image", "deliver_webhook", "daily_cleanup", "daily_report", "http",
 }  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from app.redaction import redact
 from app.web import create_app
 from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
+from jobs.schedules import get_schedule
 from tests.conftest import API_KEY, READ_KEY
 from tests.helpers import ApiClient, api_client, start_of_a_window, wait_for, window_number
 
@@ -204,3 +205,22 @@ def test_a_credential_is_redacted_by_its_shape_whatever_its_key(value: str, hidd
     shown = redact({"headers": {"X-Auth": value}, "list": [value]})
     expected = "***" if hidden else value
     assert shown == {"headers": {"X-Auth": expected}, "list": [expected]}
+
+
+async def test_schedule_bodies_are_redacted_for_every_reader_but_run_whole(
+    api: ApiClient, redis: ArqRedis
+) -> None:
+    """GET /schedules showed a scheduled job's body as stored, secrets included, to any key
+    (an HTTP job's Authorization header, a token in an email header)."""
+    body = EMAIL | {"headers": {"X-Api-Token": "s3cret-value"}}
+    created = await api.post(
+        "/schedules", json={"every": 3600, "job": {"type": "email", "body": body}}
+    )
+    assert created.status == 201, await created.text()
+    schedule_id = (await created.json())["id"]
+    read_only = {"Authorization": f"Bearer {READ_KEY}"}
+    for path in ("/schedules", f"/schedules/{schedule_id}"):
+        text = await (await api.get(path, headers=read_only)).text()
+        assert "s3cret-value" not in text and "***" in text, text
+    stored = await get_schedule(redis, schedule_id)
+    assert stored is not None and stored.job.body["headers"]["X-Api-Token"] == "s3cret-value"

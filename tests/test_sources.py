@@ -97,7 +97,7 @@ async def test_scheduled_crawl_follows_links_obeys_robots_and_counts_failures(
         assert doc is not None and doc.source_id == source["id"], page
     assert "/private/secret" not in stats.hits
     failures = await redis.hgetall(source_failures_key(source["id"]))  # type: ignore[misc]
-    assert failures == {b"disallowed by robots.txt": b"1"}
+    assert failures == {b"robots": b"1"}  # its typed reason (jobs.scrape.errors.FailureReason)
     listed = await (await api.get(f"/documents?source={source['id']}")).json()
     assert listed["total"] == 6
     assert {d["url"] for d in listed["items"]} == {url, *articles}

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import importlib
 import json
 import sys
@@ -29,6 +27,7 @@ from asyncjobs.client import Client, JobFailed, SyncClient, ValidationFailed
 from asyncjobs.keys import COUNTERS_KEY
 from asyncjobs.registry import unregister
 from asyncjobs.settings import Settings
+from asyncjobs.signing import verify_request
 from jobs.engine.queue import enqueue_job
 from jobs.schedules import run_due_schedules
 from tests.conftest import API_KEY, AUTH, TEST_REDIS_URL
@@ -355,8 +354,7 @@ async def test_a_delayed_users_job_reports_its_end_to_a_signed_webhook(service: 
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
-        expected = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
-        signed = request.headers.get("X-Asyncjobs-Signature") == f"sha256={expected}"
+        signed = verify_request(WEBHOOK_SECRET, request.headers, body)  # timestamp and body
         received.append((signed, json.loads(body)))
         return web.Response(status=204)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 
 from asyncjobs.settings import Settings
+from asyncjobs.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify_request
 from tests.conftest import AUTH, api_and_worker
 from tests.helpers import ApiClient, wait_for
 from tests.servers import SiteStats
@@ -25,7 +25,8 @@ EMAIL = {"to": "someone@example.com", "subject": "Hi", "text": "Hello"}
 
 @dataclass
 class Receiver:
-    """A webhook endpoint that checks each signature and answers `fail_first` 500s first."""
+    """A webhook endpoint that checks each signature (HMAC over the timestamp and the body,
+    asyncjobs.signing) and answers `fail_first` 500s first."""
 
     fail_first: int = 0
     calls: list[dict[str, Any]] = field(default_factory=list)
@@ -33,9 +34,11 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        signed = hmac.compare_digest(request.headers.get("X-Asyncjobs-Signature", ""), expected)
-        self.calls.append({"signed": signed, "payload": json.loads(body)})
+        signed = verify_request(SECRET, request.headers, body)
+        timestamp = int(request.headers[TIMESTAMP_HEADER])
+        signature = request.headers[SIGNATURE_HEADER]
+        self.calls.append({"signed": signed, "payload": json.loads(body), "body": body,
+                           "timestamp": timestamp, "signature": signature})  # fmt: skip
         if len(self.calls) <= self.fail_first:
             return web.Response(status=500, text="not yet")
         return web.Response(status=204 if signed else 401)
@@ -83,7 +86,10 @@ async def test_a_finished_job_posts_a_signed_webhook(
     assert view["status"] == "complete"
     assert view["callback"]["tries"] == 1 and view["callback"]["last_status"] == 204
     [call] = receiver.calls
-    assert call["signed"]
+    assert call["signed"] and abs(call["timestamp"] - time.time()) < 60
+    # the signature is HMAC-SHA256 of "<timestamp>." + the raw body: the timestamp is signed
+    assert call["signature"] == sign(SECRET, call["timestamp"], call["body"])
+    assert call["signature"] != sign(SECRET, call["timestamp"] + 1, call["body"])
     assert call["payload"]["job_id"] == job_id and call["payload"]["status"] == "complete"
     assert call["payload"]["result"]["url"] == f"{base}/page/1"
 

@@ -46,6 +46,7 @@ from app.dashboard.session import (
 from app.errors import Handler
 from app.jobstatus import read_job_with_progress
 from app.redaction import redact
+from app.routes.schedules import shown
 from app.schemas import JobView
 from app.state import REDIS, SETTINGS
 from asyncjobs.quota import Window
@@ -53,7 +54,9 @@ from asyncjobs.registry import job_types
 from asyncjobs.settings import Settings
 from jobs.deadletter import list_dead_letters
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN
-from jobs.schedules import get_schedule, list_schedules, set_paused, view_of
+from jobs.schedules import get_schedule, list_schedules, set_paused
+from jobs.scrape.runs import RunInProgress, load_runs, run_now
+from jobs.scrape.sources import get_source
 from jobs.values import now_utc
 from jobs.worker import cron_jobs
 
@@ -420,7 +423,7 @@ async def cron_page(request: web.Request) -> web.Response:
     schedules = []
     for schedule in await list_schedules(redis):
         action = "schedule_resume" if schedule.paused else "schedule_pause"
-        schedules.append((view_of(schedule, now), _url(request, action, schedule_id=schedule.id)))
+        schedules.append((shown(schedule, now), _url(request, action, schedule_id=schedule.id)))
     return render(request, "cron.html", {"rows": rows, "schedules": schedules})
 
 
@@ -443,6 +446,34 @@ async def _pause_or_resume(request: web.Request, paused: bool) -> web.Response:
 
 async def sources_page(request: web.Request) -> web.Response:
     return render(request, "sources.html", {"rows": await read_sources(_redis(request))})
+
+
+async def source_page(request: web.Request) -> web.Response:
+    """One source: its settings, its last runs (newest first) and a button to run it now."""
+    redis = _redis(request)
+    source = await get_source(redis, request.match_info["source_id"])
+    if source is None:
+        raise web.HTTPNotFound(text="No such source.")
+    context = {
+        "source": source,
+        "runs": await load_runs(redis, source.id),
+        "run_url": _url(request, "source_run", source_id=source.id),
+    }
+    return render(request, "source.html", context)
+
+
+async def run_source(request: web.Request) -> web.Response:
+    """Run now, as `POST /sources/<id>/run`; 409 while a run is in progress."""
+    source_id = request.match_info["source_id"]
+    if await get_source(_redis(request), source_id) is None:
+        raise web.HTTPNotFound(text="No such source.")
+    force = (await read_form(request)).get("force") == "1"
+    try:
+        await run_now(_redis(request), _settings(request), source_id, force,
+                      owner=request[SESSION].key_id)  # fmt: skip
+    except RunInProgress as exc:
+        raise web.HTTPConflict(text=f"{exc}: wait for it to finish.") from None
+    return see_other(_url(request, "source", source_id=source_id))
 
 
 async def export_csv(request: web.Request) -> web.Response:
@@ -497,6 +528,9 @@ def add_dashboard_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_post(f"{schedule}/resume", resume_schedule, name="schedule_resume")
     app.router.add_get("/sources", sources_page, name="sources")
     app.router.add_post("/sources/export", export_csv, name="export_csv")
+    source = "/sources/{source_id:[0-9a-f]{32}}"
+    app.router.add_get(source, source_page, name="source")
+    app.router.add_post(f"{source}/run", run_source, name="source_run")
     app.router.add_get(f"/exports/{{name:{EXPORT_NAME_PATTERN}}}", export_file, name="export_file")
     if settings.mail_sink_dir is not None:
         app.router.add_get("/mail", mail_page, name="mail")

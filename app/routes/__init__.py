@@ -9,6 +9,7 @@ from app.routes.batches import add_batch_routes
 from app.routes.dead_letters import add_dead_letter_routes
 from app.routes.documents import add_document_routes
 from app.routes.exports import add_export_routes
+from app.routes.httpjobs import add_http_job_routes
 from app.routes.images import add_image_routes
 from app.routes.jobs import add_job_routes
 from app.routes.registered import add_registered_routes
@@ -22,6 +23,7 @@ from asyncjobs.settings import Settings
 def add_routes(app: web.Application, settings: Settings) -> None:
     add_registered_routes(app)  # before /jobs/{job_id}: /jobs/types is no job
     add_job_routes(app)
+    add_http_job_routes(app)
     add_batch_routes(app)
     add_dead_letter_routes(app)
     add_source_routes(app)

@@ -51,7 +51,8 @@ async def index(request: web.Request) -> web.Response:
             pipe.hgetall(DOC_KEY_PREFIX + as_text(doc_id))
         raws = await pipe.execute()
     items = [parse_document(as_text(i), raw) for i, raw in zip(ids, raws, strict=True)]
-    documents = [d.model_copy(update={"text": ""}) for d in items if d is not None]
+    # the text and metadata (JSON-LD: up to 64 KiB) only in GET /documents/{id}
+    documents = [d.model_copy(update={"text": "", "metadata": {}}) for d in items if d is not None]
     return json_model(DocumentList(total=total, offset=offset, limit=limit, items=documents))
 
 

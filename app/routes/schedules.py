@@ -6,6 +6,7 @@ schedule that would enqueue a bad job is a 422 at creation, naming `job.body.<fi
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from app.auth import PRINCIPAL
 from app.http import found, json_model, off_loop, read_json_object
 from app.joboptions import JobOptions
 from app.jobstatus import read_job
+from app.redaction import redact
 from app.schemas import RunJob, RunList, RunView, ScheduleList, ScrapeRequest
 from app.state import REDIS, SETTINGS
 from asyncjobs.quota import NeverFits, message_quota
@@ -27,6 +29,7 @@ from jobs.schedules import (
     ScheduledJob,
     ScheduleFields,
     ScheduleSpec,
+    ScheduleView,
     changed_schedule,
     check_schedule_fits,
     delete_schedule,
@@ -92,6 +95,14 @@ def _prefixed(exc: ValidationError, prefix: tuple[str, ...]) -> ValidationError:
     return ValidationError.from_exception_data(exc.title, errors)
 
 
+def shown(schedule: Schedule, now: datetime) -> ScheduleView:
+    """What any key may read: the schedule with its job body's secrets redacted (an HTTP
+    job's `Authorization` header, a token in a user's job), as dead letters show arguments."""
+    view = view_of(schedule, now)
+    job = view.job.model_copy(update={"body": redact(view.job.body)})
+    return view.model_copy(update={"job": job})
+
+
 def within_quota(schedule: Schedule, settings: Settings) -> Schedule:
     """The schedule, if its runs can fit its owner's message quota; 422 otherwise (each run is
     charged to the owner when it runs, and skipped when the quota has no room)."""
@@ -109,19 +120,19 @@ async def create(request: web.Request) -> web.Response:
     principal = request.get(PRINCIPAL)
     schedule = within_quota(new_schedule(spec, principal and principal.key_id), settings)
     await save_schedule(request.app[REDIS], schedule)
-    response = json_model(view_of(schedule, now_utc()), status=201)
+    response = json_model(shown(schedule, now_utc()), status=201)
     response.headers["Location"] = f"/schedules/{schedule.id}"
     return response
 
 
 async def index(request: web.Request) -> web.Response:
     now = now_utc()
-    views = [view_of(s, now) for s in await list_schedules(request.app[REDIS])]
+    views = [shown(s, now) for s in await list_schedules(request.app[REDIS])]
     return json_model(ScheduleList(schedules=views))
 
 
 async def show(request: web.Request) -> web.Response:
-    return json_model(view_of(await _existing(request), now_utc()))
+    return json_model(shown(await _existing(request), now_utc()))
 
 
 async def change(request: web.Request) -> web.Response:
@@ -133,7 +144,7 @@ async def change(request: web.Request) -> web.Response:
         changes["job"] = (await checked_job(request, fields.job)).model_dump()
     schedule = changed_schedule(await _existing(request), changes)
     await save_schedule(request.app[REDIS], within_quota(schedule, request.app[SETTINGS]))
-    return json_model(view_of(schedule, now_utc()))
+    return json_model(shown(schedule, now_utc()))
 
 
 async def pause(request: web.Request) -> web.Response:
@@ -146,7 +157,7 @@ async def resume(request: web.Request) -> web.Response:
 
 async def _set_paused(request: web.Request, paused: bool) -> web.Response:
     schedule = await set_paused(request.app[REDIS], await _existing(request), paused)
-    return json_model(view_of(schedule, now_utc()))
+    return json_model(shown(schedule, now_utc()))
 
 
 async def runs(request: web.Request) -> web.Response:

@@ -11,7 +11,9 @@ from app.http import json_model, query_int
 from app.openapi import openapi_document
 from app.schemas import Health, MailList, WorkerHealth
 from app.state import REDIS, SETTINGS
+from asyncjobs.keys import SMTP_PROBLEM_KEY
 from asyncjobs.settings import Settings
+from jobs.mail.smtpconfig import parse_problem
 from jobs.values import as_text
 
 
@@ -19,7 +21,10 @@ async def health(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     redis = request.app[REDIS]
     try:
-        heartbeat = await redis.get(settings.queue_name + health_check_key_suffix)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(settings.queue_name + health_check_key_suffix)
+            pipe.hgetall(SMTP_PROBLEM_KEY)  # a worker's SMTP configuration failure, if any
+            heartbeat, smtp_problem = await pipe.execute()
     except (RedisError, OSError):
         body = Health(
             status="unavailable",
@@ -30,11 +35,13 @@ async def health(request: web.Request) -> web.Response:
         return json_model(body, status=503)
     beat = as_text(heartbeat) if heartbeat is not None else None
     worker = WorkerHealth(alive=beat is not None, heartbeat=beat)
+    smtp = parse_problem(smtp_problem)
     body = Health(
-        status="ok" if worker.alive else "degraded",
+        status="ok" if worker.alive and smtp is None else "degraded",
         redis="ok",
         worker=worker,
         version=settings.version,
+        smtp=smtp,
     )
     return json_model(body)
 

@@ -20,6 +20,7 @@ from asyncjobs.keys import (
     DOC_INDEX_KEY,
     DOC_KEY_PREFIX,
     REPORT_KEY,
+    SCRAPE_FAILURES_KEY,
     SOURCES_KEY,
     source_failures_key,
 )
@@ -106,7 +107,7 @@ async def build_report(redis: Redis, now: datetime) -> dict[str, Any]:
 
     failures = await _failures(redis, source_ids)
     sources = {sid: buckets[sid].summary(failures[sid]) for sid in source_ids}
-    sources[AD_HOC] = ad_hoc.summary({})
+    sources[AD_HOC] = ad_hoc.summary(failures[AD_HOC])
     ranked = sorted(words.items(), key=lambda item: (-item[1], item[0]))[:TOP_WORDS]
     report: dict[str, Any] = {
         "generated_at": now.isoformat(),
@@ -141,14 +142,17 @@ async def report(ctx: WorkerContext) -> dict[str, Any]:
 
 
 async def _failures(redis: Redis, source_ids: list[str]) -> dict[str, dict[str, int]]:
-    """Each source's failures hash as {reason: count}, in one pipeline."""
+    """Each source's failures hash as {reason: count}, and the scrapes' of no source (AD_HOC),
+    in one pipeline. Scrapes count there once each, when they fail for good, by the typed
+    reason their error carries (jobs.scrape.errors.FailureReason)."""
+    keys = {sid: source_failures_key(sid) for sid in source_ids} | {AD_HOC: SCRAPE_FAILURES_KEY}
     async with redis.pipeline(transaction=False) as pipe:
-        for sid in source_ids:
-            pipe.hgetall(source_failures_key(sid))
-        hashes = await pipe.execute() if source_ids else []
+        for key in keys.values():
+            pipe.hgetall(key)
+        hashes = await pipe.execute()
     return {
         sid: {as_text(reason): int(count) for reason, count in sorted(raw.items())}
-        for sid, raw in zip(source_ids, hashes, strict=True)
+        for sid, raw in zip(keys, hashes, strict=True)
     }
 
 

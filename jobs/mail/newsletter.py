@@ -17,15 +17,26 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from asyncjobs.addresses import Address, domain_of, unique_addresses
+from asyncjobs.addresses import (
+    MAX_NAME_CHARS,
+    Address,
+    Mailbox,
+    address_of,
+    check_display_name,
+    message_id_domain,
+    split_mailbox,
+    unique_addresses,
+)
 from asyncjobs.keys import BATCH_ABORTED_FIELD, MAIL_BATCH_KEY_PREFIX, mail_batch_key
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
@@ -48,10 +59,31 @@ ENQUEUE_CHUNK = 500
 
 
 class Recipient(BaseModel):
+    """An address, its display name if any (the template variable `name`, unless `vars` has
+    one) and its template variables."""
+
     model_config = ConfigDict(extra="forbid")
 
     email: Address
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
     vars: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=50)
+
+    @field_validator("name")
+    @classmethod
+    def _one_line(cls, name: str | None) -> str | None:
+        return None if name is None else check_display_name(name)
+
+    @model_serializer(mode="wrap")
+    def _without_an_empty_name(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """As before names were taken, when there is none: 10,000 recipients, 10,000 nulls."""
+        fields = handler(self)
+        if isinstance(fields, dict) and fields.get("name") is None:
+            fields.pop("name", None)
+        return fields
+
+    def mailbox(self) -> str | dict[str, str]:
+        """As the email's `to` takes it."""
+        return self.email if self.name is None else {"name": self.name, "email": self.email}
 
 
 class NewsletterSpec(BaseModel):
@@ -63,15 +95,15 @@ class NewsletterSpec(BaseModel):
     subject: str = Field(min_length=1, max_length=998)
     text: str | None = Field(None, max_length=MAX_BODY_CHARS)
     html: str | None = Field(None, max_length=MAX_BODY_CHARS)
-    from_: Address | None = Field(None, alias="from")
-    reply_to: Address | None = None
+    from_: Mailbox | None = Field(None, alias="from")
+    reply_to: Mailbox | None = None
     headers: dict[str, str] = Field(default_factory=dict, max_length=20)
 
     @field_validator("recipients", mode="before")
     @classmethod
     def _plain_addresses(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return [{"email": r} if isinstance(r, str) else r for r in value]
+            return [_recipient_fields(r) if isinstance(r, str) else r for r in value]
         return value
 
     @field_validator("subject", "text", "html")
@@ -106,6 +138,12 @@ class NewsletterSpec(BaseModel):
         return self
 
 
+def _recipient_fields(text: str) -> dict[str, str]:
+    """`ada@example.com` or `Ada Lovelace <ada@example.com>` as a Recipient's fields."""
+    name, address = split_mailbox(text)
+    return {"email": text} if name is None else {"email": address, "name": name}
+
+
 @dataclass(frozen=True)
 class Templates:
     """A newsletter's templates, compiled once per chunk of recipients (a few ms each), not
@@ -133,7 +171,8 @@ def render_for(
 ) -> dict[str, Any]:
     """One recipient's EmailSpec as job arguments; raises ValidationError if the result is not
     a valid email, RenderError if the recipient's variables break a template."""
-    variables = {"email": recipient.email, **recipient.vars}
+    named = {"name": recipient.name} if recipient.name is not None else {}
+    variables = {"email": recipient.email, **named, **recipient.vars}
     try:
         subject = render(templates.subject, variables)
         text = render(templates.text, variables) if templates.text else None
@@ -142,7 +181,7 @@ def render_for(
         raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from exc
     email = EmailSpec.model_validate(
         {
-            "to": [recipient.email],
+            "to": [recipient.mailbox()],
             "subject": subject,
             "text": text,
             "html": html,
@@ -191,8 +230,9 @@ def child_job_id(newsletter_id: str, index: int) -> str:
     return f"{newsletter_id}-{index}"
 
 
-def child_message_id(newsletter_id: str, index: int, sender: str) -> str:
-    return f"<{newsletter_id}.{index}@{domain_of(sender) or 'localhost'}>"
+def child_message_id(newsletter_id: str, index: int, sender: str | dict[str, Any]) -> str:
+    """`sender` as the newsletter's `from` is stored: an address, or {name, email}."""
+    return f"<{newsletter_id}.{index}@{message_id_domain(address_of(sender))}>"
 
 
 async def enqueue_children(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,9 +27,12 @@ from asyncjobs.keys import (
     source_docs_key,
 )
 from asyncjobs.speedups import dumps
+from jobs.scrape.html import Extracted
 from jobs.values import as_text
 
 MAX_STORED_LINKS = 500  # links kept per document, for following them after a 304
+# What a fetch derives from the page beside its text: rewritten by every fetch, changed or not
+REFRESHED = ("extracted", "selectors_digest", "metadata", "links", "links_base")
 
 
 class DocumentSnapshot(BaseModel):
@@ -43,12 +47,15 @@ class DocumentSnapshot(BaseModel):
     text_length: int
     text: str
     content_hash: str
-    extracted: dict[str, list[str]] = {}
+    extracted: dict[str, Extracted] = {}
+    # canonical, og, json_ld (jobs.scrape.html.page_metadata)
+    metadata: dict[str, Any] = {}
     fetched_at: datetime
     fetch_ms: float
     source_id: str | None = None
     etag: str | None = None
     last_modified: str | None = None
+    selectors_digest: str | None = None  # what `extracted` was made with (jobs.scrape.selectors)
 
 
 class StoredDocument(DocumentSnapshot):
@@ -75,15 +82,19 @@ def content_hash(text: str) -> str:
 
 # KEYS: document, versions, index, changed index, source's documents.
 # ARGV: content hash, fetched_at, fetch_ms, etag, last_modified (both "" for none), fetch time
-# (unix s), doc id, version JSON, versions to keep, the source's id ("" for none), then the
-# hash's fields.
+# (unix s), doc id, version JSON, versions to keep, the source's id ("" for none), the number
+# N of values that follow refreshing the fields a fetch derives (extraction, metadata, links:
+# set even when the content is the same, so they always match the last fetch), those N values
+# (field, value, ...), then the hash's fields.
 # A page fetched for a source belongs to it whether it changed or not (a document may belong
 # to several sources: each has its set); its `source_id` names the first source that has it.
 _SAVE = """
+local refreshed = tonumber(ARGV[11])
 if redis.call('HGET', KEYS[1], 'content_hash') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'fetched_at', ARGV[2], 'fetch_ms', ARGV[3])
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'etag', ARGV[4]) end
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_modified', ARGV[5]) end
+  if refreshed > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 12, 11 + refreshed)) end
   if ARGV[10] ~= '' then
     redis.call('HSETNX', KEYS[1], 'source_id', ARGV[10])
     redis.call('SADD', KEYS[5], ARGV[7])
@@ -92,7 +103,7 @@ if redis.call('HGET', KEYS[1], 'content_hash') == ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+redis.call('HSET', KEYS[1], unpack(ARGV, 12 + refreshed))
 redis.call('LPUSH', KEYS[2], ARGV[8])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[9]) - 1)
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
@@ -107,17 +118,22 @@ async def save_document(
     snapshot: DocumentSnapshot,
     keep_versions: int = 5,
     links: list[str] | None = None,
+    links_base: str = "",
 ) -> bool:
     """Store a fetch of `snapshot.url`; True when its content changed (a new version).
     One script: the comparison with the stored content and the write cannot interleave with
-    another worker's save of the same URL, and it is one round trip. The page's `links` are
-    kept with it, so a later 304 (not modified) can still follow them."""
+    another worker's save of the same URL, and it is one round trip. The page's `links` (as
+    written, relative to `links_base`: shorter than absolute) are kept with it, so a later 304
+    (not modified) can still follow them."""
     doc_id = document_id(snapshot.url)
     fields: dict[str, Any] = snapshot.model_dump(mode="json")
     fields["extracted"] = dumps(fields["extracted"])
+    fields["metadata"] = dumps(fields["metadata"])
+    fields["selectors_digest"] = fields["selectors_digest"] or ""  # none: stored as none
     fields["changed_at"] = fields["fetched_at"]
     if links is not None:
         fields["links"] = dumps(links[:MAX_STORED_LINKS])
+        fields["links_base"] = links_base
     version = DocumentVersion(
         content_hash=snapshot.content_hash,
         fetched_at=snapshot.fetched_at,
@@ -144,6 +160,8 @@ async def save_document(
         keep_versions,
         snapshot.source_id or "",
     ]
+    refreshed = [item for name in REFRESHED if name in fields for item in (name, str(fields[name]))]
+    args += [len(refreshed), *refreshed]
     for name, value in fields.items():
         if value is not None:
             args += [name, str(value)]
@@ -190,8 +208,12 @@ def parse_document(doc_id: str, raw: dict[Any, Any], versions: int = 1) -> Store
     if not raw:
         return None
     fields: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
-    fields["extracted"] = json.loads(fields.get("extracted", "{}"))
+    for name in JSON_FIELDS:
+        fields[name] = json.loads(fields.get(name) or "{}")
     return StoredDocument.model_validate(fields | {"id": doc_id, "versions": versions})
+
+
+JSON_FIELDS = ("extracted", "metadata")
 
 
 async def load_versions(redis: Redis, doc_id: str) -> list[DocumentVersion]:
@@ -199,16 +221,43 @@ async def load_versions(redis: Redis, doc_id: str) -> list[DocumentVersion]:
     return [DocumentVersion.model_validate_json(raw) for raw in raws]
 
 
-async def stored_links(redis: Redis, url: str) -> list[str]:
-    """The links of the stored snapshot of `url` (none before the first save)."""
-    raw = await redis.hget(DOC_KEY_PREFIX + document_id(url), "links")  # type: ignore[misc]
-    links: list[str] = json.loads(raw) if raw else []
-    return links
+# What a 304 (not modified) answers with: the stored snapshot's summary, never its text
+STORED_SUMMARY = ("final_url", "encoding", "title", "description", "links_count",
+                  "text_length", "content_hash", "extracted", "metadata", "links",
+                  "links_base")  # fmt: skip
 
 
-async def previous_validators(redis: Redis, url: str) -> tuple[str | None, str | None]:
-    """(ETag, Last-Modified) of the stored snapshot, for a conditional request."""
-    etag, last_modified = await redis.hmget(  # type: ignore[misc]
-        DOC_KEY_PREFIX + document_id(url), ["etag", "last_modified"]
+async def stored_summary(redis: Redis, url: str) -> dict[str, Any]:
+    """The summary fields of the stored snapshot of `url`, JSON ones parsed ({} before the
+    first save); `links` as written in the page, relative to `links_base`."""
+    values = await redis.hmget(DOC_KEY_PREFIX + document_id(url), list(STORED_SUMMARY))  # type: ignore[misc]
+    found: dict[str, Any] = {
+        n: as_text(v) if v is not None else None
+        for n, v in zip(STORED_SUMMARY, values, strict=True)
+    }
+    for name, empty in (("extracted", "{}"), ("metadata", "{}"), ("links", "[]")):
+        found[name] = json.loads(found[name] or empty)
+    for name in ("links_count", "text_length"):
+        found[name] = int(found[name] or 0)
+    return found
+
+
+@dataclass(frozen=True)
+class PreviousFetch:
+    """What a new fetch of a URL needs of the last one: its validators, for a conditional
+    request, and what its stored extraction was made with."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+    selectors_digest: str = ""
+
+
+async def previous_fetch(redis: Redis, url: str) -> PreviousFetch:
+    etag, last_modified, digest = await redis.hmget(  # type: ignore[misc]
+        DOC_KEY_PREFIX + document_id(url), ["etag", "last_modified", "selectors_digest"]
     )
-    return (as_text(etag) if etag else None, as_text(last_modified) if last_modified else None)
+    return PreviousFetch(
+        etag=as_text(etag) if etag else None,
+        last_modified=as_text(last_modified) if last_modified else None,
+        selectors_digest=as_text(digest) if digest else "",
+    )

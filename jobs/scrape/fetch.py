@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from yarl import URL
 
 from asyncjobs.deadlines import deadline
-from asyncjobs.errors import PermanentJobError, TransientJobError
 from asyncjobs.settings import Settings
+from jobs.scrape.errors import FailureReason, ScrapeFailed, ScrapeUnavailable
 from jobs.scrape.guard import ForbiddenTargetError, GuardedResolver, check_url
 from jobs.scrape.politeness import HostWait, Politeness
 from jobs.scrape.robots import RobotsPolicy
@@ -99,7 +99,7 @@ class Fetcher:
             with translate_errors(target, self.settings):
                 allowed = await self.robots.allowed(target)
             if not allowed:
-                raise PermanentJobError(f"disallowed by robots.txt: {target}")
+                raise ScrapeFailed(FailureReason.ROBOTS, f"disallowed by robots.txt: {target}")
         headers = {}
         if etag:
             headers["If-None-Match"] = etag
@@ -157,7 +157,9 @@ class Fetcher:
                     yield r
                     return
             target = redirect_target(target, location)
-        raise PermanentJobError(f"more than {self.settings.scrape_max_redirects} redirects")
+        raise ScrapeFailed(
+            FailureReason.REDIRECTS, f"more than {self.settings.scrape_max_redirects} redirects"
+        )
 
     def _slot(
         self, host: str, waiter: str | None
@@ -179,10 +181,14 @@ def redirect_target(current: URL, location: str) -> URL:
         target = current.join(URL(location, encoded=True))
         host = target.raw_host or ""
     except (ValueError, UnicodeError) as exc:
-        raise PermanentJobError(f"redirect to an invalid URL {location[:200]!r}") from exc
+        raise _bad_redirect(location) from exc
     if target.scheme not in ("http", "https") or not _valid_host(host):
-        raise PermanentJobError(f"redirect to an invalid URL {location[:200]!r}")
+        raise _bad_redirect(location)
     return target
+
+
+def _bad_redirect(location: str) -> ScrapeFailed:
+    return ScrapeFailed(FailureReason.REDIRECTS, f"redirect to an invalid URL {location[:200]!r}")
 
 
 def _valid_host(host: str) -> bool:
@@ -195,21 +201,30 @@ def _valid_host(host: str) -> bool:
 
 @contextlib.contextmanager
 def translate_errors(target: URL, settings: Settings) -> Iterator[None]:
-    """Network errors become job errors a user can read, classified transient or permanent."""
+    """Network errors become job errors a user can read, classified transient or permanent,
+    each with its reason."""
     try:
         yield
     except TimeoutError as exc:
-        raise TransientJobError(f"timed out after {settings.scrape_timeout:g}s: {target}") from exc
+        message = f"timed out after {settings.scrape_timeout:g}s: {target}"
+        raise ScrapeUnavailable(FailureReason.TIMEOUT, message) from exc
     except ForbiddenTargetError as exc:
-        raise PermanentJobError(f"refused to fetch {target}: {exc}") from exc
+        raise _refused(target, exc) from exc
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, ForbiddenTargetError):
-            raise PermanentJobError(f"refused to fetch {target}: {exc.os_error}") from exc
-        raise TransientJobError(f"could not connect to {target.host}: {exc.os_error}") from exc
+            raise _refused(target, exc.os_error) from exc
+        # a name that does not resolve may resolve later (DNS outages): transient too
+        dns = isinstance(exc, aiohttp.ClientConnectorDNSError)
+        reason = FailureReason.DNS if dns else FailureReason.CONNECT
+        message = f"could not {'resolve' if dns else 'connect to'} {target.host}: {exc.os_error}"
+        raise ScrapeUnavailable(reason, message) from exc
     except aiohttp.ClientError as exc:
-        raise TransientJobError(
-            f"HTTP error fetching {target}: {type(exc).__name__}: {exc}"
-        ) from exc
+        message = f"HTTP error fetching {target}: {type(exc).__name__}: {exc}"
+        raise ScrapeUnavailable(FailureReason.NETWORK, message) from exc
+
+
+def _refused(target: URL, exc: ForbiddenTargetError) -> ScrapeFailed:
+    return ScrapeFailed(FailureReason.BLOCKED_BY_GUARD, f"refused to fetch {target}: {exc}")
 
 
 async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> FetchedPage:
@@ -218,7 +233,8 @@ async def _read_page(response: aiohttp.ClientResponse, max_bytes: int) -> Fetche
         return FetchedPage(str(response.url), 304, "", None, b"", etag, last_modified)
     _check_status(response)
     if response.content_type not in HTML_TYPES:
-        raise PermanentJobError(f"not an HTML page (Content-Type: {response.content_type})")
+        message = f"not an HTML page (Content-Type: {response.content_type})"
+        raise ScrapeFailed(FailureReason.NOT_HTML, message)
     body = await _read_capped(response, max_bytes, "page")
     return FetchedPage(
         final_url=str(response.url),
@@ -235,12 +251,12 @@ async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int, what: s
     """The body, refused as soon as it is known to pass `max_bytes` (never read whole first)."""
     too_large = f"{what} is larger than the {max_bytes} byte limit"
     if (response.content_length or 0) > max_bytes:
-        raise PermanentJobError(too_large)
+        raise ScrapeFailed(FailureReason.TOO_BIG, too_large)
     body = bytearray()
     async for chunk in response.content.iter_chunked(64 * 1024):
         body += chunk
         if len(body) > max_bytes:
-            raise PermanentJobError(too_large)
+            raise ScrapeFailed(FailureReason.TOO_BIG, too_large)
     return bytes(body)
 
 
@@ -249,10 +265,13 @@ def _check_status(response: aiohttp.ClientResponse) -> None:
     if 200 <= status < 300:
         return
     reason = f"HTTP {status} {response.reason or ''}".strip()
+    message = f"{reason} from {response.url}"
     if status == 429 or status >= 500:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        raise TransientJobError(f"{reason} from {response.url}", retry_after=retry_after)
-    raise PermanentJobError(f"{reason} from {response.url}")
+        kind = FailureReason.HTTP_4XX if status == 429 else FailureReason.HTTP_5XX
+        raise ScrapeUnavailable(kind, message, retry_after=retry_after)
+    kind = FailureReason.HTTP_4XX if 400 <= status < 500 else FailureReason.HTTP_OTHER
+    raise ScrapeFailed(kind, message)
 
 
 def parse_retry_after(value: str | None) -> float | None:

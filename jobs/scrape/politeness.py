@@ -80,6 +80,26 @@ return {book(now + math.max(wait, busy)) - now, 0, 1}
 """
 
 
+@dataclass(frozen=True)
+class SlotLimits:
+    """One key's limits: at most `concurrency` requests at once (0: no limit), their starts
+    `min_delay` seconds apart; `timeout` is the longest a request takes (a crashed holder's
+    lease lapses 5 s later) and the longest a request that cannot be postponed waits in place."""
+
+    concurrency: int
+    min_delay: float
+    timeout: float
+
+    @classmethod
+    def scraping(cls, settings: Settings) -> SlotLimits:
+        """Every host's, for the scraper (SCRAPE_PER_HOST_CONCURRENCY, SCRAPE_MIN_HOST_DELAY)."""
+        return cls(
+            settings.scrape_per_host_concurrency,
+            settings.scrape_min_host_delay,
+            settings.scrape_timeout,
+        )
+
+
 @dataclass
 class HostWait:
     """How long a request waited for its host: in all (since its turn was first booked, across
@@ -96,21 +116,29 @@ class Politeness:
         self._acquire = redis.register_script(ACQUIRE_SCRIPT)
 
     @contextlib.asynccontextmanager
-    async def slot(self, host: str, waiter: str | None = None) -> AsyncIterator[HostWait]:
+    async def slot(
+        self,
+        host: str,
+        waiter: str | None = None,
+        *,
+        key: str | None = None,
+        limits: SlotLimits | None = None,
+    ) -> AsyncIterator[HostWait]:
         """Hold one of the host's request slots. With a `waiter` (the job's id), book a turn and
-        raise `Postpone` when it is not soon; without, wait in place (up to the page timeout)."""
-        s = self._settings
-        key = f"{HOST_KEY_PREFIX}{host}"
+        raise `Postpone` when it is not soon; without, wait in place (up to the page timeout).
+        Another `key` (Redis key prefix) and `limits` than the scraper's: HTTP jobs' targets."""
+        s = limits or SlotLimits.scraping(self._settings)
+        key = key or f"{HOST_KEY_PREFIX}{host}"
         token = uuid.uuid4().hex
         turn_key = f"{key}:turn:{waiter or token}"
         # A crashed holder's lease lapses after the longest a request may take.
-        lease_ms = int((s.scrape_timeout + 5) * 1000)
-        limit = s.scrape_per_host_concurrency or 1_000_000_000  # 0: no limit, only the delay
-        delay_ms = int(s.scrape_min_host_delay * 1000)
+        lease_ms = int((s.timeout + 5) * 1000)
+        limit = s.concurrency or 1_000_000_000  # 0: no limit, only the delay
+        delay_ms = int(s.min_delay * 1000)
         mode = "turn" if waiter else "now"
         loop = asyncio.get_running_loop()
         began = waited_until = loop.time()
-        deadline = began + (WAIT_IN_PLACE_S if waiter else s.scrape_timeout)
+        deadline = began + (WAIT_IN_PLACE_S if waiter else s.timeout)
         while True:
             in_place_ms = max(0, int((deadline - loop.time()) * 1000))
             args: list[str | int] = [
@@ -123,7 +151,7 @@ class Politeness:
             if postpone:
                 raise Postpone(wait_ms / 1000 - WAKE_EARLY_S, f"waiting for its turn at {host}")
             if loop.time() >= deadline:
-                raise TransientJobError(f"host {host} stayed busy for {s.scrape_timeout:g}s")
+                raise TransientJobError(f"host {host} stayed busy for {s.timeout:g}s")
             await asyncio.sleep(min(wait_ms / 1000, MAX_WAIT_STEP_S))
             waited_until = loop.time()
         in_place = waited_until - began  # 0 when the first ask got the slot

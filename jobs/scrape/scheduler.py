@@ -1,5 +1,6 @@
 """Scheduled scraping: a cron tick enqueues each due source once per period; a source's scrape
-follows same-host links to the depth and page budget the source allows."""
+follows same-host links to the depth and page budget the source allows. Each run, scheduled or
+manual, is recorded with its pages' outcomes (jobs.scrape.runs)."""
 
 from __future__ import annotations
 
@@ -9,45 +10,30 @@ from typing import Any
 
 from yarl import URL
 
-from asyncjobs.errors import JobError, PermanentJobError
-from asyncjobs.keys import (
-    CRON_KEY_PREFIX,
-    source_failures_key,
-    source_pages_key,
-    source_run_key,
-    source_seen_key,
-)
+from asyncjobs.keys import CRON_KEY_PREFIX, source_pages_key, source_run_key, source_seen_key
 from jobs.context import WorkerContext
 from jobs.enqueue import enqueue_registered
-from jobs.retry import builtin, classified, max_tries
-from jobs.scrape.documents import document_id
+from jobs.retry import builtin, classified
+from jobs.scrape.errors import count_failure, last_failure, noting_failure
 from jobs.scrape.page import scrape_url
+from jobs.scrape.runs import (
+    FAILED,
+    add_pending,
+    finish_page,
+    page_outcome,
+    source_job_id,
+    start_run,
+)
 from jobs.scrape.sources import Source, get_source, list_sources, period_length, period_start
 from jobs.values import now_utc
+
+__all__ = ["TICK_KEY", "schedule_sources", "scrape_source", "source_job_id"]
 
 log = logging.getLogger(__name__)
 
 TICK_KEY = CRON_KEY_PREFIX + "schedule_sources"  # the monitor's record: last_run, runs
 
-# Failure reasons counted per source, by the start of the error message.
-FAILURE_REASONS = [
-    ("HTTP ", None),  # "HTTP 404 Not Found from ..." -> "HTTP 404"
-    ("timed out", "timeout"),
-    ("disallowed by robots.txt", "disallowed by robots.txt"),
-    ("refused to fetch", "forbidden address"),
-    ("not an HTML page", "not HTML"),
-    ("page is larger", "too large"),
-    ("could not connect", "connection error"),
-    ("more than", "too many redirects"),
-]
-
-
 RUN_KEYS_TTL_S = 2 * 24 * 3600
-
-
-def source_job_id(source_id: str, period: int, url: str | None = None) -> str:
-    suffix = f":{document_id(url)}" if url else ""
-    return f"source:{source_id}:{period}{suffix}"
 
 
 @classified("maintenance")
@@ -65,6 +51,7 @@ async def schedule_sources(ctx: WorkerContext) -> dict[str, Any]:
         period = int(start.timestamp())
         if await redis.exists(source_run_key(source.id, period)):
             continue
+        await start_run(redis, source.id, period, "schedule")  # before its job can end
         job = await enqueue_registered(
             redis, ctx.settings, "scrape_source", {"source_id": source.id, "period": period},
             job_id=source_job_id(source.id, period),
@@ -78,43 +65,57 @@ async def schedule_sources(ctx: WorkerContext) -> dict[str, Any]:
     return {"enqueued": enqueued}
 
 
-@builtin("scrape_source", "scrape", shown=("source_id", "url"))
+async def _page_failed_for_good(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
+    """The dead-letter hook (after the last try, or a permanent error): the failure counts
+    once, by its reason, for the source and in its run."""
+    reason = last_failure()
+    source_id, period = kwargs.get("source_id"), kwargs.get("period")
+    if not isinstance(source_id, str):
+        return
+    await count_failure(ctx.redis, source_id, reason)
+    if isinstance(period, int):
+        await finish_page(ctx.redis, source_id, period, ctx.job_id, FAILED + reason.value)
+
+
+@builtin(
+    "scrape_source", "scrape", shown=("source_id", "url"), on_dead_letter=_page_failed_for_good
+)
 async def scrape_source(
-    ctx: WorkerContext, source_id: str, period: int, url: str | None = None, depth: int = 0
+    ctx: WorkerContext,
+    source_id: str,
+    period: int,
+    url: str | None = None,
+    depth: int = 0,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """arq job: one page of a source's run (its start page, or a link found on the way)."""
-    source = await get_source(ctx.redis, source_id)
-    if source is None:
-        return {"skipped": "the source was deleted"}
-    target = url or source.url
-    try:
-        result, links = await scrape_url(ctx, target, source.selectors, source_id=source.id)
-    except JobError as exc:
-        await count_failure(ctx, source.id, exc)
-        raise
-    if depth < source.follow_links and links:
-        base = result.get("final_url") or target
-        result["followed"] = await follow_links(ctx, source, period, base, links, depth)
-    return result
-
-
-async def count_failure(ctx: WorkerContext, source_id: str, exc: JobError) -> None:
-    """Count a failure once: when it is permanent or the last try, not on every retry."""
-    final = isinstance(exc, PermanentJobError)
-    if final or ctx.job_try >= max_tries(ctx.settings, "scrape"):
-        await ctx.redis.hincrby(source_failures_key(source_id), failure_reason(exc), 1)  # type: ignore[misc]
-
-
-def failure_reason(exc: Exception) -> str:
-    message = str(exc)
-    for prefix, reason in FAILURE_REASONS:
-        if message.startswith(prefix):
-            return reason or " ".join(message.split()[:2])
-    return "other"
+    """arq job: one page of a source's run (its start page, or a link found on the way);
+    `force` (a run asked for it): fetched unconditionally, as the source's own `force`."""
+    with noting_failure():
+        source = await get_source(ctx.redis, source_id)
+        if source is None:
+            await finish_page(ctx.redis, source_id, period, ctx.job_id, "skipped")
+            return {"skipped": "the source was deleted"}
+        force = force or source.force
+        target = url or source.url
+        result, links = await scrape_url(ctx, target, source.selectors, source.id, force)
+        if depth < source.follow_links and links:
+            base = result.get("final_url") or target
+            result["followed"] = await follow_links(
+                ctx, source, period, base, links, depth, force=force
+            )
+        await finish_page(ctx.redis, source.id, period, ctx.job_id, page_outcome(result))
+        return result
 
 
 async def follow_links(
-    ctx: WorkerContext, source: Source, period: int, base: str, links: list[str], depth: int
+    ctx: WorkerContext,
+    source: Source,
+    period: int,
+    base: str,
+    links: list[str],
+    depth: int,
+    *,
+    force: bool = False,
 ) -> int:
     """Enqueue same-host links within the run's page budget; each URL once per run."""
     settings = ctx.settings
@@ -134,11 +135,14 @@ async def follow_links(
             await redis.decr(taken)  # every place is taken by a distinct page: the run is full
             break
         await redis.expire(taken, RUN_KEYS_TTL_S)
-        arguments = {"source_id": source.id, "period": period, "url": link, "depth": depth + 1}
-        job = await enqueue_registered(
-            redis, settings, "scrape_source", arguments,
-            job_id=source_job_id(source.id, period, link),
-        )  # fmt: skip
+        arguments: dict[str, Any] = {
+            "source_id": source.id, "period": period, "url": link, "depth": depth + 1
+        }  # fmt: skip
+        if force:
+            arguments["force"] = True
+        job_id = source_job_id(source.id, period, link)
+        await add_pending(redis, source.id, period, job_id)  # before: the job may end at once
+        job = await enqueue_registered(redis, settings, "scrape_source", arguments, job_id=job_id)
         if job is not None:
             followed += 1
     return followed

@@ -1,7 +1,8 @@
 """Sources: URLs scraped on a schedule. Stored in Redis, one JSON document per source.
 
 Keys: `asyncjobs:source:<id>` (JSON), `asyncjobs:sources` (set of ids),
-`asyncjobs:source:<id>:failures` (hash: failure reason -> count).
+`asyncjobs:source:<id>:failures` (hash: failure reason -> count, jobs.scrape.errors), its runs
+(jobs.scrape.runs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationInfo, f
 from redis.asyncio import Redis
 
 from asyncjobs.keys import SOURCE_KEY_PREFIX, SOURCES_KEY, source_failures_key
-from jobs.scrape.page import MAX_URL_LENGTH, Selectors
+from jobs.scrape.page import MAX_URL_LENGTH
+from jobs.scrape.runs import delete_runs
+from jobs.scrape.selectors import Selectors, SelectorSpec
 from jobs.values import as_text, now_utc
 
 SCHEDULE_ALIASES = {"hourly": "0 * * * *", "daily": "0 0 * * *"}
@@ -47,6 +50,7 @@ class SourceFields(BaseModel):
     selectors: Selectors | None = None
     follow_links: int | None = Field(None, ge=0, le=2, description="link depth to follow")
     max_pages: int | None = Field(None, ge=1, le=MAX_PAGES_PER_RUN, description="pages per run")
+    force: bool | None = Field(None, description="every run fetches its pages unconditionally")
 
     @field_validator("schedule")
     @classmethod
@@ -76,9 +80,10 @@ class Source(BaseModel):
     name: str | None = None
     url: str
     schedule: str
-    selectors: dict[str, str] = {}
+    selectors: dict[str, SelectorSpec] = {}
     follow_links: int = 0
     max_pages: int = 20
+    force: bool = False
     created_at: datetime
     updated_at: datetime
 
@@ -140,4 +145,5 @@ async def delete_source(redis: Redis, source_id: str) -> bool:
         pipe.srem(SOURCES_KEY, source_id)
         pipe.delete(source_failures_key(source_id))
         deleted, _, _ = await pipe.execute()
+    await delete_runs(redis, source_id)
     return bool(deleted)
