@@ -7,10 +7,12 @@ logs, rate-limit counters and idempotency records by a short prefix of its diges
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -137,10 +139,18 @@ async def charge_messages(request: web.Request, messages: int) -> None:
     principal: Principal | None = request.get(PRINCIPAL)
     if principal is None:
         return
-    try:
+    with quota_refusals():
         await message_quota(request.config_dict[SETTINGS]).take(
             request.config_dict[REDIS], principal.key_id, messages
         )
+
+
+@contextlib.contextmanager
+def quota_refusals() -> Iterator[None]:
+    """A quota's refusals as the API answers them: 422 when the request can never fit, 429
+    with the true Retry-After when it fits later."""
+    try:
+        yield
     except NeverFits as exc:
         raise web.HTTPUnprocessableEntity(text=str(exc)) from None
     except QuotaExceeded as exc:

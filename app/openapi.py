@@ -118,7 +118,7 @@ OPERATIONS = [
     Operation("post", "/jobs/export", "Export documents to CSV or JSON Lines", 202, JobAccepted,
               ExportRequest),
     Operation("post", "/jobs/image", "Resize an image (its `url`, or a multipart upload) into "
-              "JPEG, PNG or WebP versions", 202, ImageAccepted, ImageSpec),
+              "JPEG, PNG, WebP or GIF versions", 202, ImageAccepted, ImageSpec),
     Operation("get", "/images/{job_id}/{name}", "Download a version an image job wrote", 200,
               path_params={"job_id": ID32, "name": f"^{IMAGE_NAME_PATTERN}$"},
               content={ctype: {"schema": {"type": "string"}}

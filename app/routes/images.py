@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from app.auth import PRINCIPAL
+from app.auth import PRINCIPAL, quota_refusals
 from app.http import enqueue, json_model, status_url
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import JobOptions, read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
-from asyncjobs.quota import NeverFits, QuotaExceeded
 from jobs.images import (
     CONTENT_TYPES,
     IMAGE_NAME_PATTERN,
@@ -81,14 +79,8 @@ async def _upload(request: web.Request, job_id: str) -> tuple[JobOptions, dict[s
     principal = request.get(PRINCIPAL)
     owner = principal.key_id if principal is not None else None
     delay = options.delay_ms() / 1000
-    try:
+    with quota_refusals():
         await save_upload(request.app[REDIS], settings, upload_id, image, owner, delay)
-    except NeverFits as exc:
-        raise web.HTTPUnprocessableEntity(text=str(exc)) from None
-    except QuotaExceeded as exc:
-        raise web.HTTPTooManyRequests(
-            text=str(exc), headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-        ) from None
     return options, {"upload_id": upload_id, "outputs": [o.model_dump() for o in spec.outputs]}
 
 

@@ -58,8 +58,12 @@ def summarize_html(html: str, url: str = "") -> PageSummary:
     title_node = tree.css_first("title")
     description_node = tree.css_first('meta[name="description" i]')
     hrefs = [node.attributes.get("href") or "" for node in tree.css("a[href]")]
-    base = page_base(tree, url)
-    metadata = page_metadata(tree, base)  # before the scripts (JSON-LD) go
+    lowered = html.lower()  # for the substring checks below: far cheaper than CSS queries
+    base = page_base(tree, url) if "<base" in lowered else URL(url)
+    # before the scripts (JSON-LD) go; most pages have none, and a substring search is far
+    # cheaper than the three CSS queries (measured on the bench page: 8 us of 110)
+    has_metadata = any(marker in lowered for marker in METADATA_MARKERS)
+    metadata = page_metadata(tree, base) if has_metadata else no_metadata()
     tree.strip_tags(NON_CONTENT_TAGS)
     root = tree.body or tree.root
     text = " ".join(root.text(separator=" ", strip=True).split()) if root else ""
@@ -126,6 +130,14 @@ def page_metadata(tree: HTMLParser, base: URL) -> dict[str, Any]:
         "json_ld": json_ld,
         "json_ld_skipped": skipped,
     }
+
+
+# What a page must contain (lower-cased) for it to have metadata (a superset)
+METADATA_MARKERS = ("canonical", "og:", "ld+json")
+
+
+def no_metadata() -> dict[str, Any]:
+    return {"canonical": None, "og": {}, "json_ld": [], "json_ld_skipped": 0}
 
 
 def _json_ld(nodes: list[LexborNode]) -> tuple[list[Any], int]:
