@@ -23,8 +23,9 @@ from asyncjobs.quota import NeverFits, QuotaExceeded, Window, message_quota
 from asyncjobs.settings import Settings
 
 PUBLIC_ROUTES = frozenset(
-    {("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json"), ("HEAD", "/openapi.json")}
-)
+    {("GET", "/health"), ("HEAD", "/health"), ("GET", "/openapi.json"), ("HEAD", "/openapi.json"),
+     ("GET", "/favicon.ico"), ("HEAD", "/favicon.ico")}
+)  # fmt: skip
 # The operator dashboard (app/dashboard) checks its own session cookie and CSRF tokens instead.
 PUBLIC_PREFIXES = ("/ui",)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -10,9 +10,11 @@ import re
 import ssl
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
-from email.parser import BytesHeaderParser
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,91 @@ async def read_message(folder: Path, name: str) -> bytes | None:
         return None
     path = folder / name
     return await asyncio.to_thread(path.read_bytes) if path.is_file() else None
+
+
+# -- one message, opened as Mailpit shows it (the dashboard's /ui/mail/<name>) --
+
+ENVELOPE_HEADERS = ("X-Sink-Mail-From", "X-Sink-Rcpt-To")  # the sink's own lines, shown apart
+
+
+@dataclass(frozen=True)
+class AttachmentInfo:
+    index: int  # its place among the message's attachments: the download's address
+    filename: str
+    content_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class OpenedMessage:
+    headers: list[tuple[str, str]]  # as sent, decoded, in order; the envelope's apart
+    mail_from: str
+    rcpt_to: list[str]
+    subject: str
+    text: str | None
+    html: str | None
+    attachments: list[AttachmentInfo]
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(message, EmailMessage)  # what policy.default builds
+    return message
+
+
+def _attachments(message: EmailMessage) -> list[EmailMessage]:
+    """Parts a reader would save: marked attachment, or inline with a file name (an image)."""
+    return [
+        part
+        for part in message.walk()
+        if isinstance(part, EmailMessage)
+        and not part.is_multipart()
+        and (part.is_attachment() or part.get_filename() is not None)
+    ]
+
+
+def _body(message: EmailMessage, subtype: str) -> str | None:
+    part = message.get_body(preferencelist=(subtype,))
+    if part is None or part.is_attachment() or part.get_filename() is not None:
+        return None
+    content = part.get_content()
+    return content if isinstance(content, str) else None
+
+
+def _size(part: EmailMessage) -> int:
+    payload = part.get_payload(decode=True)
+    return len(payload) if isinstance(payload, bytes) else 0
+
+
+def open_message(raw: bytes) -> OpenedMessage:
+    message = _parse(raw)
+    rcpts = str(message.get("X-Sink-Rcpt-To", ""))
+    return OpenedMessage(
+        headers=[(k, str(v)) for k, v in message.items() if k not in ENVELOPE_HEADERS],
+        mail_from=str(message.get("X-Sink-Mail-From", "")),
+        rcpt_to=[r.strip() for r in rcpts.split(",") if r.strip()],
+        subject=str(message.get("Subject", "")),
+        text=_body(message, "plain"),
+        html=_body(message, "html"),
+        attachments=[
+            AttachmentInfo(
+                index=i,
+                filename=part.get_filename() or f"attachment-{i + 1}",
+                content_type=part.get_content_type(),
+                size=_size(part),
+            )
+            for i, part in enumerate(_attachments(message))
+        ],
+    )
+
+
+def attachment(raw: bytes, index: int) -> tuple[AttachmentInfo, bytes] | None:
+    """The message's attachment number `index` and its bytes, or None."""
+    parts = _attachments(_parse(raw))
+    if not 0 <= index < len(parts):
+        return None
+    part = parts[index]
+    payload = part.get_payload(decode=True)
+    data = payload if isinstance(payload, bytes) else b""
+    filename = part.get_filename() or f"attachment-{index + 1}"
+    return AttachmentInfo(index, filename, part.get_content_type(), len(data)), data

@@ -33,6 +33,7 @@ from app.schemas import (
     NewsletterAccepted,
     RunList,
     ScheduleList,
+    ScheduleRunAccepted,
     ScrapeAcceptedAny,
     ScrapeBatch,
     ScrapeRequest,
@@ -174,6 +175,9 @@ OPERATIONS = [
               path_params={"schedule_id": ID32}),
     Operation("get", "/schedules/{schedule_id}/runs", "The last runs and their jobs' status",
               200, RunList, path_params={"schedule_id": ID32}),
+    Operation("post", "/schedules/{schedule_id}/run", "Run a schedule now, besides its periods "
+              "(charged to its owner's message quota; kept in its runs as manual)", 202,
+              ScheduleRunAccepted, path_params={"schedule_id": ID32}),
     Operation("get", "/documents", "Saved documents, newest change first", 200, DocumentList,
               query=[("source", {"type": "string", "pattern": ID32}),
                      ("changed_since", {"type": "string", "format": "date-time"}), *PAGING]),

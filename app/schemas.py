@@ -223,6 +223,13 @@ class RunView(BaseModel):
     enqueued_at: datetime
     jobs: list[RunJob]
     skipped: str | None = None  # why nothing was enqueued: the owner's message quota was full
+    manual: bool = False  # asked for with POST /schedules/{id}/run (period: when it was asked)
+
+
+class ScheduleRunAccepted(BaseModel):
+    job_ids: list[str]  # the run's jobs, enqueued
+    status_urls: list[str]
+    runs_url: str  # the schedule's runs: this one first, marked manual
 
 
 class RunList(BaseModel):

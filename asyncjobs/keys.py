@@ -42,13 +42,20 @@ COUNTERS_KEY = STATS_KEY_PREFIX + "counters"  # "<metric>|<label>" -> count
 DURATION_KEY = STATS_KEY_PREFIX + "duration"  # "<function>|<bucket>" -> count, "|sum", "|count"
 LATENCY_KEY = STATS_KEY_PREFIX + "latency"  # due (enqueued, retry, postponement) -> start
 MINUTE_KEY_PREFIX = STATS_KEY_PREFIX + "minute:"  # + epoch minute -> {completed, failed}
+# minute and hour keys also hold "<outcome>|<function>" counts, "wait|<function>|<bucket>" and
+# "run|<function>|<bucket>" histograms, and the queue sampled: "depth_max", "age_max_ms"
+HOUR_KEY_PREFIX = STATS_KEY_PREFIX + "hour:"  # + epoch hour -> the same fields, for a day
 RUNNING_KEY = PREFIX + "running"  # zset job id -> start ms
-RECENT_KEY = PREFIX + "recent"  # zset job id -> finish ms, the last few hundred
+RECENT_KEY = PREFIX + "recent"  # zset job id -> finish ms, while arq keeps the result
 WORKERS_KEY = PREFIX + "workers"  # set of worker ids; details at WORKER_KEY_PREFIX + id
 WORKER_KEY_PREFIX = PREFIX + "worker:"  # + worker id -> {started_at, last_seen, ...}
 CRON_KEY_PREFIX = PREFIX + "cron:"  # + cron name -> {last_run, last_result, runs}
 PROGRESS_KEY_PREFIX = PREFIX + "progress:"  # + job id -> {done, total, step}
 RETRYING_KEY_PREFIX = PREFIX + "retrying:"  # + job id -> {error, try, next_try_ms}
+# + job id -> list of JSON {try, started_at, ended_at, worker, outcome, error}, oldest first,
+# the last TRIES_KEPT; written with the try's finish, expiring with the job's result
+TRIES_KEY_PREFIX = PREFIX + "tries:"
+TRIES_KEPT = 50
 DEAD_KEY_PREFIX = PREFIX + "dead:"  # + job id -> JSON dead-letter entry
 DEAD_INDEX_KEY = PREFIX + "dead"  # zset job id -> failure time
 UPLOAD_KEY_PREFIX = PREFIX + "upload:"  # + upload id -> an uploaded image, until its job ends

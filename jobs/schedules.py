@@ -212,6 +212,7 @@ class ScheduleRun(BaseModel):
     enqueued_at: datetime
     job_ids: list[str]
     skipped: str | None = None  # why nothing was enqueued (the owner's quota)
+    manual: bool = False  # run now (POST /schedules/{id}/run), outside the periods
 
 
 class ScheduleView(Schedule):
@@ -360,17 +361,57 @@ async def record_run(redis: Redis, schedule_id: str, run: ScheduleRun) -> None:
         await pipe.execute()
 
 
+async def run_now(redis: ArqRedis, settings: Settings, schedule: Schedule) -> ScheduleRun:
+    """Run the schedule now, paused or not, besides its periods' runs: its ids come from a
+    fresh run id (never the period's, which the tick's run then takes), its messages are
+    charged to the owner's quota as a run's are (QuotaExceeded or NeverFits: nothing is
+    enqueued), and it is kept in the runs history marked manual."""
+    scheduled_job_type(schedule.job.type)  # ValueError, before any charge, if the type is gone
+    messages = messages_per_run(schedule.job)
+    if schedule.owner is not None and messages:
+        what = f"a manual run of schedule {schedule.id}"
+        await message_quota(settings).take(redis, schedule.owner, messages, what)
+    run_id, asked_at = uuid.uuid4().hex, now_utc()
+    job_ids = await enqueue_calls(
+        redis, settings, schedule, run_id, f"schedule:{schedule.id}:now-{run_id}"
+    )
+    run = ScheduleRun(period=asked_at, enqueued_at=now_utc(), job_ids=job_ids, manual=True)
+    await record_run(redis, schedule.id, run)
+    return run
+
+
+async def last_runs(redis: Redis, schedule_ids: list[str]) -> dict[str, ScheduleRun]:
+    """Each schedule's latest run (none yet: absent), in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for schedule_id in schedule_ids:
+            pipe.lindex(schedule_runs_key(schedule_id), 0)
+        raws = await pipe.execute()
+    return {
+        schedule_id: ScheduleRun.model_validate_json(as_text(raw))
+        for schedule_id, raw in zip(schedule_ids, raws, strict=True)
+        if raw
+    }
+
+
 async def enqueue_run(
     redis: ArqRedis, settings: Settings, schedule: Schedule, period: int
 ) -> list[str]:
     """One run's jobs, with ids derived from the schedule and the period; the ids of the jobs
     this call enqueued (none if the run was already enqueued)."""
-    job = schedule.job
     run_id = hashlib.sha256(f"{schedule.id}:{period}".encode()).hexdigest()[:32]
+    prefix = f"schedule:{schedule.id}:{period}"
+    return await enqueue_calls(redis, settings, schedule, run_id, prefix)
+
+
+async def enqueue_calls(
+    redis: ArqRedis, settings: Settings, schedule: Schedule, run_id: str, id_prefix: str
+) -> list[str]:
+    """The jobs of the run `run_id`, each with the id `<id_prefix>:<n>` unless its type names
+    it by the run id (an export, a newsletter); the ids of the jobs this call enqueued."""
+    job = schedule.job
     function, calls = await run_calls(redis, settings, job, run_id)
     prepared = [
-        (call, call.pop("_job_id", None) or f"schedule:{schedule.id}:{period}:{n}")
-        for n, call in enumerate(calls)
+        (call, call.pop("_job_id", None) or f"{id_prefix}:{n}") for n, call in enumerate(calls)
     ]
     ids = await enqueue_registered_many(
         redis, settings, function, prepared,

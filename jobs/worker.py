@@ -41,7 +41,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     # jobs' own commands share arq's pool, sent together when jobs send them together
     redis = AutoPipelinedRedis.sharing_pool_of(ctx[REDIS])
     http = make_http_session(settings)
-    monitor, wake_listener = JobMonitor(redis), WakeListener(settings)
+    monitor = JobMonitor(redis, settings.keep_result)
+    monitor.queue_name = settings.queue_name  # its depth is sampled for the dashboard's trends
+    wake_listener = WakeListener(settings)
     ctx.update(
         {
             REDIS: redis,

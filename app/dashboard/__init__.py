@@ -12,8 +12,13 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from app.dashboard.banner import worker_banner
+from app.dashboard.bulk import add_bulk_routes
+from app.dashboard.jobpage import add_job_page_routes
+from app.dashboard.mailview import add_mail_routes
 from app.dashboard.session import STATIC_PREFIX, require_session
-from app.dashboard.views import add_dashboard_routes, html_errors, when
+from app.dashboard.trends import add_trends_routes
+from app.dashboard.views import JOB, add_dashboard_routes, html_errors, when
 from app.state import SETTINGS
 
 HERE = Path(__file__).parent
@@ -26,7 +31,7 @@ CONTENT_SECURITY_POLICY = (
 
 
 def setup_dashboard(app: web.Application) -> None:
-    dashboard = web.Application(middlewares=[html_errors, require_session])
+    dashboard = web.Application(middlewares=[html_errors, require_session, worker_banner])
     env = aiohttp_jinja2.setup(
         dashboard,
         loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -37,6 +42,11 @@ def setup_dashboard(app: web.Application) -> None:
     )
     env.filters["when"] = when
     add_dashboard_routes(dashboard, app[SETTINGS])
+    add_job_page_routes(dashboard, JOB)
+    if app[SETTINGS].mail_sink_dir is not None:
+        add_mail_routes(dashboard)
+    add_bulk_routes(dashboard)
+    add_trends_routes(dashboard)
     dashboard.router.add_static("/static", HERE / "static", name="static")
     dashboard.on_response_prepare.append(_security_headers)
     app.add_subapp(PREFIX, dashboard)

@@ -15,13 +15,10 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import DeserializationError, JobDef, deserialize_job, deserialize_result
 from redis.asyncio import Redis
 
-from app.jobstatus import read_jobs
 from app.redaction import redact
-from app.schemas import JobView
 from asyncjobs.keys import (
     CRON_KEY_PREFIX,
     MINUTE_KEY_PREFIX,
-    RECENT_KEY,
     RUNNING_KEY,
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
@@ -36,11 +33,7 @@ from jobs.worker import cron_jobs
 
 JOB_STATES = ("queued", "deferred", "in_progress", "complete", "failed", "aborted")
 WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(days=1)}
-# How many ids the jobs list takes from each index: running jobs, queued ones (earliest due
-# first) and recently finished ones (newest first).
-RUNNING_SAMPLE = 200
-QUEUE_SAMPLE = 100
-RECENT_SAMPLE = 200
+# (the jobs list, its search and its pages: app/dashboard/joblist.py)
 CHART_MINUTES = 60
 
 
@@ -152,50 +145,6 @@ async def read_workers(redis: Redis, worker_ids: list[str]) -> list[WorkerInfo]:
 
 
 # -- jobs --
-
-
-@dataclass(frozen=True)
-class JobFilter:
-    status: str = ""
-    function: str = ""
-    window: str = ""  # a key of WINDOWS, or "" for any time
-
-    @classmethod
-    def from_query(cls, query: Mapping[str, str]) -> JobFilter:
-        """Unknown values mean "any": a filter form cannot send anything worth a 400."""
-        status = query.get("status", "")
-        window = query.get("window", "")
-        return cls(
-            status=status if status in JOB_STATES else "",
-            function=query.get("function", "")[:100],
-            window=window if window in WINDOWS else "",
-        )
-
-    def matches(self, job: JobView, now: datetime) -> bool:
-        if self.status and job.status != self.status:
-            return False
-        if self.function and job.function != self.function:
-            return False
-        if self.window:
-            return job.enqueue_time is not None and job.enqueue_time >= now - WINDOWS[self.window]
-        return True
-
-
-async def listed_job_ids(redis: Redis, queue_name: str) -> list[str]:
-    """Running jobs, then the queue's next ones, then the recently finished; each id once."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrevrange(RUNNING_KEY, 0, RUNNING_SAMPLE - 1)
-        pipe.zrange(queue_name, 0, QUEUE_SAMPLE - 1)
-        pipe.zrevrange(RECENT_KEY, 0, RECENT_SAMPLE - 1)
-        running, queued, recent = await pipe.execute()
-    return list(dict.fromkeys(as_text(i) for i in (*running, *queued, *recent)))
-
-
-async def list_jobs(redis: ArqRedis, queue_name: str, where: JobFilter) -> list[JobView]:
-    views = await read_jobs(redis, queue_name, await listed_job_ids(redis, queue_name))
-    now = datetime.now(UTC)
-    # a finished job whose result has expired is gone from arq: nothing left to show
-    return [v for v in views if v.status != "not_found" and where.matches(v, now)]
 
 
 async def read_arguments(redis: Redis, job_id: str) -> dict[str, Any] | None:

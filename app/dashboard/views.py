@@ -19,17 +19,18 @@ from redis.exceptions import RedisError
 from app import actions, mailsink
 from app.actions import ABORTABLE
 from app.auth import KEYRING, Principal
+from app.dashboard import joblist
+from app.dashboard.banner import WORKER_BANNER
 from app.dashboard.data import (
     JOB_STATES,
     WINDOWS,
-    JobFilter,
     MinuteCount,
-    list_jobs,
     read_arguments,
     read_cron,
     read_overview,
     read_sources,
 )
+from app.dashboard.jobpage import folded, read_tries, result_digest, shown_result
 from app.dashboard.session import (
     CSRF_FIELD,
     SESSION,
@@ -45,16 +46,14 @@ from app.dashboard.session import (
 )
 from app.errors import Handler
 from app.jobstatus import read_job_with_progress
-from app.redaction import redact
 from app.routes.schedules import shown
 from app.schemas import JobView
 from app.state import REDIS, SETTINGS
 from asyncjobs.quota import Window
 from asyncjobs.registry import job_types
 from asyncjobs.settings import Settings
-from jobs.deadletter import list_dead_letters
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN
-from jobs.schedules import get_schedule, list_schedules, set_paused
+from jobs.schedules import get_schedule, last_runs, list_schedules, set_paused
 from jobs.scrape.runs import RunInProgress, load_runs, run_now
 from jobs.scrape.sources import get_source
 from jobs.values import now_utc
@@ -102,6 +101,7 @@ def render(
         "csrf_field": CSRF_FIELD,
         "mail_enabled": _settings(request).mail_sink_dir is not None,
         "path": request.path,
+        "worker_banner": request.get(WORKER_BANNER),  # jobs due, no worker: banner.py
     }
     return aiohttp_jinja2.render_template(template, request, base | context, status=status)
 
@@ -261,15 +261,25 @@ def _function_names(settings: Settings) -> list[str]:
     return sorted(set(names))
 
 
-async def _filtered_jobs(request: web.Request, where: JobFilter) -> list[JobView]:
-    return await list_jobs(_redis(request), _settings(request).queue_name, where)
+async def _job_list(request: web.Request) -> dict[str, Any]:
+    """The rows of one page of the jobs list, and the links to the next page and the first."""
+    query = joblist.JobQuery.from_query(request.query)
+    page = await joblist.list_page(_redis(request), _settings(request).queue_name, query)
+    jobs_url = request.app.router["jobs"].url_for()
+    older = page.next_cursor and jobs_url.with_query(query.params(after=page.next_cursor))
+    return {
+        "page": page,
+        "query": query,
+        "older_url": str(older) if older else None,
+        "first_url": str(jobs_url.with_query(query.params())) if query.after else None,
+        "scan_limit": joblist.SCAN_LIMIT,
+        "members_shown": joblist.MEMBERS_SHOWN,
+        "page_rows": joblist.PAGE_ROWS,
+    }
 
 
 async def jobs_page(request: web.Request) -> web.Response:
-    where = JobFilter.from_query(request.query)
-    context = {
-        "jobs": await _filtered_jobs(request, where),
-        "filter": where,
+    context = await _job_list(request) | {
         "functions": _function_names(_settings(request)),
         "states": JOB_STATES,
         "windows": list(WINDOWS),
@@ -279,8 +289,7 @@ async def jobs_page(request: web.Request) -> web.Response:
 
 async def job_rows(request: web.Request) -> web.Response:
     """The rows of the jobs table alone: the page fetches them every second."""
-    where = JobFilter.from_query(request.query)
-    return render(request, "job_rows.html", {"jobs": await _filtered_jobs(request, where)})
+    return render(request, "job_rows.html", await _job_list(request))
 
 
 def job_state(request: web.Request, view: JobView) -> dict[str, Any]:
@@ -296,7 +305,7 @@ def job_state(request: web.Request, view: JobView) -> dict[str, Any]:
         "next_try_at": when(view.next_try_at),
         "due_at": when(view.due_at),
         "callback": _callback(view),
-        "result": "" if view.result is None else pretty(view.result),
+        "result_digest": result_digest(view.result),  # the page fetches the result on a change
         "error": view.error or "",
         "progress": _progress(view),
         "finished": view.status not in ABORTABLE,
@@ -345,9 +354,13 @@ async def job_page(request: web.Request) -> web.Response:
     arguments = await read_arguments(redis, job_id)
     context = {
         "job": job_state(request, view),
-        "arguments": None if arguments is None else pretty(arguments),
+        "arguments": folded(request, arguments, "arguments"),
+        "result": folded(request, shown_result(view.result), "result"),
+        "tries": await read_tries(redis, job_id),
         "events_url": _url(request, "job_events", job_id=job_id),
         "abort_url": _url(request, "job_abort", job_id=job_id),
+        "tries_url": _url(request, "job_tries", job_id=job_id),
+        "result_url": _url(request, "job_result", job_id=job_id),
     }
     return render(request, "job.html", context)
 
@@ -400,10 +413,7 @@ async def abort_job(request: web.Request) -> web.Response:
 # -- dead letters --
 
 
-async def dead_letters(request: web.Request) -> web.Response:
-    total, entries = await list_dead_letters(_redis(request), 0, DEAD_LETTERS_SHOWN)
-    rows = [(entry, pretty(redact(entry.arguments))) for entry in entries]
-    return render(request, "dead_letter.html", {"total": total, "rows": rows})
+# the list page and its bulk actions: app/dashboard/bulk.py
 
 
 async def retry_dead_letter(request: web.Request) -> web.Response:
@@ -424,7 +434,9 @@ async def cron_page(request: web.Request) -> web.Response:
     for schedule in await list_schedules(redis):
         action = "schedule_resume" if schedule.paused else "schedule_pause"
         schedules.append((shown(schedule, now), _url(request, action, schedule_id=schedule.id)))
-    return render(request, "cron.html", {"rows": rows, "schedules": schedules})
+    latest = await last_runs(redis, [s.id for s, _ in schedules])  # run now's among them
+    context = {"rows": rows, "schedules": schedules, "last_runs": latest}
+    return render(request, "cron.html", context)
 
 
 async def pause_schedule(request: web.Request) -> web.Response:
@@ -518,7 +530,6 @@ def add_dashboard_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_get(f"/jobs/{JOB}", job_page, name="job")
     app.router.add_get(f"/jobs/{JOB}/events", job_events, name="job_events", allow_head=False)
     app.router.add_post(f"/jobs/{JOB}/abort", abort_job, name="job_abort")
-    app.router.add_get("/dead-letter", dead_letters, name="dead_letters")
     app.router.add_post(
         f"/dead-letter/{{entry_id:{ID_PATTERN}}}/retry", retry_dead_letter, name="retry"
     )

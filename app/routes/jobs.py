@@ -94,6 +94,9 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     # one page is someone waiting; a batch is bulk work
     extra = options.enqueue_kwargs(None if scrape.url is not None else "bulk")
     calls = [{"target": target.model_dump(mode="json"), **extra} for target in targets]
+    batch_id = new_job_id(request)
+    if scrape.url is None:  # a batch's jobs are named after it, so that lists group them
+        calls = [{"_job_id": f"{batch_id}-{n}"} | call for n, call in enumerate(calls)]
     job_ids = await enqueue_many(request, "scrape", calls)
     accepted = [
         ScrapeAccepted(job_id=job_id, status_url=status_url(request, job_id), url=str(target.url))
@@ -101,7 +104,6 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     ]
     if scrape.url is not None:
         return json_model(accepted[0], status=202)
-    batch_id = new_job_id(request)
     await save_batch(request.app[REDIS], batch_id, accepted)
     batch = ScrapeBatchAccepted(
         batch_id=batch_id, batch_url=batch_url(request, batch_id), jobs=accepted

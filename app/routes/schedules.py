@@ -12,12 +12,19 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from app.auth import PRINCIPAL
-from app.http import found, json_model, off_loop, read_json_object
+from app.auth import PRINCIPAL, quota_refusals
+from app.http import found, json_model, off_loop, read_json_object, status_url
 from app.joboptions import JobOptions
 from app.jobstatus import read_job
 from app.redaction import redact
-from app.schemas import RunJob, RunList, RunView, ScheduleList, ScrapeRequest
+from app.schemas import (
+    RunJob,
+    RunList,
+    RunView,
+    ScheduleList,
+    ScheduleRunAccepted,
+    ScrapeRequest,
+)
 from app.state import REDIS, SETTINGS
 from asyncjobs.quota import NeverFits, message_quota
 from asyncjobs.settings import Settings
@@ -37,6 +44,7 @@ from jobs.schedules import (
     list_schedules,
     new_schedule,
     read_runs,
+    run_now,
     save_schedule,
     scheduled_job_type,
     set_paused,
@@ -171,9 +179,27 @@ async def runs(request: web.Request) -> web.Response:
             for job_id in run.job_ids
         ]
         views.append(RunView(
-            period=run.period, enqueued_at=run.enqueued_at, jobs=jobs, skipped=run.skipped
+            period=run.period, enqueued_at=run.enqueued_at, jobs=jobs, skipped=run.skipped,
+            manual=run.manual,
         ))  # fmt: skip
     return json_model(RunList(runs=views))
+
+
+async def run(request: web.Request) -> web.Response:
+    """Run now, besides the schedule's periods: 202 with the run's job ids; its messages are
+    charged to the schedule's owner as a run's are (429 when the quota has no room now)."""
+    schedule = await _existing(request)
+    try:
+        with quota_refusals():
+            done = await run_now(request.app[REDIS], request.app[SETTINGS], schedule)
+    except ValueError as exc:  # its job type is gone, or its arguments' model changed
+        raise web.HTTPUnprocessableEntity(text=f"this schedule cannot run: {exc}") from None
+    accepted = ScheduleRunAccepted(
+        job_ids=done.job_ids,
+        status_urls=[status_url(request, job_id) for job_id in done.job_ids],
+        runs_url=f"/schedules/{schedule.id}/runs",
+    )
+    return json_model(accepted, status=202)
 
 
 async def remove(request: web.Request) -> web.Response:
@@ -198,3 +224,4 @@ def add_schedule_routes(app: web.Application) -> None:
     app.router.add_post(f"{one}/pause", pause)
     app.router.add_post(f"{one}/resume", resume)
     app.router.add_get(f"{one}/runs", runs)
+    app.router.add_post(f"{one}/run", run)

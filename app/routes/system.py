@@ -1,4 +1,5 @@
-"""/health, /openapi.json and, in development, /dev/mail (the local mail sink's messages)."""
+"""/health, /openapi.json, /favicon.ico and, in development, /dev/mail (the local mail sink's
+messages)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from asyncjobs.keys import SMTP_PROBLEM_KEY
 from asyncjobs.settings import Settings
 from jobs.mail.smtpconfig import parse_problem
 from jobs.values import as_text
+
+FAVICON_PATH = "/ui/static/favicon.svg"  # served by the dashboard's static route, no session
 
 
 async def health(request: web.Request) -> web.Response:
@@ -63,8 +66,15 @@ async def show_mail(request: web.Request) -> web.Response:
     return web.Response(body=raw, content_type="message/rfc822")
 
 
+async def favicon(request: web.Request) -> web.Response:
+    """Browsers ask for /favicon.ico on their own: the dashboard's icon, without a key (it was
+    a 401 logged on every page)."""
+    raise web.HTTPMovedPermanently(FAVICON_PATH)
+
+
 def add_system_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/health", health)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/openapi.json", openapi_document)
     if settings.mail_sink_dir is not None:
         app.router.add_get("/dev/mail", list_mail)

@@ -22,11 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from asyncjobs.keys import (
     COUNTERS_KEY,
     CRON_KEY_PREFIX,
     DURATION_KEY,
+    HOUR_KEY_PREFIX,
     LATENCY_KEY,
     MINUTE_KEY_PREFIX,
     PROGRESS_KEY_PREFIX,
@@ -41,9 +43,39 @@ log = logging.getLogger(__name__)
 
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-RECENT_KEEP = 1000
+# The finished-jobs index keeps an id as long as arq keeps the job's result (`keep_result`),
+# and never more than RECENT_MAX ids (a bound on its memory whatever the throughput).
+RECENT_MAX = 1_000_000
 FLUSH_INTERVAL_S = 1.0
 WORKER_TTL_S = 15
+# Trends (the dashboard's /ui/trends): per-minute keys for the last hour, per-hour for the day.
+MINUTE_TTL_S = 3 * 3600
+HOUR_TTL_S = 26 * 3600
+OUTCOMES_PER_MINUTE = ("completed", "failed")
+TIMED_OUTCOMES = frozenset((*OUTCOMES_PER_MINUTE, "retried"))  # tries that ran to an end
+
+# The queue sampled at each flush: its due jobs and the oldest one's wait, kept as the largest
+# sample of the minute and of the hour. KEYS: queue, minute key, hour key. ARGV: now ms, the
+# minute key's TTL, the hour key's TTL.
+_SAMPLE_QUEUE = """
+local now = tonumber(ARGV[1])
+local depth = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+local age = 0
+if depth > 0 then
+  local first = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
+  age = math.max(0, math.floor(now - tonumber(first[2])))
+end
+for i = 2, 3 do
+  if depth > tonumber(redis.call('HGET', KEYS[i], 'depth_max') or '-1') then
+    redis.call('HSET', KEYS[i], 'depth_max', depth)
+  end
+  if age > tonumber(redis.call('HGET', KEYS[i], 'age_max_ms') or '-1') then
+    redis.call('HSET', KEYS[i], 'age_max_ms', age)
+  end
+  redis.call('EXPIRE', KEYS[i], ARGV[i])
+end
+return depth
+"""
 
 
 def bucket_for(seconds: float) -> str:
@@ -61,9 +93,13 @@ class _Pending:
     sums: dict[tuple[str, str], float] = field(default_factory=dict)
     finished: dict[str, float] = field(default_factory=dict)  # job id -> finish time
     cron: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (epoch minute, "wait" or a try's outcome, "<function>|<bucket>") -> n: the wait before a
+    # start, or a try's run time; made into minute and hour fields at the flush (trend_fields)
+    minutes: Counter[tuple[int, str, str]] = field(default_factory=Counter)
 
     def merge(self, other: _Pending) -> None:
         self.incr.update(other.incr)
+        self.minutes.update(other.minutes)
         for key, value in other.sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.finished.update(other.finished)
@@ -73,8 +109,11 @@ class _Pending:
 class JobMonitor:
     """Buffers one worker's job events and flushes them to Redis every second."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, keep_result_s: float = 24 * 3600) -> None:
         self.redis = redis
+        self.keep_result_s = keep_result_s
+        self.queue_name: str | None = None  # sampled at each flush for the trends, when set
+        self.clock = time.time  # tests give explicit times
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_at = time.time()
         self.completed = 0
@@ -86,31 +125,35 @@ class JobMonitor:
     def count(self, metric: str, label: str = "", n: int = 1) -> None:
         self._pending.incr[(COUNTERS_KEY, f"{metric}|{label}")] += n
 
-    def _observe(self, key: str, function: str, seconds: float) -> None:
-        self._pending.incr[(key, f"{function}|{bucket_for(seconds)}")] += 1
+    def _observe(self, key: str, function: str, seconds: float) -> str:
+        """Counts `seconds` in `key`'s histogram; its "<function>|<bucket>" field."""
+        bucket = f"{function}|{bucket_for(seconds)}"
+        self._pending.incr[(key, bucket)] += 1
         self._pending.incr[(key, f"{function}|count")] += 1
         sums = self._pending.sums
         sums[(key, f"{function}|sum")] = sums.get((key, f"{function}|sum"), 0.0) + seconds
+        return bucket
 
     def started(self, job_id: str, function: str, due_ms: float | None) -> None:
-        now = time.time()
+        now = self.clock()
         self._running[job_id] = now
         self.count("started", function)
         if due_ms is not None:
-            self._observe(LATENCY_KEY, function, max(0.0, now - due_ms / 1000))
+            bucket = self._observe(LATENCY_KEY, function, max(0.0, now - due_ms / 1000))
+            self._pending.minutes[(int(now // 60), "wait", bucket)] += 1
 
     def finished(self, job_id: str, function: str, outcome: str, seconds: float) -> None:
-        now = time.time()
+        now = self.clock()
         self._running.pop(job_id, None)
         self._pending.finished[job_id] = now
         self.count(outcome, function)
         if outcome == "failed":  # every failure is dead-lettered (see jobs.retry)
             self.count("dead_lettered", function)
-        if outcome in ("completed", "failed"):
-            self._pending.incr[(f"{MINUTE_KEY_PREFIX}{int(now // 60)}", outcome)] += 1
         if outcome == "completed":
             self.completed += 1
-        self._observe(DURATION_KEY, function, seconds)
+        bucket = self._observe(DURATION_KEY, function, seconds)
+        if outcome in TIMED_OUTCOMES:  # not postponed nor cancelled
+            self._pending.minutes[(int(now // 60), outcome, bucket)] += 1
 
     def cron_ran(self, name: str, result: Any) -> None:
         self._pending.incr[(CRON_KEY_PREFIX + name, "runs")] += 1
@@ -154,14 +197,16 @@ class JobMonitor:
         async with self.redis.pipeline(transaction=False) as pipe:
             for (key, name), n in pending.incr.items():
                 pipe.hincrby(key, name, n)
-                if key.startswith(MINUTE_KEY_PREFIX):
-                    pipe.expire(key, 3 * 3600)
+            self._write_trends(pipe, pending)
             for (key, name), total in pending.sums.items():
                 pipe.hincrbyfloat(key, name, total)
             if pending.finished:
                 pipe.zrem(RUNNING_KEY, *pending.finished)
                 pipe.zadd(RECENT_KEY, {j: at * 1000 for j, at in pending.finished.items()})
-                pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_KEEP - 1)
+                # trimmed by age, as arq expires results: every id left has its result kept
+                expired_ms = (time.time() - self.keep_result_s) * 1000
+                pipe.zremrangebyscore(RECENT_KEY, "-inf", f"({expired_ms}")
+                pipe.zremrangebyrank(RECENT_KEY, 0, -RECENT_MAX - 1)
             if self._running:
                 pipe.zadd(RUNNING_KEY, {j: at * 1000 for j, at in self._running.items()})
             for name, fields in pending.cron.items():
@@ -180,6 +225,43 @@ class JobMonitor:
             pipe.expire(worker_key, WORKER_TTL_S)
             pipe.sadd(WORKERS_KEY, self.worker_id)
             await pipe.execute()
+
+    def _write_trends(self, pipe: Pipeline, pending: _Pending) -> None:
+        """Per-minute and per-hour fields for the trends, in the flush's pipeline (no round
+        trip of their own): each minute's counts go to its minute key and to its hour key."""
+        for (key, name), n in trend_fields(pending.minutes).items():
+            pipe.hincrby(key, name, n)
+        for minute in {minute for minute, _, _ in pending.minutes}:
+            pipe.expire(f"{MINUTE_KEY_PREFIX}{minute}", MINUTE_TTL_S)
+            pipe.expire(f"{HOUR_KEY_PREFIX}{minute // 60}", HOUR_TTL_S)
+        if self.queue_name is not None:
+            now = self.clock()
+            keys = (self.queue_name, minute_key(now), hour_key(now))
+            args = (str(int(now * 1000)), str(MINUTE_TTL_S), str(HOUR_TTL_S))
+            pipe.eval(_SAMPLE_QUEUE, 3, *keys, *args)
+
+
+def minute_key(at: float) -> str:
+    return f"{MINUTE_KEY_PREFIX}{int(at // 60)}"
+
+
+def hour_key(at: float) -> str:
+    return f"{HOUR_KEY_PREFIX}{int(at // 3600)}"
+
+
+def trend_fields(minutes: Counter[tuple[int, str, str]]) -> Counter[tuple[str, str]]:
+    """(minute, kind, "<function>|<bucket>") counts -> (key, field) increments of minute and
+    hour keys: "wait|<function>|<bucket>"; for a try that ran, "run|<function>|<bucket>" and,
+    when it completed or failed, "<outcome>|<function>" and the minute's total (the overview's)."""
+    out: Counter[tuple[str, str]] = Counter()
+    for (minute, kind, bucket), n in minutes.items():
+        names = [f"wait|{bucket}"] if kind == "wait" else [f"run|{bucket}"]
+        if kind in OUTCOMES_PER_MINUTE:
+            names += [f"{kind}|{bucket.rpartition('|')[0]}", kind]
+        for key in (f"{MINUTE_KEY_PREFIX}{minute}", f"{HOUR_KEY_PREFIX}{minute // 60}"):
+            for name in names:
+                out[(key, name)] += n
+    return out
 
 
 async def count_enqueued(redis: Redis, function: str, n: int = 1) -> None:

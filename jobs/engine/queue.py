@@ -32,7 +32,14 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms, to_ms
 from redis.asyncio import Redis
 
-from asyncjobs.keys import COUNTERS_KEY, bulk_turn_key, transactional_key, wake_key
+from asyncjobs.keys import (
+    COUNTERS_KEY,
+    TRIES_KEPT,
+    TRIES_KEY_PREFIX,
+    bulk_turn_key,
+    transactional_key,
+    wake_key,
+)
 from asyncjobs.redis import execute_replicated
 from asyncjobs.registry import PRIORITIES, Priority
 from asyncjobs.settings import Settings
@@ -147,19 +154,23 @@ return {aborts, claimed, next_due[2] or false}
 
 # KEYS: queue, abort set, transactional index. ARGV: the prefixes of the in-progress, job, retry
 # and result keys, now
-# (ms), how long past its next try a job's data is kept (ms), then six fields per job: id, "done",
-# "again" or "later" (again, but this run was not a try: see asyncjobs.errors.Postpone), result
-# bytes ("" for none), result TTL ms (0: for ever), new score (for "again"), ms to keep the
-# in-progress key (0: delete it).
+# (ms), how long past its next try a job's data is kept (ms), the tries list's prefix and how many
+# it keeps, then seven fields per job: id, "done", "again" or "later" (again, but this run was
+# not a try: see asyncjobs.errors.Postpone), result bytes ("" for none), result TTL ms (0: for
+# ever), new score (for "again"), ms to keep the in-progress key (0: delete it), the try's JSON
+# record ("" for none), appended to the job's tries list, which expires with its result.
 # A job put back for a later try keeps its data and its try count at least until then: arq sets
 # their TTLs once (a day), and an email retried for two days would otherwise vanish midway.
 _FINISH = """
 local check_abort = redis.call('ZCARD', KEYS[2]) > 0
-local now, extra = tonumber(ARGV[5]), tonumber(ARGV[6])
-for i = 7, #ARGV, 6 do
+local now, extra, kept = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
+for i = 9, #ARGV, 7 do
   local id, mode, result = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local result_ttl, score, keep = tonumber(ARGV[i + 3]), ARGV[i + 4], tonumber(ARGV[i + 5])
-  local in_progress = ARGV[1] .. id
+  local in_progress, tries, record = ARGV[1] .. id, ARGV[7] .. id, ARGV[i + 6]
+  if record ~= '' and redis.call('RPUSH', tries, record) > kept then
+    redis.call('LTRIM', tries, -kept, -1)
+  end
   if keep > 0 then redis.call('PEXPIRE', in_progress, keep) end
   if mode == 'done' then
     if result ~= '' then
@@ -176,6 +187,14 @@ for i = 7, #ARGV, 6 do
     end
     if check_abort then redis.call('ZREM', KEYS[2], id) end
     redis.call('ZREM', KEYS[1], id)
+    if record == '' then  -- nothing written for this job (its first try, no result kept)
+    elseif result == '' then
+      redis.call('DEL', tries)  -- no result kept: no job page to show them on
+    elseif result_ttl > 0 then
+      redis.call('PEXPIRE', tries, result_ttl)
+    else
+      redis.call('PERSIST', tries)
+    end
   else
     redis.call('ZADD', KEYS[1], 'XX', score, id)
     redis.call('ZADD', KEYS[3], 'XX', score, id)
@@ -188,6 +207,7 @@ for i = 7, #ARGV, 6 do
       local ttl = redis.call('PTTL', key)
       if ttl >= 0 and ttl < until_ms then redis.call('PEXPIRE', key, until_ms) end
     end
+    if record ~= '' then redis.call('PEXPIRE', tries, until_ms) end
   end
 end
 return #ARGV
@@ -356,18 +376,25 @@ class Finish:
     score: int = 0
     keep_in_progress_ms: int = 0  # cron jobs keep their in-progress key a while (arq's rule)
     counts_as_try: bool = True  # False: a postponed run, the job's try count is given back
+    try_record: bytes = b""  # JSON: this try for the job's tries list (b"": none)
 
-    def fields(self) -> tuple[str, str, bytes, int, int, int]:
+    def fields(self) -> tuple[str, str, bytes, int, int, int, bytes]:
         mode = "done" if self.done else "again" if self.counts_as_try else "later"
         result = self.result or b""
-        return (self.job_id, mode, result, self.result_ttl_ms, self.score, self.keep_in_progress_ms)
+        return (
+            self.job_id, mode, result, self.result_ttl_ms, self.score,
+            self.keep_in_progress_ms, self.try_record,
+        )  # fmt: skip
 
 
 async def finish(redis: Redis, queue: str, finishes: Sequence[Finish]) -> None:
     """Write how each job ended, FINISH_BATCH at a time."""
     script = scripts_for(redis).finish
     for start in range(0, len(finishes), FINISH_BATCH):
-        args: list[Any] = [*_PREFIXES, result_key_prefix, timestamp_ms(), KEEP_AFTER_NEXT_TRY_MS]
+        args: list[Any] = [
+            *_PREFIXES, result_key_prefix, timestamp_ms(), KEEP_AFTER_NEXT_TRY_MS,
+            TRIES_KEY_PREFIX, TRIES_KEPT,
+        ]  # fmt: skip
         for item in finishes[start : start + FINISH_BATCH]:
             args.extend(item.fields())
         await script(keys=[queue, abort_jobs_ss, transactional_key(queue)], args=args)

@@ -14,6 +14,8 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
+import socket
 import time
 import weakref
 from collections.abc import Iterable
@@ -29,7 +31,8 @@ from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 from asyncjobs.context import SETTINGS
 from asyncjobs.deadlines import deadline
 from asyncjobs.errors import JobError, Postpone
-from jobs.context import OWNER
+from asyncjobs.speedups import dumps
+from jobs.context import MONITOR, OWNER
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.engine.queue import (
     CALLBACK_KWARG,
@@ -48,6 +51,7 @@ from jobs.webhooks import FinalStatus, enqueue_webhook
 log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
 
 RENEW_EVERY_S = 1.0
+TRY_ERROR_MAX_CHARS = 2000  # per entry of a job's tries list: 50 tries stay small
 T = TypeVar("T")
 
 
@@ -91,6 +95,9 @@ class _Job:
     callback_url: str | None = None  # a completion webhook to enqueue when it ends for good
     owner: str | None = None  # the API key it was enqueued for
     ended: tuple[FinalStatus, Any] | None = None  # how it ended for good, once it has
+    started_ms: int = 0  # when this try began (0: it never ran)
+    outcome: str = "retrying"  # this try's, when it did not end the job
+    error: str | None = None  # why this try failed, for the job's tries list
 
 
 class Engine:
@@ -108,6 +115,33 @@ class Engine:
         self._renewed_at = time.monotonic()
         # the earliest time a job in the queue is due (ms), so a deferred job starts on time
         self.next_due_ms: int | None = None
+        self._worker_name: str | None = None
+
+    @property
+    def worker_name(self) -> str:
+        """As the workers list names this worker (its monitor's id, set up at start-up)."""
+        if self._worker_name is None:
+            monitor = self.worker.ctx.get(MONITOR)
+            self._worker_name = getattr(monitor, "worker_id", None) or (
+                f"{socket.gethostname()}-{os.getpid()}"
+            )
+        return self._worker_name
+
+    def with_try(self, job: _Job, item: Finish) -> Finish:
+        """`item` carrying this try's entry for the job's tries list, so the list is written
+        by the finish script the try needs anyway: no round trip of its own."""
+        if not item.counts_as_try or (item.done and item.result is None and job.job_try == 1):
+            return item  # a postponed run is not a try; no result kept: no page to show
+        ended_ms = timestamp_ms()
+        record = {
+            "try": job.job_try,
+            "started_at": job.started_ms or ended_ms,
+            "ended_at": ended_ms,
+            "worker": self.worker_name,
+            "outcome": job.ended[0] if job.ended else job.outcome,
+            "error": job.error[:TRY_ERROR_MAX_CHARS] if job.error else None,
+        }
+        return dataclasses.replace(item, try_record=dumps(record).encode())
 
     # -- one poll --
     async def poll(self) -> None:
@@ -266,7 +300,8 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
     if isinstance(function, BaseException):  # finished without running
         if isinstance(function, UnknownFunction):
             await _dead_letter_unknown(worker, job, function)
-        item = _failed(worker, job, function)
+        job.error = str(function) or "aborted before it started"
+        item = engine.with_try(job, _failed(worker, job, function))
         await _report_end(worker, job)
         await engine.finish(item)
         return
@@ -283,7 +318,7 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
     }
     if worker.on_job_start:
         await worker.on_job_start(ctx)
-    item = await _execute(worker, job, function, ctx)
+    item = engine.with_try(job, await _execute(worker, job, function, ctx))
     if worker.on_job_end:
         await worker.on_job_end(ctx)
     await _report_end(worker, job)
@@ -435,7 +470,7 @@ async def _execute(
     follows, writing the job's end, is not cancelled by it."""
     job_id = job.claimed.job_id
     timeout_s = worker.job_timeout_s if function.timeout_s is None else function.timeout_s
-    start_ms = timestamp_ms()
+    start_ms = job.started_ms = timestamp_ms()
     if log.isEnabledFor(logging.DEBUG):  # _ref formats a string: not for lines nobody sees
         log.debug("→ %s try=%d", _ref(job, function), job.job_try)
     task = asyncio.current_task()
@@ -445,6 +480,7 @@ async def _execute(
         async with deadline(timeout_s):
             result = await function.coroutine(ctx, *job.args, **(job.kwargs or {}))
     except Retry as exc:
+        job.error = str(exc.__cause__ or "retry requested")  # jobs.retry raises Retry from it
         if not worker.retry_jobs:
             return _crashed(worker, job, function, exc, start_ms)
         worker.jobs_retried += 1
@@ -460,17 +496,20 @@ async def _execute(
             worker.aborting_tasks.discard(job_id)
             task.uncancel()  # the abort was for the job, which is over: the task goes on
             worker.jobs_failed += 1
+            job.error = "aborted"
             log.info("⊘ %s aborted", _ref(job, function))
             return _done_item(worker, job, function, False, exc, start_ms, timestamp_ms())
         if not worker.retry_jobs:
             return _crashed(worker, job, function, exc, start_ms)
         worker.jobs_retried += 1  # the worker is stopping: another one runs it again
+        job.outcome, job.error = "interrupted", "the worker stopped: the job runs again"
         log.info("↻ %s cancelled, will be run again", _ref(job, function))
         return _again(job, function)
     except RetryJob as exc:
         if not worker.retry_jobs:
             return _crashed(worker, job, function, exc, start_ms)
         worker.jobs_retried += 1
+        job.error = str(exc)
         return _again(job, function)
     except Exception as exc:
         return _crashed(worker, job, function, exc, start_ms)
@@ -500,6 +539,7 @@ def _crashed(
     start_ms: int,
 ) -> Finish:
     worker.jobs_failed += 1
+    job.error = job.error or str(exc) or type(exc).__name__
     if isinstance(exc, JobError):  # expected (a 404, a refused address): the job's own wrapper
         log.debug("! %s failed: %s", _ref(job, function), exc)  # logged it, with its reason
     else:  # nobody expected this one: the traceback is what an operator needs
