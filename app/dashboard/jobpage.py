@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from app.dashboard.folded import PAGE_PARAM, Node, fold, json_safe, page_numbers
 from app.jobstatus import read_job_with_progress
 from app.redaction import redact
+from app.schemas import JobView
 from app.state import REDIS, SETTINGS
 from asyncjobs.keys import TRIES_KEY_PREFIX
 
@@ -59,10 +60,14 @@ def _try_of(raw: bytes) -> TryInfo | None:
         return None
 
 
-async def read_tries(redis: Redis, job_id: str) -> list[TryInfo]:
-    """The job's tries, oldest first (the worker keeps the last 50: jobs/engine/runner.py)."""
-    raw = await redis.lrange(TRIES_KEY_PREFIX + job_id, 0, -1)  # type: ignore[misc]
-    return [t for t in (_try_of(as_bytes) for as_bytes in raw) if t is not None]
+async def read_tries(redis: Redis, view: JobView) -> list[TryInfo]:
+    """The job's tries, oldest first (the worker keeps the last 50: jobs/engine/runner.py).
+    A job that completed at its first try has no list: its result tells that try."""
+    raw = await redis.lrange(TRIES_KEY_PREFIX + view.job_id, 0, -1)  # type: ignore[misc]
+    tries = [t for t in (_try_of(as_bytes) for as_bytes in raw) if t is not None]
+    if not tries and view.status == "complete" and (view.tries or 1) == 1:
+        return [TryInfo(1, view.start_time, view.finish_time, "", "complete", "")]
+    return tries
 
 
 def shown_result(result: Any) -> Any:
@@ -99,7 +104,11 @@ def _job_id(request: web.Request) -> str:
 
 
 async def tries_fragment(request: web.Request) -> web.Response:
-    tries = await read_tries(request.config_dict[REDIS], _job_id(request))
+    redis: ArqRedis = request.config_dict[REDIS]
+    queue_name = request.config_dict[SETTINGS].queue_name
+    tries = await read_tries(
+        redis, await read_job_with_progress(redis, queue_name, _job_id(request))
+    )
     return aiohttp_jinja2.render_template("_tries.html", request, {"tries": tries})
 
 

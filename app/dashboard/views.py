@@ -356,7 +356,7 @@ async def job_page(request: web.Request) -> web.Response:
         "job": job_state(request, view),
         "arguments": folded(request, arguments, "arguments"),
         "result": folded(request, shown_result(view.result), "result"),
-        "tries": await read_tries(redis, job_id),
+        "tries": await read_tries(redis, view),
         "events_url": _url(request, "job_events", job_id=job_id),
         "abort_url": _url(request, "job_abort", job_id=job_id),
         "tries_url": _url(request, "job_tries", job_id=job_id),

@@ -130,8 +130,11 @@ class Engine:
     def with_try(self, job: _Job, item: Finish) -> Finish:
         """`item` carrying this try's entry for the job's tries list, so the list is written
         by the finish script the try needs anyway: no round trip of its own."""
-        if not item.counts_as_try or (item.done and item.result is None and job.job_try == 1):
-            return item  # a postponed run is not a try; no result kept: no page to show
+        completed = job.ended is not None and job.ended[0] == "complete"
+        if not item.counts_as_try or (item.done and job.job_try == 1 and completed):
+            # a postponed run is not a try; a first try that ended well is told by the result
+            # itself (the job page shows it from there): most jobs write no list at all
+            return item
         ended_ms = timestamp_ms()
         record = {
             "try": job.job_try,
