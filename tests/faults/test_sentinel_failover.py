@@ -152,6 +152,7 @@ async def test_enqueue_through_a_sentinel_failover(
         f"{statistics.quantiles(before_kill_ms, n=100)[98]:.1f} ms"
     )
     assert killed_at is not None and switched_at is not None  # it recovered mid-stream
+    assert refused[503] > 0, refused  # the fault reached the callers: the cut was real
     assert len(accepted) > JOBS / 2
     if wait_replicas:
         # Nothing acknowledged is lost. A message is sent twice only if its send had passed
