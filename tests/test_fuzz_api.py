@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from aiohttp import ClientSession
 from arq.connections import ArqRedis
 
@@ -17,6 +18,7 @@ from tests.conftest import API_KEY, READ_KEY, TEST_REDIS_URL
 from tests.faults.procs import REPO, service_env, stop_process
 from tests.helpers import free_port, wait_for
 
+FUZZ_TIMEOUT_S = 300
 ACCESS_STATUS = re.compile(r'HTTP/1\.1" (\d{3}) ')  # aiohttp's access log line
 CHECKS_SKIPPED = {
     # Business rules beyond JSON Schema (text or html, one of url/urls, templates that compile,
@@ -48,6 +50,7 @@ async def send_hostile_inputs(base: str) -> list[int]:
     return statuses
 
 
+@pytest.mark.timeout(FUZZ_TIMEOUT_S + 60)  # past its own deadline (the global one is 120 s)
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     redis: ArqRedis, tmp_path: Path, fault_report: Callable[[str], None]
 ) -> None:
@@ -81,7 +84,12 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             cwd=tmp_path, env=env | {"NO_COLOR": "1"},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
-        output, _ = await asyncio.wait_for(fuzz.communicate(), timeout=300)
+        try:
+            output, _ = await asyncio.wait_for(fuzz.communicate(), timeout=FUZZ_TIMEOUT_S)
+        finally:  # a timeout (or the test's own) must not leave schemathesis running
+            if fuzz.returncode is None:
+                fuzz.kill()
+                await fuzz.wait()
         hostile = await send_hostile_inputs(base)
     finally:
         await stop_process(web)

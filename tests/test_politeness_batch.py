@@ -45,6 +45,7 @@ def default(name: str) -> Any:
     return Settings.model_fields[name].default
 
 
+@pytest.mark.timeout(660)  # past its own 600 s deadline (the global one is 120 s; it takes 100 s)
 async def test_batches_wait_their_host_turn_without_failing_or_holding_worker_slots(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,
