@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+
+if TYPE_CHECKING:
+    from asyncjobs.settings import Settings
 
 T = TypeVar("T")
 
@@ -56,6 +60,20 @@ def api_client(app: web.Application) -> ApiClient:
     from tests.conftest import AUTH
 
     return TestClient(TestServer(app, host="127.0.0.1"), headers=AUTH)
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[int]:
+    """The app served as production serves it (app_runner), on a loopback port: the port."""
+    from app.web import app_runner
+
+    runner = app_runner(settings)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
 
 
 def free_port() -> int:

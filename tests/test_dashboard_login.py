@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
-from aiohttp import ClientSession, CookieJar, web
+from aiohttp import ClientSession, CookieJar
 from arq.connections import ArqRedis
 
 from app.dashboard.session import COOKIE_NAME, LOGIN_COOKIE_NAME
-from app.web import app_runner
 from asyncjobs.settings import Settings
 from tests.conftest import API_KEY
+from tests.helpers import served
 from tests.test_dashboard import csrf_of
 
 BODY_TIMEOUT_S = 1.0
@@ -33,13 +33,8 @@ async def port(make_settings: Callable[..., Settings], redis: ArqRedis) -> Async
         login_max_failures=MAX_FAILURES,
         login_failure_window=3600,
     )
-    runner = app_runner(settings)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield int(runner.addresses[0][1])
-    finally:
-        await runner.cleanup()
+    async with served(settings) as served_port:
+        yield served_port
 
 
 @pytest.fixture

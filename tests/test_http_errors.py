@@ -23,10 +23,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from app.httperrors import MAX_FIELD_SIZE, MAX_LINE_SIZE, JsonErrorAppRunner
-from app.web import app_runner
 from asyncjobs.settings import Settings
 from tests.conftest import API_KEY, TEST_REDIS_URL
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, served, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER_S = 10  # deadline for one answer
@@ -99,13 +98,8 @@ def assert_json_error(answer: Answer, status: int, error: str) -> dict[str, Any]
 @pytest.fixture
 async def port(make_settings: Callable[..., Settings]) -> AsyncIterator[int]:
     """The app served as production serves it (app_runner), on a loopback port."""
-    runner = app_runner(make_settings())
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield int(runner.addresses[0][1])
-    finally:
-        await runner.cleanup()
+    async with served(make_settings()) as served_port:
+        yield served_port
 
 
 async def test_an_over_long_url_is_a_414_in_json_and_one_warning_line(

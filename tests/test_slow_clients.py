@@ -9,11 +9,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from aiohttp import web
 
-from app.web import app_runner
 from asyncjobs.settings import Settings
 from tests.conftest import API_KEY
+from tests.helpers import served
 
 BODY_TIMEOUT_S = 1.0
 KEEPALIVE_S = 1.0
@@ -24,13 +23,8 @@ SOCKETS = 50
 async def port(make_settings: Callable[..., Settings]) -> AsyncIterator[int]:
     """The app served as production serves it (app_runner), on a loopback port."""
     settings = make_settings(http_body_timeout=BODY_TIMEOUT_S, http_keepalive_timeout=KEEPALIVE_S)
-    runner = app_runner(settings)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield int(runner.addresses[0][1])
-    finally:
-        await runner.cleanup()
+    async with served(settings) as served_port:
+        yield served_port
 
 
 async def slow_body(port: int) -> tuple[bytes, bytes, float]:

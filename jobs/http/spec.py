@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     AnyHttpUrl,
@@ -79,6 +79,16 @@ def _settings(info: ValidationInfo) -> Settings | None:
     return settings if isinstance(settings, Settings) else None
 
 
+N = TypeVar("N", int, float)
+
+
+def _at_most(value: N | None, ceiling: float | None, setting: str) -> N | None:
+    """`value`, unless it is over the setting's ceiling (none, or 0: no ceiling)."""
+    if value is not None and ceiling and value > ceiling:
+        raise ValueError(f"at most {ceiling:g} ({setting})")
+    return value
+
+
 class HttpCall(BaseModel):
     """One HTTP request to make, retried until it answers a success status."""
 
@@ -129,27 +139,24 @@ class HttpCall(BaseModel):
     @classmethod
     def _timeout_allowed(cls, value: float | None, info: ValidationInfo) -> float | None:
         settings = _settings(info)
-        if value is not None and settings and value > settings.http_jobs_max_timeout:
-            raise ValueError(f"at most {settings.http_jobs_max_timeout:g} (HTTP_JOBS_MAX_TIMEOUT)")
-        return value
+        return _at_most(
+            value, settings.http_jobs_max_timeout if settings else None, "HTTP_JOBS_MAX_TIMEOUT"
+        )
 
     @field_validator("concurrency")
     @classmethod
     def _concurrency_allowed(cls, value: int | None, info: ValidationInfo) -> int | None:
         settings = _settings(info)
-        ceiling = settings.http_jobs_concurrency if settings else 0
-        if value is not None and ceiling and value > ceiling:
-            raise ValueError(f"at most {ceiling} (HTTP_JOBS_CONCURRENCY)")
-        return value
+        return _at_most(
+            value, settings.http_jobs_concurrency if settings else None, "HTTP_JOBS_CONCURRENCY"
+        )
 
     @field_validator("rate_per_second")
     @classmethod
     def _rate_allowed(cls, value: float | None, info: ValidationInfo) -> float | None:
         settings = _settings(info)
-        ceiling = settings.http_jobs_rate_per_second if settings else 0
-        if value is not None and ceiling and value > ceiling:
-            raise ValueError(f"at most {ceiling:g} (HTTP_JOBS_RATE_PER_SECOND)")
-        return value
+        ceiling = settings.http_jobs_rate_per_second if settings else None
+        return _at_most(value, ceiling, "HTTP_JOBS_RATE_PER_SECOND")
 
     @model_validator(mode="after")
     def _one_body(self) -> HttpCall:
