@@ -12,7 +12,7 @@ builds that response, `web.Server.__call__` always makes a plain RequestHandler,
 `web.run_app` always makes a plain AppRunner. So this module overrides `handle_error` (its
 signature is pinned by a test), `web.Server.__call__` (it reads Server's `_loop` and `_kwargs`)
 and `AppRunner._make_server`, and app/web.py serves through `JsonErrorAppRunner` instead of
-`web.run_app`. tests/test_http_errors.py fails if aiohttp stops routing parser errors through
+`web.run_app`. tests/api/test_http_errors.py fails if aiohttp stops routing parser errors through
 `handle_error` or changes what `LineTooLong` carries.
 """
 

@@ -201,7 +201,7 @@ class AutoPipelinedRedis(ArqRedis):
     A worker claims jobs in batches, so jobs start together and send their first commands (a
     sent-marker check, a page's stored validators) together: one round trip instead of one
     each; with 100 callers at once, 7 µs of CPU per command instead of 47, and alone 10% more
-    (`python -m bench.redisbatch`; behaviour in tests/test_autopipeline.py). Pipelines and
+    (`python -m bench.redisbatch`; behaviour in tests/engine/test_autopipeline.py). Pipelines and
     transactions are unchanged (they have their own class); blocking commands go alone.
     After a lost connection only the commands without a reply are sent again, with the pool's
     retry policy, as a single command would be.

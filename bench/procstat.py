@@ -1,7 +1,7 @@
 """Peak RSS and CPU time of a process tree (a worker and, for Celery prefork, its children).
 
 Read from /proc, which is what psutil reads on Linux: CI installs only the project's `dev`
-extras, and the bench must run there too (tests/test_bench_quick.py), so it needs no psutil.
+extras, and the bench must run there too (tests/project/test_bench_quick.py), so it needs no psutil.
 """
 
 from __future__ import annotations

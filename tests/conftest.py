@@ -31,7 +31,7 @@ from jobs.worker import worker_options
 from tests.helpers import ApiClient, api_client
 from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
 
-pytest_plugins = ["pytester"]  # tests/test_isolation.py runs pytest on small test files
+pytest_plugins = ["pytester"]  # tests/engine/test_isolation.py runs pytest on small test files
 
 # A database of its own, flushed before each test: never the one the dev stack uses (0).
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")

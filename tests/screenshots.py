@@ -26,10 +26,10 @@ from app.mailsink import MaildirHandler, server_port, start_smtp_server
 from app.web import create_app
 from asyncjobs.settings import Settings
 from tests.conftest import API_KEY, TEST_REDIS_URL, start_worker, stop_worker
+from tests.dashboard.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.dashboard.test_dashboard_layout import write_message
 from tests.helpers import ApiClient, api_client
 from tests.jobwait import wait_job
-from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_dashboard_layout import write_message
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 SIZES: dict[str, ViewportSize] = {

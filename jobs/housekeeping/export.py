@@ -244,7 +244,7 @@ def xml_text(value: str) -> str:
 def check_xlsx_parses(path: Path) -> None:
     """Parse every XML part of a written XLSX, streaming (expat, nothing kept): a file that no
     spreadsheet could open fails the job for good instead of being reported complete. Costs
-    a fraction of the writing (measured in tests/test_export_xml_chars.py)."""
+    a fraction of the writing (measured in tests/housekeeping/test_export_xml_chars.py)."""
     try:
         with zipfile.ZipFile(path) as book:
             for member in book.namelist():

@@ -225,7 +225,7 @@ def _attachment_bodies(spec: EmailSpec, given: Sequence[bytes] | None) -> list[b
 
 def _text_part(body: str, subtype: str) -> Message:
     """The part `MIMEText(body, subtype, charset)` makes, byte for byte (us-ascii and 7bit, or
-    utf-8 and base64 in 76-character lines: tests/test_email_jobs.py compares them), without
+    utf-8 and base64 in 76-character lines: tests/mail/test_email_jobs.py compares them), without
     its charset and parameter machinery: the largest share of building a message."""
     plain = body.isascii()
     part = Message()

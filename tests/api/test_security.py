@@ -171,7 +171,7 @@ async def test_every_change_counts_its_real_weight_against_the_key(
 ) -> None:
     """One unit per URL, and every mutating route: a 10-URL scrape used to be one hit, and
     POST /sources was not limited at all. (Messages count against their own hourly quota,
-    tests/test_quotas.py.)"""
+    tests/api/test_quotas.py.)"""
     window = 8.0
     settings = make_settings(rate_limit_requests=10, rate_limit_window=window)
     async with api_client(create_app(settings)) as client:

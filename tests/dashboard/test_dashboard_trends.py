@@ -24,11 +24,11 @@ from asyncjobs.keys import HOUR_KEY_PREFIX, MINUTE_KEY_PREFIX, RUNNING_KEY, WORK
 from asyncjobs.settings import Settings
 from jobs.engine.monitor import JobMonitor, trend_fields
 from tests.conftest import start_worker, stop_worker
+from tests.dashboard.test_dashboard import log_in as log_in_http
+from tests.dashboard.test_dashboard_browser import browser, log_in, page  # noqa: F401 (fixtures)
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
-from tests.test_dashboard import log_in as log_in_http
-from tests.test_dashboard_browser import browser, log_in, page  # noqa: F401 (fixtures)
 
 EMAIL = {"to": "a@example.com", "subject": "Hello", "text": "Hi"}
 QUEUE = "arq:queue"

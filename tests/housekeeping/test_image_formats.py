@@ -22,8 +22,8 @@ from asyncjobs.settings import Settings
 from jobs.images import MAX_SIDE, render_images
 from tests.conftest import api_and_worker
 from tests.helpers import ApiClient
+from tests.housekeeping.test_images import download, pixel
 from tests.jobwait import wait_job
-from tests.test_images import download, pixel
 
 RED, WHITE = (255, 0, 0), (255, 255, 255)
 SVG = (

@@ -26,11 +26,11 @@ from asyncjobs.keys import QUOTA_KEY_PREFIX
 from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letters, get_dead_letter
 from jobs.schedules import get_schedule, run_due_schedules
-from tests import test_dashboard_browser as in_browser
 from tests.conftest import READ_KEY, start_worker, stop_worker
+from tests.dashboard import test_dashboard_browser as in_browser
+from tests.dashboard.test_dashboard import csrf_of, enqueue_email, log_in, ui
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
-from tests.test_dashboard import csrf_of, enqueue_email, log_in, ui
 
 browser, page = in_browser.browser, in_browser.page  # the Chromium fixtures
 __all__ = ["browser", "page", "ui"]  # fixtures this module uses by name

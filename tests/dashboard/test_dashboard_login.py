@@ -16,8 +16,8 @@ from arq.connections import ArqRedis
 from app.dashboard.session import COOKIE_NAME, LOGIN_COOKIE_NAME
 from asyncjobs.settings import Settings
 from tests.conftest import API_KEY
+from tests.dashboard.test_dashboard import csrf_of
 from tests.helpers import served
-from tests.test_dashboard import csrf_of
 
 BODY_TIMEOUT_S = 1.0
 MAX_FAILURES = 2

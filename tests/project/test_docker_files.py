@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FILE_DIRS = ("EXPORTS_DIR", "IMAGES_DIR")
 SERVERS = ("web", "worker")
 

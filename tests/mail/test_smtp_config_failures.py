@@ -24,8 +24,8 @@ from jobs.mail.smtpconfig import SmtpConfigError, SmtpProblems
 from tests.conftest import api_and_worker
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
+from tests.mail.test_smtp_outcomes import post_email, retrying
 from tests.servers import RecordingSmtpHandler, start_auth_smtp_server
-from tests.test_smtp_outcomes import post_email, retrying
 
 Smtp = tuple[RecordingSmtpHandler, int]
 SPEC = EmailSpec.model_validate({"to": "a@example.com", "subject": "s", "text": "t"})

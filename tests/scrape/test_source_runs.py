@@ -24,9 +24,9 @@ from jobs.scrape.documents import document_id, load_document
 from jobs.scrape.runs import SOURCE_RUNS_KEPT, start_run
 from jobs.scrape.scheduler import schedule_sources, source_job_id
 from tests.conftest import READ_KEY, Ctx, start_worker, stop_worker
+from tests.dashboard.test_dashboard import csrf_of, log_in
 from tests.helpers import ApiClient, wait_for
 from tests.servers import DOCS_PAGES, SiteStats
-from tests.test_dashboard import csrf_of, log_in
 
 DOCS = [f"/docs/{n}" for n in range(DOCS_PAGES + 1)]  # /docs/5, linked too, is missing
 NEVER_DUE = "0 0 1 1 *"  # the tick starts no run of its own while a test runs

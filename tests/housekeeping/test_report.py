@@ -18,8 +18,8 @@ from jobs.retry import max_tries
 from jobs.scrape.documents import record_unchanged, save_document
 from tests.conftest import start_worker, stop_worker
 from tests.helpers import ApiClient
+from tests.housekeeping.test_cleanup import NOW, snapshot
 from tests.jobwait import wait_job
-from tests.test_cleanup import NOW, snapshot
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)

@@ -21,8 +21,8 @@ from asyncjobs.settings import Settings
 from jobs.images import upload_life
 from tests.conftest import API_KEY, AUTH, start_worker, stop_worker
 from tests.helpers import ApiClient, api_client, wait_for
+from tests.housekeeping.test_images import picture, png_header_only
 from tests.jobwait import wait_job
-from tests.test_images import picture, png_header_only
 
 KEY_ID = hashlib.sha256(API_KEY.encode()).hexdigest()[:12]  # app/auth.py's id of the test key
 HELD = f"{QUOTA_KEY_PREFIX}upload-bytes:{KEY_ID}"  # zset: upload id -> expiry (ms)

@@ -18,7 +18,7 @@ from asyncjobs import speedups
 from asyncjobs.redis import connect
 from asyncjobs.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROBE = """
 import asyncio, json, worker_settings
 from asyncjobs.redis import connect

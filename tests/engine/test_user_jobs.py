@@ -31,9 +31,9 @@ from asyncjobs.signing import verify_request
 from jobs.engine.queue import enqueue_job
 from jobs.schedules import run_due_schedules
 from tests.conftest import API_KEY, AUTH, TEST_REDIS_URL
+from tests.dashboard.test_dashboard import csrf_of
 from tests.faults.procs import service_env, stop_process
 from tests.helpers import free_port, wait_for
-from tests.test_dashboard import csrf_of
 
 TASKS = '''
 """A project's own jobs."""

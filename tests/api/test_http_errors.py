@@ -27,7 +27,7 @@ from asyncjobs.settings import Settings
 from tests.conftest import API_KEY, TEST_REDIS_URL
 from tests.helpers import free_port, served, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ANSWER_S = 10  # deadline for one answer
 START_S = 60  # deadline for `python -m app web` to answer
 LONG_URL = b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: test\r\n\r\n"

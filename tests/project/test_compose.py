@@ -15,7 +15,7 @@ import yaml
 from app.__main__ import main
 from asyncjobs.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,10 @@ from jobs.housekeeping.export import (
 )
 from tests.conftest import api_and_worker
 from tests.helpers import ApiClient
+from tests.housekeeping.test_export import expected_rows, new_id, save_all, snapshot
 from tests.jobwait import wait_job
-from tests.test_export import expected_rows, new_id, save_all, snapshot
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # `jobs.housekeeping.export` the attribute is the job function; the module, for monkeypatching
 EXPORT_MODULE = importlib.import_module("jobs.housekeeping.export")
 
@@ -112,7 +112,7 @@ import sys
 from pathlib import Path
 import openpyxl.xml
 assert openpyxl.xml.LXML is (sys.argv[2] == "True"), openpyxl.xml.LXML
-from tests.test_export_xml_chars import write_every_forbidden_code_point
+from tests.housekeeping.test_export_xml_chars import write_every_forbidden_code_point
 write_every_forbidden_code_point(Path(sys.argv[1]))
 """
 

@@ -19,7 +19,7 @@ from tests.conftest import API_KEY, AUTH
 from tests.helpers import free_port, wait_for
 from tests.servers import SiteStats
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def start_dev(folder: Path, redis_url: str, web_port: int) -> asyncio.subprocess.Process:

@@ -1,5 +1,5 @@
 """The jobs list (/ui/jobs): search, filters, pages over every kept job, batches in one row, the
-summary column and local times. In Chromium (as tests/test_dashboard_browser.py drives it)
+summary column and local times. In Chromium (as tests/dashboard/test_dashboard_browser.py drives it)
 against a real worker, and over HTTP for the edge cases, with job records written as arq's
 finish writes them."""
 
@@ -23,9 +23,9 @@ from asyncjobs.keys import RECENT_KEY
 from asyncjobs.settings import Settings
 from jobs.engine.monitor import JobMonitor
 from jobs.enqueue import enqueue_registered_many
-from tests import test_dashboard as http_tests
-from tests import test_dashboard_browser as browser_tests
 from tests.conftest import start_worker, stop_worker
+from tests.dashboard import test_dashboard as http_tests
+from tests.dashboard import test_dashboard_browser as browser_tests
 from tests.helpers import ApiClient, wait_for
 from tests.jobwait import wait_job
 

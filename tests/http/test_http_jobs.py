@@ -36,10 +36,10 @@ from asyncjobs.signing import (
 )
 from jobs.schedules import get_schedule, run_due_schedules
 from tests.conftest import LOOPBACK, TEST_REDIS_URL, api_and_worker, start_worker, stop_worker
+from tests.dashboard.test_dashboard import log_in
 from tests.faults.procs import start_worker_process, stop_process
 from tests.helpers import ApiClient, api_client, wait_for
 from tests.jobwait import wait_job
-from tests.test_dashboard import log_in
 
 SECRET = "http-jobs-test-secret"
 TOKEN = "Bearer s3cr3t-t0ken-for-billing"  # must never show in the dashboard or the logs

@@ -1,6 +1,6 @@
-"""The dashboard's layout in Chromium (as tests/test_dashboard_browser.py drives it): a phone's
-header, no console errors on any page, dark mode, the job page's tries and long lists, and a
-message of the dev mail sink opened. Every wait is on a condition, with a deadline."""
+"""The dashboard's layout in Chromium (as tests/dashboard/test_dashboard_browser.py drives it):
+a phone's header, no console errors on any page, dark mode, the job page's tries and long lists,
+and a message of the dev mail sink opened. Every wait is on a condition, with a deadline."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from arq.worker import Worker
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, Response, expect
 
 from asyncjobs.settings import Settings
+from tests.dashboard.test_dashboard_browser import TIMEOUT_MS, browser, log_in  # noqa: F401
 from tests.helpers import ApiClient
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
-from tests.test_dashboard_browser import TIMEOUT_MS, browser, log_in  # noqa: F401
 
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1440, "height": 900}
