@@ -8,11 +8,10 @@ from uuid import uuid4
 
 from aiohttp import web
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
-from arq.utils import timestamp_ms
 
 from app.jobstatus import read_job, read_job_with_progress
 from app.schemas import JobView
+from asyncjobs.arqcompat import abort_jobs_ss, timestamp_ms
 from asyncjobs.registry import Priority, get_job_type
 from asyncjobs.settings import Settings
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter

@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import DeserializationError, deserialize_job
-from arq.utils import ms_to_datetime, timestamp_ms
 
 from app.actions import abort, enqueue_many
+from asyncjobs.arqcompat import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    ms_to_datetime,
+    result_key_prefix,
+    timestamp_ms,
+)
 from jobs.deadletter import DeadLetter, add_dead_letters, remove_dead_letters, take_dead_letters
 
 log = logging.getLogger(__name__)

@@ -22,13 +22,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from arq.constants import health_check_key_suffix
 from pydantic import SecretStr
 from redis.exceptions import RedisError
 
 from app.mailsink import MaildirHandler, server_port, start_smtp_server
 from app.supervisor import STOP_MARGIN_S, process_count
 from app.web import app_runner
+from asyncjobs.arqcompat import health_check_key_suffix
 from asyncjobs.redis import connect, redis_answers
 from asyncjobs.settings import Settings
 

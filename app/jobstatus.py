@@ -7,16 +7,16 @@ import time
 from collections.abc import Iterable
 
 from arq.connections import ArqRedis
-from arq.constants import (
+from arq.jobs import deserialize_job, deserialize_result
+
+from app.schemas import JobView
+from asyncjobs.arqcompat import (
     in_progress_key_prefix,
     job_key_prefix,
+    ms_to_datetime,
     result_key_prefix,
     retry_key_prefix,
 )
-from arq.jobs import deserialize_job, deserialize_result
-from arq.utils import ms_to_datetime
-
-from app.schemas import JobView
 from asyncjobs.keys import RETRYING_KEY_PREFIX, RUNNING_KEY
 from jobs.engine.monitor import read_progress
 from jobs.mail.newsletter import batch_progress

@@ -1,9 +1,10 @@
 """Every Redis key asyncjobs writes, in one place (as arq keeps its own in `arq.constants`).
 
 arq's keys (`arq:queue`, `arq:job:<id>`, `arq:result:<id>`, `arq:in-progress:<id>`,
-`arq:retry:<id>`, `arq:queue:health-check`, `arq:abort`) come from `arq.constants`; everything
-below is this project's, all under `asyncjobs:` except the queue's wake-up list, which sits beside
-its queue. A prefix ends in ":" and is followed by an id; a `*_key` function builds a composite one.
+`arq:retry:<id>`, `arq:queue:health-check`, `arq:abort`) come from `arq.constants`, through
+asyncjobs/arqcompat.py; everything below is this project's, all under `asyncjobs:` except the
+queue's wake-up list, which sits beside its queue. A prefix ends in ":" and is followed by an id;
+a `*_key` function builds a composite one.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import default_queue_name, health_check_key_suffix, result_key_prefix
 from arq.jobs import deserialize_result
 from redis.asyncio import Redis
 
+from asyncjobs.arqcompat import default_queue_name, health_check_key_suffix, result_key_prefix
 from bench.common import CELERY_TIMES_KEY, HTTP_JOBS_SECRET
 from bench.producers import PRODUCERS, Producer
 from bench.services import (

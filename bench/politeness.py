@@ -24,9 +24,9 @@ from typing import Any
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import default_queue_name, health_check_key_suffix
 from arq.jobs import Job
 
+from asyncjobs.arqcompat import default_queue_name, health_check_key_suffix
 from asyncjobs.settings import Settings
 from bench.common import page_url
 from bench.services import ChildProcess, RedisServer, Site, child_env, python_module, wait_until

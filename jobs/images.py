@@ -26,12 +26,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from arq.constants import abort_jobs_ss
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from asyncjobs.arqcompat import abort_jobs_ss
 from asyncjobs.errors import PermanentJobError
 from asyncjobs.keys import UPLOAD_KEY_PREFIX
 from asyncjobs.quota import upload_quota

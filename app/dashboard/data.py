@@ -11,11 +11,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix, result_key_prefix
 from arq.jobs import DeserializationError, JobDef, deserialize_job, deserialize_result
 from redis.asyncio import Redis
 
 from app.redaction import redact
+from asyncjobs.arqcompat import job_key_prefix, result_key_prefix
 from asyncjobs.keys import (
     CRON_KEY_PREFIX,
     MINUTE_KEY_PREFIX,

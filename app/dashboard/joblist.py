@@ -24,12 +24,12 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import DeserializationError, JobDef, JobResult, deserialize_job, deserialize_result
 from redis.asyncio import Redis
 
 from app.dashboard.data import JOB_STATES, WINDOWS
 from app.redaction import redact
+from asyncjobs.arqcompat import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from asyncjobs.keys import RECENT_KEY, RUNNING_KEY, SCRAPE_BATCH_KEY_PREFIX
 from asyncjobs.registry import get_job_type
 from jobs.mail.newsletter import batch_progress

@@ -4,7 +4,6 @@ messages)."""
 from __future__ import annotations
 
 from aiohttp import web
-from arq.constants import health_check_key_suffix
 from redis.exceptions import RedisError
 
 from app import mailsink
@@ -12,6 +11,7 @@ from app.http import json_model, query_int
 from app.openapi import openapi_document
 from app.schemas import Health, MailList, WorkerHealth
 from app.state import REDIS, SETTINGS
+from asyncjobs.arqcompat import health_check_key_suffix
 from asyncjobs.keys import SMTP_PROBLEM_KEY
 from asyncjobs.settings import Settings
 from jobs.mail.smtpconfig import parse_problem

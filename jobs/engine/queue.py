@@ -21,17 +21,18 @@ from typing import Any, NamedTuple
 from uuid import uuid4
 
 from arq.connections import ArqRedis
-from arq.constants import (
+from arq.jobs import serialize_job
+from redis.asyncio import Redis
+
+from asyncjobs.arqcompat import (
     abort_jobs_ss,
     in_progress_key_prefix,
     job_key_prefix,
     result_key_prefix,
     retry_key_prefix,
+    timestamp_ms,
+    to_ms,
 )
-from arq.jobs import serialize_job
-from arq.utils import timestamp_ms, to_ms
-from redis.asyncio import Redis
-
 from asyncjobs.keys import (
     COUNTERS_KEY,
     TRIES_KEPT,

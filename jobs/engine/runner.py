@@ -22,12 +22,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from arq.constants import keep_cronjob_progress, retry_key_prefix
 from arq.cron import CronJob
 from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
-from arq.utils import ms_to_datetime, timestamp_ms, to_ms
 from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
 
+from asyncjobs.arqcompat import (
+    keep_cronjob_progress,
+    ms_to_datetime,
+    retry_key_prefix,
+    timestamp_ms,
+    to_ms,
+)
 from asyncjobs.context import SETTINGS
 from asyncjobs.deadlines import deadline
 from asyncjobs.errors import JobError, Postpone

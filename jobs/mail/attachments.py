@@ -20,7 +20,6 @@ from email.message import EmailMessage, Message
 from typing import Any
 from urllib.parse import quote
 
-from arq.constants import job_key_prefix
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -34,6 +33,7 @@ from pydantic import (
 )
 from yarl import URL
 
+from asyncjobs.arqcompat import job_key_prefix
 from asyncjobs.errors import JobError, PermanentJobError, TransientJobError
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from asyncjobs.arqcompat import job_key_prefix
 from asyncjobs.keys import (
     source_active_runs_key,
     source_run_info_key,

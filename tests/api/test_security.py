@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import pytest
 from aiohttp import ClientSession
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job_raw
 
 from app.redaction import redact
 from app.web import create_app
+from asyncjobs.arqcompat import job_key_prefix
 from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.schedules import get_schedule

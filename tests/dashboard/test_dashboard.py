@@ -12,12 +12,12 @@ import pytest
 from aiohttp import ClientSession, CookieJar
 from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
 from arq.worker import Worker
 from selectolax.lexbor import LexborHTMLParser
 
 from app.dashboard.session import SESSION_TTL_S
 from app.web import create_app
+from asyncjobs.arqcompat import abort_jobs_ss
 from asyncjobs.keys import SESSION_KEY_PREFIX, source_docs_key, source_failures_key
 from asyncjobs.settings import Settings
 from jobs.deadletter import get_dead_letter

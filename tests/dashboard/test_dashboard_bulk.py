@@ -15,13 +15,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
 from arq.jobs import Job
 from playwright.async_api import Dialog, Page, expect
 from selectolax.lexbor import LexborHTMLParser
 
 from app.bulkactions import BULK_MAX
 from app.web import create_app
+from asyncjobs.arqcompat import abort_jobs_ss
 from asyncjobs.keys import QUOTA_KEY_PREFIX
 from asyncjobs.settings import Settings
 from jobs.deadletter import DeadLetter, add_dead_letters, get_dead_letter

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import result_key_prefix
 from arq.jobs import serialize_result
 from arq.worker import Worker
 from playwright.async_api import Page, expect
 from selectolax.lexbor import LexborHTMLParser
 
 from app.dashboard import joblist
+from asyncjobs.arqcompat import result_key_prefix
 from asyncjobs.keys import RECENT_KEY
 from asyncjobs.settings import Settings
 from jobs.engine.monitor import JobMonitor

@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
 from arq.jobs import Job, JobStatus
-from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.asyncio import Redis
 
 import jobs.engine.queue
 import jobs.engine.runner
+from asyncjobs.arqcompat import in_progress_key_prefix, timestamp_ms
 from asyncjobs.settings import Settings
 from jobs.engine.queue import Claimed, enqueue_job
 from jobs.engine.runner import Engine

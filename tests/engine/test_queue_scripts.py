@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 
 from arq.connections import ArqRedis
-from arq.constants import (
+from arq.jobs import Job, JobStatus, deserialize_job_raw
+
+from asyncjobs.arqcompat import (
     in_progress_key_prefix,
     job_key_prefix,
     result_key_prefix,
     retry_key_prefix,
 )
-from arq.jobs import Job, JobStatus, deserialize_job_raw
-
 from asyncjobs.keys import COUNTERS_KEY, wake_key
 from jobs.engine.queue import Finish, claim, enqueue_job, enqueue_jobs, finish, renew_leases
 

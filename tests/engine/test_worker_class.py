@@ -11,9 +11,9 @@ import arq.cli
 import arq.worker
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
 from arq.jobs import Job, JobStatus
 
+from asyncjobs.arqcompat import in_progress_key_prefix
 from asyncjobs.redis import redis_settings
 from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_job

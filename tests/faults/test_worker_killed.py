@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import default_queue_name, health_check_key_suffix
 
+from asyncjobs.arqcompat import default_queue_name, health_check_key_suffix
 from tests.faults.conftest import (
     delivery_counts,
     job_outcomes,
