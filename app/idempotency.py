@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from app.auth import PRINCIPAL
 from app.state import REDIS, SETTINGS
 from asyncjobs.keys import IDEMPOTENCY_KEY_PREFIX
+from asyncjobs.luascript import LuaScript
 
 MAX_KEY_LENGTH = 255
 # A claim whose request never finished (its web process died, or Redis stalled so long that the
@@ -39,13 +40,7 @@ MAX_KEY_LENGTH = 255
 # only name the same ids, so the bound is about answers, not duplicates.
 PENDING_TTL_S = 30
 
-# KEYS: the record. ARGV: the state to replace, the new record, its life (s). 1 if replaced.
-_TAKE_OVER = """
-local record = redis.call('GET', KEYS[1])
-if not record or cjson.decode(record)['state'] ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
+_TAKE_OVER = LuaScript("app", "idempotency_take_over")
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -104,8 +99,12 @@ async def claim(redis: Redis, redis_key: str, fingerprint: str) -> bool:
     raw = await redis.get(redis_key)
     if raw is None or json.loads(raw).get("fingerprint") != fingerprint:
         return False  # replay() answers: gone meanwhile (409) or another request (422)
-    take_over = redis.register_script(_TAKE_OVER)
-    return bool(await take_over(keys=[redis_key], args=["unknown", pending, PENDING_TTL_S]))
+    return await take_over(redis, redis_key, state="unknown", record=pending, ttl_s=PENDING_TTL_S)
+
+
+async def take_over(redis: Redis, redis_key: str, *, state: str, record: str, ttl_s: int) -> bool:
+    """Replace the record at `redis_key` with `record` (for `ttl_s`) if it is still in `state`."""
+    return bool(await _TAKE_OVER.run(redis, [redis_key], [state, record, ttl_s]))
 
 
 async def mark_unknown(redis: Redis, redis_key: str, fingerprint: str, ttl: int) -> None:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 
 from asyncjobs.keys import QUOTA_KEY_PREFIX, RATE_KEY_PREFIX
+from asyncjobs.luascript import LuaScript
 from asyncjobs.settings import Settings
 
 
@@ -51,42 +53,7 @@ class Window:
         await redis.decrby(self._key(now), n)
 
 
-# KEYS: the bucket (hash: tokens, at), and optionally a marker that makes the charge once-only.
-# ARGV: capacity, seconds to refill from empty, n, the marker's life (ms).
-# Takes n tokens if there are n; returns {1, tokens left} or {0, seconds until n are there}.
-# With a marker, the first call's answer is kept there and every later call gets it again (a
-# schedule's run is charged once however many workers tick). Redis's own clock, so that web
-# processes and workers on several hosts share one bucket.
-_TAKE = """
-if KEYS[2] then
-  local done = redis.call('GET', KEYS[2])
-  if done then
-    local sep = string.find(done, ':', 1, true)
-    return {tonumber(string.sub(done, 1, sep - 1)), string.sub(done, sep + 1)}
-  end
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local capacity, refill, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local rate = capacity / refill
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or capacity
-local at = tonumber(state[2]) or now
-tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
-local answer
-if tokens < n then
-  answer = {0, tostring((n - tokens) / rate)}
-else
-  tokens = tokens - n
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
-  answer = {1, tostring(tokens)}
-end
-if KEYS[2] then
-  redis.call('SET', KEYS[2], answer[1] .. ':' .. answer[2], 'PX', ARGV[4])
-end
-return answer
-"""
+_TAKE = LuaScript("asyncjobs", "quota_take")
 
 HOUR_S = 3600.0
 
@@ -132,113 +99,32 @@ class HourlyQuota:
         if n <= 0:
             return
         self.check_fits(n, what)
-        keys = [f"{QUOTA_KEY_PREFIX}{self.unit}:{owner}"]
-        args = [self.per_hour, HOUR_S, n, 0]
-        if once is not None:
-            keys.append(once[0])
-            args[3] = max(1000, math.ceil(once[1] * 1000))
-        taken, value = await redis.register_script(_TAKE)(keys=keys, args=args)
-        if not int(taken):
-            wait = float(value)
+        marker, marker_ms = (once[0], max(1000, math.ceil(once[1] * 1000))) if once else (None, 0)
+        taken, wait = await self._take(redis, owner, n, marker, marker_ms)
+        if not taken:
             raise QuotaExceeded(
                 f"{what} needs {n} {self.unit}; this API key's quota of {self.per_hour} "
                 f"{self.unit} per hour has room for them in {math.ceil(wait)} s",
                 retry_after=wait,
             )
 
+    async def _take(
+        self, redis: Redis, owner: str, n: int, marker: str | None, marker_ms: int
+    ) -> tuple[bool, float]:
+        """lua/quota_take.lua: (True, tokens left) or (False, seconds until `n` are there)."""
+        keys = [f"{QUOTA_KEY_PREFIX}{self.unit}:{owner}"]
+        if marker is not None:
+            keys.append(marker)
+        args: list[float] = [self.per_hour, HOUR_S, n, marker_ms]
+        taken, value = await _TAKE.run(redis, keys, args)
+        return bool(int(taken)), float(value)
+
 
 def message_quota(settings: Settings) -> HourlyQuota:
     return HourlyQuota("messages", settings.mail_messages_per_hour)
 
 
-# KEYS: the owner's items (zset: item -> expiry, ms of Redis's clock), their sizes (hash: item ->
-# bytes), and their total (string). Every script first drops the items that have expired, and
-# ends with `keep`: the three keys expire with the last item (so an owner whose items were
-# never released is forgotten once they have expired), or go when there is none.
-_HELD = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local total = tonumber(redis.call('GET', KEYS[3]) or '0')
-local function drop(item)
-  local size = tonumber(redis.call('HGET', KEYS[2], item) or '0')
-  redis.call('HDEL', KEYS[2], item)
-  if redis.call('ZREM', KEYS[1], item) == 1 then
-    total = total - size
-    return size
-  end
-  return 0
-end
-local function keep()
-  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-  if #last == 0 then
-    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-    total = 0
-  else
-    total = math.max(total, 0)
-    redis.call('SET', KEYS[3], total)
-    local until_ms = tonumber(last[2]) + 1000
-    for _, key in ipairs(KEYS) do redis.call('PEXPIREAT', key, until_ms) end
-  end
-end
-for _, item in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do drop(item) end
-"""
-
-# ARGV: item, bytes, life (ms), limit. {1, total held} once held; {0, ms until enough of the
-# other items have expired for it to fit, total held} when it does not fit now. An item held
-# already (a request tried again) is charged again in place of its first charge.
-_HOLD = (
-    _HELD
-    + """
-local item, n, life, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local old = 0
-if redis.call('ZSCORE', KEYS[1], item) then
-  old = tonumber(redis.call('HGET', KEYS[2], item) or '0')
-end
-local answer
-if total - old + n <= limit then
-  drop(item)
-  redis.call('ZADD', KEYS[1], now + life, item)
-  redis.call('HSET', KEYS[2], item, n)
-  total = total + n
-  keep()
-  answer = {1, total}
-else
-  local need, freed, wait = total - old + n - limit, 0, life
-  local held = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  for i = 1, #held, 2 do
-    if held[i] ~= item then
-      freed = freed + tonumber(redis.call('HGET', KEYS[2], held[i]) or '0')
-      if freed >= need then
-        wait = tonumber(held[i + 1]) - now
-        break
-      end
-    end
-  end
-  keep()
-  answer = {0, wait, total}
-end
-return answer
-"""
-)
-
-# ARGV: item. The bytes released (0: it was not held, or had expired).
-_RELEASE = _HELD + "local freed = drop(ARGV[1])\nkeep()\nreturn freed\n"
-
-# ARGV: item, life (ms). The item's expiry moved to at least now + life; 1 if it is held.
-_EXTEND = (
-    _HELD
-    + """
-local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if expiry and tonumber(expiry) < now + tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-end
-keep()
-if expiry then return 1 end
-return 0
-"""
-)
-
-_TOTAL = _HELD + "keep()\nreturn total\n"
+_HELD = LuaScript("asyncjobs", "quota_held")
 
 
 @dataclass(frozen=True)
@@ -269,9 +155,7 @@ class HeldBytes:
         """Charge `item`'s `n` bytes to `owner` for `life` seconds: NeverFits, QuotaExceeded
         (nothing charged), or the bytes the owner now holds."""
         self.check_fits(n, what)
-        answer = await redis.register_script(_HOLD)(
-            keys=self._keys(owner), args=[item, n, _ms(life), self.limit]
-        )
+        answer = await self._run(redis, owner, "hold", item, n=n, life_ms=_ms(life))
         if int(answer[0]):
             return int(answer[1])
         wait, held = int(answer[1]) / 1000, int(answer[2])
@@ -284,16 +168,28 @@ class HeldBytes:
 
     async def release(self, redis: Redis, owner: str, item: str) -> int:
         """Stop counting `item`; the bytes released."""
-        return int(await redis.register_script(_RELEASE)(keys=self._keys(owner), args=[item]))
+        return int(await self._run(redis, owner, "release", item))
 
     async def extend(self, redis: Redis, owner: str, item: str, life: float) -> bool:
         """Count `item` for at least `life` seconds from now; whether it is held."""
-        script = redis.register_script(_EXTEND)
-        return bool(int(await script(keys=self._keys(owner), args=[item, _ms(life)])))
+        return bool(int(await self._run(redis, owner, "extend", item, life_ms=_ms(life))))
 
     async def held(self, redis: Redis, owner: str) -> int:
         """The bytes `owner` holds now (expired items not counted)."""
-        return int(await redis.register_script(_TOTAL)(keys=self._keys(owner), args=[]))
+        return int(await self._run(redis, owner, "total"))
+
+    async def _run(
+        self,
+        redis: Redis,
+        owner: str,
+        op: Literal["hold", "release", "extend", "total"],
+        item: str = "",
+        *,
+        n: int = 0,
+        life_ms: int = 0,
+    ) -> Any:
+        """lua/quota_held.lua: `op` on `owner`'s `item` (`n` bytes, for `life_ms`); its answer."""
+        return await _HELD.run(redis, self._keys(owner), [op, item, n, life_ms, self.limit])
 
 
 def _ms(seconds: float) -> int:

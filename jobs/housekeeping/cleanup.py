@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from asyncjobs.keys import (
     DEAD_INDEX_KEY,
@@ -34,6 +35,7 @@ from asyncjobs.keys import (
     doc_versions_key,
     source_docs_key,
 )
+from asyncjobs.luascript import LuaScript
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
 from jobs.housekeeping.export import EXPORT_NAME_PATTERN
@@ -48,48 +50,10 @@ EXPORT_NAME = re.compile(EXPORT_NAME_PATTERN)
 IMAGE_JOB_FOLDER = re.compile(IMAGE_JOB_ID_PATTERN)
 TEMP_NAME = re.compile(rf"{EXPORT_NAME_PATTERN}\.tmp")  # an export that never finished
 
-# The fetched_at of every version but the newest (index 0), without sending their texts over.
-VERSION_TIMES = """
-local out = {}
-for i, raw in ipairs(redis.call('LRANGE', KEYS[1], 1, -1)) do
-  local ok, v = pcall(cjson.decode, raw)
-  if ok and type(v) == 'table' and type(v.fetched_at) == 'string' then
-    out[i] = v.fetched_at
-  else
-    out[i] = ''
-  end
-end
-return out
-"""
-
-# Remove the versions (never index 0) whose fetched_at is one of ARGV. Matching by value, not by
-# position, keeps this right when a scrape pushed a new version since VERSION_TIMES ran.
-DROP_VERSIONS = """
-local drop = {}
-for _, t in ipairs(ARGV) do drop[t] = true end
-local removed = 0
-for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 1, -1)) do
-  local ok, v = pcall(cjson.decode, raw)
-  if ok and type(v) == 'table' and type(v.fetched_at) == 'string' and drop[v.fetched_at] then
-    removed = removed + redis.call('LREM', KEYS[1], -1, raw)
-  end
-end
-return removed
-"""
-
-# Delete a document only if it still belongs to source ARGV[2] and that source is still gone:
-# between our read and this call the URL may have been re-scraped ad hoc or the source re-added.
-# KEYS: doc hash, versions, doc index, changed index, sources set, the source's doc set.
-DELETE_ORPHAN = """
-local sid = redis.call('HGET', KEYS[1], 'source_id')
-if not sid or sid ~= ARGV[2] or redis.call('SISMEMBER', KEYS[5], sid) == 1 then
-  return 0
-end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[6])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-return 1
-"""
+# Decisions that race with scrapes, re-checked on the server (see lua/)
+_VERSION_TIMES = LuaScript("jobs.housekeeping", "cleanup_version_times")
+_DROP_VERSIONS = LuaScript("jobs.housekeeping", "cleanup_drop_versions")
+_DELETE_ORPHAN = LuaScript("jobs.housekeeping", "cleanup_delete_orphan")
 
 
 async def cleanup(redis: Redis, settings: Settings, now: datetime) -> dict[str, int]:
@@ -134,9 +98,6 @@ async def _clean_documents(redis: Redis, version_cutoff: datetime) -> dict[str, 
     ZSCAN tolerates deletions while it runs; an id it returns twice finds nothing left to do.
     """
     counts = {"versions": 0, "orphaned_documents": 0}
-    version_times = redis.register_script(VERSION_TIMES)
-    drop_versions = redis.register_script(DROP_VERSIONS)
-    delete_orphan = redis.register_script(DELETE_ORPHAN)
     cursor = 0
     while True:
         cursor, entries = await redis.zscan(DOC_INDEX_KEY, cursor, count=CHUNK)
@@ -145,7 +106,7 @@ async def _clean_documents(redis: Redis, version_cutoff: datetime) -> dict[str, 
             async with redis.pipeline(transaction=False) as pipe:
                 for doc_id in doc_ids:
                     pipe.hget(DOC_KEY_PREFIX + doc_id, "source_id")
-                    await version_times(keys=[doc_versions_key(doc_id)], client=pipe)
+                    await _queue_version_times(redis, pipe, doc_id)
                 replies = await pipe.execute()
             source_ids = [as_text(s) if s else None for s in replies[0::2]]
             live = await _live_sources(redis, {s for s in source_ids if s})
@@ -153,26 +114,43 @@ async def _clean_documents(redis: Redis, version_cutoff: datetime) -> dict[str, 
             async with redis.pipeline(transaction=False) as pipe:
                 for doc_id, sid, times in zip(doc_ids, source_ids, replies[1::2], strict=True):
                     if sid and sid not in live:
-                        keys = [
-                            DOC_KEY_PREFIX + doc_id,
-                            doc_versions_key(doc_id),
-                            DOC_INDEX_KEY,
-                            DOC_CHANGED_KEY,
-                            SOURCES_KEY,
-                            source_docs_key(sid),
-                        ]
-                        await delete_orphan(keys=keys, args=[doc_id, sid], client=pipe)
+                        await _queue_delete_orphan(redis, pipe, doc_id, sid)
                         kinds.append("orphaned_documents")
                     elif expired := [as_text(t) for t in times if _older(t, version_cutoff)]:
-                        await drop_versions(
-                            keys=[doc_versions_key(doc_id)], args=expired, client=pipe
-                        )
+                        await _queue_drop_versions(redis, pipe, doc_id, expired)
                         kinds.append("versions")
                 removed = await pipe.execute() if kinds else []
             for kind, n in zip(kinds, removed, strict=True):
                 counts[kind] += int(n)
         if cursor == 0:
             return counts
+
+
+async def _queue_version_times(redis: Redis, pipe: Pipeline, doc_id: str) -> None:
+    """Queue on `pipe` (of `redis`): the fetched_at of the document's versions but the newest."""
+    await _VERSION_TIMES.run(redis, [doc_versions_key(doc_id)], [], pipe)
+
+
+async def _queue_drop_versions(
+    redis: Redis, pipe: Pipeline, doc_id: str, fetched_at: list[str]
+) -> None:
+    """Queue on `pipe`: remove the document's versions (never the newest) fetched at these
+    times; its reply is how many went."""
+    await _DROP_VERSIONS.run(redis, [doc_versions_key(doc_id)], fetched_at, pipe)
+
+
+async def _queue_delete_orphan(redis: Redis, pipe: Pipeline, doc_id: str, source_id: str) -> None:
+    """Queue on `pipe`: delete the document if it still belongs to `source_id` and that source
+    is still gone; its reply is 1 if it went."""
+    keys = [
+        DOC_KEY_PREFIX + doc_id,
+        doc_versions_key(doc_id),
+        DOC_INDEX_KEY,
+        DOC_CHANGED_KEY,
+        SOURCES_KEY,
+        source_docs_key(source_id),
+    ]
+    await _DELETE_ORPHAN.run(redis, keys, [doc_id, source_id], pipe)
 
 
 async def _live_sources(redis: Redis, source_ids: set[str]) -> set[str]:

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from asyncjobs.addresses import Mailbox, domain_of, unique_addresses
 from asyncjobs.errors import PermanentJobError
@@ -35,6 +36,7 @@ from asyncjobs.keys import (
     SENT_KEY_PREFIX,
     mail_batch_key,
 )
+from asyncjobs.luascript import LuaScript
 from asyncjobs.redis import NotReplicatedError, execute_replicated, replicas_ready
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
@@ -286,17 +288,7 @@ def _header_address(mailbox: str) -> HeaderAddress:
     return HeaderAddress(display_name=name or "", username=local, domain=domain)
 
 
-# KEYS: the sent marker, the batch's sent set, its failed set. ARGV: message id, TTL seconds,
-# "1" when the message belongs to a batch.
-_RECORD_SENT = """
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
-if ARGV[3] == '1' then
-  redis.call('SADD', KEYS[2], ARGV[1])
-  redis.call('SREM', KEYS[3], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-end
-return 1
-"""
+_RECORD_SENT = LuaScript("jobs.mail", "email_record_sent")
 
 
 async def record_sent(
@@ -310,19 +302,23 @@ async def record_sent(
     if not batch_id and not settings.redis_wait_replicas:
         await redis.set(SENT_KEY_PREFIX + message_id, "1", ex=ttl)
         return
-    keys = [SENT_KEY_PREFIX + message_id]
-    keys += (
-        [mail_batch_key(batch_id, "sent"), mail_batch_key(batch_id, "failed")]
-        if batch_id
-        else ["-", "-"]
-    )
-    script = redis.register_script(_RECORD_SENT)
     async with redis.pipeline(transaction=False) as pipe:
-        await script(keys=keys, args=[message_id, ttl, "1" if batch_id else "0"], client=pipe)
+        await _queue_record_sent(redis, pipe, message_id, batch_id, ttl)
         try:
             await execute_replicated(pipe, settings)
         except NotReplicatedError as exc:
             log.warning("email %s: sent marker not replicated: %s", message_id, exc)
+
+
+async def _queue_record_sent(
+    redis: Redis, pipe: Pipeline, message_id: str, batch_id: str | None, ttl_s: int
+) -> None:
+    """Queue on `pipe` (of `redis`): the sent marker, and the batch's progress if any."""
+    keys = [SENT_KEY_PREFIX + message_id]
+    if batch_id:
+        keys += [mail_batch_key(batch_id, "sent"), mail_batch_key(batch_id, "failed")]
+    args: list[str | int] = [message_id, ttl_s, "1" if batch_id else "0"]
+    await _RECORD_SENT.run(redis, keys, args, pipe)
 
 
 async def batch_aborted(redis: Redis, batch_id: str) -> bool:

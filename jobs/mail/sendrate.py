@@ -16,22 +16,11 @@ from redis.asyncio import Redis
 
 from asyncjobs.errors import TransientJobError
 from asyncjobs.keys import SMTP_NEXT_SLOT_KEY
+from asyncjobs.luascript import LuaScript
 
 MAX_WAIT_S = 10.0
 
-# KEYS: the next-slot key. ARGV: interval (us), longest wait (us).
-# Returns the wait in us for the slot it took, or -(the wait) if it took none.
-_TAKE_SLOT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2])
-local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-local wait = slot - now
-if wait > max_wait then return -wait end
-local ttl_ms = math.ceil((wait + interval) / 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%d', slot + interval), 'PX', ttl_ms)
-return wait
-"""
+_TAKE_SLOT = LuaScript("jobs.mail", "sendrate_take_slot")
 
 
 class RateLimitDeferred(TransientJobError):
@@ -46,11 +35,10 @@ class SendRate:
 
     def __init__(self, redis: Redis, per_second: float) -> None:
         self._interval_us = round(1_000_000 / per_second)
-        self._script = redis.register_script(_TAKE_SLOT)
+        self._redis = redis
 
     async def wait_for_slot(self) -> None:
-        args = [self._interval_us, round(MAX_WAIT_S * 1e6)]
-        wait_us = int(await self._script(keys=[SMTP_NEXT_SLOT_KEY], args=args))
+        wait_us = await take_slot(self._redis, self._interval_us, round(MAX_WAIT_S * 1e6))
         if wait_us < 0:
             seconds = -wait_us / 1e6
             raise RateLimitDeferred(
@@ -59,3 +47,9 @@ class SendRate:
             )
         if wait_us:
             await asyncio.sleep(wait_us / 1e6)
+
+
+async def take_slot(redis: Redis, interval_us: int, max_wait_us: int) -> int:
+    """Take the next sending slot, `interval_us` after the previous one; the wait for it in us,
+    or -(the wait) when it is more than `max_wait_us` away (then none is taken)."""
+    return int(await _TAKE_SLOT.run(redis, [SMTP_NEXT_SLOT_KEY], [interval_us, max_wait_us]))

@@ -26,6 +26,7 @@ from asyncjobs.keys import (
     doc_versions_key,
     source_docs_key,
 )
+from asyncjobs.luascript import LuaScript
 from asyncjobs.speedups import dumps
 from jobs.scrape.html import Extracted
 from jobs.values import as_text
@@ -80,37 +81,7 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# KEYS: document, versions, index, changed index, source's documents.
-# ARGV: content hash, fetched_at, fetch_ms, etag, last_modified (both "" for none), fetch time
-# (unix s), doc id, version JSON, versions to keep, the source's id ("" for none), the number
-# N of values that follow refreshing the fields a fetch derives (extraction, metadata, links:
-# set even when the content is the same, so they always match the last fetch), those N values
-# (field, value, ...), then the hash's fields.
-# A page fetched for a source belongs to it whether it changed or not (a document may belong
-# to several sources: each has its set); its `source_id` names the first source that has it.
-_SAVE = """
-local refreshed = tonumber(ARGV[11])
-if redis.call('HGET', KEYS[1], 'content_hash') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'fetched_at', ARGV[2], 'fetch_ms', ARGV[3])
-  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'etag', ARGV[4]) end
-  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_modified', ARGV[5]) end
-  if refreshed > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 12, 11 + refreshed)) end
-  if ARGV[10] ~= '' then
-    redis.call('HSETNX', KEYS[1], 'source_id', ARGV[10])
-    redis.call('SADD', KEYS[5], ARGV[7])
-  end
-  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
-  return 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 12 + refreshed))
-redis.call('LPUSH', KEYS[2], ARGV[8])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[9]) - 1)
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
-redis.call('ZADD', KEYS[4], ARGV[6], ARGV[7])
-if ARGV[10] ~= '' then redis.call('SADD', KEYS[5], ARGV[7]) end
-return 1
-"""
+_SAVE = LuaScript("jobs.scrape", "documents_save")
 
 
 async def save_document(
@@ -125,7 +96,6 @@ async def save_document(
     another worker's save of the same URL, and it is one round trip. The page's `links` (as
     written, relative to `links_base`: shorter than absolute) are kept with it, so a later 304
     (not modified) can still follow them."""
-    doc_id = document_id(snapshot.url)
     fields: dict[str, Any] = snapshot.model_dump(mode="json")
     fields["extracted"] = dumps(fields["extracted"])
     fields["metadata"] = dumps(fields["metadata"])
@@ -141,13 +111,22 @@ async def save_document(
         text_length=snapshot.text_length,
         text=snapshot.text,
     )
-    keys = [
-        DOC_KEY_PREFIX + doc_id,
-        doc_versions_key(doc_id),
-        DOC_INDEX_KEY,
-        DOC_CHANGED_KEY,
-        source_docs_key(snapshot.source_id or "-"),
-    ]
+    return await _save(redis, snapshot, fields, version, keep_versions)
+
+
+async def _save(
+    redis: Redis,
+    snapshot: DocumentSnapshot,
+    fields: dict[str, Any],
+    version: DocumentVersion,
+    keep_versions: int,
+) -> bool:
+    """lua/documents_save.lua: store the fetch, its hash `fields` (None: not stored) and, when
+    the content changed, `version`; True when it changed."""
+    doc_id = document_id(snapshot.url)
+    keys = [DOC_KEY_PREFIX + doc_id, doc_versions_key(doc_id), DOC_INDEX_KEY, DOC_CHANGED_KEY]
+    if snapshot.source_id:
+        keys.append(source_docs_key(snapshot.source_id))
     args: list[str | int | float] = [
         snapshot.content_hash,
         fields["fetched_at"],
@@ -165,8 +144,7 @@ async def save_document(
     for name, value in fields.items():
         if value is not None:
             args += [name, str(value)]
-    script = redis.register_script(_SAVE)  # cheap: a SHA of a short string
-    return bool(await script(keys=keys, args=args))
+    return bool(await _SAVE.run(redis, keys, args))
 
 
 async def record_unchanged(
@@ -180,7 +158,7 @@ async def record_unchanged(
     source_id: str | None = None,
 ) -> None:
     """A fetch that found the same content (or a 304): refresh the check time, no new version;
-    fetched for a source, the page belongs to it (see _SAVE)."""
+    fetched for a source, the page belongs to it (see lua/documents_save.lua)."""
     doc_id = document_id(url)
     fields: dict[str, str] = {"fetched_at": fetched_at.isoformat(), "fetch_ms": str(fetch_ms)}
     if etag:

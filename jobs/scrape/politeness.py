@@ -15,11 +15,13 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 from redis.asyncio import Redis
 
 from asyncjobs.errors import Postpone, TransientJobError
 from asyncjobs.keys import HOST_KEY_PREFIX
+from asyncjobs.luascript import LuaScript
 from asyncjobs.settings import Settings
 
 MAX_WAIT_STEP_S = 0.5
@@ -30,54 +32,7 @@ WAKE_EARLY_S = 0.1
 BUSY_RETRY_MS = 500  # a job due while the host is at its concurrency limit looks again this late
 TURN_TTL_MS = 3_600_000  # a booked turn outlives its time this long (a worker down meanwhile)
 
-# KEYS: leases (zset token -> lease end), gate (earliest next start), tail (earliest time a new
-# turn can be booked), turn (this waiter's "start:first booked", ms).
-# ARGV: token, limit, lease_ms, delay_ms, mode ("turn": book a turn, start when it is due;
-# "now": start as soon as the host allows), ms the caller may still wait in place, turn ttl ms,
-# busy retry ms.
-# Returns {wait_ms, queued_ms, postpone}: wait 0 means the slot is taken (queued_ms since the
-# turn was first booked); else wait wait_ms in place (postpone 0) or postpone the job by wait_ms.
-ACQUIRE_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit, lease, delay = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local in_place, ttl, busy = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local gate = tonumber(redis.call('GET', KEYS[2]) or '0')
-local first = now
-local function book(earliest)
-  local start = math.max(earliest, gate, tonumber(redis.call('GET', KEYS[3]) or '0'))
-  redis.call('SET', KEYS[3], start + delay, 'PX', start + delay - now + ttl)
-  redis.call('SET', KEYS[4], start .. ':' .. first, 'PX', start - now + ttl)
-  return start
-end
-if ARGV[5] == 'turn' then
-  local turn = redis.call('GET', KEYS[4])
-  local start
-  if turn then
-    local sep = string.find(turn, ':', 1, true)
-    start, first = tonumber(string.sub(turn, 1, sep - 1)), tonumber(string.sub(turn, sep + 1))
-  else
-    start = book(now)
-  end
-  if start > now then
-    return {start - now, 0, start - now > in_place and 1 or 0}
-  end
-end
-local wait = gate - now
-if redis.call('ZCARD', KEYS[1]) >= limit then wait = math.max(wait, 25) end
-if wait <= 0 then
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], lease)
-  if delay > 0 then redis.call('SET', KEYS[2], now + delay, 'PX', delay + 1000) end
-  redis.call('DEL', KEYS[4])
-  return {0, now - first, 0}
-end
-if ARGV[5] ~= 'turn' or wait <= in_place then return {wait, 0, 0} end
--- Due, but the host will not be free soon (slow pages at the concurrency limit, or requests
--- that went ahead): a new turn at the back of the line, keeping when this one was first booked.
-return {book(now + math.max(wait, busy)) - now, 0, 1}
-"""
+_ACQUIRE = LuaScript("jobs.scrape", "politeness_acquire")
 
 
 @dataclass(frozen=True)
@@ -113,7 +68,6 @@ class Politeness:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._redis = redis
         self._settings = settings
-        self._acquire = redis.register_script(ACQUIRE_SCRIPT)
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -130,22 +84,22 @@ class Politeness:
         s = limits or SlotLimits.scraping(self._settings)
         key = key or f"{HOST_KEY_PREFIX}{host}"
         token = uuid.uuid4().hex
-        turn_key = f"{key}:turn:{waiter or token}"
-        # A crashed holder's lease lapses after the longest a request may take.
-        lease_ms = int((s.timeout + 5) * 1000)
-        limit = s.concurrency or 1_000_000_000  # 0: no limit, only the delay
-        delay_ms = int(s.min_delay * 1000)
-        mode = "turn" if waiter else "now"
+        ask = SlotAsk(
+            key=key,
+            token=token,
+            turn_owner=waiter or token,
+            limit=s.concurrency or 1_000_000_000,  # 0: no limit, only the delay
+            # A crashed holder's lease lapses after the longest a request may take.
+            lease_ms=int((s.timeout + 5) * 1000),
+            delay_ms=int(s.min_delay * 1000),
+            mode="turn" if waiter else "now",
+        )
         loop = asyncio.get_running_loop()
         began = waited_until = loop.time()
         deadline = began + (WAIT_IN_PLACE_S if waiter else s.timeout)
         while True:
             in_place_ms = max(0, int((deadline - loop.time()) * 1000))
-            args: list[str | int] = [
-                token, limit, lease_ms, delay_ms, mode, in_place_ms, TURN_TTL_MS, BUSY_RETRY_MS
-            ]  # fmt: skip
-            keys = [f"{key}:leases", f"{key}:next", f"{key}:tail", turn_key]
-            wait_ms, queued_ms, postpone = map(int, await self._acquire(keys=keys, args=args))
+            wait_ms, queued_ms, postpone = await ask.run(self._redis, in_place_ms)
             if wait_ms == 0:
                 break
             if postpone:
@@ -159,3 +113,29 @@ class Politeness:
             yield HostWait(queued_s=max(queued_ms / 1000, in_place), in_place_s=in_place)
         finally:
             await asyncio.shield(self._redis.zrem(f"{key}:leases", token))
+
+
+@dataclass(frozen=True)
+class SlotAsk:
+    """A request's asks for one of the slots of `key` (a host's key prefix), by `token`, for
+    the turn of `turn_owner` (a job's id, or the token): lua/politeness_acquire.lua."""
+
+    key: str
+    token: str
+    turn_owner: str
+    limit: int  # requests at once
+    lease_ms: int
+    delay_ms: int  # between two starts
+    mode: Literal["turn", "now"]  # book a turn, or start as soon as the host allows
+
+    async def run(self, redis: Redis, in_place_ms: int) -> tuple[int, int, int]:
+        """(wait_ms, queued_ms, postpone): wait 0, the slot is taken; else wait in place or
+        postpone by wait_ms. `in_place_ms`: how long the caller may still wait in place."""
+        k = self.key
+        keys = [f"{k}:leases", f"{k}:next", f"{k}:tail", f"{k}:turn:{self.turn_owner}"]
+        args: list[str | int] = [
+            self.token, self.limit, self.lease_ms, self.delay_ms, self.mode, in_place_ms,
+            TURN_TTL_MS, BUSY_RETRY_MS,
+        ]  # fmt: skip
+        wait_ms, queued_ms, postpone = await _ACQUIRE.run(redis, keys, args)
+        return int(wait_ms), int(queued_ms), int(postpone)

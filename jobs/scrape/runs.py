@@ -28,6 +28,7 @@ from asyncjobs.keys import (
     source_run_pending_key,
     source_runs_key,
 )
+from asyncjobs.luascript import LuaScript
 from asyncjobs.settings import Settings
 from jobs.enqueue import enqueue_registered
 from jobs.scrape.documents import document_id
@@ -85,49 +86,9 @@ def _keys(source_id: str, period: int) -> list[str]:
     ]
 
 
-# KEYS: info, pending, pages, active runs, runs. ARGV: run id, trigger, started_at, start ms,
-# job id, force (0/1), exclusive (0/1), TTL s.
-# {1, id}: started; {0, id}: that run had started already; {-1, id}: another run is active.
-_START = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ARGV[1]} end
-if ARGV[7] == '1' then
-  local active = redis.call('ZRANGE', KEYS[4], 0, 0)
-  if #active > 0 then return {-1, active[1]} end
-end
-redis.call('HSET', KEYS[1], 'trigger', ARGV[2], 'started_at', ARGV[3], 'job_id', ARGV[5],
-           'force', ARGV[6])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-redis.call('LPUSH', KEYS[5], ARGV[1])
-for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
-return {1, ARGV[1]}
-"""
-
-# KEYS: info, pending, pages. ARGV: job id, ms. A job already ended keeps its outcome.
-_ADD_PENDING = """
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
-  return 0
-end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
-"""
-
-# KEYS: info, pending, pages, active runs. ARGV: job id ("" to only check the end), outcome,
-# finished_at, run id, TTL s. A repeated end (a job run again after a crash) changes nothing.
-_FINISH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[1] ~= '' then
-  redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-end
-if redis.call('ZCARD', KEYS[2]) == 0 and redis.call('HEXISTS', KEYS[1], 'finished_at') == 0 then
-  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
-  redis.call('ZREM', KEYS[4], ARGV[4])
-  return 2
-end
-return 1
-"""
+_START = LuaScript("jobs.scrape", "runs_start")
+_ADD_PENDING = LuaScript("jobs.scrape", "runs_add_pending")
+_FINISH = LuaScript("jobs.scrape", "runs_finish")
 
 
 async def start_run(
@@ -141,18 +102,27 @@ async def start_run(
 ) -> str:
     """Record a run before its first job is enqueued; its id. Starting the same run again is
     a no-op (workers ticking at once). `exclusive`: RunInProgress while another run is."""
+    code, run_id = await _start(redis, source_id, period, trigger, force, exclusive)
+    if code < 0:
+        raise RunInProgress(run_id)
+    if code > 0:
+        await _trim(redis, source_id)
+    return run_id
+
+
+async def _start(
+    redis: Redis, source_id: str, period: int, trigger: Trigger, force: bool, exclusive: bool
+) -> tuple[int, str]:
+    """lua/runs_start.lua: (1, run id) started, (0, run id) started already, (-1, the active
+    run's id) refused."""
+    info, pending, _pages, active, runs = _keys(source_id, period)
     started = now_utc()
     args: list[str | int] = [
         str(period), trigger, started.isoformat(), int(started.timestamp() * 1000),
         source_job_id(source_id, period), int(force), int(exclusive), RUN_TTL_S,
     ]  # fmt: skip
-    script = redis.register_script(_START)
-    code, run_id = await script(keys=_keys(source_id, period), args=args)
-    if int(code) < 0:
-        raise RunInProgress(as_text(run_id))
-    if int(code) > 0:
-        await _trim(redis, source_id)
-    return as_text(run_id)
+    code, run_id = await _START.run(redis, [info, pending, active, runs], args)
+    return int(code), as_text(run_id)
 
 
 async def _trim(redis: Redis, source_id: str) -> None:
@@ -171,16 +141,15 @@ async def _trim(redis: Redis, source_id: str) -> None:
 
 async def add_pending(redis: Redis, source_id: str, period: int, job_id: str) -> None:
     """A page job of the run is about to be enqueued (before: it may end at once)."""
-    script = redis.register_script(_ADD_PENDING)
-    keys = _keys(source_id, period)[:3]
-    await script(keys=keys, args=[job_id, int(time.time() * 1000)])
+    keys = _keys(source_id, period)[:3]  # info, pending, pages
+    await _ADD_PENDING.run(redis, keys, [job_id, int(time.time() * 1000)])
 
 
 async def finish_page(redis: Redis, source_id: str, period: int, job_id: str, outcome: str) -> None:
     """A page job of the run ended for good with `outcome`; the run ends with its last."""
-    script = redis.register_script(_FINISH)
+    keys = _keys(source_id, period)[:4]  # info, pending, pages, active runs
     args: list[str | int] = [job_id, outcome, now_utc().isoformat(), str(period), RUN_TTL_S]
-    await script(keys=_keys(source_id, period)[:4], args=args)
+    await _FINISH.run(redis, keys, args)
 
 
 def page_outcome(result: dict[str, Any]) -> str:
