@@ -50,5 +50,12 @@ class LuaScript:
         args: Sequence[Arg],
         pipe: Pipeline | None = None,
     ) -> Any:
-        """Call the script on `redis` (or queue the call on `pipe`, a pipeline of `redis`)."""
+        """Call the script on `redis` (or queue the call on `pipe`, a pipeline of `redis`: redis-py
+        then checks with SCRIPT EXISTS before the pipeline goes, one round trip more)."""
         return await self.on(redis)(keys=list(keys), args=list(args), client=pipe)
+
+    def queue_eval(self, pipe: Pipeline, keys: Sequence[str | bytes], args: Sequence[Arg]) -> None:
+        """Queue the script on `pipe` as EVAL of its text: no SCRIPT EXISTS round trip before
+        the pipeline goes, at the cost of sending the text (for a short script in a pipeline
+        sent often)."""
+        pipe.execute_command("EVAL", self.text, len(keys), *keys, *args)

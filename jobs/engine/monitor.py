@@ -37,6 +37,7 @@ from asyncjobs.keys import (
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
 )
+from asyncjobs.luascript import LuaScript
 from jobs.values import as_text
 
 log = logging.getLogger(__name__)
@@ -55,27 +56,8 @@ OUTCOMES_PER_MINUTE = ("completed", "failed")
 TIMED_OUTCOMES = frozenset((*OUTCOMES_PER_MINUTE, "retried"))  # tries that ran to an end
 
 # The queue sampled at each flush: its due jobs and the oldest one's wait, kept as the largest
-# sample of the minute and of the hour. KEYS: queue, minute key, hour key. ARGV: now ms, the
-# minute key's TTL, the hour key's TTL.
-_SAMPLE_QUEUE = """
-local now = tonumber(ARGV[1])
-local depth = redis.call('ZCOUNT', KEYS[1], '-inf', now)
-local age = 0
-if depth > 0 then
-  local first = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
-  age = math.max(0, math.floor(now - tonumber(first[2])))
-end
-for i = 2, 3 do
-  if depth > tonumber(redis.call('HGET', KEYS[i], 'depth_max') or '-1') then
-    redis.call('HSET', KEYS[i], 'depth_max', depth)
-  end
-  if age > tonumber(redis.call('HGET', KEYS[i], 'age_max_ms') or '-1') then
-    redis.call('HSET', KEYS[i], 'age_max_ms', age)
-  end
-  redis.call('EXPIRE', KEYS[i], ARGV[i])
-end
-return depth
-"""
+# sample of the minute and of the hour (jobs/engine/lua/sample_queue.lua).
+_SAMPLE_QUEUE = LuaScript("jobs.engine", "sample_queue")
 
 
 def bucket_for(seconds: float) -> str:
@@ -236,9 +218,14 @@ class JobMonitor:
             pipe.expire(f"{HOUR_KEY_PREFIX}{minute // 60}", HOUR_TTL_S)
         if self.queue_name is not None:
             now = self.clock()
-            keys = (self.queue_name, minute_key(now), hour_key(now))
-            args = (str(int(now * 1000)), str(MINUTE_TTL_S), str(HOUR_TTL_S))
-            pipe.eval(_SAMPLE_QUEUE, 3, *keys, *args)
+            sample_queue(pipe, self.queue_name, now)
+
+
+def sample_queue(pipe: Pipeline, queue: str, now: float) -> None:
+    """Queue sample_queue.lua on the flush's pipeline (as EVAL: no SCRIPT EXISTS round trip)."""
+    keys = (queue, minute_key(now), hour_key(now))
+    args = (int(now * 1000), MINUTE_TTL_S, HOUR_TTL_S)
+    _SAMPLE_QUEUE.queue_eval(pipe, keys, args)
 
 
 def minute_key(at: float) -> str:

@@ -1,11 +1,18 @@
-"""The queue's Lua scripts (jobs/engine/queue.py) against a real Redis: claims, leases, finishes."""
+"""The queue's Lua scripts (jobs/engine/queue.py) against a real Redis: claims, leases, finishes;
+and every script of the project (`**/lua/*.lua`) names its KEYS and ARGV entries."""
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from uuid import uuid4
 
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus, deserialize_job_raw
+from redis.asyncio.client import Monitor
 
 from asyncjobs.arqcompat import (
     in_progress_key_prefix,
@@ -14,7 +21,17 @@ from asyncjobs.arqcompat import (
     retry_key_prefix,
 )
 from asyncjobs.keys import COUNTERS_KEY, wake_key
-from jobs.engine.queue import Finish, claim, enqueue_job, enqueue_jobs, finish, renew_leases
+from jobs.engine.monitor import hour_key, minute_key, sample_queue
+from jobs.engine.queue import (
+    FINISH_BATCH,
+    Claimed,
+    Finish,
+    claim,
+    enqueue_job,
+    enqueue_jobs,
+    finish,
+    renew_leases,
+)
 
 QUEUE = "arq:queue"
 LEASE_MS = 15_000
@@ -149,3 +166,191 @@ async def test_a_job_put_back_for_a_later_try_keeps_its_data_until_then(
             ttl_ms = await redis.pttl(key)
             assert ttl_ms > next_try - time.time() * 1000, (key, ttl_ms)
     assert await redis.zscore(QUEUE, "late") == next_try
+
+
+async def test_finish_writes_batches_past_one_script_call(redis: ArqRedis) -> None:
+    """More jobs than FINISH_BATCH: two calls, each job's keys and fields where the script
+    reads them (a slip in the per-job offsets would write one job's result under another's)."""
+    count = FINISH_BATCH + 3
+    await enqueue_jobs(redis, "noop", [{"_job_id": f"b{n}"} for n in range(count)])
+    _, claimed, _ = await claim(redis, QUEUE, count, LEASE_MS)
+    await finish(redis, QUEUE, [Finish(c.job_id, True, c.job_id.encode()) for c in claimed])
+    results = await redis.mget([result_key_prefix + f"b{n}" for n in range(count)])
+    assert results == [f"b{n}".encode() for n in range(count)]
+    assert await redis.zcard(QUEUE) == 0
+
+
+async def test_a_postponed_run_gives_its_try_back(redis: ArqRedis) -> None:
+    await enqueue_job(redis, "scrape", _job_id="p")
+    _, [held], _ = await claim(redis, QUEUE, 10, LEASE_MS)
+    await finish(redis, QUEUE, [Finish("p", done=False, score=held.score, counts_as_try=False)])
+    _, [again], _ = await claim(redis, QUEUE, 10, LEASE_MS)
+    assert again.job_try == 1
+
+
+async def test_the_queue_sample_keeps_the_largest_depth_and_wait_of_the_minute(
+    redis: ArqRedis,
+) -> None:
+    now = 1_800_000_000.0  # a fixed time: the minute and hour keys are known
+    await redis.zadd(QUEUE, {"old": now * 1000 - 5000, "new": now * 1000 - 10, "later": 2e12})
+
+    async def sample(at: float) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            sample_queue(pipe, QUEUE, at)
+            assert await pipe.execute() == [2]  # the due jobs
+
+    await sample(now)
+    await redis.zrem(QUEUE, "old")
+    await redis.zadd(QUEUE, {"other": now * 1000 - 20})
+    await sample(now + 1)  # the same minute: a shorter wait leaves the maximum alone
+    for key in (minute_key(now), hour_key(now)):
+        fields = await redis.hgetall(key)  # type: ignore[misc]
+        assert fields == {b"depth_max": b"2", b"age_max_ms": b"5000"}, key
+        assert await redis.ttl(key) > 0
+
+
+# --- The scripts as files, and the keys they touch (issue 29; docs/engine.md) ---------------
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE_SCRIPTS = {"enqueue", "claim", "finish", "renew", "sample_queue"}
+_ENTRY = re.compile(r"\b(KEYS|ARGV)\[([^\]]+)\]")
+_LOCAL = re.compile(r"^\s*local\s+\w+(\s*,\s*\w+)*\s*=")
+
+
+def _lua_files() -> list[Path]:
+    found = []
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        if Path(folder).name == "lua":
+            found += [Path(folder, name) for name in names if name.endswith(".lua")]
+    return sorted(found)
+
+
+def _naming_problems(text: str) -> list[str]:
+    """Each KEYS[i] and ARGV[i] read in a `local` declaration; a fixed entry (a number) among
+    the declarations the script opens with, and entries 1..n each named once."""
+    problems: list[str] = []
+    named: dict[str, list[int]] = {"KEYS": [], "ARGV": []}
+    in_header = True
+    for number, line in enumerate(text.splitlines(), 1):
+        code = line.split("--", 1)[0]
+        is_local = _LOCAL.match(code) is not None
+        in_header = in_header and (is_local or not code.strip())
+        for table, index in _ENTRY.findall(code):
+            if not is_local:
+                problems.append(f"line {number}: {table}[{index}] not read into a local")
+            elif index.strip().isdigit():
+                named[table].append(int(index))
+                if not in_header:
+                    problems.append(f"line {number}: {table}[{index}] named below the header")
+    for table, indices in named.items():
+        if sorted(indices) != list(range(1, len(indices) + 1)):
+            problems.append(f"{table} entries named {sorted(indices)}, not 1..n once each")
+    return problems
+
+
+def test_every_lua_script_names_its_keys_and_arguments_at_its_top() -> None:
+    scripts = _lua_files()
+    engine = {p.stem for p in scripts if p.parent == ROOT / "jobs" / "engine" / "lua"}
+    assert engine >= ENGINE_SCRIPTS
+    problems = [
+        f"{path.relative_to(ROOT)}: {problem}"
+        for path in scripts
+        for problem in _naming_problems(path.read_text(encoding="utf-8"))
+    ]
+    assert problems == []
+
+
+def test_the_naming_check_catches_an_unnamed_entry() -> None:
+    assert _naming_problems("local a = KEYS[1]\nlocal b = ARGV[2]\n") == [
+        "ARGV entries named [2], not 1..n once each"
+    ]
+    assert _naming_problems("local a = KEYS[1]\nredis.call('GET', KEYS[2])\n") == [
+        "line 2: KEYS[2] not read into a local"
+    ]
+    assert _naming_problems("return 1\nlocal a = ARGV[1]\n") == [
+        "line 2: ARGV[1] named below the header"
+    ]
+
+
+async def test_the_scripts_touch_only_keys_passed_in_keys_except_claim(redis: ArqRedis) -> None:
+    """MONITOR shows each command a script runs; COMMAND GETKEYS says which of its arguments
+    are keys. Every key enqueue, renew, finish and the monitor's sample touch is in the call's
+    KEYS (as Redis Cluster needs); claim's job keys are the documented exception."""
+    await enqueue_job(redis, "noop", _job_id="t0", _priority="transactional")
+    await enqueue_jobs(redis, "noop", [{"_job_id": f"t{n}"} for n in range(1, 5)])
+    claimed: list[Claimed] = []
+
+    async def claim_all() -> None:
+        claimed.extend((await claim(redis, QUEUE, 10, LEASE_MS)).jobs)
+
+    declared, touched = await _script_keys(redis, claim_all)
+    ids = [c.job_id for c in claimed]
+    assert sorted(ids) == [f"t{n}" for n in range(5)]
+    prefixes = (in_progress_key_prefix, job_key_prefix, retry_key_prefix)
+    assert touched - declared == {p + i for p in prefixes for i in ids}
+
+    record = b'{"try": 1}'
+    finishes = [
+        Finish("t0", done=True, result=b"r", result_ttl_ms=60_000, try_record=record),
+        Finish("t1", done=True, try_record=record, keep_in_progress_ms=5000),
+        Finish("t2", done=False, score=1, try_record=record),
+        Finish("t3", done=False, score=1, counts_as_try=False),
+        Finish("t4", done=True, result=b"r"),
+    ]
+
+    async def sample() -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            sample_queue(pipe, QUEUE, time.time())
+            await pipe.execute()
+
+    steps: dict[str, Callable[[], Awaitable[object]]] = {
+        "renew": lambda: renew_leases(redis, QUEUE, ids, LEASE_MS),
+        "finish": lambda: finish(redis, QUEUE, finishes),
+        "sample_queue": sample,
+        "enqueue": lambda: enqueue_job(redis, "noop", _job_id="t5"),
+    }
+    for name, step in steps.items():  # one script call each: its keys checked on their own
+        declared, touched = await _script_keys(redis, step)
+        assert touched, f"{name}: no command seen"
+        assert touched <= declared, (name, touched - declared)
+
+
+async def _script_keys(
+    redis: ArqRedis, step: Callable[[], Awaitable[object]]
+) -> tuple[set[str], set[str]]:
+    """(the keys of the script calls `step` makes, the keys their commands touched)."""
+    db = redis.connection_pool.connection_kwargs.get("db", 0)
+    marker = f"end-{uuid4().hex}"
+    calls, inner = [], []
+    async with redis.monitor() as monitor:
+        await step()
+        await redis.get(marker)
+        while (line := await _monitored(monitor, db)) != ["tcp", "GET", marker]:
+            client, *command = line
+            if client == "lua":
+                inner.append(command)
+            elif command and command[0].upper() in ("EVAL", "EVALSHA"):
+                calls.append(command)
+    return await _keys_of(redis, calls), await _keys_of(redis, inner)
+
+
+async def _monitored(monitor: Monitor, db: int) -> list[str]:
+    """The next command MONITOR shows in database `db`: ["lua" or "tcp", name, *arguments]."""
+    assert monitor.connection is not None
+    while True:
+        raw = await monitor.connection.read_response()
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        match = Monitor.monitor_re.match(text.split(" ", 1)[1])
+        assert match is not None, text
+        if int(match[1]) == db:
+            client = "lua" if match[2] == "lua" else "tcp"
+            return [client, *Monitor.command_re.findall(match[3])]
+
+
+async def _keys_of(redis: ArqRedis, commands: list[list[str]]) -> set[str]:
+    keys: set[str] = set()
+    for command in commands:
+        found = await redis.execute_command("COMMAND GETKEYS", *command)  # type: ignore[no-untyped-call]
+        keys.update(k.decode() if isinstance(k, bytes) else k for k in found)
+    return keys

@@ -1,0 +1,73 @@
+-- Write how each of a batch of jobs ended (jobs/engine/queue.py, finish and Finish):
+-- "done": its result kept (if any), its job, retry and in-progress keys deleted, out of the
+-- queue and the abort set; "again": back in the queue at its next try's score, its in-progress
+-- key deleted; "later": the same, but this run was not a try (asyncjobs.errors.Postpone), so its
+-- try count is given back. A try's JSON record is appended to the job's tries list, which keeps
+-- the last `kept` and expires with the job's result.
+-- A job put back for a later try keeps its data and its try count at least until then: arq sets
+-- their TTLs once (a day), and an email retried for two days would otherwise vanish midway.
+-- Returns the number of jobs written.
+local queue = KEYS[1]
+local abort_set = KEYS[2]
+local transactional = KEYS[3]
+-- then five keys per job, from KEYS[4]: in-progress, job, retry, result, tries
+local now = tonumber(ARGV[1])  -- ms
+local extra = tonumber(ARGV[2])  -- ms to keep a job's data past its next try
+local kept = tonumber(ARGV[3])  -- tries kept in a job's tries list
+-- then seven fields per job, from ARGV[4]: id, mode ("done", "again" or "later"), result bytes
+-- ("" for none), result TTL ms (0: for ever), new score (for "again" and "later"), ms to keep
+-- the in-progress key (0: delete it), the try's JSON record ("" for none)
+local FIRST_KEY, KEYS_PER_JOB, FIRST_ARG, ARGS_PER_JOB = 4, 5, 4, 7
+
+local check_abort = redis.call('ZCARD', abort_set) > 0
+local jobs = (#ARGV - FIRST_ARG + 1) / ARGS_PER_JOB
+for n = 0, jobs - 1 do
+  local k, a = FIRST_KEY + n * KEYS_PER_JOB, FIRST_ARG + n * ARGS_PER_JOB
+  local in_progress, job_key, retry_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local result_key, tries = KEYS[k + 3], KEYS[k + 4]
+  local id, mode, result = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local result_ttl, score = tonumber(ARGV[a + 3]), ARGV[a + 4]
+  local keep, record = tonumber(ARGV[a + 5]), ARGV[a + 6]
+  if record ~= '' and redis.call('RPUSH', tries, record) > kept then
+    redis.call('LTRIM', tries, -kept, -1)
+  end
+  if keep > 0 then redis.call('PEXPIRE', in_progress, keep) end
+  if mode == 'done' then
+    if result ~= '' then
+      if result_ttl > 0 then
+        redis.call('SET', result_key, result, 'PX', result_ttl)
+      else
+        redis.call('SET', result_key, result)
+      end
+    end
+    if keep > 0 then
+      redis.call('DEL', job_key, retry_key)
+    else
+      redis.call('DEL', in_progress, job_key, retry_key)
+    end
+    if check_abort then redis.call('ZREM', abort_set, id) end
+    redis.call('ZREM', queue, id)
+    if record == '' then  -- nothing written for this job (its first try, no result kept)
+    elseif result == '' then
+      redis.call('DEL', tries)  -- no result kept: no job page to show them on
+    elseif result_ttl > 0 then
+      redis.call('PEXPIRE', tries, result_ttl)
+    else
+      redis.call('PERSIST', tries)
+    end
+  else
+    redis.call('ZADD', queue, 'XX', score, id)
+    redis.call('ZADD', transactional, 'XX', score, id)
+    if keep == 0 then redis.call('DEL', in_progress) end
+    if mode == 'later' and tonumber(redis.call('GET', retry_key) or '0') > 0 then
+      redis.call('DECR', retry_key)
+    end
+    local until_ms = tonumber(score) - now + extra
+    for _, key in ipairs({job_key, retry_key}) do
+      local ttl = redis.call('PTTL', key)
+      if ttl >= 0 and ttl < until_ms then redis.call('PEXPIRE', key, until_ms) end
+    end
+    if record ~= '' then redis.call('PEXPIRE', tries, until_ms) end
+  end
+end
+return jobs
