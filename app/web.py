@@ -18,6 +18,7 @@ from app.state import CPU, REDIS, SETTINGS
 from asyncjobs.redis import connect
 from asyncjobs.registry import load_job_modules
 from asyncjobs.settings import Settings
+from asyncjobs.tracing import setup_tracing
 from jobs.cpulimit import CpuPool
 
 
@@ -25,6 +26,8 @@ def create_app(settings: Settings) -> web.Application:
     """The API, with a route for every job type registered, the modules JOB_MODULES names
     included (JobRegistrationError, one line, if one cannot be loaded)."""
     load_job_modules(settings.job_modules)
+    # Before the app is made: the aiohttp server instrumentation applies to apps made after it.
+    setup_tracing("asyncjobs-api")
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[json_errors, require_api_key, rate_limit],

@@ -3,6 +3,10 @@
 JSON lines by default (one object per line: time, level, logger, message and any `extra`
 fields such as job_id, function, try, duration_ms, outcome), so a log pipeline can index them;
 `LOG_FORMAT=text` for people (the dev launcher uses it).
+
+With tracing on (asyncjobs/tracing.py), a line written inside a traced request or job carries
+`trace_id` and `span_id`: fields of the JSON object, `trace_id=… span_id=…` at the end of a
+text line.
 """
 
 from __future__ import annotations
@@ -33,12 +37,23 @@ class JsonFormatter(logging.Formatter):
         return dumps(entry)
 
 
+class TextFormatter(logging.Formatter):
+    """The text format, with the trace's ids when the record has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is None:
+            return line
+        return f"{line} trace_id={trace_id} span_id={getattr(record, 'span_id', '')}"
+
+
 def log_config(verbose: bool = False) -> dict[str, Any]:
     """A `logging.config.dictConfig` dict; also handed to arq's CLI (see worker_settings.py)."""
     level = "DEBUG" if verbose else os.environ.get("LOG_LEVEL", "INFO").upper()
     text = os.environ.get("LOG_FORMAT", "json").lower() == "text"
     formatter: dict[str, Any] = (
-        {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}
+        {"()": TextFormatter, "format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}
         if text
         else {"()": JsonFormatter}
     )

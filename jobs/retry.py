@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from asyncjobs import tracing
 from asyncjobs.deadlines import deadline
 from asyncjobs.errors import PermanentJobError, Postpone, TransientJobError
 from asyncjobs.keys import RETRYING_KEY_PREFIX
@@ -153,6 +154,7 @@ def classified(
                 raise
             finally:
                 seconds = time.perf_counter() - started
+                tracing.note_outcome(outcome)  # on the try's span (asyncjobs.tracing)
                 if monitor:
                     monitor.finished(job_id, name, outcome, seconds)
                 summary = note.pop("summary", None)
@@ -236,6 +238,7 @@ def _attempt(
                 "job %s try %d failed, retrying in %.2fs: %s", ctx.job_id, job_try, delay, error,
             )  # fmt: skip
             await record_retry(ctx.redis, ctx.job_id, error, job_try, delay)
+            tracing.record_error(error)
             raise Retry(defer=delay) from error
         reason: Literal["permanent", "exhausted"] = (
             "exhausted" if isinstance(error, TransientJobError) else "permanent"
@@ -261,6 +264,7 @@ def _attempt(
         log.warning(
             "job %s dead-lettered (%s after %d tries): %s", ctx.job_id, reason, job_try, error
         )
+        tracing.record_error(error)
         raise error
 
     return attempt

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from redis.asyncio import Redis
 
+from asyncjobs import tracing
 from asyncjobs.keys import (
     SCHEDULE_KEY_PREFIX,
     SCHEDULES_KEY,
@@ -321,8 +322,12 @@ async def run_due_schedules(redis: ArqRedis, settings: Settings, now: datetime) 
                     period=start, enqueued_at=now_utc(), job_ids=[], skipped=skipped
                 ))  # fmt: skip
             continue
-        try:
-            job_ids = await enqueue_run(redis, settings, schedule, period)
+        try:  # each run a trace of its own, linked to the tick's (asyncjobs.tracing)
+            with tracing.new_trace(
+                f"schedule {schedule.name or schedule.id}",
+                **{"asyncjobs.schedule.id": schedule.id, "asyncjobs.schedule.period": period},
+            ):
+                job_ids = await enqueue_run(redis, settings, schedule, period)
         except (ValidationError, ValueError) as exc:  # a job type gone, or its model changed
             log.warning("schedule %s: run of %s skipped: %s", schedule.id, start, exc)
             job_ids = []

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from yarl import URL
 
+from asyncjobs import tracing
 from asyncjobs.errors import PermanentJobError, TransientJobError
 from asyncjobs.keys import CALLBACK_KEY_PREFIX
 from asyncjobs.signing import JOB_ID_HEADER, signed_headers
@@ -106,16 +107,20 @@ async def deliver_webhook(ctx: WorkerContext, *, url: str, payload: dict[str, An
     session = ctx.fetcher.session
     status: int | None = None
     try:
-        with translate_errors(target, settings):
+        with (
+            tracing.client_span("webhook", target, **{"asyncjobs.job.id": job_id}),
+            translate_errors(target, settings),
+        ):
             check_url(target, settings.scrape_allowed_cidrs, settings.scrape_allowed_ports)
             async with session.post(
                 target,
                 data=body,
-                headers=headers,
+                headers={**headers, **tracing.outbound_headers()},  # traceparent, if tracing
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout),
             ) as response:
                 status = response.status
+                tracing.set_attribute("http.response.status_code", status)
                 _check_answer(response)
     except Exception as exc:
         await _record(ctx.redis, job_id, tries=ctx.job_try, last_status=status, last_error=str(exc))

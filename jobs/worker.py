@@ -15,6 +15,7 @@ from asyncjobs.context import HTTP, REDIS, SETTINGS
 from asyncjobs.redis import AutoPipelinedRedis, eviction_policy_warning, redis_settings
 from asyncjobs.registry import load_job_modules
 from asyncjobs.settings import Settings, get_settings
+from asyncjobs.tracing import setup_tracing
 from jobs.context import CPU, FETCHER, HTTP_JOBS, MONITOR, SEND_RATE, SMTP, WAKE_LISTENER
 from jobs.cpulimit import CpuPool
 from jobs.engine.monitor import JobMonitor
@@ -38,6 +39,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     one SMTP pool, one CPU pool, Redis), put in arq's ctx once under the keys the jobs' typed
     view reads (asyncjobs.context.JobContext, jobs.context.WorkerContext)."""
     settings: Settings = ctx.setdefault(SETTINGS, get_settings())
+    # Before the HTTP sessions are made: the aiohttp client instrumentation applies to
+    # sessions made after it (off unless OTEL_* variables configure it: asyncjobs.tracing).
+    setup_tracing("asyncjobs-worker")
     # jobs' own commands share arq's pool, sent together when jobs send them together
     redis = AutoPipelinedRedis.sharing_pool_of(ctx[REDIS])
     http = make_http_session(settings)

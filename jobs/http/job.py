@@ -27,6 +27,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from asyncjobs import tracing
 from asyncjobs.deadlines import deadline
 from asyncjobs.errors import JobError, PermanentJobError, TransientJobError
 from asyncjobs.settings import Settings
@@ -93,24 +94,32 @@ async def call_url(ctx: WorkerContext, spec: HttpCall, secret: str, timeout: flo
     hop = first_hop(spec)
     target_limits = limits.limits_of(spec, settings, timeout)
     started = time.perf_counter()
-    for redirects in range(MAX_REDIRECTS + 1):
-        # only the first hop may postpone the job: later ones would lose the hops before
-        waiter = ctx.waiter if redirects == 0 else None
-        with classified_errors(hop, timeout):
-            check_url(hop.url, settings.http_jobs_allowed_cidrs, settings.http_jobs_allowed_ports)
-            async with (
-                limits.slot(ctx.redis, settings, spec, hop.url, target_limits, waiter),
-                deadline(timeout),  # from when the target's turn came: waiting is not slowness
-                ctx.http_jobs.request(
-                    hop.method, hop.url, data=hop.body or None,
-                    headers=sent_headers(hop, secret, ctx), allow_redirects=False,
-                ) as response,
-            ):  # fmt: skip
-                location = response.headers.get("Location")
-                if spec.is_success(response.status) or not is_redirect(response.status, location):
-                    return await answer_of(response, spec, hop, started, redirects, settings)
-        hop = redirected(hop, response.status, location or "", spec)
-    raise PermanentJobError(f"more than {MAX_REDIRECTS} redirects from {first_hop(spec).where()}")
+    with tracing.client_span("http job", hop.url, **{"http.request.method": hop.method}):
+        for redirects in range(MAX_REDIRECTS + 1):
+            # only the first hop may postpone the job: later ones would lose the hops before
+            waiter = ctx.waiter if redirects == 0 else None
+            with classified_errors(hop, timeout):
+                check_url(
+                    hop.url, settings.http_jobs_allowed_cidrs, settings.http_jobs_allowed_ports
+                )
+                async with (
+                    limits.slot(ctx.redis, settings, spec, hop.url, target_limits, waiter),
+                    deadline(timeout),  # from the target's turn on: waiting is not slowness
+                    ctx.http_jobs.request(
+                        hop.method, hop.url, data=hop.body or None,
+                        headers=sent_headers(hop, secret, ctx), allow_redirects=False,
+                    ) as response,
+                ):  # fmt: skip
+                    tracing.set_attribute("http.response.status_code", response.status)
+                    location = response.headers.get("Location")
+                    if spec.is_success(response.status) or not is_redirect(
+                        response.status, location
+                    ):
+                        return await answer_of(response, spec, hop, started, redirects, settings)
+            hop = redirected(hop, response.status, location or "", spec)
+        raise PermanentJobError(
+            f"more than {MAX_REDIRECTS} redirects from {first_hop(spec).where()}"
+        )
 
 
 def first_hop(spec: HttpCall) -> Hop:
@@ -124,6 +133,7 @@ def first_hop(spec: HttpCall) -> Hop:
 def sent_headers(hop: Hop, secret: str, ctx: WorkerContext) -> dict[str, str]:
     """The caller's headers, the signature (a fresh timestamp each time) and who is calling."""
     return {
+        **tracing.outbound_headers(),  # traceparent, when tracing
         **hop.headers,
         **signed_headers(secret, hop.body),
         JOB_ID_HEADER: ctx.job_id,

@@ -17,6 +17,7 @@ from email.utils import parseaddr
 
 import aiosmtplib
 
+from asyncjobs import tracing
 from asyncjobs.errors import JobError, PermanentJobError, TransientJobError
 from asyncjobs.settings import Settings
 from jobs.mail.intl import send_international
@@ -119,17 +120,26 @@ class SmtpPool:
         it: it is sent again at once on a new connection, which is what a retry would do, a
         minute later and a try spent. Once, and only from a reused connection: a new one that
         fails is the server's answer."""
-        async with self._slots:
-            client, reused = await self._acquire()
-            try:
-                outcome = await self._transaction(client, message, recipients, on_accepted)
-            except ServerClosedConnection as exc:
-                if not reused:
-                    raise
-                log.info("%s (a pooled connection): sending again on a new one", exc)
-                client = await self._connect()
-                outcome = await self._transaction(client, message, recipients, on_accepted)
-            self._idle.append(_Idle(client, time.monotonic()))
+        settings = self._settings
+        with tracing.client_span(
+            "smtp send",
+            **{
+                "server.address": settings.smtp_host or "",
+                "server.port": settings.smtp_port,
+                "asyncjobs.mail.recipients": len(recipients),
+            },
+        ):
+            async with self._slots:
+                client, reused = await self._acquire()
+                try:
+                    outcome = await self._transaction(client, message, recipients, on_accepted)
+                except ServerClosedConnection as exc:
+                    if not reused:
+                        raise
+                    log.info("%s (a pooled connection): sending again on a new one", exc)
+                    client = await self._connect()
+                    outcome = await self._transaction(client, message, recipients, on_accepted)
+                self._idle.append(_Idle(client, time.monotonic()))
         await self._problems.succeeded()
         return outcome
 

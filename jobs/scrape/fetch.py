@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractResolver
 from redis.asyncio import Redis
 from yarl import URL
 
+from asyncjobs import tracing
 from asyncjobs.deadlines import deadline
 from asyncjobs.settings import Settings
 from jobs.scrape.errors import FailureReason, ScrapeFailed, ScrapeUnavailable
@@ -95,6 +96,15 @@ class Fetcher:
         """GET an HTML page; conditional when validators of a previous fetch are given. With a
         `waiter` (the job's id) a wait for the host's turn postpones the job (see politeness)."""
         target = URL(url)
+        with tracing.client_span("scrape", target):
+            page, wait, started = await self._fetch_page(target, etag, last_modified, waiter)
+        page.fetch_ms = round((time.perf_counter() - started - wait.in_place_s) * 1000, 1)
+        page.queued_for_host_ms = round(wait.queued_s * 1000, 1)
+        return page
+
+    async def _fetch_page(
+        self, target: URL, etag: str | None, last_modified: str | None, waiter: str | None
+    ) -> tuple[FetchedPage, HostWait, float]:
         if self.robots is not None:
             with translate_errors(target, self.settings):
                 allowed = await self.robots.allowed(target)
@@ -109,10 +119,9 @@ class Fetcher:
         started = time.perf_counter()
         with translate_errors(target, self.settings):
             async with self._get(target, headers, wait, waiter) as response:
+                tracing.set_attribute("http.response.status_code", response.status)
                 page = await _read_page(response, self.settings.scrape_max_bytes)
-        page.fetch_ms = round((time.perf_counter() - started - wait.in_place_s) * 1000, 1)
-        page.queued_for_host_ms = round(wait.queued_s * 1000, 1)
-        return page
+        return page, wait, started
 
     async def fetch_text(self, url: URL) -> tuple[int, str]:
         """GET any text (robots.txt): status and at most ROBOTS_MAX_BYTES of body."""

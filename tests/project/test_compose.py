@@ -30,6 +30,8 @@ def test_services_and_healthchecks(compose: dict[str, Any]) -> None:
     assert default == {"redis", "mailpit", "web", "worker"}
     ha = {name for name, service in services.items() if service.get("profiles") == ["ha"]}
     assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    tracing = {n for n, service in services.items() if service.get("profiles") == ["tracing"]}
+    assert tracing == {"jaeger"}
     for name, service in services.items():
         assert "test" in service["healthcheck"], name
     assert services["mailpit"]["image"].startswith("axllent/mailpit:")
@@ -42,12 +44,13 @@ def test_environment_names_are_real_settings(compose: dict[str, Any]) -> None:
     known = {name.upper() for name in Settings.model_fields} | {"LOG_LEVEL"}
     for name in ("web", "worker"):
         env = compose["services"][name]["environment"]
-        assert set(env) <= known, set(env) - known
+        own = {k for k in env if not k.startswith("OTEL_")}  # OpenTelemetry's, not ours
+        assert own <= known, own - known
         assert urlsplit(env["REDIS_URL"]).hostname == "redis"
         assert env["SMTP_HOST"] == "mailpit"
         assert "SMTP_PASSWORD" not in env  # secrets come from the environment, not the repo
         values: dict[str, Any] = {
-            k.lower(): interpolated(v) for k, v in env.items() if k != "LOG_LEVEL"
+            k.lower(): interpolated(v) for k, v in env.items() if k in own - {"LOG_LEVEL"}
         }
         Settings(_env_file=None, **values)
 
@@ -130,3 +133,16 @@ def test_the_ha_profile_matches_the_sentinel_settings(compose: dict[str, Any]) -
     env = services["worker"]["environment"]
     assert env["REDIS_SENTINELS"] == "${REDIS_SENTINELS:-}"  # empty: one Redis, no sentinels
     assert Settings(redis_sentinels="").redis_sentinels == []
+
+
+def test_the_tracing_profile_is_off_unless_the_shell_turns_it_on(compose: dict[str, Any]) -> None:
+    """Jaeger takes OTLP over HTTP; web and worker trace only with an endpoint set."""
+    from asyncjobs.tracing import configured_by_environment
+
+    for name in ("web", "worker"):
+        env = {k: interpolated(v) for k, v in compose["services"][name]["environment"].items()}
+        assert not configured_by_environment(env)
+        assert configured_by_environment(
+            env | {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318"}
+        )
+    assert compose["services"]["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
