@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from app.jobstatus import read_job, read_job_with_progress
 from app.schemas import JobView
 from asyncjobs.arqcompat import abort_jobs_ss, timestamp_ms
+from asyncjobs.jobstate import ACTIVE, JobState
 from asyncjobs.registry import Priority, get_job_type
 from asyncjobs.settings import Settings
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
@@ -19,7 +20,7 @@ from jobs.engine.queue import enqueue_job, enqueue_jobs
 from jobs.housekeeping.export import ExportRequest
 from jobs.mail.newsletter import abort_batch
 
-ABORTABLE = frozenset({"queued", "deferred", "in_progress"})
+ABORTABLE = ACTIVE
 
 
 def default_priority(function: str) -> Priority:
@@ -79,7 +80,8 @@ async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
         return view
     now = timestamp_ms()
     async with redis.pipeline(transaction=True) as pipe:
-        if view.status == "deferred":  # due now, so a worker picks it up and aborts it at once
+        # deferred: made due now, so a worker picks it up and aborts it at once
+        if view.status == JobState.DEFERRED:
             pipe.zadd(queue_name, {job_id: now}, xx=True)
         pipe.zadd(abort_jobs_ss, {job_id: now})
         await pipe.execute()

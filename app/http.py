@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
 
+import jobs.builtins  # noqa: F401  (registers every built-in job: JOB_ID_PATTERN reads them)
 from app import actions
 from app.auth import PRINCIPAL
 from app.idempotency import new_job_id
 from app.state import CPU, REDIS, SETTINGS
+from asyncjobs.registry import job_types
 from jobs.cpulimit import CpuLimitExceeded
 from jobs.engine.queue import OWNER_KWARG
 
 T = TypeVar("T")
 
+ANY_JOB_ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"  # any arq job id (a dead letter's is its job's)
+JOB_TYPES_SEGMENT = "types"  # GET /jobs/types, beside /jobs/{job_id}
+
+
+def _fixed_job_paths() -> list[str]:
+    """The segments after /jobs/ that name no job: each built-in's endpoint (from the
+    registry: POST /jobs/email, ...) and /jobs/types."""
+    endpoints = {t.public_name for t in job_types() if t.builtin and t.public_name}
+    return [*sorted(endpoints), JOB_TYPES_SEGMENT]
+
+
 # Any arq job id, but not the names of the fixed endpoints beside it (/jobs/email is no job).
-JOB_ID_PATTERN = (
-    r"(?!(?:email|newsletter|scrape|export|report|image|http|types)$)[A-Za-z0-9_.:-]{1,128}"
-)
+JOB_ID_PATTERN = rf"(?!(?:{'|'.join(map(re.escape, _fixed_job_paths()))})$){ANY_JOB_ID_PATTERN}"
 
 
 def json_model(model: BaseModel, status: int = 200) -> web.Response:

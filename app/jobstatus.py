@@ -17,6 +17,7 @@ from asyncjobs.arqcompat import (
     result_key_prefix,
     retry_key_prefix,
 )
+from asyncjobs.jobstate import JobState
 from asyncjobs.keys import RETRYING_KEY_PREFIX, RUNNING_KEY
 from jobs.engine.monitor import read_progress
 from jobs.mail.newsletter import batch_progress
@@ -38,9 +39,9 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
     if raw_result is not None:
         result = deserialize_result(raw_result)
         failed = not result.success
-        status = "failed" if failed else "complete"
+        status = JobState.FAILED if failed else JobState.COMPLETE
         if failed and isinstance(result.result, asyncio.CancelledError):
-            status = "aborted"
+            status = JobState.ABORTED
         return JobView(
             job_id=job_id,
             status=status,
@@ -54,15 +55,15 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
             warning=None if failed else result_warning(result.result),
         )
     if raw_job is None:
-        return JobView(job_id=job_id, status="not_found")
+        return JobView(job_id=job_id, status=JobState.NOT_FOUND)
 
     definition = deserialize_job(raw_job)
     if in_progress:
-        status = "in_progress"
+        status = JobState.IN_PROGRESS
     elif score is not None and score > time.time() * 1000:
-        status = "deferred"
+        status = JobState.DEFERRED
     else:
-        status = "queued"
+        status = JobState.QUEUED
     next_try_ms = retrying.get(b"next_try_ms")
     return JobView(
         job_id=job_id,
@@ -73,7 +74,7 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         tries=int(tries) if tries else 0,
         error=retrying[b"error"].decode() if b"error" in retrying else None,
         next_try_at=ms_to_datetime(int(next_try_ms)) if next_try_ms and not in_progress else None,
-        due_at=ms_to_datetime(int(score)) if status == "deferred" else None,
+        due_at=ms_to_datetime(int(score)) if status == JobState.DEFERRED else None,
     )
 
 
@@ -93,12 +94,16 @@ async def read_job_with_progress(redis: ArqRedis, queue_name: str, job_id: str) 
 def newsletter_phase(view: JobView) -> None:
     """A newsletter is done when its last message is, not when its job has fanned out: until
     then it is in progress, `fanning_out` (its job runs) or `sending` (its messages are)."""
-    if view.progress and view.progress.aborted and view.status not in ("queued", "in_progress"):
-        view.status = "aborted"  # its job has ended (or was aborted) and no message is left
-    elif view.status == "in_progress":
+    if (
+        view.progress
+        and view.progress.aborted
+        and view.status not in (JobState.QUEUED, JobState.IN_PROGRESS)
+    ):
+        view.status = JobState.ABORTED  # its job has ended (or was aborted) and no message is left
+    elif view.status == JobState.IN_PROGRESS:
         view.phase = "fanning_out"
-    elif view.status == "complete" and view.progress and view.progress.pending > 0:
-        view.status, view.phase = "in_progress", "sending"
+    elif view.status == JobState.COMPLETE and view.progress and view.progress.pending > 0:
+        view.status, view.phase = JobState.IN_PROGRESS, "sending"
 
 
 def result_warning(result: object) -> str | None:

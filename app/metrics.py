@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from app.errors import Handler
 from app.state import REDIS, SETTINGS
+from asyncjobs.jobstate import JobState
 from asyncjobs.keys import (
     COUNTERS_KEY,
     DEAD_INDEX_KEY,
@@ -162,8 +163,8 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
     ))  # fmt: skip
     queued, deferred = waiting_counts(queued, deferred, running)
     depth = GaugeMetricFamily("asyncjobs_queue_depth", "Jobs waiting", labels=["state"])
-    depth.add_metric(["queued"], queued)
-    depth.add_metric(["deferred"], deferred)
+    depth.add_metric([JobState.QUEUED], queued)
+    depth.add_metric([JobState.DEFERRED], deferred)
     metrics.append(depth)
     # what an autoscaler (KEDA through Prometheus) reads: how long the oldest due job has waited
     age = (now_ms - oldest[0][1]) / 1000 if oldest else 0.0

@@ -44,6 +44,7 @@ from app.schemas import (
 )
 from app.state import SETTINGS
 from asyncjobs import __version__
+from asyncjobs.keys import HEX_ID_PATTERN
 from asyncjobs.registry import user_job_types
 from jobs.deadletter import DeadLetter
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest
@@ -69,7 +70,7 @@ PAGING = [
     ("offset", {"type": "integer", "minimum": 0}),
     ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
 ]
-ID32 = "^[0-9a-f]{32}$"
+ID32 = f"^{HEX_ID_PATTERN}$"
 IMAGE_UPLOAD = {
     "schema": {
         "type": "object",

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetPydanticSchema,
     RootModel,
     ValidationInfo,
     model_validator,
 )
+from pydantic_core import core_schema
 
 from app.mailsink import MailSummary
+from asyncjobs.jobstate import JobState
 from jobs.deadletter import DeadLetter
 from jobs.engine.monitor import StepProgress
 from jobs.mail.email import EmailSpec
@@ -31,9 +35,16 @@ from jobs.webhooks import CallbackRecord
 
 __all__ = ["EmailSpec", "ScrapeRequest"]
 
-JobState = Literal[
-    "queued", "deferred", "in_progress", "complete", "failed", "aborted", "not_found"
-]
+
+def _state_schema(_source: Any, _handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    """A JobState as a response documents it: an inline `enum` of the states' strings (as a
+    Literal is), not a component of its own; validated into a JobState."""
+    values = core_schema.literal_schema([state.value for state in JobState])
+    return core_schema.no_info_after_validator_function(JobState, values)
+
+
+# Every state field of the API: its OpenAPI enum is JobState's values.
+JobStateField = Annotated[JobState, GetPydanticSchema(_state_schema)]
 
 
 class ScrapeRequest(BaseModel):
@@ -68,6 +79,13 @@ class ScrapeRequest(BaseModel):
 class JobAccepted(BaseModel):
     job_id: str
     status_url: str
+    # present (true) only when the request's `unique_key` was held: `job_id` is the job that
+    # was already there, nothing new was enqueued
+    existing: bool = Field(
+        False,
+        exclude_if=lambda value: not value,
+        description="true: the job holding the request's unique_key, already there",
+    )
 
 
 class EmailAccepted(JobAccepted):
@@ -83,7 +101,7 @@ class NewsletterAccepted(JobAccepted):
 
 
 class AbortAccepted(JobAccepted):
-    status_before: JobState
+    status_before: JobStateField
 
 
 class DeadLetterPage(BaseModel):
@@ -102,7 +120,7 @@ class ScrapeBatchAccepted(BaseModel):
 class ScrapeBatchJob(BaseModel):
     job_id: str
     url: str
-    status: JobState
+    status: JobStateField
     status_url: str
 
 
@@ -122,7 +140,7 @@ class ScrapeAcceptedAny(RootModel[ScrapeAccepted | ScrapeBatchAccepted]):
 
 class JobView(BaseModel):
     job_id: str
-    status: JobState
+    status: JobStateField
     function: str | None = None
     enqueue_time: datetime | None = None
     start_time: datetime | None = None
@@ -215,7 +233,7 @@ class ScheduleList(BaseModel):
 
 class RunJob(BaseModel):
     job_id: str
-    status: JobState
+    status: JobStateField
 
 
 class RunView(BaseModel):

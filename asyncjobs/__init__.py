@@ -28,6 +28,7 @@ from asyncjobs.client import (
 )
 from asyncjobs.context import JobContext
 from asyncjobs.errors import JobError, PermanentJobError, TransientJobError
+from asyncjobs.jobstate import JobState
 from asyncjobs.registry import JobRegistrationError, JobType, RetryPolicy, job
 from asyncjobs.version import __version__
 
@@ -39,6 +40,7 @@ __all__ = [
     "JobError",
     "JobFailed",
     "JobRegistrationError",
+    "JobState",
     "JobStatus",
     "JobType",
     "NotFound",

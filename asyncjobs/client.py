@@ -12,7 +12,7 @@ view).
 
     with SyncClient("https://jobs.example.com", api_key) as client:
         job_id = client.enqueue("generate_invoice", order_id=42)
-        print(client.status(job_id).status)
+        print(client.status(job_id).status)  # a JobState: JobState.QUEUED, ...
         invoice = client.wait(job_id, timeout=30)
 
 An answer is safe to act on: every enqueue carries an `Idempotency-Key` (a fresh one unless the
@@ -38,10 +38,12 @@ from urllib.parse import quote
 
 import aiohttp
 
+from asyncjobs.jobstate import FINISHED, JobState
 from asyncjobs.registry import JOB_NAME_ATTRIBUTE
 
 __all__ = [
     "FINISHED",
+    "UNKNOWN",
     "AsyncJobsError",
     "Client",
     "ClientRequestError",
@@ -59,7 +61,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-FINISHED = frozenset({"complete", "failed", "aborted"})
+# A `JobStatus.status` no answer has told yet (a `wait` whose every poll failed): not a state
+# of the service's, so not a JobState.
+UNKNOWN = "unknown"
 MAX_BACKOFF = 5.0  # seconds between two tries of one request, when the server names no time
 MAX_POLL_INTERVAL = 1.0  # `wait` polls more and more slowly, up to once a second
 MIN_POLL_TIMEOUT = 0.5  # the last poll of a `wait` may run this long past its deadline
@@ -153,7 +157,7 @@ class JobFailed(AsyncJobsError):
 
 class WaitTimeout(AsyncJobsError):
     """The deadline of a `wait` passed before the job finished; `job` is its last known state
-    (status "unknown" when no poll was answered)."""
+    (status UNKNOWN when no poll was answered)."""
 
     def __init__(self, job: JobStatus, timeout: float) -> None:
         self.job = job
@@ -168,7 +172,9 @@ class JobStatus:
     """A job's state as `GET /jobs/{job_id}` tells it; `raw` is the whole answer."""
 
     job_id: str
-    status: str  # queued, deferred, in_progress, complete, failed, aborted, not_found
+    # A JobState; UNKNOWN without an answer, or as the server said it if this client does not
+    # know the state (a newer server's).
+    status: JobState | str
     function: str | None = None
     result: Any = field(default=None, hash=False)
     error: str | None = None
@@ -184,13 +190,23 @@ class JobStatus:
         function, error, tries = data.get("function"), data.get("error"), data.get("tries")
         return cls(
             job_id=str(data.get("job_id") or job_id),
-            status=str(data.get("status") or "unknown"),
+            status=_state(data.get("status")),
             function=None if function is None else str(function),
             result=data.get("result"),
             error=None if error is None else str(error),
             tries=tries if isinstance(tries, int) else 0,
             raw=dict(data),
         )
+
+
+_STATES = {state.value: state for state in JobState}
+
+
+def _state(value: object) -> JobState | str:
+    """A status as an answer tells it: its JobState; UNKNOWN for none, and a state this
+    client does not know as it is."""
+    text = str(value or UNKNOWN)
+    return _STATES.get(text, text)
 
 
 # -- the async client -----------------------------------------------------------------------------
@@ -298,7 +314,7 @@ class Client:
         return job_id
 
     async def status(self, job_id: str) -> JobStatus:
-        """The job's state; status "not_found" for a job the server does not know (any more)."""
+        """The job's state; status NOT_FOUND for a job the server does not know (any more)."""
         return await self._status(job_id, deadline=None)
 
     async def abort(self, job_id: str) -> None:
@@ -315,7 +331,7 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         interval = poll_interval
-        job = JobStatus(job_id=job_id, status="unknown")
+        job = JobStatus(job_id=job_id, status=UNKNOWN)
         while True:
             try:
                 job = await self._status(job_id, deadline=deadline)
@@ -323,11 +339,11 @@ class Client:
                 if loop.time() >= deadline:
                     raise WaitTimeout(job, timeout) from exc
             else:
-                if job.status == "complete":
+                if job.status == JobState.COMPLETE:
                     return job.result
                 if job.status in FINISHED:
                     raise JobFailed(job)
-                if job.status == "not_found":
+                if job.status == JobState.NOT_FOUND:
                     raise NotFound(f"no job {job_id}", status=404, code="not_found")
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -351,7 +367,7 @@ class Client:
         )
         if answer.status == 404:
             # the API's "unknown job" is a 404 with the status shape; any other 404 is an error
-            if isinstance(answer.body, dict) and answer.body.get("status") == "not_found":
+            if isinstance(answer.body, dict) and answer.body.get("status") == JobState.NOT_FOUND:
                 return JobStatus.from_json(answer.body, job_id)
             raise _error_for(answer)
         if not isinstance(answer.body, dict):

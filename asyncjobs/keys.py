@@ -13,6 +13,11 @@ from typing import Literal
 
 PREFIX = "asyncjobs:"
 
+# The id of a source, a schedule, a document, a scrape batch, an export or an image job (each
+# a key's suffix, some a file's or folder's name): 32 lowercase hex digits, a uuid4().hex or a
+# digest's first half. No anchors, no groups: it also goes inside aiohttp route patterns.
+HEX_ID_PATTERN = r"[0-9a-f]{32}"
+
 # --- API (app/) ---------------------------------------------------------------------------
 RATE_KEY_PREFIX = PREFIX + "rate:"  # + key name:window -> requests in the window (quota.py)
 QUOTA_KEY_PREFIX = PREFIX + "quota:"  # + unit:key id -> a key's quota (asyncjobs/quota.py):
@@ -61,6 +66,14 @@ DEAD_KEY_PREFIX = PREFIX + "dead:"  # + job id -> JSON dead-letter entry
 DEAD_INDEX_KEY = PREFIX + "dead"  # zset job id -> failure time
 UPLOAD_KEY_PREFIX = PREFIX + "upload:"  # + upload id -> an uploaded image, until its job ends
 CALLBACK_KEY_PREFIX = PREFIX + "callback:"  # + job id -> JSON: its webhook's delivery
+# Jobs that wait for others (`after`, `then`, a batch's callback; jobs/engine/dependencies.py):
+# + job id -> hash of a waiting job: pending, total, counts by outcome, state (waiting,
+# released, cancelled), what ended it if cancelled, the queue to release it into
+WAITS_KEY_PREFIX = PREFIX + "waits:"
+DEPENDENTS_KEY_PREFIX = PREFIX + "dependents:"  # + job id -> set of the jobs waiting on it
+# + job id -> "<outcome>|<error>": how a finished job ended, kept as long as its result, so an
+# `after` naming a job that has ended already resolves at its enqueue
+ENDED_KEY_PREFIX = PREFIX + "ended:"
 
 
 # --- Mail (jobs/mail/) -----------------------------------------------------------------------

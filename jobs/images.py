@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from asyncjobs.arqcompat import abort_jobs_ss
 from asyncjobs.errors import PermanentJobError
-from asyncjobs.keys import UPLOAD_KEY_PREFIX
+from asyncjobs.keys import HEX_ID_PATTERN, UPLOAD_KEY_PREFIX
 from asyncjobs.quota import upload_quota
 from asyncjobs.registry import Family
 from asyncjobs.settings import Settings
@@ -52,7 +52,7 @@ MAX_SIDE = 4096  # every version fits in MAX_SIDE x MAX_SIDE, the original size 
 MAX_OUTPUTS = 10
 DEFAULT_FRAME_MS = 100  # a frame stating no (or a zero) duration: what browsers show it for
 FAMILY: Family = "scrape"  # process_image's retry policy: SCRAPE_MAX_TRIES, RETRY_*_DELAY
-JOB_ID_PATTERN = r"[0-9a-f]{32}"
+JOB_ID_PATTERN = HEX_ID_PATTERN
 # No anchors, no capturing groups: it is also used inside an aiohttp route pattern.
 IMAGE_NAME_PATTERN = r"[0-9]{1,2}-[0-9]{1,4}x[0-9]{1,4}\.(?:jpeg|png|webp|gif)"
 CONTENT_TYPES: dict[str, str] = {

@@ -40,6 +40,7 @@ from app.dashboard.views import (
     see_other,
 )
 from app.redaction import redact
+from asyncjobs.keys import HEX_ID_PATTERN
 from asyncjobs.quota import NeverFits, QuotaExceeded
 from jobs.deadletter import (
     DeadLetterFilter,
@@ -286,5 +287,5 @@ def add_bulk_routes(app: web.Application) -> None:
     app.router.add_post("/dead-letter/bulk", dead_letters_bulk, name="dead_letters_bulk")
     app.router.add_get("/queued", queued_page, name="queued")
     app.router.add_post("/queued/abort", queued_abort, name="queued_abort")
-    schedule = "/schedules/{schedule_id:[0-9a-f]{32}}"
+    schedule = f"/schedules/{{schedule_id:{HEX_ID_PATTERN}}}"
     app.router.add_post(f"{schedule}/run", schedule_run, name="schedule_run")

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from app.redaction import redact
 from asyncjobs.arqcompat import job_key_prefix, result_key_prefix
+from asyncjobs.jobstate import JobState
 from asyncjobs.keys import (
     CRON_KEY_PREFIX,
     MINUTE_KEY_PREFIX,
@@ -31,7 +32,8 @@ from jobs.scrape.sources import Source, list_sources
 from jobs.values import as_text
 from jobs.worker import cron_jobs
 
-JOB_STATES = ("queued", "deferred", "in_progress", "complete", "failed", "aborted")
+# The states a listed job can be in (a job not found is not listed), in the filter's order.
+JOB_STATES = tuple(state for state in JobState if state != JobState.NOT_FOUND)
 WINDOWS = {"15m": timedelta(minutes=15), "1h": timedelta(hours=1), "24h": timedelta(days=1)}
 # (the jobs list, its search and its pages: app/dashboard/joblist.py)
 CHART_MINUTES = 60

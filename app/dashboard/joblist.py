@@ -28,9 +28,11 @@ from arq.jobs import DeserializationError, JobDef, JobResult, deserialize_job, d
 from redis.asyncio import Redis
 
 from app.dashboard.data import JOB_STATES, WINDOWS
+from app.http import ANY_JOB_ID_PATTERN
 from app.redaction import redact
 from asyncjobs.arqcompat import in_progress_key_prefix, job_key_prefix, result_key_prefix
-from asyncjobs.keys import RECENT_KEY, RUNNING_KEY, SCRAPE_BATCH_KEY_PREFIX
+from asyncjobs.jobstate import FINISHED, JobState
+from asyncjobs.keys import HEX_ID_PATTERN, RECENT_KEY, RUNNING_KEY, SCRAPE_BATCH_KEY_PREFIX
 from asyncjobs.registry import get_job_type
 from jobs.mail.newsletter import batch_progress
 from jobs.values import as_text
@@ -41,10 +43,9 @@ CHUNK = 100  # records read per round trip
 RUNNING_SHOWN = 200  # running jobs on the first page (they are few: one per worker slot)
 MEMBERS_SHOWN = 20  # a batch's members listed inside its row
 VALUE_CHARS = 60  # each summary value, truncated
-FINISHED = ("complete", "failed", "aborted")
 # A batch member's id: its batch's (32 hex, from app.idempotency.new_job_id) and its index.
-MEMBER_ID = re.compile(r"([0-9a-f]{32})-(\d+)")
-ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+MEMBER_ID = re.compile(rf"({HEX_ID_PATTERN})-(\d+)")
+ID_PATTERN = re.compile(ANY_JOB_ID_PATTERN)
 Index = Literal["queue", "finished"]
 
 
@@ -68,7 +69,7 @@ class JobQuery:
             status=status if status in JOB_STATES else "",
             function=query.get("function", "")[:100],
             window=window if window in WINDOWS else "",
-            batch=batch if re.fullmatch(r"[0-9a-f]{32}", batch) else "",
+            batch=batch if re.fullmatch(HEX_ID_PATTERN, batch) else "",
             after=after if Cursor.parse(after) or after.isdigit() else "",
         )
 
@@ -116,7 +117,7 @@ class JobRow:
     kind: ClassVar[str] = "job"
     job_id: str
     function: str
-    status: str
+    status: JobState
     tries: int | None
     enqueued: datetime | None
     finished: datetime | None
@@ -200,22 +201,24 @@ def _row(
             result = deserialize_result(raw_result)
             return _make_row(job_id, result, _finished_status(result), result.finish_time)
         if raw_job is not None:
-            status = "in_progress" if running else "queued"
+            status = JobState.IN_PROGRESS if running else JobState.QUEUED
             if not running and score is not None and score > now_ms:
-                status = "deferred"
+                status = JobState.DEFERRED
             return _make_row(job_id, deserialize_job(raw_job), status, None)
     except DeserializationError:
         return None
     return None
 
 
-def _finished_status(result: JobResult) -> str:
+def _finished_status(result: JobResult) -> JobState:
     if result.success:
-        return "complete"
-    return "aborted" if isinstance(result.result, asyncio.CancelledError) else "failed"
+        return JobState.COMPLETE
+    if isinstance(result.result, asyncio.CancelledError):
+        return JobState.ABORTED
+    return JobState.FAILED
 
 
-def _make_row(job_id: str, job: JobDef, status: str, finished: datetime | None) -> JobRow:
+def _make_row(job_id: str, job: JobDef, status: JobState, finished: datetime | None) -> JobRow:
     arguments: dict[str, Any] = redact(dict(job.kwargs))  # a search must not find secrets
     text = json.dumps(arguments, default=str, ensure_ascii=False)
     return JobRow(
@@ -381,10 +384,10 @@ async def list_page(redis: ArqRedis, queue_name: str, query: JobQuery) -> JobPag
     if query.batch:
         return await batch_page(redis, queue_name, query)
     collector = _Collector(query, group=True)
-    if not query.after and query.status in ("", "in_progress"):
+    if not query.after and query.status in ("", JobState.IN_PROGRESS):
         await _add_running(redis, queue_name, query, collector)
-    index: Index = "queue" if query.status in ("queued", "deferred") else "finished"
-    if query.status == "in_progress":
+    index: Index = "queue" if query.status in (JobState.QUEUED, JobState.DEFERRED) else "finished"
+    if query.status == JobState.IN_PROGRESS:
         page = JobPage(collector.rows, 0, None, False)
     else:
         page = await scan(redis, queue_name, query, index, collector)
@@ -397,7 +400,11 @@ async def _add_running(
 ) -> None:
     ids = [as_text(i) for i in await redis.zrevrange(RUNNING_KEY, 0, RUNNING_SHOWN - 1)]
     for row in await read_rows(redis, queue_name, ids):
-        if row is not None and row.status == "in_progress" and query.matches(row, collector.now):
+        if (
+            row is not None
+            and row.status == JobState.IN_PROGRESS
+            and query.matches(row, collector.now)
+        ):
             collector.add(row)
 
 

@@ -21,6 +21,7 @@ from app.jobstatus import read_job_with_progress
 from app.redaction import redact
 from app.schemas import JobView
 from app.state import REDIS, SETTINGS
+from asyncjobs.jobstate import JobState
 from asyncjobs.keys import TRIES_KEY_PREFIX
 
 
@@ -65,8 +66,8 @@ async def read_tries(redis: Redis, view: JobView) -> list[TryInfo]:
     A job that completed at its first try has no list: its result tells that try."""
     raw = await redis.lrange(TRIES_KEY_PREFIX + view.job_id, 0, -1)  # type: ignore[misc]
     tries = [t for t in (_try_of(as_bytes) for as_bytes in raw) if t is not None]
-    if not tries and view.status == "complete" and (view.tries or 1) == 1:
-        return [TryInfo(1, view.start_time, view.finish_time, "", "complete", "")]
+    if not tries and view.status == JobState.COMPLETE and (view.tries or 1) == 1:
+        return [TryInfo(1, view.start_time, view.finish_time, "", JobState.COMPLETE, "")]
     return tries
 
 

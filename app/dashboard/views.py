@@ -45,10 +45,13 @@ from app.dashboard.session import (
     set_session_cookie,
 )
 from app.errors import Handler
+from app.http import ANY_JOB_ID_PATTERN
 from app.jobstatus import read_job_with_progress
 from app.routes.schedules import shown
 from app.schemas import JobView
 from app.state import REDIS, SETTINGS
+from asyncjobs.jobstate import JobState
+from asyncjobs.keys import HEX_ID_PATTERN
 from asyncjobs.quota import Window
 from asyncjobs.registry import job_types
 from asyncjobs.settings import Settings
@@ -337,7 +340,11 @@ def _progress(view: JobView) -> dict[str, Any] | None:
 
 
 def _export_download(request: web.Request, view: JobView) -> str | None:
-    if view.function != "export" or view.status != "complete" or not isinstance(view.result, dict):
+    if (
+        view.function != "export"
+        or view.status != JobState.COMPLETE
+        or not isinstance(view.result, dict)
+    ):
         return None
     name = view.result.get("name")
     if not isinstance(name, str) or not re.fullmatch(EXPORT_NAME_PATTERN, name):
@@ -349,7 +356,7 @@ async def job_page(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     redis = _redis(request)
     view = await read_job_with_progress(redis, _settings(request).queue_name, job_id)
-    if view.status == "not_found":
+    if view.status == JobState.NOT_FOUND:
         raise web.HTTPNotFound(text=f"No job {job_id}: never enqueued, or its result expired.")
     arguments = await read_arguments(redis, job_id)
     context = {
@@ -403,7 +410,7 @@ def _client_gone(request: web.Request) -> bool:
 async def abort_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     before = await actions.abort(_redis(request), _settings(request).queue_name, job_id)
-    if before.status == "not_found":
+    if before.status == JobState.NOT_FOUND:
         raise web.HTTPNotFound(text=f"No job {job_id}.")
     if before.status not in ABORTABLE:
         raise web.HTTPConflict(text=f"Job {job_id} has already finished ({before.status}).")
@@ -514,7 +521,7 @@ async def mail_page(request: web.Request) -> web.Response:
     return render(request, "mail.html", {"messages": messages})
 
 
-ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"  # any arq job id (a dead letter's id is its job's)
+ID_PATTERN = ANY_JOB_ID_PATTERN
 JOB = f"{{job_id:{ID_PATTERN}}}"
 
 
@@ -534,12 +541,12 @@ def add_dashboard_routes(app: web.Application, settings: Settings) -> None:
         f"/dead-letter/{{entry_id:{ID_PATTERN}}}/retry", retry_dead_letter, name="retry"
     )
     app.router.add_get("/cron", cron_page, name="cron")
-    schedule = "/schedules/{schedule_id:[0-9a-f]{32}}"
+    schedule = f"/schedules/{{schedule_id:{HEX_ID_PATTERN}}}"
     app.router.add_post(f"{schedule}/pause", pause_schedule, name="schedule_pause")
     app.router.add_post(f"{schedule}/resume", resume_schedule, name="schedule_resume")
     app.router.add_get("/sources", sources_page, name="sources")
     app.router.add_post("/sources/export", export_csv, name="export_csv")
-    source = "/sources/{source_id:[0-9a-f]{32}}"
+    source = f"/sources/{{source_id:{HEX_ID_PATTERN}}}"
     app.router.add_get(source, source_page, name="source")
     app.router.add_post(f"{source}/run", run_source, name="source_run")
     app.router.add_get(f"/exports/{{name:{EXPORT_NAME_PATTERN}}}", export_file, name="export_file")

@@ -12,11 +12,11 @@ from app.http import json_model, status_url
 from app.jobstatus import read_jobs
 from app.schemas import ScrapeAccepted, ScrapeBatch, ScrapeBatchJob
 from app.state import REDIS, SETTINGS
-from asyncjobs.keys import SCRAPE_BATCH_KEY_PREFIX
+from asyncjobs.jobstate import FINISHED
+from asyncjobs.keys import HEX_ID_PATTERN, SCRAPE_BATCH_KEY_PREFIX
 
 BATCH_TTL_S = 24 * 3600
-BATCH_ID_PATTERN = "[0-9a-f]{32}"
-FINISHED = frozenset({"complete", "failed", "aborted"})
+BATCH_ID_PATTERN = HEX_ID_PATTERN
 
 
 async def save_batch(redis: Redis, batch_id: str, jobs: list[ScrapeAccepted]) -> None:

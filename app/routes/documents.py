@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.http import json_model, query_int
 from app.schemas import DocumentDetail, DocumentList
 from app.state import REDIS
-from asyncjobs.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, source_docs_key
+from asyncjobs.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, HEX_ID_PATTERN, source_docs_key
 from jobs.scrape.documents import load_document, load_versions, parse_document
 from jobs.values import as_text
 
@@ -18,7 +18,7 @@ from jobs.values import as_text
 class DocumentQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    source: str | None = Field(None, pattern=f"^{HEX_ID_PATTERN}$")
     changed_since: datetime | None = None
 
 
@@ -68,4 +68,4 @@ async def show(request: web.Request) -> web.Response:
 
 def add_document_routes(app: web.Application) -> None:
     app.router.add_get("/documents", index)
-    app.router.add_get("/documents/{doc_id:[0-9a-f]{32}}", show)
+    app.router.add_get(f"/documents/{{doc_id:{HEX_ID_PATTERN}}}", show)

@@ -32,6 +32,7 @@ from app.schemas import (
 )
 from app.state import REDIS, SETTINGS
 from asyncjobs.addresses import new_message_id
+from asyncjobs.jobstate import JobState
 from jobs.mail.email import validation_context
 from jobs.mail.newsletter import checked_newsletter, start_progress
 
@@ -115,7 +116,7 @@ async def job_status(request: web.Request) -> web.Response:
     redis = request.app[REDIS]
     job_id = request.match_info["job_id"]
     view = await read_job_with_progress(redis, request.app[SETTINGS].queue_name, job_id)
-    return json_model(view, status=404 if view.status == "not_found" else 200)
+    return json_model(view, status=404 if view.status == JobState.NOT_FOUND else 200)
 
 
 async def abort_job(request: web.Request) -> web.Response:
@@ -124,7 +125,7 @@ async def abort_job(request: web.Request) -> web.Response:
     queue = request.app[SETTINGS].queue_name
     job_id = request.match_info["job_id"]
     view = await actions.abort(redis, queue, job_id)
-    if view.status == "not_found":
+    if view.status == JobState.NOT_FOUND:
         raise web.HTTPNotFound(text=f"no job {job_id}")
     if view.status not in actions.ABORTABLE:
         raise web.HTTPConflict(text=f"job {job_id} has already finished ({view.status})")

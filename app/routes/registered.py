@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from app.auth import charge_more
-from app.http import json_model, owner_of, status_url
+from app.http import JOB_TYPES_SEGMENT, json_model, owner_of, status_url
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
@@ -100,6 +100,6 @@ async def list_job_types(request: web.Request) -> web.Response:
 
 
 def add_registered_routes(app: web.Application) -> None:
-    app.router.add_get("/jobs/types", list_job_types)
+    app.router.add_get(f"/jobs/{JOB_TYPES_SEGMENT}", list_job_types)
     for job_type in user_job_types():
         app.router.add_post(f"/jobs/{job_type.name}", enqueue_handler(job_type))

@@ -26,6 +26,7 @@ from app.schemas import (
     ScrapeRequest,
 )
 from app.state import REDIS, SETTINGS
+from asyncjobs.keys import HEX_ID_PATTERN
 from asyncjobs.quota import NeverFits, message_quota
 from asyncjobs.settings import Settings
 from jobs.housekeeping.export import ExportRequest
@@ -52,7 +53,7 @@ from jobs.schedules import (
 )
 from jobs.values import now_utc
 
-SCHEDULE_ID_PATTERN = r"[0-9a-f]{32}"
+SCHEDULE_ID_PATTERN = HEX_ID_PATTERN
 
 
 async def checked_job(request: web.Request, job: ScheduledJob) -> ScheduledJob:

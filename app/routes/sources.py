@@ -8,6 +8,7 @@ from aiohttp import web
 from app.http import found, json_model, owner_of, read_json_object, status_url
 from app.schemas import SourceList, SourceRunAccepted, SourceRunList, SourceRunRequest
 from app.state import REDIS, SETTINGS
+from asyncjobs.keys import HEX_ID_PATTERN
 from jobs.scrape.runs import RunInProgress, load_runs, run_now
 from jobs.scrape.sources import (
     Source,
@@ -20,7 +21,7 @@ from jobs.scrape.sources import (
     update_source,
 )
 
-SOURCE_ID_PATTERN = r"[0-9a-f]{32}"
+SOURCE_ID_PATTERN = HEX_ID_PATTERN
 
 
 async def create(request: web.Request) -> web.Response:

@@ -35,7 +35,7 @@ from pydantic import (
 from redis.asyncio import Redis
 
 from asyncjobs.errors import PermanentJobError
-from asyncjobs.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, source_docs_key
+from asyncjobs.keys import DOC_CHANGED_KEY, DOC_KEY_PREFIX, HEX_ID_PATTERN, source_docs_key
 from jobs.context import WorkerContext
 from jobs.engine.monitor import Progress
 from jobs.retry import builtin
@@ -51,7 +51,7 @@ CsvDialect = Literal["rfc4180", "excel"]
 CSV_ENCODINGS: dict[str, str] = {"rfc4180": "utf-8", "excel": "utf-8-sig"}
 
 CHUNK = 200
-EXPORT_ID_PATTERN = r"[0-9a-f]{32}"
+EXPORT_ID_PATTERN = HEX_ID_PATTERN
 # No anchors, no capturing groups: it is also used inside an aiohttp route pattern.
 EXPORT_NAME_PATTERN = rf"{EXPORT_ID_PATTERN}\.(?:csv|jsonl|xlsx)"
 CONTENT_TYPES: dict[str, str] = {

@@ -9,7 +9,7 @@ import asyncjobs
 
 PUBLIC = {
     "AsyncJobsError", "Client", "ClientRequestError", "JobContext", "JobError", "JobFailed",
-    "JobRegistrationError", "JobStatus", "JobType", "NotFound", "PermanentJobError",
+    "JobRegistrationError", "JobState", "JobStatus", "JobType", "NotFound", "PermanentJobError",
     "RateLimited", "RetryPolicy", "ServerError", "ServiceUnavailable", "SyncClient",
     "TransientJobError", "ValidationFailed", "WaitTimeout", "__version__", "job",
 }  # fmt: skip
