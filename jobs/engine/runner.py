@@ -23,12 +23,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from arq.cron import CronJob
-from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
-from arq.worker import Function, JobExecutionFailed, Retry, RetryJob, Worker
+from arq.worker import Function, Retry
 
 from asyncjobs.arqcompat import (
+    WORKER_LOGGER,
+    JobExecutionFailed,
+    RetryJob,
+    SeamWorker,
+    SerializationError,
+    deserialize_job_raw,
     keep_cronjob_progress,
     ms_to_datetime,
+    result_record,
     retry_key_prefix,
     timestamp_ms,
     to_ms,
@@ -53,7 +59,7 @@ from jobs.engine.queue import (
 from jobs.values import now_utc
 from jobs.webhooks import FinalStatus, enqueue_webhook
 
-log = logging.getLogger("arq.worker")  # where arq's own job lines went: same logger, same config
+log = logging.getLogger(WORKER_LOGGER)  # where arq's own job lines went: same logger and config
 
 RENEW_EVERY_S = 1.0
 TRY_ERROR_MAX_CHARS = 2000  # per entry of a job's tries list: 50 tries stay small
@@ -108,7 +114,7 @@ class _Job:
 class Engine:
     """One worker's claims, batched finishes and lease renewals."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: SeamWorker) -> None:
         self.worker = worker
         self.lease_ms = int(worker.in_progress_timeout_s * 1000)
         # ends waiting to be written; a future for each that a job task waits on (None: a
@@ -170,7 +176,7 @@ class Engine:
             return 0
         free = min(w.max_jobs - w.job_counter, w.queue_read_limit)
         if w.burst and w.max_burst_jobs >= 0:
-            free = min(free, w.max_burst_jobs - w._jobs_started())
+            free = min(free, w.max_burst_jobs - w.jobs_started)
         return max(free, 0)
 
     async def _claim(self, limit: int) -> Claims:
@@ -293,15 +299,7 @@ async def outlast_cancellation(future: asyncio.Future[T]) -> tuple[T, int]:
             cancels += 1
 
 
-def engine_of(worker: Worker) -> Engine:
-    engine = getattr(worker, "_asyncjobs_engine", None)
-    if engine is None:
-        engine = Engine(worker)
-        worker._asyncjobs_engine = engine  # type: ignore[attr-defined]
-    return engine
-
-
-async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
+async def run_claimed(worker: SeamWorker, engine: Engine, claimed: Claimed) -> None:
     """arq's run_job for a job already claimed: check it, run it, write how it ended."""
     job = _Job(claimed, job_try=claimed.job_try)
     function = _check(worker, job)
@@ -335,7 +333,7 @@ async def run_claimed(worker: Worker, engine: Engine, claimed: Claimed) -> None:
         await worker.after_job_end(ctx)
 
 
-def _check(worker: Worker, job: _Job) -> Function | CronJob | BaseException:
+def _check(worker: SeamWorker, job: _Job) -> Function | CronJob | BaseException:
     """The function to run, or why the job is finished without running (arq's checks)."""
     claimed = job.claimed
     if claimed.raw is None:
@@ -375,7 +373,7 @@ class UnknownFunction(JobExecutionFailed):
         return cls(f"no job type {name!r} on this worker (JOB_MODULES); it has: {types}")
 
 
-async def _dead_letter_unknown(worker: Worker, job: _Job, error: UnknownFunction) -> None:
+async def _dead_letter_unknown(worker: SeamWorker, job: _Job, error: UnknownFunction) -> None:
     """Keep a job no worker can run in the dead-letter store, with the reason, so it can be
     retried once a worker has its function, instead of failing into arq's results only."""
     log.warning("job %s dead-lettered: %s", job.claimed.job_id, error)
@@ -392,14 +390,14 @@ async def _dead_letter_unknown(worker: Worker, job: _Job, error: UnknownFunction
     await add_dead_letter(worker.pool, entry, worker.ctx.get(SETTINGS))
 
 
-def _failed(worker: Worker, job: _Job, error: BaseException) -> Finish:
+def _failed(worker: SeamWorker, job: _Job, error: BaseException) -> Finish:
     worker.jobs_failed += 1
     now = timestamp_ms()
     return _done_item(worker, job, None, False, error, now, now)
 
 
 def _done_item(
-    worker: Worker,
+    worker: SeamWorker,
     job: _Job,
     function: Function | CronJob | None,
     success: bool,
@@ -419,18 +417,18 @@ def _done_item(
             keep_s = function.keep_result_s
     data = None
     if keep_forever or (keep_s or 0) > 0:
-        data = serialize_result(
-            job.function_name,
-            job.args,
-            job.kwargs or {},
-            job.job_try,
-            job.enqueue_time_ms,
-            success,
-            result,
-            start_ms,
-            finished_ms,
-            _ref(job, function),
-            worker.queue_name,
+        data = result_record(
+            function=job.function_name,
+            args=job.args,
+            kwargs=job.kwargs or {},
+            job_try=job.job_try,
+            enqueue_time_ms=job.enqueue_time_ms,
+            success=success,
+            result=result,
+            start_ms=start_ms,
+            finished_ms=finished_ms,
+            ref=_ref(job, function),
+            queue_name=worker.queue_name,
             job_id=job.claimed.job_id,
             serializer=worker.job_serializer,
         )
@@ -443,7 +441,7 @@ def _done_item(
     )
 
 
-async def _report_end(worker: Worker, job: _Job) -> None:
+async def _report_end(worker: SeamWorker, job: _Job) -> None:
     """Enqueue the completion webhook of a job that ended for good, before its end is written:
     a crash in between runs the job again, and the webhook's fixed job id reports it once."""
     if job.callback_url and job.ended:
@@ -468,7 +466,7 @@ def _keep_in_progress_ms(function: Function | CronJob | None) -> int:
 
 
 async def _execute(
-    worker: Worker, job: _Job, function: Function | CronJob, ctx: dict[str, Any]
+    worker: SeamWorker, job: _Job, function: Function | CronJob, ctx: dict[str, Any]
 ) -> Finish:
     """Run the job's coroutine within its timeout; how it ended, as arq would record it.
 
@@ -540,7 +538,7 @@ def _again(job: _Job, function: Function | CronJob, score: int | None = None) ->
 
 
 def _crashed(
-    worker: Worker,
+    worker: SeamWorker,
     job: _Job,
     function: Function | CronJob,
     exc: BaseException,

@@ -1,8 +1,10 @@
 """`EngineWorker`: arq's Worker with this project's engine, for workers built from our settings.
 
-`worker_settings.WorkerSettings` names it in `worker_class`, and
-`let_settings_choose_worker_class()` lets arq's CLI build it; any other settings class (another
-queue, a user's own functions) gets arq's plain Worker, even in the same process. It changes:
+`worker_settings.WorkerSettings` names it in `worker_class`, which arq's CLI builds (see
+`asyncjobs.arqcompat.take_over_arq_cli`); any other settings class (another queue, a user's own
+functions) gets arq's plain Worker, even in the same process. It subclasses
+`asyncjobs.arqcompat.SeamWorker`, whose hooks stand for the private parts of arq's Worker. It
+changes:
 
 1. Claims, runs and finishes go through jobs/engine/runner.py (a few Lua scripts per poll instead
    of about ten round trips per job).
@@ -20,7 +22,7 @@ queue, a user's own functions) gets arq's plain Worker, even in the same process
 - redis-py retries the socket connect but not the handshake after it, so a connection reset by a
   Redis that is shutting down or starting fails the command at once: `HandshakeRetryingConnection`.
 - any Redis error inside arq's poll loop (a WATCH interrupted by the restart, for one) ends the
-  worker's main task and so the process: `EngineWorker._poll_iteration` logs, waits, polls again.
+  worker's main task and so the process: `EngineWorker.poll_turn` logs, waits, polls again.
 """
 
 from __future__ import annotations
@@ -28,28 +30,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
-import arq.cli
-import arq.worker
 from arq.connections import ArqRedis
-from arq.worker import Worker
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from asyncjobs.arqcompat import SeamWorker
 from asyncjobs.context import SETTINGS
 from asyncjobs.keys import wake_key
 from asyncjobs.redis import redis_pool, redis_settings
 from asyncjobs.settings import Settings
 from asyncjobs.speedups import HiredisPackingConnection, redis_pool_options
-from jobs.engine.runner import engine_of, wake_state, wake_up
-
-if TYPE_CHECKING:
-    from arq.typing import WorkerSettingsType
+from jobs.engine.runner import Engine, wake_state, wake_up
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +115,10 @@ class WakeListener:
                 await asyncio.sleep(1)
 
 
-class EngineWorker(Worker):
+class EngineWorker(SeamWorker):
     """arq's Worker with this project's engine. Built only for settings that name it
-    (`worker_class`, see `create_worker`): a plain `arq.worker.Worker` in the same process keeps
-    arq's own poll loop, in-progress marks and close."""
+    (`worker_class`, see asyncjobs.arqcompat): a plain `arq.worker.Worker` in the same process
+    keeps arq's own poll loop, in-progress marks and close."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -132,17 +128,18 @@ class EngineWorker(Worker):
         lease = settings.job_lease_seconds if isinstance(settings, Settings) else DEFAULT_LEASE_S
         self.in_progress_timeout_s = min(self.in_progress_timeout_s, lease)
         # arq's main loop sleeps poll_delay between iterations; here the wait moves into
-        # `_poll_iteration`, where a wake-up cuts it short. arq's cron window is
+        # `poll_turn`, where a wake-up cuts it short. arq's cron window is
         # max(poll_delay, 0.5) and our poll_delay is below 0.5, so crons see no change.
         self.poll_step_s = self.poll_delay_s
         self.poll_delay_s = 0
         self._last_poll: float | None = None
+        self.engine = Engine(self)  # after the lease: the engine claims with it
 
-    async def _poll_iteration(self) -> None:
+    async def poll_turn(self) -> None:
         """One poll by jobs/engine/runner.py; a Redis error is logged and the loop polls again."""
         await self._wait_for_poll()
         try:
-            await engine_of(self).poll()
+            await self.engine.poll()
         except (RedisError, OSError) as exc:
             log.warning(
                 "Redis unavailable while polling (%s: %s); trying again", type(exc).__name__, exc
@@ -161,7 +158,7 @@ class EngineWorker(Worker):
             return
         state = wake_state()
         wait = max(0.0, self.poll_step_s - (loop.time() - last))
-        next_due_ms = engine_of(self).next_due_ms
+        next_due_ms = self.engine.next_due_ms
         if next_due_ms is not None:  # a deferred job falls due before the next poll
             wait = min(wait, max(0.0, next_due_ms / 1000 - time.time()))
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -175,42 +172,11 @@ class EngineWorker(Worker):
             await asyncio.sleep(MIN_POLL_GAP_S - gap)
         self._last_poll = loop.time()
 
-    async def close(self) -> None:
-        """arq's `close`, except that it waits for every job task whatever way it ended, then
-        for the engine's last writes. arq gathers the tasks without `return_exceptions`, so one
-        task that ended cancelled (stopped before it ran) raised CancelledError out of `close`:
-        the shutdown hook never ran, the Redis pool and HTTP session stayed open, and the jobs
-        the task held stayed hidden until their leases ended."""
-        if not self._handle_signals:
-            self.handle_sig(signal.SIGUSR1)
-        if not self._pool:
-            return
+    async def wait_for_jobs(self) -> None:
+        """Wait for every job task whatever way it ended, then for the engine's last writes.
+        arq gathers the tasks without `return_exceptions`, so one task that ended cancelled
+        (stopped before it ran) raised CancelledError out of `close`: the shutdown hook never
+        ran, the Redis pool and HTTP session stayed open, and the jobs the task held stayed
+        hidden until their leases ended."""
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        await engine_of(self).drain()
-        await self.pool.delete(self.health_check_key)
-        if self.on_shutdown:
-            await self.on_shutdown(self.ctx)
-        await self.pool.aclose(close_connection_pool=True)
-        self._pool = None
-
-
-_arq_create_worker = arq.worker.create_worker
-
-
-def create_worker(settings_cls: WorkerSettingsType, **kwargs: Any) -> Worker:
-    """arq's `create_worker`, building the class a settings class names in `worker_class`
-    (arq has no such option) and arq's own Worker for any other settings."""
-    if isinstance(settings_cls, dict):
-        worker_class = settings_cls.get("worker_class")
-    else:
-        worker_class = getattr(settings_cls, "worker_class", None)
-    if worker_class is None:
-        return _arq_create_worker(settings_cls, **kwargs)
-    return cast(Worker, worker_class(**{**arq.worker.get_kwargs(settings_cls), **kwargs}))
-
-
-def let_settings_choose_worker_class() -> None:
-    """Make arq's CLI (`arq worker_settings.WorkerSettings`, with or without --watch) go
-    through `create_worker`. Changes nothing for settings without `worker_class`; idempotent."""
-    arq.worker.create_worker = create_worker
-    arq.cli.create_worker = create_worker  # type: ignore[attr-defined]  # --watch calls it
+        await self.engine.drain()

@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from arq.connections import ArqRedis
@@ -18,9 +18,8 @@ from asyncjobs import speedups
 from asyncjobs.redis import connect
 from asyncjobs.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
 PROBE = """
-import asyncio, json, worker_settings
+import asyncio, json, arq.cli
 from asyncjobs.redis import connect
 from asyncjobs.settings import get_settings
 async def main():
@@ -31,22 +30,27 @@ async def main():
     await redis.connection_pool.release(conn)
     await redis.aclose()
     return parser, packer
-loop = asyncio.new_event_loop()
-parser, packer = loop.run_until_complete(main())
-print(json.dumps({"loop": type(loop).__module__.split(".")[0], "parser": parser, "packer": packer}))
+def run_worker(settings_cls, **kwargs):  # what arq's CLI calls once it is set up
+    loop = asyncio.new_event_loop()
+    parser, packer = loop.run_until_complete(main())
+    name = type(loop).__module__.split(".")[0]
+    print(json.dumps({"loop": name, "parser": parser, "packer": packer}))
+arq.cli.run_worker = run_worker
+arq.cli.cli(["worker_settings.WorkerSettings"], standalone_mode=False)
 """
 
 
 def probe(redis_url: str, value: str | None) -> dict[str, str]:
-    """What a process that imports the worker's entry point runs with."""
+    """What the worker's entry point (`arq worker_settings.WorkerSettings`) runs with."""
     env = {**os.environ, "REDIS_URL": redis_url}
     env.pop(speedups.ENV, None)
     if value is not None:
         env[speedups.ENV] = value
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=60, check=True,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:  # no developer's `.env` there
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE], cwd=folder, env=env, capture_output=True, text=True,
+            timeout=60, check=True,
+        )  # fmt: skip
     result: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
