@@ -16,6 +16,13 @@ from asyncjobs.jobstate import ACTIVE, JobState
 from asyncjobs.registry import Priority, get_job_type
 from asyncjobs.settings import Settings
 from jobs.deadletter import add_dead_letter, get_dead_letter, remove_dead_letter
+from jobs.engine.dependencies import (
+    DEPENDENCIES_KWARG,
+    Dependencies,
+    UnknownParent,
+    enqueue_with,
+    mark_aborted,
+)
 from jobs.engine.queue import enqueue_job, enqueue_jobs
 from jobs.housekeeping.export import ExportRequest
 from jobs.mail.newsletter import abort_batch
@@ -39,12 +46,24 @@ async def enqueue(
     or with `_existing_ok` the answer (the caller's own earlier try enqueued it)."""
     kwargs.setdefault("_priority", default_priority(function))
     chosen: str | None = kwargs.get("_job_id")
-    job_id = await enqueue_job(redis, function, **kwargs)
+    job_id = await _enqueue_one(redis, function, kwargs)
     if job_id is not None:
         return job_id
     if _existing_ok and chosen is not None:
         return chosen
     raise web.HTTPConflict(text=f"job {chosen} already exists")
+
+
+async def _enqueue_one(redis: ArqRedis, function: str, kwargs: dict[str, Any]) -> str | None:
+    """One job, through the engine's dependencies when it has `after` or `then` (its
+    DEPENDENCIES_KWARG, from app.joboptions); an `after` naming no job is a 422."""
+    deps: Dependencies | None = kwargs.pop(DEPENDENCIES_KWARG, None)
+    if deps is None:
+        return await enqueue_job(redis, function, **kwargs)
+    try:
+        return await enqueue_with(redis, function, kwargs, deps)
+    except UnknownParent as exc:
+        raise web.HTTPUnprocessableEntity(text=f"after: {exc}") from None
 
 
 async def enqueue_many(
@@ -56,6 +75,8 @@ async def enqueue_many(
 ) -> list[str]:
     """`enqueue` for many jobs of one function in one round trip; their ids, in order."""
     priority = default_priority(function)
+    if any(DEPENDENCIES_KWARG in call for call in calls):  # see POST /batches' callback
+        raise web.HTTPUnprocessableEntity(text="'after' and 'then' take one job, not a batch")
     calls = [{"_priority": priority} | call for call in calls]
     ids = await enqueue_jobs(redis, function, calls, replicated)
     chosen = [call.get("_job_id") for call in calls]
@@ -83,6 +104,9 @@ async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
         # deferred: made due now, so a worker picks it up and aborts it at once
         if view.status == JobState.DEFERRED:
             pipe.zadd(queue_name, {job_id: now}, xx=True)
+        if view.status == JobState.WAITING:  # not in the queue: put there, to end as aborted
+            mark_aborted(pipe, job_id)
+            pipe.zadd(queue_name, {job_id: now})
         pipe.zadd(abort_jobs_ss, {job_id: now})
         await pipe.execute()
     return view

@@ -19,6 +19,7 @@ from app.state import CPU, REDIS, SETTINGS
 from asyncjobs.registry import job_types
 from jobs.cpulimit import CpuLimitExceeded
 from jobs.engine.queue import OWNER_KWARG
+from jobs.engine.unique import ExistingJob, Unique, holder_of
 
 T = TypeVar("T")
 
@@ -147,6 +148,20 @@ async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
     return await actions.enqueue(
         request.app[REDIS], function, _replicated=settings, _existing_ok=keyed, **kwargs
     )
+
+
+async def unique_holder(
+    request: web.Request, function: str, unique: Unique | None, own_id: str | None = None
+) -> ExistingJob | None:
+    """The job holding the request's unique key now (none: None), read before the request's
+    quota is charged, so that answering the job already there charges nothing more than the
+    request itself. Requests at the same moment may all find it free (and each be charged):
+    the enqueue script decides which one enqueues. `own_id`: the job this request enqueues
+    under an Idempotency-Key, which is its own earlier try's, not another's."""
+    if unique is None:
+        return None
+    holder = await holder_of(request.app[REDIS], unique, function, owner_of(request))
+    return None if holder == own_id else holder
 
 
 async def enqueue_many(

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from arq.connections import ArqRedis
 from arq.jobs import deserialize_job, deserialize_result
 
-from app.schemas import JobView
+from app.schemas import JobView, WaitingFor
 from asyncjobs.arqcompat import (
     in_progress_key_prefix,
     job_key_prefix,
@@ -18,7 +18,8 @@ from asyncjobs.arqcompat import (
     retry_key_prefix,
 )
 from asyncjobs.jobstate import JobState
-from asyncjobs.keys import RETRYING_KEY_PREFIX, RUNNING_KEY
+from asyncjobs.keys import RETRYING_KEY_PREFIX, RUNNING_KEY, WAITS_KEY_PREFIX
+from jobs.engine.dependencies import Waits, waits_of
 from jobs.engine.monitor import read_progress
 from jobs.mail.newsletter import batch_progress
 from jobs.webhooks import read_callback
@@ -33,7 +34,9 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         pipe.zscore(RUNNING_KEY, job_id)  # start ms, written by the worker's monitor
         pipe.get(retry_key_prefix + job_id)
         pipe.hgetall(RETRYING_KEY_PREFIX + job_id)
-        raw_result, in_progress, score, raw_job, started_ms, tries, retrying = await pipe.execute()
+        pipe.hgetall(WAITS_KEY_PREFIX + job_id)  # what it waits for (after, then, callback)
+        replies = await pipe.execute()
+        raw_result, in_progress, score, raw_job, started_ms, tries, retrying, raw_waits = replies
     # (a running job's start time appears within a second: the monitor writes once a second)
 
     if raw_result is not None:
@@ -58,8 +61,11 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         return JobView(job_id=job_id, status=JobState.NOT_FOUND)
 
     definition = deserialize_job(raw_job)
+    waits = waits_of(raw_waits) if raw_waits else None
     if in_progress:
         status = JobState.IN_PROGRESS
+    elif score is None and waits is not None and waits.state == "waiting":
+        status = JobState.WAITING
     elif score is not None and score > time.time() * 1000:
         status = JobState.DEFERRED
     else:
@@ -75,6 +81,19 @@ async def read_job(redis: ArqRedis, job_id: str, queue_name: str) -> JobView:
         error=retrying[b"error"].decode() if b"error" in retrying else None,
         next_try_at=ms_to_datetime(int(next_try_ms)) if next_try_ms and not in_progress else None,
         due_at=ms_to_datetime(int(score)) if status == JobState.DEFERRED else None,
+        waiting_for=waiting_for(waits) if status == JobState.WAITING and waits else None,
+    )
+
+
+def waiting_for(waits: Waits) -> WaitingFor:
+    """What a waiting job waits for, as its status shows it."""
+    shown = waits.shown
+    return WaitingFor(
+        kind=shown.get("kind", "after"),
+        job_ids=shown.get("job_ids", []),
+        batch_id=shown.get("batch_id"),
+        pending=waits.pending,
+        total=waits.total,
     )
 
 

@@ -19,6 +19,8 @@ from app.routes.images import ImageAccepted
 from app.routes.registered import JobTypeList, endpoint_of
 from app.schemas import (
     AbortAccepted,
+    BatchAccepted,
+    BatchRequest,
     DeadLetterPage,
     DocumentDetail,
     DocumentList,
@@ -130,6 +132,8 @@ OPERATIONS = [
     Operation("post", "/jobs/http", "Call a URL, signed, until it answers a success status "
               "(retried, limited per target)", 202, JobAccepted, HttpCall,
               result=HttpAnswer.model_json_schema()),
+    Operation("post", "/batches", "Several jobs at once, with one callback when all have ended",
+              202, BatchAccepted, BatchRequest),
     Operation("get", "/batches/{batch_id}", "Progress of a multi-URL scrape: each job's status",
               200, ScrapeBatch, path_params={"batch_id": ID32}),
     Operation("get", "/jobs/types", "Every job type: arguments, result, retries, priority, cost",

@@ -18,6 +18,7 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from app.chains import MAX_BATCH_JOBS, CallbackSpec
 from app.mailsink import MailSummary
 from asyncjobs.jobstate import JobState
 from jobs.deadletter import DeadLetter
@@ -56,11 +57,16 @@ class ScrapeRequest(BaseModel):
     urls: list[AnyHttpUrl] | None = Field(None, min_length=1)
     selectors: Selectors = Field(default_factory=dict)
     force: bool = Field(False, description="fetch unconditionally, as if never seen before")
+    callback: CallbackSpec | None = Field(
+        None, description="with `urls`: run once when every page's job has ended"
+    )
 
     @model_validator(mode="after")
     def _one_of_url_or_urls(self, info: ValidationInfo) -> ScrapeRequest:
         if (self.url is None) == (self.urls is None):
             raise ValueError("give exactly one of 'url' or 'urls'")
+        if self.callback is not None and self.urls is None:
+            raise ValueError("'callback' goes with 'urls' (a batch); one job takes 'then'")
         limit = (info.context or {}).get("max_urls")
         if self.urls is not None and limit is not None and len(self.urls) > limit:
             raise ValueError(f"{len(self.urls)} urls is more than the limit of {limit}")
@@ -111,15 +117,42 @@ class DeadLetterPage(BaseModel):
     items: list[DeadLetter]
 
 
+class BatchJobRequest(BaseModel):
+    """One job of `POST /batches`: its type as callers name it, and its fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    body: dict[str, Any] = Field(default_factory=dict)
+
+
+class BatchRequest(BaseModel):
+    """`POST /batches`: jobs enqueued together, and one callback when all have ended."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[BatchJobRequest] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
+    callback: CallbackSpec | None = None
+
+
+class BatchAccepted(BaseModel):
+    batch_id: str
+    batch_url: str
+    job_ids: list[str]
+    callback_job_id: str | None = None
+
+
 class ScrapeBatchAccepted(BaseModel):
     batch_id: str
     batch_url: str  # GET it for the progress of the whole batch
     jobs: list[ScrapeAccepted]
+    callback_job_id: str | None = None  # its callback's job, if it named one
 
 
 class ScrapeBatchJob(BaseModel):
     job_id: str
-    url: str
+    url: str | None = None  # a scrape batch's
+    type: str | None = None  # a `POST /batches` batch's
     status: JobStateField
     status_url: str
 
@@ -136,6 +169,17 @@ class ScrapeBatch(BaseModel):
 
 class ScrapeAcceptedAny(RootModel[ScrapeAccepted | ScrapeBatchAccepted]):
     """`POST /jobs/scrape` answers one job for `url`, a list for `urls`."""
+
+
+class WaitingFor(BaseModel):
+    """A waiting job's parents: the jobs named in its `after`, its `then`'s parent, or its
+    batch's jobs (a callback: the first ones named, and the batch)."""
+
+    kind: Literal["after", "then", "callback"]
+    job_ids: list[str]
+    batch_id: str | None = None
+    pending: int  # parents that have not ended yet
+    total: int
 
 
 class JobView(BaseModel):
@@ -156,6 +200,7 @@ class JobView(BaseModel):
     phase: Literal["fanning_out", "sending"] | None = None
     progress: BatchProgress | None = None  # bulk jobs: messages sent / failed / pending
     steps: StepProgress | None = None  # long jobs (exports): done / total, current step
+    waiting_for: WaitingFor | None = None  # waiting: the jobs it waits for
 
 
 class WorkerHealth(BaseModel):

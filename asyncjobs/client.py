@@ -273,12 +273,16 @@ class Client:
         delay_seconds: float | None = None,
         priority: str | None = None,
         callback_url: str | None = None,
+        unique_key: str | None = None,
+        unique_window_seconds: float | None = None,
         idempotency_key: str | None = None,
         **arguments: Any,
     ) -> str:
         """Enqueue a job (by name, or the function declared as the job) with its arguments;
         return its id. Tried again on a 503 or on no answer, always with the same
-        Idempotency-Key and body."""
+        Idempotency-Key and body. With `unique_key`, while a job of this type enqueued by this
+        API key with the same key is still queued, deferred, running or waiting for a retry
+        (within `unique_window_seconds`, the server's default an hour), that job's id."""
         name = job if isinstance(job, str) else getattr(job, JOB_NAME_ATTRIBUTE, job.__name__)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
         _check_idempotency_key(key)
@@ -291,6 +295,8 @@ class Client:
             "delay_seconds": delay_seconds,
             "priority": priority,
             "callback_url": callback_url,
+            "unique_key": unique_key,
+            "unique_window_seconds": unique_window_seconds,
         }
         body.update({option: value for option, value in options.items() if value is not None})
         data = json.dumps(body, default=_json_default, separators=(",", ":")).encode()
@@ -572,6 +578,8 @@ class SyncClient:
         delay_seconds: float | None = None,
         priority: str | None = None,
         callback_url: str | None = None,
+        unique_key: str | None = None,
+        unique_window_seconds: float | None = None,
         idempotency_key: str | None = None,
         **arguments: Any,
     ) -> str:
@@ -582,6 +590,8 @@ class SyncClient:
                 delay_seconds=delay_seconds,
                 priority=priority,
                 callback_url=callback_url,
+                unique_key=unique_key,
+                unique_window_seconds=unique_window_seconds,
                 idempotency_key=idempotency_key,
                 **arguments,
             )

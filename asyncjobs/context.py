@@ -27,6 +27,7 @@ ProgressWriter = Callable[[str, int, int | None, str], Awaitable[None]]
 # The keys of arq's ctx dict that the worker's start-up fills (the rest are arq's own).
 SETTINGS, REDIS, HTTP = "settings", "redis", "http"
 ENQUEUER, PROGRESS = "asyncjobs_enqueue", "asyncjobs_progress"
+OWNER = "owner"  # per try (the runner's): the API key id the job was enqueued for
 
 
 class JobContext:
@@ -82,11 +83,16 @@ class JobContext:
         delay_seconds: float | None = None,
         priority: str | None = None,
         job_id: str | None = None,
+        unique_key: str | None = None,
+        unique_window_seconds: float | None = None,
         **arguments: Any,
     ) -> str:
         """Enqueue a job (a registered name or a `@job` function) with keyword arguments,
         validated by its model first; the new job's id (with `job_id` of a job that exists,
-        that job's: nothing is enqueued twice)."""
+        that job's: nothing is enqueued twice). With `unique_key`, while a job of that type
+        enqueued with the same key for the same API key as this job is still queued,
+        deferred, running or waiting for a retry (within `unique_window_seconds`, default an
+        hour), that job's id, and nothing enqueued."""
         name = job if isinstance(job, str) else getattr(job, JOB_NAME_ATTRIBUTE, job.__name__)
         options: dict[str, Any] = {}
         if delay_seconds:
@@ -95,6 +101,13 @@ class JobContext:
             options["priority"] = priority
         if job_id is not None:
             options["job_id"] = job_id
+        if unique_key is not None:
+            options["unique_key"] = unique_key
+            options["unique_scope"] = str(self._ctx.get(OWNER) or "")  # this job's owner's
+            if unique_window_seconds is not None:
+                options["unique_window_seconds"] = unique_window_seconds
+        elif unique_window_seconds is not None:
+            raise ValueError("unique_window_seconds goes with a unique_key")
         enqueuer: Enqueuer = self._ctx[ENQUEUER]
         return await enqueuer(name, arguments, options)
 

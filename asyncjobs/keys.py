@@ -76,6 +76,12 @@ DEPENDENTS_KEY_PREFIX = PREFIX + "dependents:"  # + job id -> set of the jobs wa
 ENDED_KEY_PREFIX = PREFIX + "ended:"
 
 
+def unique_key(scope: str, job_type: str, key_digest: str) -> str:
+    """A job's `unique_key`, per owner (API key id, "-" for none) and job type: the id of the
+    job holding it, for its window (jobs/engine/unique.py, enqueue.lua)."""
+    return f"{PREFIX}unique:{scope}:{job_type}:{key_digest}"
+
+
 # --- Mail (jobs/mail/) -----------------------------------------------------------------------
 SENT_KEY_PREFIX = PREFIX + "sent:"  # + message id -> sent marker (effectively-once delivery)
 MAIL_BATCH_KEY_PREFIX = PREFIX + "batch:"  # + newsletter id -> {total, aborted}; :sent, :failed

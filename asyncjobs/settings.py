@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_selectors: int = Field(20, gt=0)
     # How far ahead a job may be scheduled with `run_at` / `delay_seconds` (seconds).
     max_delay_seconds: float = Field(30 * 24 * 3600, gt=0)
+    # A job's `unique_key` holds for its window (`unique_window_seconds`, default an hour, capped
+    # by UNIQUE_WINDOW_MAX) or until the job ends, whichever comes first (seconds).
+    unique_window_max: float = Field(30 * 24 * 3600, gt=0)
     # Completion webhooks (`callback_url`): signed with HMAC-SHA256 of this secret; a request
     # with a callback_url is refused while it is unset. Each POST times out after
     # WEBHOOK_TIMEOUT seconds and is tried up to WEBHOOK_MAX_TRIES times with backoff.

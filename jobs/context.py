@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
+# OWNER, per try: the API key the job was enqueued for (jobs.engine.queue.OWNER_KWARG)
+from asyncjobs.context import OWNER as OWNER
 from asyncjobs.context import JobContext
 from jobs.engine.monitor import JobMonitor
 
@@ -24,7 +26,6 @@ FETCHER, SMTP, CPU, SEND_RATE, MONITOR, WAKE_LISTENER = (
     "fetcher", "smtp", "cpu", "send_rate", "monitor", "wake_listener"
 )  # fmt: skip
 HTTP_JOBS = "http_jobs"  # the HTTP jobs' session: their own guard allowlist and pool
-OWNER = "owner"  # per try: the API key the job was enqueued for (jobs.engine.queue.OWNER_KWARG)
 
 
 class WorkerContext(JobContext):

@@ -18,7 +18,14 @@ from arq.connections import ArqRedis
 from asyncjobs.addresses import new_message_id
 from asyncjobs.registry import JobType, get_job_type
 from asyncjobs.settings import Settings
-from jobs.engine.queue import CALLBACK_KWARG, OWNER_KWARG, enqueue_job, enqueue_jobs
+from jobs.engine.queue import (
+    CALLBACK_KWARG,
+    OWNER_KWARG,
+    UNIQUE_KWARG,
+    enqueue_job,
+    enqueue_jobs,
+)
+from jobs.engine.unique import Unique
 
 
 class UnknownJobType(LookupError):
@@ -53,6 +60,7 @@ def _options(
     job_id: str | None,
     callback_url: str | None,
     owner: str | None = None,
+    unique: Unique | None = None,
 ) -> dict[str, Any]:
     options: dict[str, Any] = {
         "_priority": priority or job_type.priority,
@@ -66,6 +74,8 @@ def _options(
         options[CALLBACK_KWARG] = callback_url
     if owner is not None:
         options[OWNER_KWARG] = owner
+    if unique is not None:
+        options[UNIQUE_KWARG] = unique
     return options
 
 
@@ -81,13 +91,18 @@ async def enqueue_registered(
     callback_url: str | None = None,
     replicated: bool = False,
     owner: str | None = None,
+    unique: Unique | None = None,
 ) -> str | None:
     """Enqueue one job of a registered type; its id, or None when a job with `job_id` exists
-    already. With `replicated` and REDIS_WAIT_REPLICAS, only once replicas have it. Raises
-    UnknownJobType, and pydantic's ValidationError for bad arguments."""
+    already. With `unique`, while the job holding its key is there, that job's id (an
+    ExistingJob: jobs.engine.unique) and nothing enqueued. With `replicated` and
+    REDIS_WAIT_REPLICAS, only once replicas have it. Raises UnknownJobType, and pydantic's
+    ValidationError for bad arguments."""
     job_type = job_type_of(name)
     kwargs = call_of(job_type, arguments, settings)
-    kwargs |= _options(job_type, settings, priority, delay_seconds, job_id, callback_url, owner)
+    kwargs |= _options(
+        job_type, settings, priority, delay_seconds, job_id, callback_url, owner, unique
+    )
     if replicated:
         kwargs["_replicated"] = settings
     return await enqueue_job(redis, job_type.name, **kwargs)
@@ -102,13 +117,15 @@ async def enqueue_registered_many(
     priority: str | None = None,
     callback_url: str | None = None,
     owner: str | None = None,
+    unique: Unique | None = None,
 ) -> list[str | None]:
     """`enqueue_registered` for many jobs of one type, (arguments, job id) each, in one
-    pipelined round trip; each new job's id, None for one that existed."""
+    pipelined round trip; each new job's id, None for one that existed (with `unique`, the
+    first takes the key: the others answer its holder)."""
     job_type = job_type_of(name)
     prepared = [
         call_of(job_type, arguments, settings)
-        | _options(job_type, settings, priority, None, job_id, callback_url, owner)
+        | _options(job_type, settings, priority, None, job_id, callback_url, owner, unique)
         for arguments, job_id in calls
     ]
     return await enqueue_jobs(redis, job_type.name, prepared)

@@ -16,6 +16,7 @@ from asyncjobs.registry import JobType, job_types
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
 from jobs.engine.monitor import Progress
+from jobs.engine.unique import Unique
 from jobs.enqueue import enqueue_registered
 from jobs.retry import ENGINE_TIMEOUT_GRACE_S, Classification, classified, job_timeout
 
@@ -58,7 +59,12 @@ def context_clients(redis: ArqRedis, settings: Settings) -> dict[str, Any]:
     arq's ctx once: the one enqueue path, and the progress `GET /jobs/{id}` shows."""
 
     async def enqueue(name: str, arguments: dict[str, Any], options: dict[str, Any]) -> str:
-        new = await enqueue_registered(redis, settings, name, arguments, **options)
+        options = dict(options)
+        unique = None
+        if (key := options.pop("unique_key", None)) is not None:
+            window = options.pop("unique_window_seconds", None)
+            unique = Unique.of(key, window, settings, scope=options.pop("unique_scope", None))
+        new = await enqueue_registered(redis, settings, name, arguments, unique=unique, **options)
         return new or str(options["job_id"])  # None: the job with that id exists already
 
     async def progress(job_id: str, done: int, total: int | None, step: str) -> None:

@@ -42,6 +42,7 @@ from asyncjobs.quota import HourlyQuota, NeverFits, QuotaExceeded, message_quota
 from asyncjobs.registry import JobType, Priority, job_types
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
+from jobs.engine.unique import DEFAULT_WINDOW_S, Unique
 from jobs.enqueue import enqueue_registered_many
 from jobs.mail.newsletter import start_progress
 from jobs.retry import classified
@@ -93,8 +94,9 @@ def check_timezone(name: str) -> str:
 
 
 class ScheduledJob(BaseModel):
-    """What runs: a job type and the body `POST /jobs/<type>` takes, plus its priority and
-    callback (run_at and delay_seconds make no sense here: the schedule says when)."""
+    """What runs: a job type and the body `POST /jobs/<type>` takes, plus its priority,
+    callback and unique key (run_at and delay_seconds make no sense here: the schedule says
+    when). A run whose unique key is held by a job still there records that job's id."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -104,6 +106,14 @@ class ScheduledJob(BaseModel):
     body: dict[str, Any] = Field(default_factory=dict)
     priority: Priority | None = None
     callback_url: str | None = None
+    unique_key: str | None = None
+    unique_window_seconds: float | None = None
+
+    def unique(self) -> Unique | None:
+        """Its runs' unique key (scoped to the schedule's owner), if it has one."""
+        if self.unique_key is None:
+            return None
+        return Unique(self.unique_key, self.unique_window_seconds or DEFAULT_WINDOW_S)
 
     @field_validator("type")
     @classmethod
@@ -421,7 +431,7 @@ async def enqueue_calls(
     ids = await enqueue_registered_many(
         redis, settings, function, prepared,
         priority=job.priority or default_priority(job), callback_url=job.callback_url,
-        owner=schedule.owner,
+        owner=schedule.owner, unique=job.unique(),
     )  # fmt: skip
     return [job_id for job_id in ids if job_id]
 

@@ -1,19 +1,34 @@
-"""Batches: the jobs of one multi-URL `POST /jobs/scrape` under one id, and their progress."""
+"""Batches: the jobs of one multi-URL `POST /jobs/scrape`, or of one `POST /batches` (several
+job requests at once), under one id; their progress; and a batch's `callback`, run once when all
+its jobs have ended (jobs/engine/dependencies.py)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import groupby
 
 from aiohttp import web
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from app.http import json_model, status_url
+from app.auth import charge_more
+from app.chains import CallbackSpec, callback_of, job_call
+from app.http import json_model, owner_of, read_json_object, status_url
+from app.idempotency import idempotent, new_job_id
 from app.jobstatus import read_jobs
-from app.schemas import ScrapeAccepted, ScrapeBatch, ScrapeBatchJob
+from app.schemas import (
+    BatchAccepted,
+    BatchRequest,
+    ScrapeAccepted,
+    ScrapeBatch,
+    ScrapeBatchJob,
+)
 from app.state import REDIS, SETTINGS
 from asyncjobs.jobstate import FINISHED
 from asyncjobs.keys import HEX_ID_PATTERN, SCRAPE_BATCH_KEY_PREFIX
+from jobs.engine.dependencies import enqueue_callback
+from jobs.engine.queue import OWNER_KWARG, enqueue_jobs
 
 BATCH_TTL_S = 24 * 3600
 BATCH_ID_PATTERN = HEX_ID_PATTERN
@@ -22,6 +37,55 @@ BATCH_ID_PATTERN = HEX_ID_PATTERN
 async def save_batch(redis: Redis, batch_id: str, jobs: list[ScrapeAccepted]) -> None:
     entries = [{"job_id": job.job_id, "url": job.url} for job in jobs]
     await redis.set(SCRAPE_BATCH_KEY_PREFIX + batch_id, json.dumps(entries), ex=BATCH_TTL_S)
+
+
+async def start_callback(
+    request: web.Request, batch_id: str, job_ids: list[str], spec: CallbackSpec | None
+) -> str | None:
+    """Enqueue the batch's callback after its jobs (one already ended is counted from its
+    ended marker); its job id."""
+    if spec is None:
+        return None
+    try:
+        callback = callback_of(spec, request.app[SETTINGS])
+    except ValueError as exc:
+        raise web.HTTPUnprocessableEntity(text=f"callback: {exc}") from None
+    return await enqueue_callback(request.app[REDIS], batch_id, job_ids, callback)
+
+
+@idempotent
+async def post_batch(request: web.Request) -> web.Response:
+    """`POST /batches`: several job requests ({type, body}) enqueued together, with an
+    optional callback."""
+    settings = request.app[SETTINGS]
+    try:
+        batch = BatchRequest.model_validate(await read_json_object(request))
+        calls = [job_call(job.type, job.body, "", settings) for job in batch.jobs]
+        if batch.callback is not None:
+            callback_of(batch.callback, settings)  # checked before anything is stored
+    except (ValidationError, ValueError) as exc:
+        raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+    await charge_more(request, len(calls))
+    batch_id = new_job_id(request)
+    ids = [f"{batch_id}-{n}" for n in range(len(calls))]
+    owner = {OWNER_KWARG: owner_of(request)} if owner_of(request) else {}
+    for function, group in groupby(zip(ids, calls, strict=True), key=lambda c: c[1].function):
+        prepared = [call.kwargs | {"_job_id": job_id} | owner for job_id, call in group]
+        await enqueue_jobs(request.app[REDIS], function, prepared)
+    entries = [
+        {"job_id": job_id, "type": job.type} for job_id, job in zip(ids, batch.jobs, strict=True)
+    ]
+    await request.app[REDIS].set(
+        SCRAPE_BATCH_KEY_PREFIX + batch_id, json.dumps(entries), ex=BATCH_TTL_S
+    )
+    callback_id = await start_callback(request, batch_id, ids, batch.callback)
+    accepted = BatchAccepted(
+        batch_id=batch_id,
+        batch_url=batch_url(request, batch_id),
+        job_ids=ids,
+        callback_job_id=callback_id,
+    )
+    return json_model(accepted, status=202)
 
 
 def batch_url(request: web.Request, batch_id: str) -> str:
@@ -40,7 +104,8 @@ async def show_batch(request: web.Request) -> web.Response:
     jobs = [
         ScrapeBatchJob(
             job_id=view.job_id,
-            url=entry["url"],
+            url=entry.get("url"),
+            type=entry.get("type"),
             status=view.status,
             status_url=status_url(request, view.job_id),
         )
@@ -58,4 +123,5 @@ async def show_batch(request: web.Request) -> web.Response:
 
 
 def add_batch_routes(app: web.Application) -> None:
+    app.router.add_post("/batches", post_batch)
     app.router.add_get(f"/batches/{{batch_id:{BATCH_ID_PATTERN}}}", show_batch, name="scrape_batch")

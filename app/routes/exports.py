@@ -11,6 +11,7 @@ from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import SETTINGS
+from jobs.engine.unique import is_existing
 from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportRequest, export_name
 
 
@@ -23,7 +24,7 @@ async def enqueue_export(request: web.Request) -> web.Response:
     options, body = await read_job_request(request)
     spec = ExportRequest.model_validate(body)
     export_id = new_job_id(request)
-    await enqueue(
+    job_id = await enqueue(
         request,
         "export",
         export_id=export_id,
@@ -31,11 +32,12 @@ async def enqueue_export(request: web.Request) -> web.Response:
         _job_id=export_id,
         **options.enqueue_kwargs(),
     )
-    name = export_name(export_id, spec.format)
+    name = export_name(job_id, spec.format)  # an export job's id is its export's
     accepted = ExportAccepted(
-        job_id=export_id,
-        status_url=status_url(request, export_id),
+        job_id=job_id,
+        status_url=status_url(request, job_id),
         download_url=str(request.app.router["export_download"].url_for(name=name)),
+        existing=is_existing(job_id),
     )
     return json_model(accepted, status=202)
 

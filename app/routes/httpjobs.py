@@ -19,6 +19,7 @@ from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import SETTINGS
 from asyncjobs.settings import Settings
+from jobs.engine.unique import is_existing
 from jobs.http.spec import HttpCall
 from jobs.scrape.guard import ForbiddenTargetError, check_url
 
@@ -49,7 +50,9 @@ async def enqueue_http(request: web.Request) -> web.Response:
     job_id = await enqueue(
         request, "http", **call.model_dump(mode="json"), **options.enqueue_kwargs()
     )
-    accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
+    accepted = JobAccepted(
+        job_id=job_id, status_url=status_url(request, job_id), existing=is_existing(job_id)
+    )
     return json_model(accepted, status=202)
 
 

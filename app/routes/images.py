@@ -16,6 +16,7 @@ from app.idempotency import idempotent, new_job_id
 from app.joboptions import JobOptions, read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
+from jobs.engine.unique import is_existing
 from jobs.images import (
     CONTENT_TYPES,
     IMAGE_NAME_PATTERN,
@@ -48,15 +49,20 @@ async def enqueue_image(request: web.Request) -> web.Response:
         outputs = [o.model_dump() for o in spec.outputs]
         kwargs = {"url": str(spec.url), "outputs": outputs}
     try:
-        await enqueue(
+        enqueued = await enqueue(
             request, "process_image", _job_id=job_id, **kwargs, **options.enqueue_kwargs()
         )
     except web.HTTPException as exc:
         if "upload_id" in kwargs and exc.status < 500:  # refused: no job will read the upload
             await release_upload(request.app[REDIS], request.app[SETTINGS], kwargs["upload_id"])
         raise  # an unknown outcome keeps it: the job may be there; if not, it expires
+    if is_existing(enqueued) and "upload_id" in kwargs:  # the unique key's job: not this one
+        await release_upload(request.app[REDIS], request.app[SETTINGS], kwargs["upload_id"])
     accepted = ImageAccepted(
-        job_id=job_id, status_url=status_url(request, job_id), images_url=f"/images/{job_id}/"
+        job_id=enqueued,
+        status_url=status_url(request, enqueued),
+        images_url=f"/images/{enqueued}/",
+        existing=is_existing(enqueued),
     )
     return json_model(accepted, status=202)
 

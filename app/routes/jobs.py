@@ -6,6 +6,8 @@ Each handler is small; the work happens in the worker.
 from __future__ import annotations
 
 from aiohttp import web
+from arq.jobs import DeserializationError, deserialize_job
+from redis.asyncio import Redis
 
 from app import actions
 from app.auth import charge_messages, charge_more
@@ -16,11 +18,12 @@ from app.http import (
     json_model,
     off_loop,
     status_url,
+    unique_holder,
 )
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.jobstatus import read_job_with_progress
-from app.routes.batches import batch_url, save_batch
+from app.routes.batches import batch_url, save_batch, start_callback
 from app.schemas import (
     AbortAccepted,
     EmailAccepted,
@@ -32,7 +35,9 @@ from app.schemas import (
 )
 from app.state import REDIS, SETTINGS
 from asyncjobs.addresses import new_message_id
+from asyncjobs.arqcompat import job_key_prefix
 from asyncjobs.jobstate import JobState
+from jobs.engine.unique import is_existing
 from jobs.mail.email import validation_context
 from jobs.mail.newsletter import checked_newsletter, start_progress
 
@@ -43,19 +48,38 @@ async def enqueue_email(request: web.Request) -> web.Response:
     context = validation_context(settings, settings.mail_max_recipients)
     options, body = await read_job_request(request)
     spec = EmailSpec.model_validate(body, context=context)
-    await charge_messages(request, len(spec.envelope_recipients()))  # one per message sent
-    message_id = new_message_id(spec.from_ or settings.mail_from, new_job_id(request))
-    job_id = await enqueue(
-        request,
-        "send_email",
-        email=spec.model_dump(mode="json", by_alias=True),
-        message_id=message_id,
-        **options.enqueue_kwargs(),
-    )
+    keyed_id = new_job_id(request) if "Idempotency-Key" in request.headers else None
+    job_id: str | None = await unique_holder(request, "send_email", options.unique(), keyed_id)
+    message_id = ""
+    if job_id is None:
+        await charge_messages(request, len(spec.envelope_recipients()))  # one per message sent
+        message_id = new_message_id(spec.from_ or settings.mail_from, new_job_id(request))
+        job_id = await enqueue(
+            request,
+            "send_email",
+            email=spec.model_dump(mode="json", by_alias=True),
+            message_id=message_id,
+            **options.enqueue_kwargs(),
+        )
+    if is_existing(job_id):  # the unique key's email: its own Message-ID
+        message_id = await _message_id_of(request.app[REDIS], job_id) or ""
     accepted = EmailAccepted(
-        job_id=job_id, status_url=status_url(request, job_id), message_id=message_id
+        job_id=job_id,
+        status_url=status_url(request, job_id),
+        message_id=message_id,
+        existing=is_existing(job_id),
     )
     return json_model(accepted, status=202)
+
+
+async def _message_id_of(redis: Redis, job_id: str) -> str | None:
+    """The Message-ID of a queued or running email job (None once it has ended)."""
+    raw = await redis.get(job_key_prefix + job_id)
+    try:
+        message_id = deserialize_job(raw).kwargs.get("message_id") if raw else None
+    except DeserializationError:
+        return None
+    return message_id if isinstance(message_id, str) else None
 
 
 @idempotent
@@ -66,9 +90,18 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     newsletter = await off_loop(request, "the newsletter", checked_newsletter, body, context)
     newsletter_id = new_job_id(request)
     total = len(newsletter["recipients"])
+    holder = await unique_holder(request, "send_newsletter", options.unique(), newsletter_id)
+    if holder is not None:  # the unique key's newsletter, already there: nothing charged
+        answer = NewsletterAccepted(
+            job_id=holder,
+            status_url=status_url(request, holder),
+            recipients=total,
+            existing=True,
+        )
+        return json_model(answer, status=202)
     await charge_messages(request, total)
     await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
-    await enqueue(
+    job_id = await enqueue(
         request,
         "send_newsletter",
         newsletter_id=newsletter_id,
@@ -77,9 +110,10 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
         **options.enqueue_kwargs(),
     )
     accepted = NewsletterAccepted(
-        job_id=newsletter_id,
-        status_url=status_url(request, newsletter_id),
+        job_id=job_id,
+        status_url=status_url(request, job_id),
         recipients=total,
+        existing=is_existing(job_id),
     )
     return json_model(accepted, status=202)
 
@@ -91,6 +125,10 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     options, body = await read_job_request(request)
     scrape = ScrapeRequest.model_validate(body, context=context)
     targets = scrape.targets()
+    if scrape.url is None and options.unique_key is not None:
+        raise web.HTTPUnprocessableEntity(
+            text="unique_key names one job: give it with 'url', not with a batch of 'urls'"
+        )
     await charge_more(request, len(targets))
     # one page is someone waiting; a batch is bulk work
     extra = options.enqueue_kwargs(None if scrape.url is not None else "bulk")
@@ -100,14 +138,23 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
         calls = [{"_job_id": f"{batch_id}-{n}"} | call for n, call in enumerate(calls)]
     job_ids = await enqueue_many(request, "scrape", calls)
     accepted = [
-        ScrapeAccepted(job_id=job_id, status_url=status_url(request, job_id), url=str(target.url))
+        ScrapeAccepted(
+            job_id=job_id,
+            status_url=status_url(request, job_id),
+            url=str(target.url),
+            existing=is_existing(job_id),
+        )
         for job_id, target in zip(job_ids, targets, strict=True)
     ]
     if scrape.url is not None:
         return json_model(accepted[0], status=202)
     await save_batch(request.app[REDIS], batch_id, accepted)
+    callback_id = await start_callback(request, batch_id, job_ids, scrape.callback)
     batch = ScrapeBatchAccepted(
-        batch_id=batch_id, batch_url=batch_url(request, batch_id), jobs=accepted
+        batch_id=batch_id,
+        batch_url=batch_url(request, batch_id),
+        jobs=accepted,
+        callback_job_id=callback_id,
     )
     return json_model(batch, status=202)
 

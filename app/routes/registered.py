@@ -14,12 +14,13 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from app.auth import charge_more
-from app.http import JOB_TYPES_SEGMENT, json_model, owner_of, status_url
+from app.http import JOB_TYPES_SEGMENT, json_model, owner_of, status_url, unique_holder
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
 from asyncjobs.registry import JobType, job_types, user_job_types
+from jobs.engine.unique import is_existing
 from jobs.enqueue import enqueue_registered
 from jobs.retry import job_timeout
 
@@ -54,8 +55,15 @@ def enqueue_handler(job_type: JobType) -> Any:
         settings = request.app[SETTINGS]
         options, body = await read_job_request(request)
         arguments = job_type.validate(body)  # 422 naming the field, before anything is stored
-        await charge_more(request, job_type.cost)
         key_job_id = new_job_id(request) if "Idempotency-Key" in request.headers else None
+        unique = options.unique()
+        holder = await unique_holder(request, job_type.name, unique, key_job_id)
+        if holder is not None:  # the unique key's job, already there: its cost not charged
+            answer = JobAccepted(
+                job_id=holder, status_url=status_url(request, holder), existing=True
+            )
+            return json_model(answer, status=202)
+        await charge_more(request, job_type.cost)
         new_id = await enqueue_registered(
             request.app[REDIS],
             settings,
@@ -67,10 +75,13 @@ def enqueue_handler(job_type: JobType) -> Any:
             callback_url=str(options.callback_url) if options.callback_url else None,
             replicated=True,
             owner=owner_of(request) or None,
+            unique=unique,
         )
         job_id = new_id or key_job_id  # None: the key's job exists (a retry): that one
         assert job_id is not None
-        accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
+        accepted = JobAccepted(
+            job_id=job_id, status_url=status_url(request, job_id), existing=is_existing(job_id)
+        )
         return json_model(accepted, status=202)
 
     enqueue.__name__ = f"enqueue_{job_type.name}"

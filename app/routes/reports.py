@@ -10,6 +10,7 @@ from app.idempotency import idempotent
 from app.joboptions import split_options
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
+from jobs.engine.unique import is_existing
 from jobs.housekeeping.report import latest_report
 
 
@@ -24,7 +25,9 @@ async def enqueue_report(request: web.Request) -> web.Response:
             text=f"unknown fields {sorted(rest)}: a report takes only the job options"
         )
     job_id = await enqueue(request, "report", **options.enqueue_kwargs())
-    accepted = JobAccepted(job_id=job_id, status_url=status_url(request, job_id))
+    accepted = JobAccepted(
+        job_id=job_id, status_url=status_url(request, job_id), existing=is_existing(job_id)
+    )
     return json_model(accepted, status=202)
 
 

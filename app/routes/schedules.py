@@ -54,24 +54,32 @@ from jobs.schedules import (
 from jobs.values import now_utc
 
 SCHEDULE_ID_PATTERN = HEX_ID_PATTERN
+# The job options a schedule's job takes (run_at and delay_seconds: the schedule says when)
+SCHEDULED_OPTIONS = ("priority", "callback_url", "unique_key", "unique_window_seconds")
 
 
 async def checked_job(request: web.Request, job: ScheduledJob) -> ScheduledJob:
     """The job with its body as its endpoint would take it; 422 naming job.* otherwise."""
     settings = request.app[SETTINGS]
+    options = {name: getattr(job, name) for name in SCHEDULED_OPTIONS}
     try:
-        JobOptions.model_validate(
-            {"priority": job.priority, "callback_url": job.callback_url},
-            context={"settings": settings},
+        checked = JobOptions.model_validate(options, context={"settings": settings})
+    except ValidationError as exc:
+        raise _prefixed(exc, ("job",)) from None
+    if checked.unique_key is not None and job.type == "scrape" and not job.body.get("url"):
+        raise web.HTTPUnprocessableEntity(
+            text="job.unique_key names one job: give it with a scrape's 'url', not 'urls'"
         )
+    try:
         if job.type == "newsletter":  # as POST /jobs/newsletter does: off the event loop
             context = validation_context(settings, settings.newsletter_max_recipients)
             body = await off_loop(request, "the newsletter", checked_newsletter, job.body, context)
         else:
             body = _validated_body(job, settings)
     except ValidationError as exc:
-        raise _prefixed(exc, ("job",) if _is_option_error(exc) else ("job", "body")) from None
-    return job.model_copy(update={"body": body})
+        raise _prefixed(exc, ("job", "body")) from None
+    window = checked.unique_window_seconds  # the default filled in
+    return job.model_copy(update={"body": body, "unique_window_seconds": window})
 
 
 def _validated_body(job: ScheduledJob, settings: Settings) -> dict[str, Any]:
@@ -93,10 +101,6 @@ def _validated_body(job: ScheduledJob, settings: Settings) -> dict[str, Any]:
     if job.body:
         raise web.HTTPUnprocessableEntity(text="a report job takes no body (job.body must be {})")
     return {}
-
-
-def _is_option_error(exc: ValidationError) -> bool:
-    return any(err["loc"][:1] in (("priority",), ("callback_url",)) for err in exc.errors())
 
 
 def _prefixed(exc: ValidationError, prefix: tuple[str, ...]) -> ValidationError:

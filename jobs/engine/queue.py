@@ -37,8 +37,11 @@ from asyncjobs.arqcompat import (
 )
 from asyncjobs.keys import (
     COUNTERS_KEY,
+    DEPENDENTS_KEY_PREFIX,
+    ENDED_KEY_PREFIX,
     TRIES_KEPT,
     TRIES_KEY_PREFIX,
+    WAITS_KEY_PREFIX,
     bulk_turn_key,
     transactional_key,
     wake_key,
@@ -47,6 +50,7 @@ from asyncjobs.luascript import Arg, LuaScript
 from asyncjobs.redis import execute_replicated
 from asyncjobs.registry import PRIORITIES, Priority
 from asyncjobs.settings import Settings
+from jobs.engine.unique import ExistingJob, Unique
 
 RETRY_KEY_TTL_S = 88400  # arq's
 # A completion webhook's URL, carried in the job's kwargs beside arq's options; the runner
@@ -55,8 +59,14 @@ CALLBACK_KWARG = "_callback_url"
 # The API key a job was enqueued for (its id, as app/auth.py names keys), carried the same way:
 # the runner hands it to the job's context, and the CPU pool takes turns between owners.
 OWNER_KWARG = "_owner"
+# A unique key (jobs.engine.unique.Unique): while the job holding it is there, that job's id
+# (an ExistingJob) is the enqueue's answer and nothing is enqueued.
+UNIQUE_KWARG = "_unique"
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
 KEEP_AFTER_NEXT_TRY_MS = 24 * 3600 * 1000  # arq's expires_extra_ms
+# How long a finished job's ended marker is kept when it keeps no result (else its result's
+# TTL): an `after` naming it is resolved from the marker (jobs/engine/dependencies.py).
+ENDED_TTL_MS = 24 * 3600 * 1000
 # While transactional and bulk jobs both wait, one claim in this many takes a bulk job.
 BULK_SHARE_EVERY = 10
 
@@ -73,7 +83,8 @@ async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str |
     """arq's `enqueue_job` in one round trip, which also counts the job for the metrics and
     wakes a waiting worker: the new job's id, or None if a job with `_job_id` exists.
     Takes arq's options: `_job_id`, `_queue_name`, `_defer_by`, `_expires`, `_job_try`,
-    `_priority` ("bulk" unless it says "transactional": ahead of bulk, see claim.lua), and
+    `_priority` ("bulk" unless it says "transactional": ahead of bulk, see claim.lua),
+    `_unique` (a Unique: the id of the job holding it, an ExistingJob, while it is there), and
     `_replicated` (the settings: with REDIS_WAIT_REPLICAS, return only once replicas have the
     job, else NotReplicatedError)."""
     settings: Settings | None = kwargs.pop("_replicated", None)
@@ -84,7 +95,7 @@ async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str |
         async with redis.pipeline(transaction=False) as pipe:
             await call.run(redis, pipe)
             [added] = await execute_replicated(pipe, settings)
-    return call.job_id if added else None
+    return _answer(call.job_id, added)
 
 
 async def enqueue_jobs(
@@ -102,7 +113,15 @@ async def enqueue_jobs(
             await call.run(redis, pipe)
             ids.append(call.job_id)
         added = await (execute_replicated(pipe, replicated) if replicated else pipe.execute())
-    return [job_id if ok else None for job_id, ok in zip(ids, added, strict=True)]
+    return [_answer(job_id, ok) for job_id, ok in zip(ids, added, strict=True)]
+
+
+def _answer(job_id: str, added: Any) -> str | None:
+    """enqueue.lua's reply as an id: the new job's, the unique key's holder's (bytes: an
+    ExistingJob), or None for a taken id."""
+    if isinstance(added, bytes | str):
+        return ExistingJob(added.decode() if isinstance(added, bytes) else added)
+    return job_id if added else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +135,12 @@ class _Enqueue:
     score: int  # ms: when it is due
     function: str
     transactional: bool
+    unique_key: str | None = None  # the Redis key of its Unique, if it has one
+    unique_window_ms: int = 0
 
     async def run(self, redis: Redis, pipe: Pipeline | None = None) -> Any:
-        """1 if the job was added, 0 if its id was taken (or, on `pipe`, the pipeline)."""
+        """1 if the job was added, 0 if its id was taken, the holder's id (bytes) if its
+        unique key is held (or, on `pipe`, the pipeline)."""
         keys = [
             job_key_prefix + self.job_id,
             result_key_prefix + self.job_id,
@@ -135,6 +157,9 @@ class _Enqueue:
             f"enqueued|{self.function}",
             "1" if self.transactional else "0",
         ]
+        if self.unique_key is not None:
+            keys.append(self.unique_key)
+            args += [self.unique_window_ms, job_key_prefix]
         return await _ENQUEUE.run(redis, keys, args, pipe)
 
 
@@ -147,6 +172,7 @@ def _enqueue_call(redis: ArqRedis, function: str, kwargs: dict[str, Any]) -> _En
     expires_ms = to_ms(kwargs.pop("_expires", None))
     job_try: int | None = kwargs.pop("_job_try", None)
     priority: Priority = kwargs.pop("_priority", None) or "bulk"
+    unique: Unique | None = kwargs.pop(UNIQUE_KWARG, None)
     if priority not in PRIORITIES:
         raise ValueError(f"_priority must be one of {PRIORITIES}, not {priority!r}")
     if "_defer_until" in kwargs:
@@ -161,6 +187,8 @@ def _enqueue_call(redis: ArqRedis, function: str, kwargs: dict[str, Any]) -> _En
         score=enqueued_ms + defer_ms,
         function=function,
         transactional=priority == "transactional",
+        unique_key=unique.redis_key(function, kwargs.get(OWNER_KWARG)) if unique else None,
+        unique_window_ms=unique.window_ms if unique else 0,
     )
 
 
@@ -228,22 +256,28 @@ class Finish:
     keep_in_progress_ms: int = 0  # cron jobs keep their in-progress key a while (arq's rule)
     counts_as_try: bool = True  # False: a postponed run, the job's try count is given back
     try_record: bytes = b""  # JSON: this try for the job's tries list (b"": none)
+    # a job that ended for good: "complete", "failed" or "aborted", and why it failed; its
+    # ended marker and the jobs waiting on it are written from these (jobs/engine/dependencies)
+    outcome: str = ""
+    error: str = ""
 
-    def keys(self) -> tuple[str, str, str, str, str]:
-        """finish.lua's five keys for this job."""
+    def keys(self) -> tuple[str, str, str, str, str, str, str]:
+        """finish.lua's seven keys for this job."""
         job_id = self.job_id
         return (
             in_progress_key_prefix + job_id, job_key_prefix + job_id,
             retry_key_prefix + job_id, result_key_prefix + job_id, TRIES_KEY_PREFIX + job_id,
+            DEPENDENTS_KEY_PREFIX + job_id, ENDED_KEY_PREFIX + job_id,
         )  # fmt: skip
 
-    def fields(self) -> tuple[str, str, bytes, int, int, int, bytes]:
-        """finish.lua's seven arguments for this job."""
+    def fields(self) -> tuple[str, str, bytes, int, int, int, bytes, str, str]:
+        """finish.lua's nine arguments for this job."""
         mode = "done" if self.done else "again" if self.counts_as_try else "later"
         result = self.result or b""
+        outcome = self.outcome if self.done else ""
         return (
             self.job_id, mode, result, self.result_ttl_ms, self.score,
-            self.keep_in_progress_ms, self.try_record,
+            self.keep_in_progress_ms, self.try_record, outcome, self.error,
         )  # fmt: skip
 
 
@@ -251,7 +285,9 @@ async def finish(redis: Redis, queue: str, finishes: Sequence[Finish]) -> None:
     """Write how each job ended, FINISH_BATCH at a time."""
     for start in range(0, len(finishes), FINISH_BATCH):
         keys = [queue, abort_jobs_ss, transactional_key(queue)]
-        args: list[Any] = [timestamp_ms(), KEEP_AFTER_NEXT_TRY_MS, TRIES_KEPT]
+        args: list[Any] = [
+            timestamp_ms(), KEEP_AFTER_NEXT_TRY_MS, TRIES_KEPT, WAITS_KEY_PREFIX, ENDED_TTL_MS,
+        ]  # fmt: skip
         for item in finishes[start : start + FINISH_BATCH]:
             keys.extend(item.keys())
             args.extend(item.fields())

@@ -45,6 +45,7 @@ from asyncjobs.errors import JobError, Postpone
 from asyncjobs.speedups import dumps
 from jobs.context import MONITOR, OWNER
 from jobs.deadletter import DeadLetter, add_dead_letter
+from jobs.engine.dependencies import WAITS_KWARG, Cancelled, finish_fields, take_hand_off
 from jobs.engine.queue import (
     CALLBACK_KWARG,
     OWNER_KWARG,
@@ -105,6 +106,7 @@ class _Job:
     job_try: int = 0
     callback_url: str | None = None  # a completion webhook to enqueue when it ends for good
     owner: str | None = None  # the API key it was enqueued for
+    waits: dict[str, Any] | None = None  # it waited for other jobs (jobs/engine/dependencies)
     ended: tuple[FinalStatus, Any] | None = None  # how it ended for good, once it has
     started_ms: int = 0  # when this try began (0: it never ran)
     outcome: str = "retrying"  # this try's, when it did not end the job
@@ -303,6 +305,13 @@ async def run_claimed(worker: SeamWorker, engine: Engine, claimed: Claimed) -> N
     """arq's run_job for a job already claimed: check it, run it, write how it ended."""
     job = _Job(claimed, job_try=claimed.job_try)
     function = _check(worker, job)
+    if job.waits is not None and not isinstance(function, BaseException):
+        # what it waited for goes in its arguments; a parent that failed cancels it
+        kwargs = job.kwargs if job.kwargs is not None else {}
+        why = await take_hand_off(
+            worker.pool, claimed.job_id, job.waits, kwargs, worker.job_deserializer
+        )
+        function = function if why is None else Cancelled(why)
     if isinstance(function, BaseException):  # finished without running
         if isinstance(function, UnknownFunction):
             await _dead_letter_unknown(worker, job, function)
@@ -349,6 +358,7 @@ def _check(worker: SeamWorker, job: _Job) -> Function | CronJob | BaseException:
     if job.kwargs:
         job.callback_url = job.kwargs.pop(CALLBACK_KWARG, None)
         job.owner = job.kwargs.pop(OWNER_KWARG, None)
+        job.waits = job.kwargs.pop(WAITS_KWARG, None)
     if claimed.aborted and worker.allow_abort_jobs:
         log.info("%s:%s aborted before start", claimed.job_id, job.function_name)
         return asyncio.CancelledError()
@@ -432,12 +442,16 @@ def _done_item(
             job_id=job.claimed.job_id,
             serializer=worker.job_serializer,
         )
+    # its end releases the jobs waiting on it, in the same script (finish.lua)
+    outcome, error = finish_fields(job.ended[0] if job.ended else "", job.error)
     return Finish(
         job.claimed.job_id,
         done=True,
         result=data,
         result_ttl_ms=0 if keep_forever else to_ms(keep_s) or 0,
         keep_in_progress_ms=_keep_in_progress_ms(function),
+        outcome=outcome,
+        error=error,
     )
 
 

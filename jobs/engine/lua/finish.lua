@@ -6,18 +6,55 @@
 -- the last `kept` and expires with the job's result.
 -- A job put back for a later try keeps its data and its try count at least until then: arq sets
 -- their TTLs once (a day), and an email retried for two days would otherwise vanish midway.
+-- A job that ends for good ("done" with an outcome) also leaves an ended marker ("<outcome>|
+-- <error>", kept as long as its result) and releases the jobs waiting on it (its dependents
+-- set, jobs/engine/dependencies.py): each one's pending count goes down and its outcome is
+-- counted; one whose parent did not complete (and that does not allow failure) is cancelled,
+-- and one with nothing left to wait for (or cancelled) is put in its queue, due now. This is
+-- in the same script as the end itself, so a crash cannot release a dependent twice or never.
+-- Not cluster-safe: the dependents' waits hashes, queues and wake lists are found here (their
+-- names are built from a prefix, or read from the waits hash), so they are not in KEYS.
 -- Returns the number of jobs written.
 local queue = KEYS[1]
 local abort_set = KEYS[2]
 local transactional = KEYS[3]
--- then five keys per job, from KEYS[4]: in-progress, job, retry, result, tries
+-- then seven keys per job, from KEYS[4]: in-progress, job, retry, result, tries, dependents,
+-- ended marker
 local now = tonumber(ARGV[1])  -- ms
 local extra = tonumber(ARGV[2])  -- ms to keep a job's data past its next try
 local kept = tonumber(ARGV[3])  -- tries kept in a job's tries list
--- then seven fields per job, from ARGV[4]: id, mode ("done", "again" or "later"), result bytes
+local waits_prefix = ARGV[4]  -- + a dependent's id: its waits hash
+local ended_ttl = tonumber(ARGV[5])  -- ms to keep an ended marker when no result is kept
+-- then nine fields per job, from ARGV[6]: id, mode ("done", "again" or "later"), result bytes
 -- ("" for none), result TTL ms (0: for ever), new score (for "again" and "later"), ms to keep
--- the in-progress key (0: delete it), the try's JSON record ("" for none)
-local FIRST_KEY, KEYS_PER_JOB, FIRST_ARG, ARGS_PER_JOB = 4, 5, 4, 7
+-- the in-progress key (0: delete it), the try's JSON record ("" for none), the outcome of a
+-- job that ended for good ("complete", "failed", "aborted"; "" otherwise), its error ("")
+local FIRST_KEY, KEYS_PER_JOB, FIRST_ARG, ARGS_PER_JOB = 4, 7, 6, 9
+
+-- One dependent of a job that ended: count the end, and queue it once it may run (or is
+-- cancelled). A dependent no longer waiting (released, cancelled or aborted) is left alone.
+local function release(child, parent, outcome, err, result)
+  local waits = waits_prefix .. child
+  local state = redis.call('HMGET', waits, 'state', 'allow_failure', 'pass_result', 'queue',
+                           'wake', 'hint')
+  if state[1] ~= 'waiting' then return end
+  local pending = redis.call('HINCRBY', waits, 'pending', -1)
+  redis.call('HINCRBY', waits, 'n:' .. outcome, 1)
+  if state[3] == '1' and outcome == 'complete' then redis.call('HSET', waits, 'result', result) end
+  local release_it = pending <= 0
+  if outcome ~= 'complete' and state[2] ~= '1' then
+    redis.call('HSET', waits, 'state', 'cancelled', 'cancelled_by', parent,
+               'cancel_outcome', outcome, 'cancel_error', err)
+    release_it = true
+  elseif release_it then
+    redis.call('HSET', waits, 'state', 'released')
+  end
+  if release_it then
+    redis.call('ZADD', state[4], now, child)
+    if state[6] ~= '' then redis.call('ZADD', state[6], now, child) end
+    if redis.call('LLEN', state[5]) == 0 then redis.call('LPUSH', state[5], 1) end
+  end
+end
 
 local check_abort = redis.call('ZCARD', abort_set) > 0
 local jobs = (#ARGV - FIRST_ARG + 1) / ARGS_PER_JOB
@@ -25,9 +62,11 @@ for n = 0, jobs - 1 do
   local k, a = FIRST_KEY + n * KEYS_PER_JOB, FIRST_ARG + n * ARGS_PER_JOB
   local in_progress, job_key, retry_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local result_key, tries = KEYS[k + 3], KEYS[k + 4]
+  local dependents, ended = KEYS[k + 5], KEYS[k + 6]
   local id, mode, result = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local result_ttl, score = tonumber(ARGV[a + 3]), ARGV[a + 4]
   local keep, record = tonumber(ARGV[a + 5]), ARGV[a + 6]
+  local outcome, err = ARGV[a + 7], ARGV[a + 8]
   if record ~= '' and redis.call('RPUSH', tries, record) > kept then
     redis.call('LTRIM', tries, -kept, -1)
   end
@@ -54,6 +93,14 @@ for n = 0, jobs - 1 do
       redis.call('PEXPIRE', tries, result_ttl)
     else
       redis.call('PERSIST', tries)
+    end
+    if outcome ~= '' then
+      local marker_ttl = ended_ttl
+      if result ~= '' and result_ttl > 0 then marker_ttl = result_ttl end
+      redis.call('SET', ended, outcome .. '|' .. err, 'PX', marker_ttl)
+      local children = redis.call('SMEMBERS', dependents)
+      for _, child in ipairs(children) do release(child, id, outcome, err, result) end
+      if #children > 0 then redis.call('DEL', dependents) end
     end
   else
     redis.call('ZADD', queue, 'XX', score, id)
