@@ -15,7 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+from bench.batchcallback import (
+    ROUNDS,
+    BatchCallbackResult,
+    has_batch_callback,
+    measure_batch_callback,
+    skipped_batch_callback,
+    summary,
+)
 from bench.engines import (
+    ASYNCJOBS_SETTINGS,
     BEFORE_ISSUE_17,
     ENGINES,
     STACK_ENGINES,
@@ -95,6 +104,7 @@ async def run(args: argparse.Namespace) -> int:
     redis, site, sink = RedisServer(logs), Site(logs), Sink(logs)
     runs: list[RunResult] = []
     pickups: list[PickupResult] = []
+    batches: list[BatchCallbackResult] = []
     http: HttpResult | None = None
     producer: CeleryProducer | None = None
     try:
@@ -142,6 +152,23 @@ async def run(args: argparse.Namespace) -> int:
                 drained = await measure_drain(engine, WORKLOADS["noop"], n, services, redis)
                 runs.append(drained)
                 say(f"  {drained.status}: {drained.jobs_per_s or 0:,.0f} jobs/s")
+        if "noop" in workloads:  # issue 31's row: no-op batches with a callback, and without
+            for engine in engines:
+                if engine.target != ASYNCJOBS_SETTINGS:
+                    continue
+                if not has_batch_callback(engine):
+                    say(f"batch callback x {engine.name}: skipped (no batch callbacks there)")
+                    batches.append(skipped_batch_callback(engine))
+                    continue
+                say(f"batch callback x {engine.name}: {ROUNDS[mode]} x 2 batches of 1,000 jobs")
+                batch = await measure_batch_callback(engine, services, redis, ROUNDS[mode])
+                batches.append(batch)
+                p50, worst = summary(batch)["latency_p50_ms"], summary(batch)["latency_max_ms"]
+                say(
+                    f"  {batch.status}"
+                    + (f": callback latency p50 {p50:.0f} ms, max {worst:.0f} ms" if worst else "")
+                    + (f" ({batch.error.splitlines()[0]})" if batch.error else "")
+                )
         if not args.quick and "scrape" in workloads and "asyncjobs" in args.engines:
             n = WORKLOADS["scrape"].full
             say(f"memory: scrape x {WIDE.name}: {n:,} jobs")
@@ -162,8 +189,8 @@ async def run(args: argparse.Namespace) -> int:
             redis.stop(), site.process.stop(), sink.process.stop(), return_exceptions=True
         )
     info = machine()
-    write_json(args.json, info, mode, runs, pickups, http)
-    print(render(info, mode, runs, pickups, http))
+    write_json(args.json, info, mode, runs, pickups, http, batches)
+    print(render(info, mode, runs, pickups, http, batches))
     for result in runs:
         if result.profile:
             print(f"\n## Profile: {result.workload} x {result.engine}\n\n{result.profile}")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.batchcallback import CALLBACK_ARGUMENT, BatchCallbackResult, summary
 from bench.common import PAGE_DELAY_S
 from bench.engines import BEFORE_ISSUE_17, ENGINES, STACK_ENGINES, WIDE, Engine, engine_named
 from bench.httpbench import PATH, HttpResult
@@ -181,6 +182,70 @@ def pickup_table(results: list[PickupResult]) -> list[str]:
     return lines
 
 
+def _with(a: float | None, b: float | None, digits: int) -> str:
+    """`with / without (ratio)`."""
+    if a is None or b is None:
+        return "-"
+    ratio = f" ({a / b:,.2f}x)" if b else ""
+    return f"{a:,.{digits}f} / {b:,.{digits}f}{ratio}"
+
+
+def batch_callback_table(results: list[BatchCallbackResult]) -> list[str]:
+    n = results[0].n
+    lines = [
+        f"### Batch with a callback: {n:,} no-op jobs enqueued as `POST /batches` does, and "
+        "one callback job run when all have ended (each batch also run without a callback; "
+        "drain p50 over the batches, CPU and commands per job over all of them; "
+        "with / without (ratio))",
+        "",
+        "| engine | batches | drain s | callback latency p50 / max ms "
+        "| worker CPU ms / job | Redis CPU ms / job | Redis cmds / job |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    notes: list[str] = []
+    for r in results:
+        if r.status == "skipped":
+            lines.append(f"| {r.engine} | skipped | - | - | - | - | - |")
+            continue
+        f = summary(r)
+        with_cb = [b for b in r.rounds if b.callback]
+        good = [
+            b
+            for b in with_cb
+            if b.completed == r.n and not b.failed and b.callback_try == 1
+            and b.counts == {"complete": r.n}
+        ]  # fmt: skip
+        batches = f"{len(good)}/{len(with_cb)} ok" + (
+            f" **{r.status}**" if r.status != "ok" else ""
+        )
+        latency = _pair(f["latency_p50_ms"], f["latency_max_ms"])
+        lines.append(
+            f"| {r.engine} | {batches} | {_with(f['drain_s_with'], f['drain_s_without'], 2)} "
+            f"| {latency} "
+            f"| {_with(f['worker_cpu_ms_per_job_with'], f['worker_cpu_ms_per_job_without'], 3)} "
+            f"| {_with(f['redis_cpu_ms_per_job_with'], f['redis_cpu_ms_per_job_without'], 3)} "
+            f"| {_with(f['redis_cmds_per_job_with'], f['redis_cmds_per_job_without'], 1)} |"
+        )
+        for b in with_cb:
+            if b not in good:
+                notes.append(
+                    f"- {r.engine}: a batch with {b.completed:,}/{b.n:,} jobs done "
+                    f"({b.failed} failed), callback try {b.callback_try}, "
+                    f"`{CALLBACK_ARGUMENT}` counts {b.counts}"
+                )
+        if r.error:
+            notes.append(f"- {r.engine} error: {r.error}")
+    latencies = [
+        f"- {r.engine}: " + ", ".join(_num(b.latency_ms) for b in r.rounds if b.callback) + " ms"
+        for r in results
+        if r.rounds
+    ]
+    if latencies:
+        lines += ["", "Callback latency of each batch (its start - the batch's last finish):"]
+        lines += latencies
+    return lines + (["", *notes] if notes else [])
+
+
 def http_table(h: HttpResult) -> list[str]:
     statuses = ", ".join(f"{code}: {count:,}" for code, count in sorted(h.statuses.items()))
     lines = [
@@ -293,6 +358,7 @@ def render(
     runs: list[RunResult],
     pickups: list[PickupResult],
     http: HttpResult | None,
+    batches: list[BatchCallbackResult] | None = None,
 ) -> str:
     lines = ["## Benchmark results", "", machine_line(info, mode), ""]
     # in the order they ran (the command line's)
@@ -313,6 +379,8 @@ def render(
         lines += [*memory_table(wide), ""]
     if pickups:
         lines += [*pickup_table(pickups), ""]
+    if batches:
+        lines += [*batch_callback_table(batches), ""]
     if http is not None:
         lines += [*http_table(http), ""]
     rows = targets(runs, pickups)
@@ -334,6 +402,7 @@ def write_json(
     runs: list[RunResult],
     pickups: list[PickupResult],
     http: HttpResult | None,
+    batches: list[BatchCallbackResult] | None = None,
 ) -> None:
     data = {
         "machine": info,
@@ -346,6 +415,7 @@ def write_json(
         "runs": [asdict(r) for r in runs],
         "pickup": [asdict(p) for p in pickups],
         "http": asdict(http) if http is not None else None,
+        "batch_callback": [asdict(b) | {"summary": summary(b)} for b in batches or []],
         "targets": [
             {"target": t, "measured": m, "verdict": v} for t, m, v in targets(runs, pickups)
         ],
