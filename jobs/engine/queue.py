@@ -50,6 +50,7 @@ from asyncjobs.luascript import Arg, LuaScript
 from asyncjobs.redis import execute_replicated
 from asyncjobs.registry import PRIORITIES, Priority
 from asyncjobs.settings import Settings
+from asyncjobs.tracing import inject_trace, send_span
 from jobs.engine.unique import ExistingJob, Unique
 
 RETRY_KEY_TTL_S = 88400  # arq's
@@ -88,13 +89,14 @@ async def enqueue_job(redis: ArqRedis, function: str, /, **kwargs: Any) -> str |
     `_replicated` (the settings: with REDIS_WAIT_REPLICAS, return only once replicas have the
     job, else NotReplicatedError)."""
     settings: Settings | None = kwargs.pop("_replicated", None)
-    call = _enqueue_call(redis, function, kwargs)
-    if settings is None or not settings.redis_wait_replicas:
-        added = await call.run(redis)
-    else:  # WAIT on the enqueue's own connection: a pipeline of the two
-        async with redis.pipeline(transaction=False) as pipe:
-            await call.run(redis, pipe)
-            [added] = await execute_replicated(pipe, settings)
+    with send_span(function):  # the job's record carries this span's context (inject_trace)
+        call = _enqueue_call(redis, function, kwargs)
+        if settings is None or not settings.redis_wait_replicas:
+            added = await call.run(redis)
+        else:  # WAIT on the enqueue's own connection: a pipeline of the two
+            async with redis.pipeline(transaction=False) as pipe:
+                await call.run(redis, pipe)
+                [added] = await execute_replicated(pipe, settings)
     return _answer(call.job_id, added)
 
 
@@ -107,12 +109,13 @@ async def enqueue_jobs(
     """`enqueue_job` for many jobs of one function, in one pipelined round trip (and, with
     `replicated` settings asking for it, a WAIT for replicas at its end)."""
     ids = []
-    async with redis.pipeline(transaction=False) as pipe:
-        for kwargs in calls:
-            call = _enqueue_call(redis, function, dict(kwargs))
-            await call.run(redis, pipe)
-            ids.append(call.job_id)
-        added = await (execute_replicated(pipe, replicated) if replicated else pipe.execute())
+    with send_span(function, batch=len(calls)):
+        async with redis.pipeline(transaction=False) as pipe:
+            for kwargs in calls:
+                call = _enqueue_call(redis, function, dict(kwargs))
+                await call.run(redis, pipe)
+                ids.append(call.job_id)
+            added = await (execute_replicated(pipe, replicated) if replicated else pipe.execute())
     return [_answer(job_id, ok) for job_id, ok in zip(ids, added, strict=True)]
 
 
@@ -177,6 +180,7 @@ def _enqueue_call(redis: ArqRedis, function: str, kwargs: dict[str, Any]) -> _En
         raise ValueError(f"_priority must be one of {PRIORITIES}, not {priority!r}")
     if "_defer_until" in kwargs:
         raise TypeError("enqueue_job takes _defer_by, not _defer_until")
+    inject_trace(kwargs, queue, job_id)  # the send span's traceparent, in the job's record
     enqueued_ms = timestamp_ms()
     job = serialize_job(function, (), kwargs, job_try, enqueued_ms, serializer=redis.job_serializer)
     return _Enqueue(

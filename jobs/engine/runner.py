@@ -43,6 +43,7 @@ from asyncjobs.context import SETTINGS
 from asyncjobs.deadlines import deadline
 from asyncjobs.errors import JobError, Postpone
 from asyncjobs.speedups import dumps
+from asyncjobs.tracing import TRACE_KWARG, process_span
 from jobs.context import MONITOR, OWNER
 from jobs.deadletter import DeadLetter, add_dead_letter
 from jobs.engine.dependencies import WAITS_KWARG, Cancelled, finish_fields, take_hand_off
@@ -106,6 +107,7 @@ class _Job:
     job_try: int = 0
     callback_url: str | None = None  # a completion webhook to enqueue when it ends for good
     owner: str | None = None  # the API key it was enqueued for
+    trace: dict[str, str] | None = None  # the enqueue's trace context (asyncjobs.tracing)
     waits: dict[str, Any] | None = None  # it waited for other jobs (jobs/engine/dependencies)
     ended: tuple[FinalStatus, Any] | None = None  # how it ended for good, once it has
     started_ms: int = 0  # when this try began (0: it never ran)
@@ -331,15 +333,16 @@ async def run_claimed(worker: SeamWorker, engine: Engine, claimed: Claimed) -> N
         "score": claimed.score,
         OWNER: job.owner,
     }
-    if worker.on_job_start:
-        await worker.on_job_start(ctx)
-    item = engine.with_try(job, await _execute(worker, job, function, ctx))
-    if worker.on_job_end:
-        await worker.on_job_end(ctx)
-    await _report_end(worker, job)
-    await engine.finish(item)
-    if worker.after_job_end:
-        await worker.after_job_end(ctx)
+    with process_span(job.function_name, claimed.job_id, job.job_try, job.trace, worker.queue_name):
+        if worker.on_job_start:
+            await worker.on_job_start(ctx)
+        item = engine.with_try(job, await _execute(worker, job, function, ctx))
+        if worker.on_job_end:
+            await worker.on_job_end(ctx)
+        await _report_end(worker, job)
+        await engine.finish(item)
+        if worker.after_job_end:
+            await worker.after_job_end(ctx)
 
 
 def _check(worker: SeamWorker, job: _Job) -> Function | CronJob | BaseException:
@@ -358,6 +361,7 @@ def _check(worker: SeamWorker, job: _Job) -> Function | CronJob | BaseException:
     if job.kwargs:
         job.callback_url = job.kwargs.pop(CALLBACK_KWARG, None)
         job.owner = job.kwargs.pop(OWNER_KWARG, None)
+        job.trace = job.kwargs.pop(TRACE_KWARG, None)  # popped whether or not tracing is on
         job.waits = job.kwargs.pop(WAITS_KWARG, None)
     if claimed.aborted and worker.allow_abort_jobs:
         log.info("%s:%s aborted before start", claimed.job_id, job.function_name)

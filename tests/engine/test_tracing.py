@@ -1,10 +1,6 @@
 """OpenTelemetry traces (asyncjobs/tracing.py), read back from the SDK's in-memory exporter: off
 unless the OTEL_* variables say so, a request followed through the queue to the SMTP server,
-retries linked to their enqueue, schedules starting traces of their own, log lines with ids.
-
-The end-to-end tests need the engine's two call sites (jobs/engine/queue.py: send_span and
-inject_trace; jobs/engine/runner.py: process_span); until both are there they are expected to
-fail (ENGINE_WIRED below), and run as ordinary tests once they are."""
+retries linked to their enqueue, schedules starting traces of their own, log lines with ids."""
 
 from __future__ import annotations
 
@@ -42,15 +38,6 @@ from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
 
 ROOT = Path(__file__).resolve().parents[2]
-# The lead wires the engine's call sites after its refactor (see the module's docstring).
-ENGINE_WIRED = "inject_trace" in (ROOT / "jobs/engine/queue.py").read_text() and (
-    "process_span" in (ROOT / "jobs/engine/runner.py").read_text()
-)
-needs_engine = pytest.mark.xfail(
-    not ENGINE_WIRED,
-    reason="jobs/engine/queue.py and runner.py do not call asyncjobs.tracing yet",
-    strict=True,
-)
 
 # OpenTelemetry sets its global provider once per process: one for the module, emptied per test.
 _EXPORTER = InMemorySpanExporter()
@@ -344,7 +331,7 @@ async def test_an_http_job_is_a_span_and_carries_traceparent(
 # --- end to end: the engine's call sites --------------------------------------------------------
 
 
-@needs_engine
+@pytest.mark.slow
 async def test_one_email_is_one_trace_from_the_api_to_the_smtp_server(
     spans: InMemorySpanExporter, settings: Settings, redis: ArqRedis
 ) -> None:
@@ -372,7 +359,7 @@ async def test_one_email_is_one_trace_from_the_api_to_the_smtp_server(
     assert len({trace_id(s) for s in (server, send, process, smtp_send)}) == 1
 
 
-@needs_engine
+@pytest.mark.slow
 async def test_a_job_failing_twice_then_succeeding_is_three_tries_linked_to_one_enqueue(
     spans: InMemorySpanExporter,
     settings: Settings,
@@ -439,9 +426,8 @@ async def test_a_schedules_run_starts_a_trace_of_its_own_naming_it(
     assert run.parent is None and trace_id(run) != trace_id(tick)
     assert [link.context.span_id for link in run.links] == [span_id(tick)]
     assert run.attributes is not None and run.attributes["asyncjobs.schedule.id"] == schedule.id
-    if ENGINE_WIRED:  # the run's enqueue is in its trace
-        [send] = named(spans, "send")
-        assert parent_id(send) == span_id(run)
+    [send] = named(spans, "send")  # the run's enqueue is in its trace
+    assert parent_id(send) == span_id(run)
 
 
 async def test_no_trace_kwarg_reaches_a_job_when_tracing_is_off(
