@@ -28,6 +28,7 @@ from redis.asyncio.client import Pipeline
 
 from asyncjobs.arqcompat import (
     abort_jobs_ss,
+    expires_extra_ms,
     in_progress_key_prefix,
     job_key_prefix,
     result_key_prefix,
@@ -64,7 +65,7 @@ OWNER_KWARG = "_owner"
 # (an ExistingJob) is the enqueue's answer and nothing is enqueued.
 UNIQUE_KWARG = "_unique"
 FINISH_BATCH = 200  # jobs per finish script call: bounds how long Redis runs one script
-KEEP_AFTER_NEXT_TRY_MS = 24 * 3600 * 1000  # arq's expires_extra_ms
+KEEP_AFTER_NEXT_TRY_MS = expires_extra_ms  # arq's: a day
 # How long a finished job's ended marker is kept when it keeps no result (else its result's
 # TTL): an `after` naming it is resolved from the marker (jobs/engine/dependencies.py).
 ENDED_TTL_MS = 24 * 3600 * 1000
