@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import ip_network
 from pathlib import Path
@@ -17,7 +24,8 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 from arq.worker import Worker
-from redis.asyncio import Redis
+from redis import Redis as SyncRedis
+from redis.exceptions import RedisError
 
 from app.mailsink import server_port, start_smtp_server
 from app.web import create_app
@@ -28,13 +36,31 @@ from jobs.cpulimit import CpuPool
 from jobs.engine.worker import EngineWorker
 from jobs.scrape.fetch import Fetcher, make_http_session
 from jobs.worker import worker_options
-from tests.helpers import ApiClient, api_client
+from tests.helpers import ApiClient, api_client, free_port
 from tests.servers import CrawlStats, RecordingSmtpHandler, SiteStats, make_crawl_site, make_site
 
 pytest_plugins = ["pytester"]  # tests/engine/test_isolation.py runs pytest on small test files
 
-# A database of its own, flushed before each test: never the one the dev stack uses (0).
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# The suite's Redis: a redis-server of its own on a free loopback port, started for the session
+# (pytest_sessionstart), unless TEST_REDIS_URL names one. Exported, so that every process the
+# tests start (workers, APIs, inner pytest runs) uses the same server. Before each test its
+# database is flushed: with a server of its own all of it (FLUSHALL), with TEST_REDIS_URL only
+# that database, never the one the dev stack uses (0).
+_OWN_REDIS_PORT = None if os.environ.get("TEST_REDIS_URL") else free_port()
+if _OWN_REDIS_PORT is not None:
+    os.environ["TEST_REDIS_URL"] = f"redis://127.0.0.1:{_OWN_REDIS_PORT}/13"
+TEST_REDIS_URL = os.environ["TEST_REDIS_URL"]
+NO_REDIS_SERVER = (
+    "redis-server is not installed: install it (apt-get install redis-server; "
+    "brew install redis) or point TEST_REDIS_URL at a Redis (redis://127.0.0.1:6379/13)"
+)
+
+# A developer's `.env` (Settings read one from the working directory) never reaches a test:
+# every Settings() in this process reads the environment only; nor do the service settings of
+# the shell that runs the suite (REDIS_URL, API_KEYS, ...), here or in the processes it starts.
+Settings.model_config["env_file"] = None
+for _name in [n for n in os.environ if n.lower() in Settings.model_fields]:
+    del os.environ[_name]
 LOOPBACK = [ip_network("127.0.0.0/8"), ip_network("::1/128")]
 API_KEY, READ_KEY = "test-key-full-access", "test-key-read-only"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -68,31 +94,86 @@ def isolated_teardown(
 
 @pytest.fixture(autouse=True)
 def _no_state_from_earlier_tests() -> Iterator[None]:
-    """Settings read from the environment are cached per process: each test reads its own.
-    Importing worker_settings installs uvloop's event loop policy: the next test still gets
-    the loop every test gets."""
+    """Settings read from the environment are cached per process: each test reads its own."""
     get_settings.cache_clear()
-    policy = asyncio.get_event_loop_policy()
     yield
     get_settings.cache_clear()
-    asyncio.set_event_loop_policy(policy)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _redis_must_answer() -> None:
-    """No Redis is a failure, not a skip: the suite is about talking to a real one."""
+_suite_redis: subprocess.Popen[bytes] | None = None  # the redis-server this session started
+_suite_redis_dir: Path | None = None
 
-    async def ping() -> None:
-        client = Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2)
-        try:
-            await client.ping()
-        finally:
-            await client.aclose()
 
+def _die_with_the_tests() -> None:
+    """In the redis-server child, before exec: SIGTERM when the test process dies, even when
+    it is killed, so no server outlives the run."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _redis_answers(url: str) -> bool:
+    client = SyncRedis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
     try:
-        asyncio.run(ping())
-    except Exception as exc:
-        pytest.exit(f"Redis does not answer at {TEST_REDIS_URL}: {exc}", returncode=3)
+        return bool(client.ping())
+    except (RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start the suite's redis-server (unless TEST_REDIS_URL names one); either way, no Redis
+    is a failure at once, not a skip: the suite is about talking to a real one."""
+    global _suite_redis, _suite_redis_dir
+    if _OWN_REDIS_PORT is not None and _suite_redis is None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.exit(NO_REDIS_SERVER, returncode=3)
+        _suite_redis_dir = Path(tempfile.mkdtemp(prefix="asyncjobs-test-redis-"))
+        with (_suite_redis_dir / "redis.log").open("ab") as log:
+            _suite_redis = subprocess.Popen(
+                [binary, "--port", str(_OWN_REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(_suite_redis_dir)],
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_the_tests,
+            )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while not _redis_answers(TEST_REDIS_URL):
+            if _suite_redis.poll() is not None or time.monotonic() > deadline:
+                log_text = (_suite_redis_dir / "redis.log").read_text(errors="replace")
+                pytest.exit(f"the suite's redis-server did not start:\n{log_text}", returncode=3)
+            time.sleep(0.05)
+    elif not _redis_answers(TEST_REDIS_URL):
+        pytest.exit(f"Redis does not answer at TEST_REDIS_URL={TEST_REDIS_URL}", returncode=3)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    global _suite_redis, _suite_redis_dir
+    if _suite_redis is not None:
+        _suite_redis.terminate()
+        try:
+            _suite_redis.wait(15)
+        except subprocess.TimeoutExpired:
+            _suite_redis.kill()
+            _suite_redis.wait()
+        _suite_redis = None
+    if _suite_redis_dir is not None:
+        shutil.rmtree(_suite_redis_dir, ignore_errors=True)
+        _suite_redis_dir = None
+
+
+@pytest.fixture(autouse=True)
+def _flushed_redis() -> None:
+    """Each test starts from an empty Redis: no rate-limit window, quota, job or lock of an
+    earlier test. The whole server when it is the suite's own (every database a test may use),
+    else TEST_REDIS_URL's database only (the server may hold others' data)."""
+    client = SyncRedis.from_url(TEST_REDIS_URL, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        if _suite_redis is not None:
+            client.flushall()
+        else:
+            client.flushdb()
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -268,8 +349,33 @@ def fault_report() -> Callable[[str], None]:
     return FAULT_REPORT.append
 
 
+# The quick run (`-m "not slow"`) stays under 2 minutes only while every test over SLOW_S
+# (setup and call) says @pytest.mark.slow: the ones that took twice that unmarked are listed.
+SLOW_S = 1.5
+_durations: dict[str, float] = {}
+_unmarked: set[str] = set()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _unmarked.update(item.nodeid for item in items if item.get_closest_marker("slow") is None)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when in ("setup", "call"):
+        _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if FAULT_REPORT:
         terminalreporter.section("fault test figures")
         for line in FAULT_REPORT:
             terminalreporter.write_line(line)
+    unmarked = {n: d for n, d in _durations.items() if n in _unmarked and d > 2 * SLOW_S}
+    if unmarked:
+        terminalreporter.section("unmarked slow tests")
+        terminalreporter.write_line(
+            f"over {2 * SLOW_S:g} s (setup and call) without @pytest.mark.slow (a loaded machine "
+            f"slows every test: rerun before marking one):"
+        )
+        for nodeid, seconds in sorted(unmarked.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")

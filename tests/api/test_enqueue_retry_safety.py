@@ -118,6 +118,7 @@ async def test_a_503_email_retried_with_its_key_is_delivered_once_with_one_messa
         ("/jobs/report", {}, lambda a: [a["job_id"]]),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 async def test_every_built_in_retried_after_a_503_answers_the_first_tries_jobs(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,

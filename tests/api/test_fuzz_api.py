@@ -15,7 +15,7 @@ from aiohttp import ClientSession
 from arq.connections import ArqRedis
 
 from tests.conftest import API_KEY, READ_KEY, TEST_REDIS_URL
-from tests.faults.procs import REPO, service_env, stop_process
+from tests.faults.procs import service_env, stop_process
 from tests.helpers import free_port, wait_for
 
 FUZZ_TIMEOUT_S = 300
@@ -51,6 +51,7 @@ async def send_hostile_inputs(base: str) -> list[int]:
 
 
 @pytest.mark.timeout(FUZZ_TIMEOUT_S + 60)  # past its own deadline (the global one is 120 s)
+@pytest.mark.slow
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     redis: ArqRedis, tmp_path: Path, fault_report: Callable[[str], None]
 ) -> None:
@@ -62,7 +63,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     )  # fmt: skip
     log = (tmp_path / "web.log").open("wb")
     web = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", "web", cwd=REPO, env=env, stdout=log, stderr=log
+        sys.executable, "-m", "app", "web", cwd=tmp_path, env=env, stdout=log, stderr=log
     )
     try:
         base = f"http://127.0.0.1:{port}"

@@ -32,6 +32,7 @@ def email(recipients: int) -> dict[str, Any]:
     return {"to": to, "subject": "Hi", "text": "x"}
 
 
+@pytest.mark.slow
 async def test_default_limits_admit_the_largest_newsletter_and_then_say_how_long_to_wait(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> None:
@@ -53,6 +54,7 @@ async def test_default_limits_admit_the_largest_newsletter_and_then_say_how_long
         assert "20000 messages per hour" in (await refused.json())["message"]
 
 
+@pytest.mark.slow
 async def test_a_429s_retry_after_is_true(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> None:
@@ -104,6 +106,7 @@ def test_settings_whose_limits_contradict_each_other_refuse_to_start() -> None:
     ("rule", "recipients"),
     [({"every": 60}, 1000), ({"cron": "*/5 * * * *"}, 2000), ({"cron": "0,20,40 9 * * 1"}, 7000)],
 )
+@pytest.mark.slow
 async def test_a_schedule_whose_runs_never_fit_is_refused_at_creation(
     api: ApiClient, rule: dict[str, Any], recipients: int
 ) -> None:
@@ -116,6 +119,7 @@ async def test_a_schedule_whose_runs_never_fit_is_refused_at_creation(
     assert "busiest hour" in body["message"] and "MAIL_MESSAGES_PER_HOUR" in body["message"]
 
 
+@pytest.mark.slow
 async def test_a_schedule_that_fits_is_accepted_and_a_patch_cannot_make_it_overflow(
     api: ApiClient,
 ) -> None:
@@ -127,6 +131,7 @@ async def test_a_schedule_that_fits_is_accepted_and_a_patch_cannot_make_it_overf
     assert (await (await api.get(one)).json())["every"] == 3600  # unchanged
 
 
+@pytest.mark.slow
 async def test_each_run_of_a_schedule_is_charged_to_its_owner_once_and_skipped_when_full(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> None:

@@ -62,6 +62,7 @@ async def test_read_only_key_reads_but_cannot_enqueue(api: ApiClient) -> None:
     assert (await api.post("/jobs/email", json=EMAIL)).status == 202  # the full key can
 
 
+@pytest.mark.slow
 async def test_rate_limit_per_key_with_retry_after_and_reset(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -103,6 +104,7 @@ async def test_header_injection_is_422(api: ApiClient, field: str, value: str) -
     assert any(f.split(".")[0] == field for f in fields), fields
 
 
+@pytest.mark.slow
 async def test_open_relay_attempt_from_a_disallowed_sender_is_422(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -166,6 +168,7 @@ async def test_dead_letter_arguments_are_redacted_for_every_reader_but_retried_w
     assert kwargs["api_token"] == "t0ken"
 
 
+@pytest.mark.slow
 async def test_every_change_counts_its_real_weight_against_the_key(
     make_settings: Callable[..., Settings],
 ) -> None:

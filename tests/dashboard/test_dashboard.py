@@ -105,6 +105,7 @@ async def test_login_sets_a_strict_cookie_and_logout_ends_the_session(
     assert (await ui.get("/ui", allow_redirects=False)).status == 303
 
 
+@pytest.mark.slow
 async def test_failed_sign_ins_are_limited_per_address(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> None:
@@ -340,6 +341,7 @@ async def test_retry_and_export_buttons_enqueue_jobs(
     assert (await download.text()).startswith("id,url")
 
 
+@pytest.mark.slow
 async def test_newsletter_page_shows_its_progress(
     ui: ApiClient, api: ApiClient, worker: Worker
 ) -> None:
@@ -368,6 +370,7 @@ async def test_mail_page_lists_the_sink(ui: ApiClient, settings: Settings) -> No
     assert 'href="/ui/mail"' in page
 
 
+@pytest.mark.slow
 async def test_concurrent_wrong_keys_are_counted_one_by_one(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> None:
@@ -386,6 +389,7 @@ async def test_concurrent_wrong_keys_are_counted_one_by_one(
     assert statuses.count(401) == 10 and statuses.count(429) == 190, statuses
 
 
+@pytest.mark.slow
 async def test_dashboard_actions_count_against_the_keys_rate_limit(
     make_settings: Callable[..., Settings], redis: ArqRedis, tmp_path: Path
 ) -> None:

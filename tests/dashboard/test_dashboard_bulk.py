@@ -76,6 +76,7 @@ def hidden_ids(html: str) -> list[str]:
 # -- dead letters --
 
 
+@pytest.mark.slow
 async def test_bulk_retry_of_50_dead_letters_in_chromium(
     page: Page, redis: ArqRedis, settings: Settings
 ) -> None:
@@ -352,6 +353,7 @@ async def test_run_a_schedule_now_with_the_cron_pages_button(
     )
 
 
+@pytest.mark.slow
 async def test_run_now_buttons_ask_first_in_chromium(
     page: Page, api: ApiClient, redis: ArqRedis
 ) -> None:

@@ -133,6 +133,8 @@ def older_link(html: str) -> str | None:
 # -- in Chromium, with a real worker --
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # past its own waits (120 s); the global one is 120 s
 async def test_search_finds_a_job_by_a_recipients_address_among_1000(
     page: Page, redis: ArqRedis, settings: Settings, quiet_worker: Worker
 ) -> None:
@@ -166,6 +168,8 @@ async def test_search_finds_a_job_by_a_recipients_address_among_1000(
     await expect(page.locator("#jobs tr.empty")).to_have_text("No jobs match.")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # past its own waits (120 s); the global one is 120 s
 async def test_the_next_page_shows_older_jobs(
     page: Page, redis: ArqRedis, settings: Settings, quiet_worker: Worker
 ) -> None:
@@ -193,6 +197,7 @@ async def test_the_next_page_shows_older_jobs(
     await expect(rows.first).to_have_attribute("data-job-id", order[0])
 
 
+@pytest.mark.slow
 async def test_a_30_recipient_newsletter_is_one_row_that_expands(
     page: Page, api: ApiClient, quiet_worker: Worker
 ) -> None:

@@ -147,6 +147,7 @@ async def overflow(page: Page) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 async def test_phone_header_fits_and_pages_scroll_only_inside_tables(
     browser: Browser,  # noqa: F811
     api: ApiClient,
@@ -165,6 +166,7 @@ async def test_phone_header_fits_and_pages_scroll_only_inside_tables(
         assert problems.console == [], problems.console
 
 
+@pytest.mark.slow
 async def test_no_console_errors_or_failed_requests_on_any_page(
     browser: Browser,  # noqa: F811
     api: ApiClient,
@@ -192,6 +194,7 @@ async def test_no_console_errors_or_failed_requests_on_any_page(
         await anonymous.close()
 
 
+@pytest.mark.slow
 async def test_dark_mode_follows_the_system(
     browser: Browser,  # noqa: F811
     api: ApiClient,
@@ -206,6 +209,7 @@ async def test_dark_mode_follows_the_system(
             assert problems.console == []
 
 
+@pytest.mark.slow
 async def test_the_overview_refreshes_itself(
     browser: Browser,  # noqa: F811
     api: ApiClient,
@@ -222,6 +226,7 @@ async def test_the_overview_refreshes_itself(
         assert problems.console == []
 
 
+@pytest.mark.slow
 async def test_job_page_shows_every_try_with_its_error(
     browser: Browser,  # noqa: F811
     api: ApiClient,
@@ -259,6 +264,7 @@ async def test_job_page_shows_every_try_with_its_error(
         assert problems.console == []
 
 
+@pytest.mark.slow
 async def test_a_thousand_recipient_newsletter_page_is_paged(
     browser: Browser,  # noqa: F811
     api: ApiClient,
@@ -289,6 +295,7 @@ async def test_a_thousand_recipient_newsletter_page_is_paged(
         assert problems.console == []
 
 
+@pytest.mark.slow
 async def test_mail_sink_opens_a_message_with_sandboxed_html_and_attachments(
     browser: Browser,  # noqa: F811
     api: ApiClient,

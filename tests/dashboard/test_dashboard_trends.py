@@ -168,6 +168,7 @@ def test_gaps_and_empty_spans_draw_no_data() -> None:
 # -- a chart with a real worker's numbers, in Chromium --
 
 
+@pytest.mark.slow
 async def test_a_chart_renders_a_workers_jobs_in_chromium(
     page: Page,  # noqa: F811
     api: ApiClient,

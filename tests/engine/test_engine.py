@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 from arq.typing import WorkerCoroutine
@@ -23,6 +24,7 @@ from tests.helpers import wait_for
 from tests.servers import SiteStats
 
 
+@pytest.mark.slow
 async def test_a_job_longer_than_its_lease_is_not_taken_by_another_worker(
     make_settings: Callable[..., Settings], redis: ArqRedis, site: tuple[str, SiteStats]
 ) -> None:

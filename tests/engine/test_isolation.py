@@ -38,6 +38,7 @@ async def test_second_gets_fresh_fixtures(resource, client):
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
+@pytest.mark.slow
 def test_a_cancelled_teardown_fails_only_its_own_test(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, wrapped: bool
 ) -> None:

@@ -32,6 +32,7 @@ async def finished_info(redis: ArqRedis, job_id: str, timeout: float = 15) -> An
     return await wait_for(done, timeout=timeout, what=f"job {job_id} to finish")
 
 
+@pytest.mark.slow
 async def test_a_delayed_job_is_deferred_then_starts_on_time_not_before(
     api: ApiClient,
     redis: ArqRedis,

@@ -331,7 +331,6 @@ async def test_an_http_job_is_a_span_and_carries_traceparent(
 # --- end to end: the engine's call sites --------------------------------------------------------
 
 
-@pytest.mark.slow
 async def test_one_email_is_one_trace_from_the_api_to_the_smtp_server(
     spans: InMemorySpanExporter, settings: Settings, redis: ArqRedis
 ) -> None:
@@ -359,7 +358,6 @@ async def test_one_email_is_one_trace_from_the_api_to_the_smtp_server(
     assert len({trace_id(s) for s in (server, send, process, smtp_send)}) == 1
 
 
-@pytest.mark.slow
 async def test_a_job_failing_twice_then_succeeding_is_three_tries_linked_to_one_enqueue(
     spans: InMemorySpanExporter,
     settings: Settings,

@@ -206,6 +206,7 @@ async def test_bad_arguments_are_a_422_naming_the_field_and_nothing_is_enqueued(
     assert not await redis.hexists(COUNTERS_KEY, "enqueued|generate_invoice")  # type: ignore[misc]
 
 
+@pytest.mark.slow
 async def test_a_transient_error_is_retried_by_the_jobs_own_policy_then_it_completes(
     service: Service,
 ) -> None:
@@ -243,6 +244,7 @@ async def test_a_permanent_error_is_dead_lettered_then_retried_from_the_api(
     assert again["status"] == "complete" and again["result"] == "synced acct:1"
 
 
+@pytest.mark.slow
 async def test_a_schedule_of_a_users_job_fires(
     service: Service, redis: ArqRedis, make_settings: Callable[..., Settings]
 ) -> None:
@@ -263,6 +265,7 @@ async def test_a_schedule_of_a_users_job_fires(
     assert status == 422 and refused["details"][0]["field"] == "job.body.order_id"
 
 
+@pytest.mark.slow
 async def test_abort_stops_a_running_users_job(service: Service) -> None:
     status, body = await post(service, "/jobs/nap", {"seconds": 60})
     assert status == 202
@@ -283,6 +286,7 @@ async def test_abort_stops_a_running_users_job(service: Service) -> None:
     assert time.monotonic() - started < 10  # not the 60 s it asked for
 
 
+@pytest.mark.slow
 async def test_the_users_job_shows_in_the_dashboard_and_in_job_types(service: Service) -> None:
     status, body = await post(service, "/jobs/generate_invoice", {"order_id": 11})
     assert status == 202
@@ -322,6 +326,7 @@ async def test_a_job_no_worker_has_is_dead_lettered_with_the_reason(
     assert entry["arguments"] == {"order_id": 1}
 
 
+@pytest.mark.slow
 async def test_the_typed_client_async_and_sync(service: Service) -> None:
     with project_module(service) as tasks:  # imported as a web view would import it
         invoice = tasks.generate_invoice
@@ -349,6 +354,7 @@ async def test_the_typed_client_async_and_sync(service: Service) -> None:
     }
 
 
+@pytest.mark.slow
 async def test_a_delayed_users_job_reports_its_end_to_a_signed_webhook(service: Service) -> None:
     received: list[tuple[bool, dict[str, Any]]] = []
 

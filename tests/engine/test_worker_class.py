@@ -119,6 +119,7 @@ def test_arq_cli_builds_our_worker_for_our_settings_only(tmp_path: Path) -> None
         assert seen["built"][path] == ["EngineWorker", lease, "uvloop", "Worker", plain_mark]
 
 
+@pytest.mark.slow
 async def test_a_plain_arq_worker_beside_ours_keeps_arq_behaviour(
     settings: Settings,
     redis: ArqRedis,

@@ -30,10 +30,11 @@ def service_env(**settings: Any) -> dict[str, str]:
 
 
 async def start_worker_process(log: Path, **settings: Any) -> asyncio.subprocess.Process:
-    """`arq worker_settings.WorkerSettings`, exactly as production runs it."""
+    """`arq worker_settings.WorkerSettings`, exactly as production runs it; in the log's folder
+    (the test's own), where no developer's `.env` is read."""
     command = [sys.executable, "-m", "arq", "worker_settings.WorkerSettings"]
     return await asyncio.create_subprocess_exec(
-        *command, cwd=REPO, env=service_env(**settings), stdout=log.open("ab"), stderr=STDOUT
+        *command, cwd=log.parent, env=service_env(**settings), stdout=log.open("ab"), stderr=STDOUT
     )
 
 

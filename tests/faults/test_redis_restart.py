@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from app.web import create_app
 from asyncjobs.redis import connect
 from asyncjobs.settings import Settings
@@ -22,6 +24,8 @@ from tests.servers import RecordingSmtpHandler
 BEFORE, AFTER = 100, 50
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # past its own waits (15 + 60 + 90 s); the global one is 120 s
 async def test_redis_restart_loses_no_accepted_job(
     make_settings: Callable[..., Settings],
     smtp: tuple[RecordingSmtpHandler, int],

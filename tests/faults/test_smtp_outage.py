@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from arq.connections import ArqRedis
 
 from app.mailsink import start_smtp_server
@@ -18,6 +19,8 @@ COUNT = 50
 OLD_MAX_TRIES = 5  # the default before email retries followed an MTA: all dead-lettered
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # past its own waits (60 + 60 s); the global one is 120 s
 async def test_emails_wait_out_an_smtp_outage(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,

@@ -127,6 +127,7 @@ async def run_export(
     return result, folder / result["name"]
 
 
+@pytest.mark.slow
 async def test_every_row_of_5000_documents_round_trips_in_csv_and_jsonl(
     redis: ArqRedis, tmp_path: Path
 ) -> None:
@@ -231,6 +232,7 @@ async def test_a_document_changing_mid_export_does_not_hide_another(redis: ArqRe
 @pytest.mark.parametrize(
     ("fmt", "large", "text_size"), [("csv", 5000, 2000), ("xlsx", 10_000, 500)]
 )
+@pytest.mark.slow
 async def test_peak_memory_does_not_grow_with_the_number_of_documents(
     redis: ArqRedis,
     tmp_path: Path,

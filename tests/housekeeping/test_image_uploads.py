@@ -142,6 +142,7 @@ async def test_an_upload_whose_job_is_aborted_while_it_runs_is_gone(
     assert await held_bytes(redis) == 0
 
 
+@pytest.mark.slow
 async def test_an_upload_outlives_its_worker_stopping_midway(
     api_only: Callable[..., Any], redis: ArqRedis
 ) -> None:
@@ -229,6 +230,7 @@ async def test_an_uploads_life_is_bounded_and_covers_its_delay(
     assert await redis.pttl(HELD) <= 120_000 + life_ms + 1000
 
 
+@pytest.mark.slow
 async def test_an_upload_no_worker_takes_expires_with_its_charge(
     api_only: Callable[..., Any], redis: ArqRedis
 ) -> None:

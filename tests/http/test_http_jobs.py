@@ -209,6 +209,7 @@ async def test_a_receiver_verifies_the_signature_and_refuses_a_replay(
 # --- outcomes -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_two_503s_with_retry_after_then_accepted(
     make_settings: Callable[..., Settings], redis: ArqRedis, receiver: Receiver
 ) -> None:
@@ -512,6 +513,8 @@ def completed_http_jobs(log: Path) -> int:
     return count
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(210)  # past its own waits (30 + 120 s); the global one is 120 s
 async def test_a_concurrency_limit_holds_across_two_worker_processes(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,

@@ -85,6 +85,7 @@ async def test_each_recipient_is_sent_once_across_to_cc_and_bcc(
     assert mail.message["Cc"] == "z@example.com"
 
 
+@pytest.mark.slow
 async def test_a_newsletter_sends_each_address_once(
     api: ApiClient, worker: Worker, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:
@@ -127,6 +128,7 @@ async def test_a_recipient_whose_variables_break_the_template_fails_alone(
     assert invalid.startswith("r0@example.com: template failed: ZeroDivisionError"), invalid
 
 
+@pytest.mark.slow
 async def test_a_newsletter_is_in_progress_until_its_last_message_is_sent(
     api: ApiClient, worker: Worker, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:

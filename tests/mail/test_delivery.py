@@ -113,6 +113,7 @@ async def test_dead_letter_api_lists_retries_and_deletes(
     assert (await api.post(f"/dead-letter/{job_ids[0]}/retry")).status == 404
 
 
+@pytest.mark.slow
 async def test_newsletter_fans_out_renders_and_reports_progress(
     api: ApiClient, worker: Worker, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:
@@ -159,6 +160,7 @@ async def test_newsletter_fans_out_renders_and_reports_progress(
     ],
     ids=["parentheses", "blocks", "lists"],
 )
+@pytest.mark.slow
 async def test_a_template_nested_thousands_deep_is_a_422_naming_the_field(
     api: ApiClient, field: str, template: str
 ) -> None:
@@ -171,6 +173,7 @@ async def test_a_template_nested_thousands_deep_is_a_422_naming_the_field(
     assert detail["field"] == field and "nests too deeply" in detail["message"]
 
 
+@pytest.mark.slow
 async def test_newsletter_html_is_escaped_and_templates_validated(
     api: ApiClient, worker: Worker, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:

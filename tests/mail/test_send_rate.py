@@ -45,6 +45,7 @@ async def send_at_rate(
     return [m.received_at for m in smtp[0].messages]
 
 
+@pytest.mark.slow
 async def test_100_messages_at_20_per_second_take_about_5_seconds_and_none_fails(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,
@@ -62,6 +63,7 @@ async def test_100_messages_at_20_per_second_take_about_5_seconds_and_none_fails
     assert busiest_second(times) <= 30
 
 
+@pytest.mark.slow
 async def test_a_far_turn_waits_in_the_queue_not_in_the_worker(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,

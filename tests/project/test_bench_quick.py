@@ -20,11 +20,12 @@ from bench.engines import ENGINES
 from bench.runner import PICKUP_JOBS
 from bench.workloads import WORKLOADS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH_TIMEOUT_S = 240
 
 
 @pytest.mark.timeout(BENCH_TIMEOUT_S + 60)
+@pytest.mark.slow
 def test_quick_bench_completes_every_job_of_every_engine(tmp_path: Path) -> None:
     results = tmp_path / "bench.json"
     command = [sys.executable, "-m", "bench", "--quick", "--json", str(results)]
@@ -68,6 +69,7 @@ def test_quick_bench_completes_every_job_of_every_engine(tmp_path: Path) -> None
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_the_worker_of_a_git_commit_runs_beside_todays(tmp_path: Path) -> None:
     """`asyncjobs@<commit>` exports that commit's tree and runs its worker (here HEAD's)."""
     results = tmp_path / "bench.json"

@@ -57,6 +57,8 @@ async def dev_stack(
             await process.wait()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(210)  # past its own waits (60 + 60 + 30 s); the global one is 120 s
 async def test_dev_stack_sends_mail_scrapes_and_stops_cleanly(
     dev_stack: tuple[str, str, Path, asyncio.subprocess.Process], site: tuple[str, SiteStats]
 ) -> None:
@@ -118,6 +120,8 @@ async def test_dev_stack_sends_mail_scrapes_and_stops_cleanly(
     assert not await redis_answers(redis_url), "the redis-server child outlived the launcher"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # past its own waits (60 + 30 + 60 + 30 s); the global one is 120 s
 async def test_the_dev_redis_keeps_its_data_across_a_restart(
     dev_stack: tuple[str, str, Path, asyncio.subprocess.Process],
 ) -> None:

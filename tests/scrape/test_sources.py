@@ -105,6 +105,7 @@ async def test_scheduled_crawl_follows_links_obeys_robots_and_counts_failures(
     assert detail["document"]["title"] == "News v1" and len(detail["versions"]) == 1
 
 
+@pytest.mark.slow
 async def test_two_workers_scrape_each_due_source_once_per_period(
     api: ApiClient,
     make_settings: Callable[..., Settings],
