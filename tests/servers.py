@@ -40,11 +40,15 @@ class RecordingSmtpHandler:
     - `reject_with`: DATA answers that reply instead; `refuse_rcpt`: RCPT TO answers 550.
     - `data_delay`: seconds each DATA takes; `in_data` counts messages inside that delay.
     - `gate`: while cleared, finished DATA waits before being accepted.
-    - A message whose client is gone by the time it would be accepted is not kept: the 250
-      reply could not reach it, so the client rightly thinks it was not delivered.
+    - A message the server has whole (its final "." line came) is kept even if its client
+      goes away before the 250 (during `data_delay` or at the `gate`), as Postfix and Exim
+      queue and deliver it: `reply_lost` counts those, whose client could not learn it was
+      taken. A client gone before the final "." leaves nothing (aiosmtpd never calls
+      handle_DATA for it). `reject_with` rejects either way.
     - `unacknowledged`: accepted messages whose client has sent nothing since on that
-      connection (no MAIL, RSET, NOOP or QUIT). After a client is killed, those are the ones
-      that were in their final reply: the only ones it may send again without knowing.
+      connection (no MAIL, RSET, NOOP or QUIT), those whose reply was lost included. After a
+      client is killed, those are the ones that were in their final reply: the only ones it
+      may send again without knowing.
     - `defer_rcpt`: RCPT TO answers 451 (try later); `refuse_sender`: MAIL FROM answers 553;
       `rcpt_attempts` counts the RCPT TO each address got, whatever the answer.
     - `close_after`: after that many messages on one connection, the next MAIL FROM answers
@@ -68,7 +72,7 @@ class RecordingSmtpHandler:
     auth_attempts: int = 0
     data_delay: float = 0.0
     in_data: int = 0
-    dropped: int = 0
+    reply_lost: int = 0
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     pipelining: bool = True
     # per connection (the aiosmtpd protocol object): the message accepted last, until the client
@@ -176,15 +180,20 @@ class RecordingSmtpHandler:
                 await asyncio.sleep(self.data_delay)
             await self.gate.wait()
         except asyncio.CancelledError:  # aiosmtpd cancels us when the client disconnects
-            self.dropped += 1
+            self.reply_lost += 1
+            if not self.reject_with:  # the whole message is here: a real MTA delivers it
+                self._keep(server, envelope)
             raise
         finally:
             self.in_data -= 1
-        if server.transport is None or server.transport.is_closing():
-            self.dropped += 1
-            return "421 client went away"
         if self.reject_with:
             return self.reject_with
+        if server.transport is None or server.transport.is_closing():
+            self.reply_lost += 1  # kept all the same; the 250 below reaches nobody
+        self._keep(server, envelope)
+        return "250 OK"
+
+    def _keep(self, server: SMTP, envelope: Envelope) -> None:
         parsed = email.message_from_bytes(envelope.original_content or b"", policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         self.messages.append(
@@ -198,7 +207,12 @@ class RecordingSmtpHandler:
         )
         self._last_accepted[server] = str(parsed["Message-ID"])
         self._accepted_on[server] += 1
-        return "250 OK"
+
+    def open_connections(self) -> int:
+        """Connections that said EHLO and are still open."""
+        return sum(
+            1 for s in self._accepted_on if s.transport is not None and not s.transport.is_closing()
+        )
 
     def message_ids(self) -> list[str]:
         return [str(m.message["Message-ID"]) for m in self.messages]
@@ -411,9 +425,12 @@ class CrawlStats:
 ROBOTS_TXT = "User-agent: *\nDisallow: /private\n"
 
 
-def make_crawl_site(stats: CrawlStats, slow_ms: int = 200) -> web.Application:
+def make_crawl_site(
+    stats: CrawlStats, slow_ms: int = 200, plain_delays: tuple[float, ...] = ()
+) -> web.Application:
     """/robots.txt, /news (ETag, changes when stats.version changes, links to /news/1..5,
-    /private/secret and another host), /news/{n} (slow), /private/secret, /plain/{n} (no ETag)."""
+    /private/secret and another host), /news/{n} (slow), /private/secret, /plain/{n} (no ETag;
+    the k-th /plain request to a host takes `plain_delays[k]` seconds, the later ones none)."""
 
     @web.middleware
     async def record(request: web.Request, handler):  # type: ignore[no-untyped-def]
@@ -451,7 +468,14 @@ def make_crawl_site(stats: CrawlStats, slow_ms: int = 200) -> web.Application:
     async def private(request: web.Request) -> web.Response:
         return web.Response(text="<title>secret</title>", content_type="text/html")
 
+    plain_served: Counter[str] = Counter()  # /plain requests per host
+
     async def plain(request: web.Request) -> web.Response:
+        host = request.host.rsplit(":", 1)[0]
+        k = plain_served[host]
+        plain_served[host] += 1
+        if k < len(plain_delays):
+            await asyncio.sleep(plain_delays[k])
         n = request.match_info["n"]
         return web.Response(text=f"<title>Plain {n}</title><p>same</p>", content_type="text/html")
 

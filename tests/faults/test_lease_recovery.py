@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from arq.connections import ArqRedis
 
 from app.jobstatus import read_job
+from asyncjobs.settings import Settings
 from tests.faults.conftest import (
     delivery_counts,
     post_emails,
@@ -24,7 +26,13 @@ from tests.faults.procs import start_worker_process, stop_process
 from tests.helpers import ApiClient, wait_for
 from tests.servers import RecordingSmtpHandler
 
+LEASE_S = Settings.model_fields["job_lease_seconds"].default
+# The lease's last renewal came up to 1 s before the kill, the re-run waits for a 0.1 s poll;
+# the rest is a loaded machine's lag (docs/operations.md states the figure and this tolerance).
+LEASE_TOLERANCE_S = 2.0
 
+
+@pytest.mark.slow
 async def test_killed_workers_job_runs_again_within_the_lease(
     api: ApiClient,
     redis: ArqRedis,
@@ -46,6 +54,12 @@ async def test_killed_workers_job_runs_again_within_the_lease(
         await first.wait()
         killed_at = time.monotonic()
         handler.data_delay = 0
+
+        async def cut_send_seen() -> bool:  # the sink kept the message it had whole
+            return handler.open_connections() == 0 and handler.in_data == 0
+
+        await wait_for(cut_send_seen, what="the sink to see the killed connection close")
+        in_final_reply = len(handler.unacknowledged())
         second = await start_worker_process(log, **env)
 
         async def second_try_started() -> bool:
@@ -62,13 +76,19 @@ async def test_killed_workers_job_runs_again_within_the_lease(
     delivered, lost, duplicates = delivery_counts(handler, [accepted])
     fault_report(
         f"lease recovery (default settings): job re-run {recovered_after:.1f} s after SIGKILL "
-        f"(arq alone: 310 s); delivered={delivered} duplicates={duplicates}"
+        f"(lease {LEASE_S:g} s, tolerance {LEASE_TOLERANCE_S:g} s; arq alone: 310 s); "
+        f"delivered={delivered} duplicates={duplicates} (in its final reply at the kill: "
+        f"{in_final_reply})"
     )
-    assert recovered_after <= 20
+    # not before the lease ran out (a live worker's job is never taken), not long after
+    assert LEASE_S - 1 - LEASE_TOLERANCE_S <= recovered_after <= LEASE_S + LEASE_TOLERANCE_S
     assert view.status == "complete"
-    assert (delivered, lost, duplicates) == (1, 0, 0)
+    assert (delivered, lost) == (1, 0)
+    # the kill came in the message's final reply: the server kept it, the re-run sent it again
+    assert duplicates <= in_final_reply == 1
 
 
+@pytest.mark.slow
 async def test_idle_worker_picks_up_within_milliseconds(
     api: ApiClient,
     redis: ArqRedis,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import pytest
 from arq.connections import ArqRedis
 from arq.jobs import Job, JobStatus
 
@@ -21,19 +22,23 @@ from asyncjobs.keys import WORKER_KEY_PREFIX, WORKERS_KEY
 from asyncjobs.settings import Settings
 from jobs.engine.queue import enqueue_jobs
 from jobs.values import as_text
-from tests.faults.procs import REPO, service_env
+from tests.faults.procs import service_env
 from tests.helpers import wait_for
 from tests.servers import SiteStats
 
 GRACE_S = 3
+# docs/operations.md: every child stops within SHUTDOWN_GRACE; this much more is allowed for the
+# processes' own exit on a loaded machine (measured: 1.1 s in all, and 1.4 s after a SIGKILL)
+EXIT_TOLERANCE_S = 2
 JOBS = 12
 
 
 async def start_supervisor(env: dict[str, str], log: IO[bytes]) -> asyncio.subprocess.Process:
-    """`python -m app worker --processes 2`, as production starts it."""
+    """`python -m app worker --processes 2`, as production starts it; in the log's folder (the
+    test's own), where no developer's `.env` is read."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "worker", "--processes", "2",
-        cwd=REPO, env=env, stdout=log, stderr=STDOUT,
+        cwd=Path(log.name).parent, env=env, stdout=log, stderr=STDOUT,
     )  # fmt: skip
 
 
@@ -47,6 +52,8 @@ async def live_workers(redis: ArqRedis) -> dict[int, list[str]]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(330)  # past its own waits (60 + 30 + 60 + 90 + 30 s); the global one is 120 s
 async def test_a_killed_child_is_restarted_and_sigterm_stops_all(
     settings: Settings,
     redis: ArqRedis,
@@ -106,7 +113,7 @@ async def test_a_killed_child_is_restarted_and_sigterm_stops_all(
             f"restarted, its jobs re-run with tries {sorted(tries.values())}; SIGTERM stopped "
             f"all in {stopped_in:.1f} s (grace {GRACE_S} s), exit {code}"
         )
-        assert code == 0 and stopped_in < GRACE_S + 5
+        assert code == 0 and stopped_in < GRACE_S + EXIT_TOLERANCE_S
         leftovers = [pid for pid in await live_workers(redis) if _alive(pid)]
         assert leftovers == []
     finally:
@@ -134,6 +141,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 async def test_children_stop_when_the_supervisor_is_killed(
     settings: Settings, redis: ArqRedis, tmp_path: Path, fault_report: Callable[[str], None]
 ) -> None:
@@ -159,6 +167,8 @@ async def test_children_stop_when_the_supervisor_is_killed(
 
         await wait_for(all_gone, timeout=GRACE_S + 10, what="the children to exit")
         gone_after = time.monotonic() - killed_at
+        # each child got SIGTERM from the kernel: it stops within its grace, as above
+        assert gone_after < GRACE_S + EXIT_TOLERANCE_S, gone_after
     finally:
         if supervisor.returncode is None:
             supervisor.kill()

@@ -6,6 +6,10 @@ message's SMTP connection carries anything else, so after a crash the only messa
 can send again are those the server had accepted while their sender had not yet written the
 marker. The sink counts those itself (accepted, and the client said nothing after on that
 connection), and the test asserts duplicates <= that count <= SMTP_MAX_CONNECTIONS.
+
+The sink keeps a message it has whole (the final "." came) though its client dies before the
+250, as Postfix and Exim do: a real Exim took 13 duplicates in 9 such kills. A sink that
+dropped those would hide the very window the bound is about.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ async def kill_when(moment: str, handler: RecordingSmtpHandler) -> None:
 
 @pytest.mark.parametrize("max_jobs", [10, 200])
 @pytest.mark.parametrize("moment", ["early", "mid-batch", "after enqueueing"])
+@pytest.mark.slow
+@pytest.mark.timeout(240)  # past its own waits (60 + 120 s); the global one is 120 s
 async def test_kill_9_loses_nothing_and_duplicates_only_messages_in_their_final_reply(
     api: ApiClient,
     redis: ArqRedis,
@@ -82,8 +88,8 @@ async def test_kill_9_loses_nothing_and_duplicates_only_messages_in_their_final_
         await first.wait()
         sent_before_kill = len(handler.messages)
 
-        async def killed_connections_closed() -> bool:
-            return handler.open_connections_with_unacknowledged() == 0
+        async def killed_connections_closed() -> bool:  # and the messages in DATA kept
+            return handler.open_connections() == 0 and handler.in_data == 0
 
         await wait_for(killed_connections_closed, what="the sink to see the killed connections")
         in_final_reply = len(handler.unacknowledged())
@@ -102,9 +108,10 @@ async def test_kill_9_loses_nothing_and_duplicates_only_messages_in_their_final_
         f"kill -9 {moment}, WORKER_MAX_JOBS={max_jobs}: enqueued={TOTAL} completed={completed} "
         f"lost={lost} duplicates={duplicates} (in their final reply at the kill: "
         f"{in_final_reply}; sent before the kill: {sent_before_kill}; {rerun} jobs re-run; "
-        f"{handler.dropped} dropped by the sink)"
+        f"{handler.reply_lost} of them kept by the sink after their client was gone)"
     )
     assert completed == TOTAL
     assert lost == 0
     assert duplicates <= in_final_reply <= SMTP_CONNECTIONS
     assert rerun > 0, "the kill interrupted no job: the test proved nothing"
+    assert in_final_reply > 0, "the kill caught no message in its final reply: bound untested"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from arq.connections import ArqRedis
 
 from app.web import create_app
@@ -20,6 +21,7 @@ RECIPIENTS = 60
 MAX_JOBS = 10
 
 
+@pytest.mark.slow
 async def test_aborting_a_newsletter_while_it_sends_stops_the_rest(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,

@@ -13,7 +13,7 @@ from asyncjobs.errors import PermanentJobError
 from jobs.scrape.guard import is_forbidden
 from jobs.scrape.page import scrape_page
 from tests.conftest import Ctx
-from tests.servers import SiteStats
+from tests.servers import SiteStats, make_site
 
 
 async def fetch_refused(ctx: Ctx, url: str) -> str:
@@ -88,29 +88,36 @@ async def test_loopback_refused_without_allowlist(
     assert stats.hits == {}  # the server never saw a request
 
 
-async def test_redirect_to_forbidden_address_is_refused(
-    make_ctx: Callable[..., Ctx], site: tuple[str, SiteStats]
-) -> None:
-    """An allowed server may not bounce the scraper to a forbidden one (here: 127.0.0.2)."""
+async def test_redirect_to_forbidden_address_is_refused(make_ctx: Callable[..., Ctx]) -> None:
+    """An allowed server may not bounce the scraper to a forbidden one (here: 127.0.0.2, where
+    a site listens: with 127.0.0.2 allowed the same redirect reaches it, so its silence is the
+    guard's doing, not an empty address's)."""
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
-    base, stats = site
+    target_stats = SiteStats()
+    target = TestServer(make_site(target_stats), host="127.0.0.2")
+    await target.start_server()
 
     async def bounce(request: web.Request) -> web.Response:
-        raise web.HTTPFound(base.replace("127.0.0.1", "127.0.0.2") + "/page/1")
+        raise web.HTTPFound(f"http://127.0.0.2:{target.port}/page/1")
 
     app = web.Application()
     app.router.add_get("/", bounce)
     bouncer = TestServer(app, host="127.0.0.1")
     await bouncer.start_server()
-    ctx = make_ctx(scrape_allowed_cidrs=["127.0.0.1/32"])
+    start = f"http://127.0.0.1:{bouncer.port}/"
     try:
-        message = await fetch_refused(ctx, f"http://127.0.0.1:{bouncer.port}/")
+        message = await fetch_refused(make_ctx(scrape_allowed_cidrs=["127.0.0.1/32"]), start)
+        assert "127.0.0.2 is not a public address" in message
+        assert target_stats.hits == {}  # the forbidden server never saw a request
+        allowed = make_ctx(scrape_allowed_cidrs=["127.0.0.1/32", "127.0.0.2/32"])
+        result = await scrape_page(allowed, {"url": start})
+        assert result["title"] == "Test page 1"
+        assert target_stats.hits == {"/page/1": 1}  # reachable: the refusal above was the guard
     finally:
         await bouncer.close()
-    assert "127.0.0.2 is not a public address" in message
-    assert stats.hits == {}
+        await target.close()
 
 
 class NamesResolver(AbstractResolver):
