@@ -144,7 +144,7 @@ async def enqueue_callback(
 ) -> str:
     """The batch's callback, run once all of `job_ids` have ended, whatever their outcome;
     its id (the batch's, with CALLBACK_SUFFIX). Enqueue it after the jobs: one that has
-    already ended is counted from its ended marker."""
+    already ended is counted from its ended marker (or its result, for a completion)."""
     kwargs = {"_job_id": batch_id + CALLBACK_SUFFIX} | callback.kwargs
     await enqueue_waiting(
         redis,

@@ -13,7 +13,7 @@ from arq.jobs import Job
 from arq.typing import WorkerCoroutine
 from arq.worker import func
 
-from asyncjobs.keys import DEPENDENTS_KEY_PREFIX
+from asyncjobs.keys import DEPENDENTS_KEY_PREFIX, ENDED_KEY_PREFIX
 from asyncjobs.settings import Settings
 from jobs.engine.dependencies import (
     Dependencies,
@@ -104,9 +104,16 @@ async def test_allow_failure_runs_it_anyway(redis: ArqRedis, worker: Any) -> Non
 
 async def test_after_a_job_that_has_ended_resolves_at_enqueue(redis: ArqRedis, worker: Any) -> None:
     await enqueue_job(redis, "double", x=3, _job_id="done")
+    await enqueue_job(redis, "boom", _job_id="bad")
     await result_of(redis, "done")
+    await result_of(redis, "bad")
+    # a completion is told by its kept result, a failure by its ended marker (finish.lua)
+    assert not await redis.exists(ENDED_KEY_PREFIX + "done")
+    assert await redis.exists(ENDED_KEY_PREFIX + "bad")
     await enqueue_with(redis, "record", {"_job_id": "c"}, Dependencies(after=("done",)))
     assert (await result_of(redis, "c")).success
+    await enqueue_with(redis, "record", {"_job_id": "d"}, Dependencies(after=("done", "bad")))
+    assert str((await result_of(redis, "d")).result) == "cancelled: job bad failed: it broke"
     with pytest.raises(UnknownParent, match="no job nobody"):
         await enqueue_with(redis, "record", {}, Dependencies(after=("nobody",)))
 

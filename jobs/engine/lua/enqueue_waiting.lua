@@ -1,8 +1,9 @@
 -- Enqueue one job that waits for others (jobs/engine/dependencies.py, WaitingEnqueue): `after`,
 -- `then` and a batch's callback. Its record is stored as enqueue.lua stores a job, but it goes
 -- in the queue only once its parents have ended (finish.lua releases it). Each parent is
--- checked here, atomically with the write: ended (its marker: counted now), still to run (its
--- job key exists: this job joins its dependents set) or unknown (refused).
+-- checked here, atomically with the write: ended (its marker, or for a completion with its
+-- result kept, that result: counted now), still to run (its job key exists: this job joins its
+-- dependents set) or unknown (refused).
 -- Returns {1, state} when written (state "waiting", "released" or "cancelled"), {0} if the
 -- job's id is taken, {-1, parent id} for a parent that is neither ended nor enqueued.
 local job_key = KEYS[1]
@@ -49,6 +50,12 @@ for n = 0, parents - 1 do
   elseif redis.call('EXISTS', parent_job) == 1 then
     pending = pending + 1
     waiting_on[#waiting_on + 1] = parent_dependents
+  elseif redis.call('EXISTS', parent_result) == 1 then
+    -- ended with no marker: completed, its result kept (finish.lua writes a marker otherwise)
+    counts['complete'] = (counts['complete'] or 0) + 1
+    if pass_result == '1' then
+      redis.call('HSET', waits, 'result', redis.call('GET', parent_result))
+    end
   else
     return {-1, parent}
   end

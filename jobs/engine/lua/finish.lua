@@ -7,7 +7,7 @@
 -- A job put back for a later try keeps its data and its try count at least until then: arq sets
 -- their TTLs once (a day), and an email retried for two days would otherwise vanish midway.
 -- A job that ends for good ("done" with an outcome) also leaves an ended marker ("<outcome>|
--- <error>", kept as long as its result) and releases the jobs waiting on it (its dependents
+-- <error>", kept as long as its result) unless it completed with its result kept, and releases the jobs waiting on it (its dependents
 -- set, jobs/engine/dependencies.py): each one's pending count goes down and its outcome is
 -- counted; one whose parent did not complete (and that does not allow failure) is cancelled,
 -- and one with nothing left to wait for (or cancelled) is put in its queue, due now. This is
@@ -95,9 +95,13 @@ for n = 0, jobs - 1 do
       redis.call('PERSIST', tries)
     end
     if outcome ~= '' then
-      local marker_ttl = ended_ttl
-      if result ~= '' and result_ttl > 0 then marker_ttl = result_ttl end
-      redis.call('SET', ended, outcome .. '|' .. err, 'PX', marker_ttl)
+      -- a completion with its result kept is told by the result itself (enqueue_waiting.lua):
+      -- no marker, so the common end costs no key (120 bytes for a day, per job)
+      if outcome ~= 'complete' or result == '' then
+        local marker_ttl = ended_ttl
+        if result ~= '' and result_ttl > 0 then marker_ttl = result_ttl end
+        redis.call('SET', ended, outcome .. '|' .. err, 'PX', marker_ttl)
+      end
       local children = redis.call('SMEMBERS', dependents)
       for _, child in ipairs(children) do release(child, id, outcome, err, result) end
       if #children > 0 then redis.call('DEL', dependents) end
