@@ -110,11 +110,7 @@ async def charge(
     charges the pages it asks for beyond that (URLs), and its messages to `charge_messages`."""
     settings = request.config_dict[SETTINGS]
     limit, seconds = settings.rate_limit_requests, settings.rate_limit_window
-    if weight > limit:
-        raise web.HTTPUnprocessableEntity(
-            text=f"this request counts {weight} against a rate limit of {limit} per "
-            f"{seconds:g}s (RATE_LIMIT_REQUESTS): it never fits; send fewer at a time"
-        )
+    check_fits(settings, weight)
     window = Window(key_id, seconds)
     now = time.time()
     redis = request.config_dict[REDIS]
@@ -127,11 +123,32 @@ async def charge(
         )
 
 
+def check_fits(settings: Settings, weight: int) -> None:
+    """422 for a request whose weight exceeds the whole rate limit: no window can hold it."""
+    limit, seconds = settings.rate_limit_requests, settings.rate_limit_window
+    if weight > limit:
+        raise web.HTTPUnprocessableEntity(
+            text=f"this request counts {weight} against a rate limit of {limit} per "
+            f"{seconds:g}s (RATE_LIMIT_REQUESTS): it never fits; send fewer at a time"
+        )
+
+
 async def charge_more(request: web.Request, weight: int) -> None:
-    """The rest of an enqueue's weight (its first unit was charged on arrival)."""
+    """The rest of an enqueue's weight (its first unit was charged on arrival): 422 when the
+    whole weight, that unit included, never fits."""
     principal: Principal | None = request.get(PRINCIPAL)
+    if principal is not None:
+        check_fits(request.config_dict[SETTINGS], weight)
     if principal is not None and weight > 1:
         await charge(request, principal.key_id, weight - 1, refund_if_refused=True)
+
+
+async def charge_extra(request: web.Request, weight: int) -> None:
+    """Charge `weight` more (jobs a request writes beside the one it asked for: `then`
+    follow-ups, a batch's callback), refunded if refused."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is not None and weight > 0:
+        await charge(request, principal.key_id, weight, refund_if_refused=True)
 
 
 async def charge_messages(request: web.Request, messages: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from asyncjobs.addresses import new_message_id
-from asyncjobs.registry import JobType, Priority, job_types
+from asyncjobs.registry import JobType, Priority, get_job_type, job_types
 from asyncjobs.settings import Settings
 from jobs.engine.dependencies import Dependencies, FollowUp
 from jobs.engine.queue import CALLBACK_KWARG
@@ -30,6 +30,9 @@ DEFAULT_THEN_ARGUMENT = "previous"
 DEFAULT_CALLBACK_ARGUMENT = "batch"
 # Built-ins that may follow another job or call back a batch, by endpoint (others are refused)
 FOLLOWING_BUILTINS = frozenset({"email", "http"})
+# The hand-off argument of a built-in that uses its parent's result (jobs.mail.email: an
+# export's file attached); the other built-ins that can follow get nothing.
+BUILTIN_HAND_OFF = {"send_email": "previous"}
 
 
 class FollowUpOptions(BaseModel):
@@ -143,7 +146,8 @@ def job_call(name: str, body: dict[str, Any], argument: str, settings: Settings)
     spec = EmailSpec.model_validate(body, context=context)
     email = spec.model_dump(mode="json", by_alias=True)
     message_id = new_message_id(spec.from_ or settings.mail_from)
-    return FollowUp(job_type.name, {"email": email, "message_id": message_id} | priority)
+    kwargs = {"email": email, "message_id": message_id} | priority
+    return FollowUp(job_type.name, kwargs, BUILTIN_HAND_OFF.get(job_type.name))
 
 
 def public_job_type(name: str) -> JobType:
@@ -161,3 +165,19 @@ def _validate_except(job_type: JobType, body: dict[str, Any], argument: str | No
         errors = [e for e in exc.errors() if not (argument and e["loc"][:1] == (argument,))]
         if errors:
             raise ValueError(f"{job_type.name}: {errors[0]['loc']}: {errors[0]['msg']}") from None
+
+
+def cost_of(follow: FollowUp | None) -> tuple[int, int]:
+    """What a follow-up, a callback or a batch's job and the follow-ups after it are charged:
+    (rate-limit units: a job type's cost each, a URL callback nothing, as a `callback_url`
+    costs nothing; messages: an email's recipients, to the hourly message quota)."""
+    units = messages = 0
+    while follow is not None:
+        if follow.function != "deliver_webhook":
+            job_type = get_job_type(follow.function)
+            units += job_type.cost if job_type is not None else 1
+        if follow.function == "send_email":
+            email = follow.kwargs.get("email") or {}
+            messages += sum(len(email.get(field) or ()) for field in ("to", "cc", "bcc"))
+        follow = follow.then
+    return units, messages

@@ -13,11 +13,13 @@ from pydantic import BaseModel
 
 import jobs.builtins  # noqa: F401  (registers every built-in job: JOB_ID_PATTERN reads them)
 from app import actions
-from app.auth import PRINCIPAL
+from app.auth import PRINCIPAL, charge_extra, charge_messages
+from app.chains import cost_of
 from app.idempotency import new_job_id
 from app.state import CPU, REDIS, SETTINGS
 from asyncjobs.registry import job_types
 from jobs.cpulimit import CpuLimitExceeded
+from jobs.engine.dependencies import DEPENDENCIES_KWARG, Dependencies
 from jobs.engine.queue import OWNER_KWARG
 from jobs.engine.unique import ExistingJob, Unique, holder_of
 
@@ -140,6 +142,7 @@ async def enqueue(request: web.Request, function: str, /, **kwargs: Any) -> str:
     job's id is derived from it (unless the handler chose one, derived too) and an existing job
     of that id is this request's own, from an earlier try: its id is the answer."""
     settings = request.app[SETTINGS]
+    await charge_follow_ups(request, kwargs.get(DEPENDENCIES_KWARG))
     keyed = "Idempotency-Key" in request.headers
     if keyed:
         kwargs.setdefault("_job_id", new_job_id(request))
@@ -179,3 +182,13 @@ async def enqueue_many(
     return await actions.enqueue_many(
         request.app[REDIS], function, calls, settings, existing_ok=keyed
     )
+
+
+async def charge_follow_ups(request: web.Request, deps: Dependencies | None) -> None:
+    """Charge a request's `then` follow-ups when they are written (with their parent): each
+    job's units to the rate limit, an email's messages to the hourly quota, as if each had
+    been its own request."""
+    units, messages = cost_of(deps.then if deps is not None else None)
+    await charge_extra(request, units)
+    if messages:
+        await charge_messages(request, messages)

@@ -130,6 +130,10 @@ class JobOptions(BaseModel):
             return None
         return Unique(self.unique_key, self.unique_window_seconds)
 
+    def dependencies(self) -> Dependencies | None:
+        """The engine's form of `after`, `allow_failure` and `then` (None: none given)."""
+        return self._dependencies
+
     def delay_ms(self) -> int:
         if self.run_at is not None:
             return max(0, int((self.run_at - datetime.now(UTC)).total_seconds() * 1000))

@@ -28,7 +28,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
@@ -275,6 +275,9 @@ class Client:
         callback_url: str | None = None,
         unique_key: str | None = None,
         unique_window_seconds: float | None = None,
+        after: Sequence[str] | None = None,
+        allow_failure: bool = False,
+        then: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         **arguments: Any,
     ) -> str:
@@ -282,11 +285,16 @@ class Client:
         return its id. Tried again on a 503 or on no answer, always with the same
         Idempotency-Key and body. With `unique_key`, while a job of this type enqueued by this
         API key with the same key is still queued, deferred, running or waiting for a retry
-        (within `unique_window_seconds`, the server's default an hour), that job's id."""
+        (within `unique_window_seconds`, the server's default an hour), that job's id. With
+        `after` (job ids), the job waits until they have all completed (cancelled if one fails
+        for good, unless `allow_failure`); `then` ({"type", "body", "options"}) is a follow-up
+        enqueued with it, run with its result once it completes (docs/api.md)."""
         name = job if isinstance(job, str) else getattr(job, JOB_NAME_ATTRIBUTE, job.__name__)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
         _check_idempotency_key(key)
         body = dict(arguments)
+        if isinstance(after, str):
+            raise TypeError("after takes a list of job ids, not one string")
         if run_at is not None:
             if run_at.utcoffset() is None:
                 raise ValueError("run_at needs a time zone (e.g. datetime.now(UTC))")
@@ -297,6 +305,9 @@ class Client:
             "callback_url": callback_url,
             "unique_key": unique_key,
             "unique_window_seconds": unique_window_seconds,
+            "after": list(after) if after is not None else None,
+            "allow_failure": allow_failure or None,  # false is the server's default
+            "then": dict(then) if then is not None else None,
         }
         body.update({option: value for option, value in options.items() if value is not None})
         data = json.dumps(body, default=_json_default, separators=(",", ":")).encode()
@@ -580,6 +591,9 @@ class SyncClient:
         callback_url: str | None = None,
         unique_key: str | None = None,
         unique_window_seconds: float | None = None,
+        after: Sequence[str] | None = None,
+        allow_failure: bool = False,
+        then: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         **arguments: Any,
     ) -> str:
@@ -592,6 +606,9 @@ class SyncClient:
                 callback_url=callback_url,
                 unique_key=unique_key,
                 unique_window_seconds=unique_window_seconds,
+                after=after,
+                allow_failure=allow_failure,
+                then=then,
                 idempotency_key=idempotency_key,
                 **arguments,
             )

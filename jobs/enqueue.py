@@ -18,6 +18,7 @@ from arq.connections import ArqRedis
 from asyncjobs.addresses import new_message_id
 from asyncjobs.registry import JobType, get_job_type
 from asyncjobs.settings import Settings
+from jobs.engine.dependencies import Dependencies, enqueue_with
 from jobs.engine.queue import (
     CALLBACK_KWARG,
     OWNER_KWARG,
@@ -92,11 +93,13 @@ async def enqueue_registered(
     replicated: bool = False,
     owner: str | None = None,
     unique: Unique | None = None,
+    dependencies: Dependencies | None = None,
 ) -> str | None:
     """Enqueue one job of a registered type; its id, or None when a job with `job_id` exists
     already. With `unique`, while the job holding its key is there, that job's id (an
     ExistingJob: jobs.engine.unique) and nothing enqueued. With `replicated` and
-    REDIS_WAIT_REPLICAS, only once replicas have it. Raises UnknownJobType, and pydantic's
+    REDIS_WAIT_REPLICAS, only once replicas have it. With `dependencies` (`after`, `then`),
+    through jobs.engine.dependencies. Raises UnknownJobType, UnknownParent, and pydantic's
     ValidationError for bad arguments."""
     job_type = job_type_of(name)
     kwargs = call_of(job_type, arguments, settings)
@@ -105,6 +108,8 @@ async def enqueue_registered(
     )
     if replicated:
         kwargs["_replicated"] = settings
+    if dependencies is not None:
+        return await enqueue_with(redis, job_type.name, kwargs, dependencies)
     return await enqueue_job(redis, job_type.name, **kwargs)
 
 

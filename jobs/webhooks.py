@@ -85,7 +85,9 @@ async def _record(redis: Redis, job_id: str, **changes: Any) -> None:
 
 async def _mark_failed(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
     """Dead-letter hook: the receiver never accepted it."""
-    await _record(ctx.redis, kwargs["payload"]["job_id"], state="failed")
+    job_id = kwargs["payload"].get("job_id")
+    if job_id is not None:  # a batch's callback (no job_id in it) keeps no record
+        await _record(ctx.redis, job_id, state="failed")
 
 
 @builtin("deliver_webhook", "webhook", on_dead_letter=_mark_failed, shown=("url",))
@@ -96,7 +98,9 @@ async def deliver_webhook(ctx: WorkerContext, *, url: str, payload: dict[str, An
     secret = settings.webhook_secret
     if secret is None:
         raise PermanentJobError("WEBHOOK_SECRET is not set: cannot sign the callback")
-    job_id = payload["job_id"]
+    # the job the payload reports on; a batch's callback ({event, batch_id, total, counts}:
+    # jobs.engine.dependencies) is named by its own job id, `<batch id>-callback`
+    job_id = str(payload.get("job_id") or ctx.job_id)
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",

@@ -313,6 +313,21 @@ def job_state(request: web.Request, view: JobView) -> dict[str, Any]:
         "progress": _progress(view),
         "finished": view.status not in ABORTABLE,
         "download": _export_download(request, view),
+        "waiting_for": _waiting_for(view),
+    }
+
+
+def _waiting_for(view: JobView) -> dict[str, Any] | None:
+    """A waiting job's parents (linked on its page), how many are still pending, and its
+    batch (a callback's parents are the batch's first jobs)."""
+    waits = view.waiting_for
+    if waits is None:
+        return None
+    return {
+        "kind": waits.kind,
+        "job_ids": waits.job_ids,
+        "batch_id": waits.batch_id,
+        "text": f"{waits.pending} of {waits.total} not ended yet",
     }
 
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from itertools import groupby
 
 from aiohttp import web
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from app.auth import charge_more
-from app.chains import CallbackSpec, callback_of, job_call
+from app.auth import charge_messages, charge_more
+from app.chains import CallbackSpec, callback_of, cost_of, job_call
 from app.http import json_model, owner_of, read_json_object, status_url
 from app.idempotency import idempotent, new_job_id
 from app.jobstatus import read_jobs
@@ -27,7 +28,7 @@ from app.schemas import (
 from app.state import REDIS, SETTINGS
 from asyncjobs.jobstate import FINISHED
 from asyncjobs.keys import HEX_ID_PATTERN, SCRAPE_BATCH_KEY_PREFIX
-from jobs.engine.dependencies import enqueue_callback
+from jobs.engine.dependencies import FollowUp, enqueue_callback
 from jobs.engine.queue import OWNER_KWARG, enqueue_jobs
 
 BATCH_TTL_S = 24 * 3600
@@ -39,17 +40,36 @@ async def save_batch(redis: Redis, batch_id: str, jobs: list[ScrapeAccepted]) ->
     await redis.set(SCRAPE_BATCH_KEY_PREFIX + batch_id, json.dumps(entries), ex=BATCH_TTL_S)
 
 
-async def start_callback(
-    request: web.Request, batch_id: str, job_ids: list[str], spec: CallbackSpec | None
-) -> str | None:
-    """Enqueue the batch's callback after its jobs (one already ended is counted from its
-    ended marker); its job id."""
+def checked_callback(request: web.Request, spec: CallbackSpec | None) -> FollowUp | None:
+    """A batch's callback as the engine enqueues it, checked before anything is stored (a
+    422 naming it)."""
     if spec is None:
         return None
     try:
-        callback = callback_of(spec, request.app[SETTINGS])
+        return callback_of(spec, request.app[SETTINGS])
     except ValueError as exc:
         raise web.HTTPUnprocessableEntity(text=f"callback: {exc}") from None
+
+
+async def charge_batch(request: web.Request, jobs: list[FollowUp]) -> None:
+    """A batch is charged as its jobs would be one by one (the callback job among them; a URL
+    callback is free, as a `callback_url` is): every job's cost against the rate limit (the
+    request's arrival paid the first unit), every email's messages to the hourly quota."""
+    costs = [cost_of(job) for job in jobs]
+    await charge_more(request, sum(units for units, _ in costs))
+    if messages := sum(n for _, n in costs):
+        await charge_messages(request, messages)
+
+
+async def start_callback(
+    request: web.Request, batch_id: str, job_ids: list[str], callback: FollowUp | None
+) -> str | None:
+    """Enqueue the batch's callback (checked_callback) after its jobs (one already ended is
+    counted from its ended marker), for the request's owner; its job id."""
+    if callback is None:
+        return None
+    if owner := owner_of(request):
+        callback = replace(callback, kwargs={OWNER_KWARG: owner} | callback.kwargs)
     return await enqueue_callback(request.app[REDIS], batch_id, job_ids, callback)
 
 
@@ -61,11 +81,10 @@ async def post_batch(request: web.Request) -> web.Response:
     try:
         batch = BatchRequest.model_validate(await read_json_object(request))
         calls = [job_call(job.type, job.body, "", settings) for job in batch.jobs]
-        if batch.callback is not None:
-            callback_of(batch.callback, settings)  # checked before anything is stored
     except (ValidationError, ValueError) as exc:
         raise web.HTTPUnprocessableEntity(text=str(exc)) from None
-    await charge_more(request, len(calls))
+    callback = checked_callback(request, batch.callback)  # before anything is stored
+    await charge_batch(request, calls + ([callback] if callback is not None else []))
     batch_id = new_job_id(request)
     ids = [f"{batch_id}-{n}" for n in range(len(calls))]
     owner = {OWNER_KWARG: owner_of(request)} if owner_of(request) else {}
@@ -78,7 +97,7 @@ async def post_batch(request: web.Request) -> web.Response:
     await request.app[REDIS].set(
         SCRAPE_BATCH_KEY_PREFIX + batch_id, json.dumps(entries), ex=BATCH_TTL_S
     )
-    callback_id = await start_callback(request, batch_id, ids, batch.callback)
+    callback_id = await start_callback(request, batch_id, ids, callback)
     accepted = BatchAccepted(
         batch_id=batch_id,
         batch_url=batch_url(request, batch_id),

@@ -10,7 +10,7 @@ from arq.jobs import DeserializationError, deserialize_job
 from redis.asyncio import Redis
 
 from app import actions
-from app.auth import charge_messages, charge_more
+from app.auth import charge_messages
 from app.http import (
     JOB_ID_PATTERN,
     enqueue,
@@ -23,7 +23,13 @@ from app.http import (
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.jobstatus import read_job_with_progress
-from app.routes.batches import batch_url, save_batch, start_callback
+from app.routes.batches import (
+    batch_url,
+    charge_batch,
+    checked_callback,
+    save_batch,
+    start_callback,
+)
 from app.schemas import (
     AbortAccepted,
     EmailAccepted,
@@ -37,6 +43,7 @@ from app.state import REDIS, SETTINGS
 from asyncjobs.addresses import new_message_id
 from asyncjobs.arqcompat import job_key_prefix
 from asyncjobs.jobstate import JobState
+from jobs.engine.dependencies import FollowUp
 from jobs.engine.unique import is_existing
 from jobs.mail.email import validation_context
 from jobs.mail.newsletter import checked_newsletter, start_progress
@@ -129,7 +136,9 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
         raise web.HTTPUnprocessableEntity(
             text="unique_key names one job: give it with 'url', not with a batch of 'urls'"
         )
-    await charge_more(request, len(targets))
+    callback = checked_callback(request, scrape.callback)  # before anything is stored
+    pages = [FollowUp("scrape", {})] * len(targets)  # charged as its jobs, as a batch's are
+    await charge_batch(request, pages + ([callback] if callback is not None else []))
     # one page is someone waiting; a batch is bulk work
     extra = options.enqueue_kwargs(None if scrape.url is not None else "bulk")
     calls = [{"target": target.model_dump(mode="json"), **extra} for target in targets]
@@ -149,7 +158,7 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     if scrape.url is not None:
         return json_model(accepted[0], status=202)
     await save_batch(request.app[REDIS], batch_id, accepted)
-    callback_id = await start_callback(request, batch_id, job_ids, scrape.callback)
+    callback_id = await start_callback(request, batch_id, job_ids, callback)
     batch = ScrapeBatchAccepted(
         batch_id=batch_id,
         batch_url=batch_url(request, batch_id),

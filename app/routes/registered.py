@@ -14,12 +14,20 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from app.auth import charge_more
-from app.http import JOB_TYPES_SEGMENT, json_model, owner_of, status_url, unique_holder
+from app.http import (
+    JOB_TYPES_SEGMENT,
+    charge_follow_ups,
+    json_model,
+    owner_of,
+    status_url,
+    unique_holder,
+)
 from app.idempotency import idempotent, new_job_id
 from app.joboptions import read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
 from asyncjobs.registry import JobType, job_types, user_job_types
+from jobs.engine.dependencies import UnknownParent
 from jobs.engine.unique import is_existing
 from jobs.enqueue import enqueue_registered
 from jobs.retry import job_timeout
@@ -64,19 +72,24 @@ def enqueue_handler(job_type: JobType) -> Any:
             )
             return json_model(answer, status=202)
         await charge_more(request, job_type.cost)
-        new_id = await enqueue_registered(
-            request.app[REDIS],
-            settings,
-            job_type.name,
-            arguments.model_dump(mode="json"),
-            priority=options.priority,
-            delay_seconds=options.delay_ms() / 1000 or None,
-            job_id=key_job_id,
-            callback_url=str(options.callback_url) if options.callback_url else None,
-            replicated=True,
-            owner=owner_of(request) or None,
-            unique=unique,
-        )
+        await charge_follow_ups(request, options.dependencies())
+        try:
+            new_id = await enqueue_registered(
+                request.app[REDIS],
+                settings,
+                job_type.name,
+                arguments.model_dump(mode="json"),
+                priority=options.priority,
+                delay_seconds=options.delay_ms() / 1000 or None,
+                job_id=key_job_id,
+                callback_url=str(options.callback_url) if options.callback_url else None,
+                replicated=True,
+                owner=owner_of(request) or None,
+                unique=unique,
+                dependencies=options.dependencies(),
+            )
+        except UnknownParent as exc:
+            raise web.HTTPUnprocessableEntity(text=f"after: {exc}") from None
         job_id = new_id or key_job_id  # None: the key's job exists (a retry): that one
         assert job_id is not None
         accepted = JobAccepted(

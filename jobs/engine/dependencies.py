@@ -44,7 +44,7 @@ from asyncjobs.keys import (
     wake_key,
 )
 from asyncjobs.luascript import Arg, LuaScript
-from jobs.engine.queue import _enqueue_call, enqueue_job
+from jobs.engine.queue import OWNER_KWARG, _enqueue_call, enqueue_job
 
 # How the API hands a job's Dependencies to app.actions.enqueue, among arq's `_` options.
 DEPENDENCIES_KWARG = "_dependencies"
@@ -130,8 +130,9 @@ async def enqueue_with(
         job_id = await enqueue_job(redis, function, **kwargs)
     parent = job_id or chosen
     follow = deps.then
-    while follow is not None and parent is not None:
-        kwargs = {"_job_id": parent + THEN_SUFFIX} | follow.kwargs
+    owner = {OWNER_KWARG: kwargs[OWNER_KWARG]} if kwargs.get(OWNER_KWARG) else {}
+    while follow is not None and parent is not None:  # each for its parent's owner
+        kwargs = {"_job_id": parent + THEN_SUFFIX} | owner | follow.kwargs
         await enqueue_waiting(
             redis, follow.function, [parent], kwargs, kind="then", argument=follow.argument
         )

@@ -37,6 +37,7 @@ from asyncjobs.arqcompat import job_key_prefix
 from asyncjobs.errors import JobError, PermanentJobError, TransientJobError
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
+from jobs.engine.dependencies import THEN_SUFFIX
 from jobs.housekeeping.export import EXPORT_NAME_PATTERN
 from jobs.scrape.guard import ForbiddenTargetError, check_url
 from jobs.scrape.page import MAX_URL_LENGTH
@@ -157,6 +158,23 @@ class Attachment(BaseModel):
         content_type = self.content_type or guess_content_type(self.filename)
         maintype, _, subtype = content_type.partition("/")
         return maintype, subtype
+
+
+def with_parent_export(email: dict[str, Any], job_id: str, previous: Any) -> dict[str, Any]:
+    """An email that follows an export (`then`: its id is the export's with THEN_SUFFIX) with
+    the export's file attached, by the name its result gives (`/exports/<name>`, read by
+    `_read_export`), after the attachments it has; any other parent's result (`previous`) is
+    ignored, and so is a file already attached."""
+    name = previous.get("name") if isinstance(previous, dict) else None
+    if not isinstance(name, str) or not _EXPORT_URL.fullmatch("/exports/" + name):
+        return email
+    if name.partition(".")[0] + THEN_SUFFIX != job_id:  # only the export it follows
+        return email
+    url = "/exports/" + name
+    attachments = list(email.get("attachments") or [])
+    if any(isinstance(a, dict) and a.get("url") == url for a in attachments):
+        return email
+    return email | {"attachments": [*attachments, {"filename": name, "url": url}]}
 
 
 def _context(info: ValidationInfo) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from jobs.mail.attachments import (
     check_total,
     load_attachments,
     mime_part,
+    with_parent_export,
 )
 from jobs.mail.headers import address_list, header_name, header_value, single_line
 from jobs.mail.outcomes import (
@@ -362,8 +363,12 @@ async def send_email(
     message_id: str,
     batch_id: str | None = None,
     recipients: list[str] | None = None,
+    previous: Any = None,
 ) -> dict[str, Any]:
     """arq job: send one message at most once, however often the job itself runs.
+
+    `previous`: the result of the job it follows (`then`): an export's file is attached
+    (jobs.mail.attachments.with_parent_export); any other result is ignored.
 
     arq runs a job at least once (again after a worker crash). The sent marker turns that into
     effectively-once delivery: it is written as soon as the server accepts the message, before
@@ -387,6 +392,7 @@ async def send_email(
     if batch_id and await batch_aborted(redis, batch_id):
         return {"message_id": message_id, "skipped": "newsletter aborted"}
     context = validation_context(settings, settings.mail_max_recipients)
+    email = with_parent_export(email, job_id_of(ctx), previous)  # a dead letter keeps it
     spec = EmailSpec.model_validate(email, context=context)  # the queue is a boundary too
     envelope = spec.envelope_recipients()
     part = job_recipients(envelope, recipients)  # all, or a dead letter's refused ones
