@@ -24,6 +24,12 @@ from tests.servers import RecordingSmtpHandler, SiteStats
 
 LIMIT_S = 2.0
 PROBES = 20
+# The p99 bounds, with a tolerance for a loaded 2-core machine: 16 runs of the three tests
+# measured pickups' p99 at 11-64 ms and /health's at 6-25 ms (4 of them beside two busy
+# loops, load 4); the bounds are about 4x the worst. Work in the event loop breaks them by
+# far: probes then wait for the whole call (the 2 s limit, a 1.3 s template parse).
+PICKUP_P99_S = 0.25
+HEALTH_P99_S = 0.1
 
 
 async def probe_pickups(api: ApiClient) -> list[float]:
@@ -78,6 +84,7 @@ def report(what: str, took: float, pickups: list[float]) -> str:
     )
 
 
+@pytest.mark.slow
 async def test_a_hostile_selector_neither_stalls_the_worker_nor_runs_past_its_limit(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,
@@ -98,9 +105,10 @@ async def test_a_hostile_selector_neither_stalls_the_worker_nor_runs_past_its_li
     assert entry is not None and entry.reason == "permanent" and entry.tries == 1
     # In the loop, the probes waited for the whole 2 s and more; off it, a blocked loop is
     # the only thing that could make one wait a second.
-    assert max(pickups) < 1.0, pickups
+    assert p99(pickups) < PICKUP_P99_S and max(pickups) < 1.0, pickups
 
 
+@pytest.mark.slow
 async def test_a_hostile_template_is_stopped_at_its_limit_and_stalls_nothing(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,
@@ -118,12 +126,13 @@ async def test_a_hostile_template_is_stopped_at_its_limit_and_stalls_nothing(
     assert ended["status"] == "failed"
     assert "the newsletter's templates took more than 2 s" in ended["error"], ended
     assert LIMIT_S <= took < LIMIT_S + 3
-    assert max(pickups) < 1.0, pickups
+    assert p99(pickups) < PICKUP_P99_S and max(pickups) < 1.0, pickups
     assert [m.rcpt_tos for m in smtp[0].messages] == [
         [f"probe{n}@example.com"] for n in range(PROBES)
     ]
 
 
+@pytest.mark.slow
 async def test_output_that_would_be_too_big_is_refused_before_it_is_built(
     api: ApiClient, worker: Any, smtp: tuple[RecordingSmtpHandler, int]
 ) -> None:
@@ -160,6 +169,7 @@ async def test_work_past_the_pools_memory_limit_fails_with_the_reason() -> None:
         await pool.close()
 
 
+@pytest.mark.slow
 async def test_hostile_newsletters_stall_neither_the_api_nor_the_worker(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,
@@ -204,13 +214,14 @@ async def test_hostile_newsletters_stall_neither_the_api_nor_the_worker(
         f"hostile newsletters (2 x 490 KB templates, 2 x 10,000 addresses): /health probed "
         f"{len(health)} times, p50 {statistics.median(health) * 1000:.0f} ms, "
         f"p99 {p99(health) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms; email pickups "
-        f"p50 {statistics.median(pickups) * 1000:.0f} ms, max {max(pickups) * 1000:.0f} ms"
+        f"p50 {statistics.median(pickups) * 1000:.0f} ms, p99 {p99(pickups) * 1000:.0f} ms, "
+        f"max {max(pickups) * 1000:.0f} ms"
     )
     assert statuses == [202, 422, 202, 422]
     assert len(health) >= 20
     # In the loop, one template parse alone held every probe for over a second.
-    assert max(health) < 0.5, health
-    assert max(pickups) < 0.5, pickups
+    assert p99(health) < HEALTH_P99_S and max(health) < 0.5, health
+    assert p99(pickups) < PICKUP_P99_S and max(pickups) < 0.5, pickups
 
 
 def nap(seconds: float) -> float:
@@ -219,6 +230,7 @@ def nap(seconds: float) -> float:
     return seconds
 
 
+@pytest.mark.slow
 async def test_the_pool_takes_turns_between_owners() -> None:
     """Five calls of one owner queue; another owner's call then waits for the one running and
     at most one more of the first owner's (it came sixth in one queue)."""
@@ -241,6 +253,7 @@ async def test_the_pool_takes_turns_between_owners() -> None:
     assert [f for f in finished if f.startswith("a")] == ["a0", "a1", "a2", "a3", "a4"]
 
 
+@pytest.mark.slow
 async def test_one_keys_costly_selectors_do_not_hold_another_keys_scrape(
     make_settings: Callable[..., Settings],
     redis: ArqRedis,
