@@ -105,7 +105,7 @@ async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
         if view.status == JobState.DEFERRED:
             pipe.zadd(queue_name, {job_id: now}, xx=True)
         if view.status == JobState.WAITING:  # not in the queue: put there, to end as aborted
-            mark_aborted(pipe, job_id)
+            mark_aborted(pipe, queue_name, job_id)
             pipe.zadd(queue_name, {job_id: now})
         pipe.zadd(abort_jobs_ss, {job_id: now})
         await pipe.execute()

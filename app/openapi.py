@@ -33,6 +33,7 @@ from app.schemas import (
     JobView,
     MailList,
     NewsletterAccepted,
+    NewsletterRequest,
     RunList,
     ScheduleList,
     ScheduleRunAccepted,
@@ -53,7 +54,6 @@ from jobs.housekeeping.export import CONTENT_TYPES, EXPORT_NAME_PATTERN, ExportR
 from jobs.http.spec import HttpAnswer, HttpCall
 from jobs.images import CONTENT_TYPES as IMAGE_CONTENT_TYPES
 from jobs.images import IMAGE_NAME_PATTERN, ImageSpec
-from jobs.mail.newsletter import NewsletterSpec
 from jobs.schedules import ScheduleFields, ScheduleSpec, ScheduleView
 from jobs.scrape.sources import Source, SourceFields, SourceSpec
 
@@ -116,7 +116,7 @@ class Operation:
 OPERATIONS = [
     Operation("post", "/jobs/email", "Send an email", 202, EmailAccepted, EmailSpec),
     Operation("post", "/jobs/newsletter", "Send one templated email per recipient", 202,
-              NewsletterAccepted, NewsletterSpec),
+              NewsletterAccepted, NewsletterRequest),
     Operation("post", "/jobs/scrape", "Scrape one URL (`url`) or several (`urls`: one job each)",
               202, ScrapeAcceptedAny, ScrapeRequest),
     Operation("post", "/jobs/export", "Export documents to CSV or JSON Lines", 202, JobAccepted,

@@ -24,7 +24,7 @@ from asyncjobs.jobstate import JobState
 from jobs.deadletter import DeadLetter
 from jobs.engine.monitor import StepProgress
 from jobs.mail.email import EmailSpec
-from jobs.mail.newsletter import BatchProgress
+from jobs.mail.newsletter import BatchProgress, NewsletterSpec
 from jobs.mail.smtpconfig import SmtpProblem
 from jobs.schedules import ScheduleView
 from jobs.scrape.documents import DocumentVersion, StoredDocument
@@ -104,6 +104,17 @@ class ScrapeAccepted(JobAccepted):
 
 class NewsletterAccepted(JobAccepted):
     recipients: int
+    callback_job_id: str | None = None  # its callback's job, if it named one
+
+
+class NewsletterRequest(NewsletterSpec):
+    """`POST /jobs/newsletter`: the newsletter, and an optional callback."""
+
+    callback: CallbackSpec | None = Field(
+        None,
+        description="run once when every recipient's message has been sent, failed for good "
+        "or been aborted",
+    )
 
 
 class AbortAccepted(JobAccepted):

@@ -76,6 +76,14 @@ DEPENDENTS_KEY_PREFIX = PREFIX + "dependents:"  # + job id -> set of the jobs wa
 ENDED_KEY_PREFIX = PREFIX + "ended:"
 
 
+def waiting_key(queue: str) -> str:
+    """Zset job id -> enqueue ms: the queue's jobs still waiting for others, which are in no
+    other index until released (the dashboard lists them from here). Written by
+    enqueue_waiting.lua, emptied by finish.lua's release and by an abort; an entry older than
+    a waiting job lives (WAIT_TTL_MS) is stale and dropped when read."""
+    return f"{PREFIX}waiting:{queue}"
+
+
 def unique_key(scope: str, job_type: str, key_digest: str) -> str:
     """A job's `unique_key`, per owner (API key id, "-" for none) and job type: the id of the
     job holding it, for its window (jobs/engine/unique.py, enqueue.lua)."""
@@ -84,7 +92,9 @@ def unique_key(scope: str, job_type: str, key_digest: str) -> str:
 
 # --- Mail (jobs/mail/) -----------------------------------------------------------------------
 SENT_KEY_PREFIX = PREFIX + "sent:"  # + message id -> sent marker (effectively-once delivery)
-MAIL_BATCH_KEY_PREFIX = PREFIX + "batch:"  # + newsletter id -> {total, aborted}; :sent, :failed
+# + newsletter id -> {total, aborted, callback, domain}; :sent, :failed, :aborted (sets of
+# Message-IDs: jobs/mail/lua/batch_record.lua)
+MAIL_BATCH_KEY_PREFIX = PREFIX + "batch:"
 BATCH_ABORTED_FIELD = "aborted"  # in a batch's hash: DELETE /jobs/<newsletter id> stopped it
 SMTP_NEXT_SLOT_KEY = PREFIX + "smtp:next-slot"  # microseconds (Redis time) of the next free slot
 # + message id -> {address: JSON answer}: each recipient's last SMTP answer, kept while some
@@ -93,7 +103,7 @@ RECIPIENTS_KEY_PREFIX = PREFIX + "rcpt:"
 SMTP_PROBLEM_KEY = PREFIX + "smtp:problem"  # {reason, since}: an SMTP configuration failure
 
 
-def mail_batch_key(batch_id: str, outcome: Literal["sent", "failed"]) -> str:
+def mail_batch_key(batch_id: str, outcome: Literal["sent", "failed", "aborted"]) -> str:
     return f"{MAIL_BATCH_KEY_PREFIX}{batch_id}:{outcome}"
 
 

@@ -25,8 +25,10 @@ from asyncjobs.keys import (
     WORKERS_KEY,
     source_docs_key,
     source_failures_key,
+    waiting_key,
 )
 from asyncjobs.settings import Settings
+from jobs.engine.dependencies import drop_expired_waiting
 from jobs.engine.queue import waiting_counts
 from jobs.scrape.sources import Source, list_sources
 from jobs.values import as_text
@@ -74,6 +76,7 @@ class Overview:
     queued: int
     deferred: int
     in_progress: int
+    waiting: int  # for other jobs to end (`after`, `then`, a batch's callback)
     minutes: list[MinuteCount]  # oldest first, the current minute last
     workers: list[WorkerInfo]
     redis_memory: str
@@ -95,10 +98,12 @@ async def read_overview(redis: ArqRedis, queue_name: str) -> Overview:
         pipe.zcount(queue_name, "-inf", now_ms)
         pipe.zcount(queue_name, f"({now_ms}", "+inf")
         pipe.zcard(RUNNING_KEY)
+        drop_expired_waiting(pipe, queue_name)
+        pipe.zcard(waiting_key(queue_name))
         pipe.smembers(WORKERS_KEY)
         for minute in minutes:
             pipe.hgetall(f"{MINUTE_KEY_PREFIX}{minute}")
-        due, deferred, running, worker_ids, *per_minute = await pipe.execute()
+        due, deferred, running, _, waiting, worker_ids, *per_minute = await pipe.execute()
     counts = [
         MinuteCount(
             start=datetime.fromtimestamp(minute * 60, UTC),
@@ -113,6 +118,7 @@ async def read_overview(redis: ArqRedis, queue_name: str) -> Overview:
         queued=queued,
         deferred=deferred,
         in_progress=running,
+        waiting=waiting,
         minutes=counts,
         workers=await read_workers(redis, sorted(as_text(i) for i in worker_ids)),
         redis_memory=str(memory.get("used_memory_human", "?")),

@@ -1,11 +1,13 @@
 """The dashboard's jobs list: every job Redis still holds, searched and paged with bounded work.
 
-Three indexes name the jobs: the running set, the queue (a zset by due time) and the finished
-index (`RECENT_KEY`, by finish time, kept as long as arq keeps the results). A page walks one
-index from a cursor, reads the jobs' records (arq's result or job key) a chunk at a time in one
-pipeline per chunk, keeps those that match, and stops at PAGE_ROWS rows or after SCAN_LIMIT
-records, whichever comes first: a search costs at most SCAN_LIMIT reads, however many jobs
-there are, and the page then links to the next stretch ("older").
+Four indexes name the jobs: the running set, the queue (a zset by due time), the waiting index
+(jobs waiting for others, `asyncjobs.keys.waiting_key`, by enqueue time: they are in no other
+index until released) and the finished index (`RECENT_KEY`, by finish time, kept as long as
+arq keeps the results). A page walks one index from a cursor, reads the jobs' records (arq's
+result or job key) a chunk at a time in one pipeline per chunk, keeps those that match, and
+stops at PAGE_ROWS rows or after SCAN_LIMIT records, whichever comes first: a search costs at
+most SCAN_LIMIT reads, however many jobs there are, and the page then links to the next
+stretch ("older").
 
 A newsletter and its messages (`<newsletter id>-<n>`, with a `batch_id` argument) and a
 multi-URL scrape's jobs (`<batch id>-<n>`) are listed as one row per batch; `?batch=<id>`
@@ -32,8 +34,15 @@ from app.http import ANY_JOB_ID_PATTERN
 from app.redaction import redact
 from asyncjobs.arqcompat import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from asyncjobs.jobstate import FINISHED, JobState
-from asyncjobs.keys import HEX_ID_PATTERN, RECENT_KEY, RUNNING_KEY, SCRAPE_BATCH_KEY_PREFIX
+from asyncjobs.keys import (
+    HEX_ID_PATTERN,
+    RECENT_KEY,
+    RUNNING_KEY,
+    SCRAPE_BATCH_KEY_PREFIX,
+    waiting_key,
+)
 from asyncjobs.registry import get_job_type
+from jobs.engine.dependencies import drop_expired_waiting
 from jobs.mail.newsletter import batch_progress
 from jobs.values import as_text
 
@@ -41,12 +50,13 @@ PAGE_ROWS = 50  # rows on a page (a batch is one row)
 SCAN_LIMIT = 1000  # job records one request reads at most
 CHUNK = 100  # records read per round trip
 RUNNING_SHOWN = 200  # running jobs on the first page (they are few: one per worker slot)
+WAITING_SHOWN = 20  # waiting jobs read for the unfiltered first page (all: status=waiting)
 MEMBERS_SHOWN = 20  # a batch's members listed inside its row
 VALUE_CHARS = 60  # each summary value, truncated
 # A batch member's id: its batch's (32 hex, from app.idempotency.new_job_id) and its index.
 MEMBER_ID = re.compile(rf"({HEX_ID_PATTERN})-(\d+)")
 ID_PATTERN = re.compile(ANY_JOB_ID_PATTERN)
-Index = Literal["queue", "finished"]
+Index = Literal["queue", "waiting", "finished"]
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,8 @@ def _row(
             status = JobState.IN_PROGRESS if running else JobState.QUEUED
             if not running and score is not None and score > now_ms:
                 status = JobState.DEFERRED
+            elif not running and score is None:  # in no queue: waiting for other jobs
+                status = JobState.WAITING
             return _make_row(job_id, deserialize_job(raw_job), status, None)
     except DeserializationError:
         return None
@@ -290,9 +302,9 @@ async def index_after(
     redis: Redis, key: str, index: Index, cursor: Cursor | None, count: int
 ) -> list[tuple[str, float]]:
     """The next `count` (id, score) of an index after `cursor`: the queue earliest first, the
-    finished newest first. By score, so a page stays put while new jobs arrive; among equal
-    scores Redis orders by id, which the cursor's id places."""
-    newest_first = index == "finished"
+    waiting and the finished newest first. By score, so a page stays put while new jobs
+    arrive; among equal scores Redis orders by id, which the cursor's id places."""
+    newest_first = index != "queue"
     skip = 0
     while True:
         if newest_first:
@@ -353,7 +365,7 @@ async def scan(
 ) -> JobPage:
     """Read the index from the query's cursor until the page is full or SCAN_LIMIT records are
     read; a queued job met in the finished index (a retry) is left to the queue's part."""
-    key = RECENT_KEY if index == "finished" else queue_name
+    key = {"queue": queue_name, "waiting": waiting_key(queue_name), "finished": RECENT_KEY}[index]
     cursor = Cursor.parse(query.after)
     scanned, oldest = 0, None
     while scanned < SCAN_LIMIT:
@@ -375,18 +387,33 @@ async def scan(
 
 
 def _in_index(row: JobRow, index: Index) -> bool:
+    if index == "waiting":  # (a job released since its id was read is left to the queue's)
+        return row.status == JobState.WAITING
     return (row.status in FINISHED) == (index == "finished")
 
 
+def _index_of(status: str) -> Index:
+    if status in (JobState.QUEUED, JobState.DEFERRED):
+        return "queue"
+    return "waiting" if status == JobState.WAITING else "finished"
+
+
 async def list_page(redis: ArqRedis, queue_name: str, query: JobQuery) -> JobPage:
-    """One page of the jobs list. The first page starts with the running jobs; then the queue
-    when the status asked for is queued or deferred, else the finished jobs."""
+    """One page of the jobs list. The first page starts with the running jobs, then (with no
+    status asked for) the newest WAITING_SHOWN waiting ones; then the queue when the status
+    asked for is queued or deferred, the waiting index for waiting, else the finished jobs."""
     if query.batch:
         return await batch_page(redis, queue_name, query)
     collector = _Collector(query, group=True)
     if not query.after and query.status in ("", JobState.IN_PROGRESS):
         await _add_running(redis, queue_name, query, collector)
-    index: Index = "queue" if query.status in (JobState.QUEUED, JobState.DEFERRED) else "finished"
+    if not query.after and not query.status:
+        await _add_waiting(redis, queue_name, query, collector)
+    index = _index_of(query.status)
+    if index == "waiting":
+        async with redis.pipeline(transaction=False) as pipe:
+            drop_expired_waiting(pipe, queue_name)
+            await pipe.execute()
     if query.status == JobState.IN_PROGRESS:
         page = JobPage(collector.rows, 0, None, False)
     else:
@@ -405,6 +432,19 @@ async def _add_running(
             and row.status == JobState.IN_PROGRESS
             and query.matches(row, collector.now)
         ):
+            collector.add(row)
+
+
+async def _add_waiting(
+    redis: Redis, queue_name: str, query: JobQuery, collector: _Collector
+) -> None:
+    """The newest waiting jobs, for the unfiltered first page (status=waiting lists them all)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        drop_expired_waiting(pipe, queue_name)
+        pipe.zrevrange(waiting_key(queue_name), 0, WAITING_SHOWN - 1)
+        _, raw = await pipe.execute()
+    for row in await read_rows(redis, queue_name, [as_text(i) for i in raw]):
+        if row is not None and row.status == JobState.WAITING and query.matches(row, collector.now):
             collector.add(row)
 
 

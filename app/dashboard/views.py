@@ -277,6 +277,7 @@ async def _job_list(request: web.Request) -> dict[str, Any]:
         "first_url": str(jobs_url.with_query(query.params())) if query.after else None,
         "scan_limit": joblist.SCAN_LIMIT,
         "members_shown": joblist.MEMBERS_SHOWN,
+        "waiting_shown": joblist.WAITING_SHOWN,
         "page_rows": joblist.PAGE_ROWS,
     }
 

@@ -1,6 +1,7 @@
 """Batches: the jobs of one multi-URL `POST /jobs/scrape`, or of one `POST /batches` (several
 job requests at once), under one id; their progress; and a batch's `callback`, run once when all
-its jobs have ended (jobs/engine/dependencies.py)."""
+its jobs have ended (jobs/engine/dependencies.py), or a newsletter's, once all its messages are
+settled (jobs/mail/newsletter.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from collections import Counter
 from dataclasses import replace
 from itertools import groupby
+from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -28,8 +30,9 @@ from app.schemas import (
 from app.state import REDIS, SETTINGS
 from asyncjobs.jobstate import FINISHED
 from asyncjobs.keys import HEX_ID_PATTERN, SCRAPE_BATCH_KEY_PREFIX
-from jobs.engine.dependencies import FollowUp, enqueue_callback
+from jobs.engine.dependencies import FollowUp, enqueue_callback, enqueue_counted_callback
 from jobs.engine.queue import OWNER_KWARG, enqueue_jobs
+from jobs.mail.outcomes import BATCH_OUTCOMES
 
 BATCH_TTL_S = 24 * 3600
 BATCH_ID_PATTERN = HEX_ID_PATTERN
@@ -68,9 +71,44 @@ async def start_callback(
     counted from its ended marker), for the request's owner; its job id."""
     if callback is None:
         return None
+    return await enqueue_callback(request.app[REDIS], batch_id, job_ids, owned(request, callback))
+
+
+def owned(request: web.Request, callback: FollowUp) -> FollowUp:
+    """The callback, as the request's owner's job (a batch's jobs are theirs too)."""
     if owner := owner_of(request):
-        callback = replace(callback, kwargs={OWNER_KWARG: owner} | callback.kwargs)
-    return await enqueue_callback(request.app[REDIS], batch_id, job_ids, callback)
+        return replace(callback, kwargs={OWNER_KWARG: owner} | callback.kwargs)
+    return callback
+
+
+def checked_newsletter_callback(request: web.Request, raw: Any) -> FollowUp | None:
+    """A newsletter's `callback` (the body's field, as a batch's), checked before anything is
+    stored (a 422 naming it); a URL's POST says `newsletter.finished`."""
+    if raw is None:
+        return None
+    try:
+        spec = CallbackSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise web.HTTPUnprocessableEntity(text=f"callback: {exc}") from None
+    callback = checked_callback(request, spec)
+    if callback is not None and callback.function == "deliver_webhook":
+        payload = callback.kwargs["payload"] | {"event": "newsletter.finished"}
+        callback = replace(callback, kwargs=callback.kwargs | {"payload": payload})
+    return callback
+
+
+async def start_newsletter_callback(
+    request: web.Request, newsletter_id: str, total: int, callback: FollowUp | None
+) -> str | None:
+    """Write a newsletter's callback (checked_newsletter_callback), waiting until all `total`
+    of its messages are settled (jobs.mail.newsletter), for the request's owner; its job id.
+    Before the newsletter is enqueued: nothing can settle before it exists."""
+    if callback is None:
+        return None
+    redis = request.app[REDIS]
+    return await enqueue_counted_callback(
+        redis, newsletter_id, total, owned(request, callback), BATCH_OUTCOMES
+    )
 
 
 @idempotent

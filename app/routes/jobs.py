@@ -10,7 +10,8 @@ from arq.jobs import DeserializationError, deserialize_job
 from redis.asyncio import Redis
 
 from app import actions
-from app.auth import charge_messages
+from app.auth import charge_extra, charge_messages
+from app.chains import cost_of
 from app.http import (
     JOB_ID_PATTERN,
     enqueue,
@@ -27,8 +28,10 @@ from app.routes.batches import (
     batch_url,
     charge_batch,
     checked_callback,
+    checked_newsletter_callback,
     save_batch,
     start_callback,
+    start_newsletter_callback,
 )
 from app.schemas import (
     AbortAccepted,
@@ -94,6 +97,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     context = validation_context(settings, settings.newsletter_max_recipients)
     options, body = await read_job_request(request)
+    callback = checked_newsletter_callback(request, body.pop("callback", None))
     newsletter = await off_loop(request, "the newsletter", checked_newsletter, body, context)
     newsletter_id = new_job_id(request)
     total = len(newsletter["recipients"])
@@ -106,8 +110,14 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
             existing=True,
         )
         return json_model(answer, status=202)
-    await charge_messages(request, total)
-    await start_progress(request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl)
+    units, messages = cost_of(callback)  # a callback is charged as a batch's is
+    await charge_extra(request, units)
+    await charge_messages(request, total + messages)
+    callback_id = await start_newsletter_callback(request, newsletter_id, total, callback)
+    sender = newsletter.get("from") or settings.mail_from
+    await start_progress(
+        request.app[REDIS], newsletter_id, total, settings.sent_marker_ttl, sender, callback_id
+    )
     job_id = await enqueue(
         request,
         "send_newsletter",
@@ -121,6 +131,7 @@ async def enqueue_newsletter(request: web.Request) -> web.Response:
         status_url=status_url(request, job_id),
         recipients=total,
         existing=is_existing(job_id),
+        callback_job_id=callback_id,
     )
     return json_model(accepted, status=202)
 
@@ -136,6 +147,11 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
         raise web.HTTPUnprocessableEntity(
             text="unique_key names one job: give it with 'url', not with a batch of 'urls'"
         )
+    if scrape.url is None and options.dependencies() is not None:
+        raise web.HTTPUnprocessableEntity(
+            text="'after' and 'then' take one job: give them with 'url', not with a batch of "
+            "'urls' (a batch's 'callback' runs once all its pages have ended)"
+        )
     callback = checked_callback(request, scrape.callback)  # before anything is stored
     pages = [FollowUp("scrape", {})] * len(targets)  # charged as its jobs, as a batch's are
     await charge_batch(request, pages + ([callback] if callback is not None else []))
@@ -145,7 +161,9 @@ async def enqueue_scrape(request: web.Request) -> web.Response:
     batch_id = new_job_id(request)
     if scrape.url is None:  # a batch's jobs are named after it, so that lists group them
         calls = [{"_job_id": f"{batch_id}-{n}"} | call for n, call in enumerate(calls)]
-    job_ids = await enqueue_many(request, "scrape", calls)
+        job_ids = await enqueue_many(request, "scrape", calls)
+    else:  # one job, as any other: with its after and then (which enqueue charges)
+        job_ids = [await enqueue(request, "scrape", **calls[0])]
     accepted = [
         ScrapeAccepted(
             job_id=job_id,

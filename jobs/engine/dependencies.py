@@ -5,11 +5,19 @@ follow-up enqueued with this job, run with its result once it completes) and a b
 A waiting job's record is written as any job's (arq's job key), but it is not put in the queue.
 Its waits hash (`asyncjobs:waits:<id>`) holds how many parents are pending, the counts by outcome
 and, if a parent failed, which one; each pending parent's dependents set
-(`asyncjobs:dependents:<parent>`) names it. The parent's finish script (finish.lua) releases its
-dependents in the same call that writes its end, so a worker killed at any moment leaves either
-the parent unfinished (it runs again, and its finish releases them then) or finished and its
-dependents released: never both twice, never neither. Settling costs O(1) Redis work per
-finished parent (one set read, two hash increments per dependent), however big the batch.
+(`asyncjobs:dependents:<parent>`) names it, and so does its queue's waiting index
+(`asyncjobs:waiting:<queue>`, by enqueue time: the dashboard's list of waiting jobs, which are
+in no other index) until it is released, cancelled or aborted. The parent's finish script
+(finish.lua) releases its dependents in the same call that writes its end, so a worker killed
+at any moment leaves either the parent unfinished (it runs again, and its finish releases them
+then) or finished and its dependents released: never both twice, never neither. Settling
+costs O(1) Redis work per finished parent (one set read, two hash increments per dependent),
+however big the batch.
+
+A newsletter's callback waits on a count instead (enqueue_counted_callback): its messages are
+enqueued as the newsletter runs, so no parent list exists when it is written. Its waits hash
+is the same, with no dependents set naming it; the script that records each message's outcome
+(jobs/mail/lua/batch_record.lua) releases it when the last one is recorded.
 
 The job carries a marker argument (WAITS_KWARG, beside `_callback_url`) that the runner takes
 out before the function sees its arguments: the runner reads the waits hash once, then either
@@ -41,10 +49,11 @@ from asyncjobs.keys import (
     ENDED_KEY_PREFIX,
     WAITS_KEY_PREFIX,
     transactional_key,
+    waiting_key,
     wake_key,
 )
 from asyncjobs.luascript import Arg, LuaScript
-from jobs.engine.queue import OWNER_KWARG, _enqueue_call, enqueue_job
+from jobs.engine.queue import OWNER_KWARG, _Enqueue, _enqueue_call, enqueue_job
 
 # How the API hands a job's Dependencies to app.actions.enqueue, among arq's `_` options.
 DEPENDENCIES_KWARG = "_dependencies"
@@ -63,6 +72,7 @@ Outcome = Literal["complete", "failed", "aborted"]
 OUTCOMES: tuple[Outcome, ...] = ("complete", "failed", "aborted")
 
 _ENQUEUE_WAITING = LuaScript("jobs.engine", "enqueue_waiting")
+_ENQUEUE_COUNTED = LuaScript("jobs.engine", "enqueue_counted")
 
 
 class UnknownParent(LookupError):
@@ -179,15 +189,7 @@ async def enqueue_waiting(
     kwargs.pop("_replicated", None)  # a waiting job is not due yet: nothing runs on it
     call = _enqueue_call(redis, function, kwargs)
     shown = {"job_ids": list(parents[:SHOWN_IDS]), "batch_id": batch_id, "kind": kind}
-    keys = [
-        job_key_prefix + call.job_id,
-        result_key_prefix + call.job_id,
-        call.queue,
-        COUNTERS_KEY,
-        wake_key(call.queue),
-        transactional_key(call.queue),
-        WAITS_KEY_PREFIX + call.job_id,
-    ]
+    keys = _waiting_job_keys(call)
     for parent in parents:
         keys += [
             job_key_prefix + parent,
@@ -213,10 +215,64 @@ async def enqueue_waiting(
     return call.job_id if reply[0] == 1 else None
 
 
-def mark_aborted(pipe: Pipeline, job_id: str) -> None:
+async def enqueue_counted_callback(
+    redis: ArqRedis, batch_id: str, total: int, callback: FollowUp, outcomes: Sequence[str]
+) -> str:
+    """A batch's callback that waits on a count rather than on parents (enqueue_counted.lua):
+    for a batch whose jobs are not known when it is enqueued (a newsletter's messages). It is
+    released, once, by the script that records the batch's last outcome (for a newsletter,
+    jobs/mail/lua/batch_record.lua), and handed `{batch_id, total, counts}` with a count per
+    name in `outcomes`. Its id: the batch's, with CALLBACK_SUFFIX (written once: a retried
+    request leaves it as it is)."""
+    marker = {"kind": "callback", "argument": callback.argument, "batch_id": batch_id}
+    kwargs = {"_job_id": batch_id + CALLBACK_SUFFIX} | callback.kwargs | {WAITS_KWARG: marker}
+    kwargs.pop("_replicated", None)
+    call = _enqueue_call(redis, callback.function, kwargs)
+    shown = {"job_ids": [], "batch_id": batch_id, "kind": "callback"}
+    keys = _waiting_job_keys(call)
+    args: list[Arg] = [
+        call.job,
+        WAIT_TTL_MS,
+        call.job_id,
+        f"enqueued|{callback.function}",
+        "1" if call.transactional else "0",
+        timestamp_ms(),
+        json.dumps(shown),
+        total,
+        ",".join(outcomes),
+    ]
+    await _ENQUEUE_COUNTED.run(redis, keys, args)
+    return call.job_id
+
+
+def _waiting_job_keys(call: _Enqueue) -> list[str]:
+    """The keys enqueue_waiting.lua and enqueue_counted.lua both open with: the job's own, its
+    queue's, its waits hash and the queue's waiting index."""
+    return [
+        job_key_prefix + call.job_id,
+        result_key_prefix + call.job_id,
+        call.queue,
+        COUNTERS_KEY,
+        wake_key(call.queue),
+        transactional_key(call.queue),
+        WAITS_KEY_PREFIX + call.job_id,
+        waiting_key(call.queue),
+    ]
+
+
+def mark_aborted(pipe: Pipeline, queue_name: str, job_id: str) -> None:
     """Queue on `pipe`: the waiting job is aborted, so no parent's end releases it again
-    (finish.lua releases only jobs still waiting)."""
+    (finish.lua releases only jobs still waiting), and it leaves the queue's waiting index."""
     pipe.hset(WAITS_KEY_PREFIX + job_id, "state", "aborted")
+    pipe.zrem(waiting_key(queue_name), job_id)
+
+
+def drop_expired_waiting(pipe: Pipeline, queue_name: str) -> None:
+    """Queue on `pipe`, before a read of the queue's waiting index: drop the entries older
+    than a waiting job lives (WAIT_TTL_MS), whose jobs' records have expired (a parent that
+    never ended). The index itself expires WAIT_TTL_MS after its last addition."""
+    cutoff = timestamp_ms() - WAIT_TTL_MS
+    pipe.zremrangebyscore(waiting_key(queue_name), "-inf", f"({cutoff}")
 
 
 async def read_waits(redis: Redis, job_id: str) -> Waits | None:
@@ -230,7 +286,9 @@ def waits_of(raw: dict[bytes, bytes]) -> Waits:
         value = raw.get(name.encode())
         return value.decode() if value is not None else None
 
-    counts: dict[str, int] = {o: int(raw.get(f"n:{o}".encode(), 0)) for o in OUTCOMES}
+    named = raw.get(b"outcomes")  # a counted callback's (enqueue_counted_callback)
+    outcomes = named.decode().split(",") if named else OUTCOMES
+    counts: dict[str, int] = {o: int(raw.get(f"n:{o}".encode(), 0)) for o in outcomes}
     return Waits(
         state=text("state") or "waiting",
         pending=int(raw.get(b"pending", 0)),

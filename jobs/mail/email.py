@@ -26,7 +26,6 @@ from pydantic import (
     model_validator,
 )
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from asyncjobs.addresses import Mailbox, domain_of, unique_addresses
 from asyncjobs.errors import PermanentJobError
@@ -34,9 +33,7 @@ from asyncjobs.keys import (
     BATCH_ABORTED_FIELD,
     MAIL_BATCH_KEY_PREFIX,
     SENT_KEY_PREFIX,
-    mail_batch_key,
 )
-from asyncjobs.luascript import LuaScript
 from asyncjobs.redis import NotReplicatedError, execute_replicated, replicas_ready
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
@@ -53,6 +50,7 @@ from jobs.mail.headers import address_list, header_name, header_value, single_li
 from jobs.mail.outcomes import (
     Delivery,
     count_failed,
+    count_in_batch,
     dead_letter_refused,
     job_id_of,
     job_recipients,
@@ -289,9 +287,6 @@ def _header_address(mailbox: str) -> HeaderAddress:
     return HeaderAddress(display_name=name or "", username=local, domain=domain)
 
 
-_RECORD_SENT = LuaScript("jobs.mail", "email_record_sent")
-
-
 async def record_sent(
     redis: Redis, message_id: str, batch_id: str | None, settings: Settings
 ) -> None:
@@ -304,22 +299,14 @@ async def record_sent(
         await redis.set(SENT_KEY_PREFIX + message_id, "1", ex=ttl)
         return
     async with redis.pipeline(transaction=False) as pipe:
-        await _queue_record_sent(redis, pipe, message_id, batch_id, ttl)
+        if batch_id:  # the marker and the batch's count (which may release its callback)
+            await count_in_batch(redis, batch_id, [message_id], "sent", ttl, pipe, sent_marker=True)
+        else:
+            pipe.set(SENT_KEY_PREFIX + message_id, "1", ex=ttl)
         try:
             await execute_replicated(pipe, settings)
         except NotReplicatedError as exc:
             log.warning("email %s: sent marker not replicated: %s", message_id, exc)
-
-
-async def _queue_record_sent(
-    redis: Redis, pipe: Pipeline, message_id: str, batch_id: str | None, ttl_s: int
-) -> None:
-    """Queue on `pipe` (of `redis`): the sent marker, and the batch's progress if any."""
-    keys = [SENT_KEY_PREFIX + message_id]
-    if batch_id:
-        keys += [mail_batch_key(batch_id, "sent"), mail_batch_key(batch_id, "failed")]
-    args: list[str | int] = [message_id, ttl_s, "1" if batch_id else "0"]
-    await _RECORD_SENT.run(redis, keys, args, pipe)
 
 
 async def batch_aborted(redis: Redis, batch_id: str) -> bool:
@@ -390,6 +377,8 @@ async def send_email(
         report(f"email {message_id} already sent; not sending again", message_id=message_id)
         return {"message_id": message_id, "skipped": "already sent"}
     if batch_id and await batch_aborted(redis, batch_id):
+        ttl = int(settings.sent_marker_ttl)
+        await count_in_batch(redis, batch_id, [message_id], "aborted", ttl)
         return {"message_id": message_id, "skipped": "newsletter aborted"}
     context = validation_context(settings, settings.mail_max_recipients)
     email = with_parent_export(email, job_id_of(ctx), previous)  # a dead letter keeps it

@@ -2,7 +2,16 @@
 
 Each recipient becomes an ordinary `send_email` job with a job id and Message-ID derived from the
 newsletter id, so a re-run of the parent enqueues nothing twice and sends nothing twice. Progress
-is the size of the batch's sent / failed sets (see jobs.mail.email.record_sent).
+is the size of the batch's sent / failed / aborted sets of Message-IDs, written by one script
+(jobs/mail/lua/batch_record.lua, through jobs.mail.outcomes.count_in_batch): a message recorded
+twice (a job re-run after a kill) is counted once.
+
+A newsletter's `callback` (a job or a URL, as a batch's) is written when it is enqueued, waiting
+on a count (jobs.engine.dependencies.enqueue_counted_callback), and the batch hash names it. The
+script that records a message's outcome releases it in the same call once every recipient is
+settled: sent, failed for good (invalid ones at the fan-out included) or aborted. Recipients the
+fan-out never enqueued (the newsletter aborted, or its job failed for good, midway) are settled
+by `settle_rest`, which counts every message that has no outcome and no job.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from jobs.mail.email import (
     validation_context,
 )
 from jobs.mail.headers import header_name
+from jobs.mail.outcomes import BatchOutcome, count_in_batch
 from jobs.mail.sandbox import html_env, render, text_env
 from jobs.retry import builtin
 
@@ -56,6 +66,9 @@ log = logging.getLogger(__name__)
 
 HARD_MAX_RECIPIENTS = 100_000
 ENQUEUE_CHUNK = 500
+# a batch hash without a TTL (none is written without one): its sets kept for SENT_MARKER_TTL's
+# default
+DEFAULT_SETS_TTL_S = 7 * 24 * 3600
 
 
 class Recipient(BaseModel):
@@ -232,7 +245,17 @@ def child_job_id(newsletter_id: str, index: int) -> str:
 
 def child_message_id(newsletter_id: str, index: int, sender: str | dict[str, Any]) -> str:
     """`sender` as the newsletter's `from` is stored: an address, or {name, email}."""
-    return f"<{newsletter_id}.{index}@{message_id_domain(address_of(sender))}>"
+    return _message_id(newsletter_id, index, sender_domain(sender))
+
+
+def sender_domain(sender: str | dict[str, Any]) -> str:
+    """The right side of the newsletter's Message-IDs (kept in its batch hash: `settle_rest`
+    names its messages without the newsletter's arguments)."""
+    return message_id_domain(address_of(sender))
+
+
+def _message_id(newsletter_id: str, index: int, domain: str) -> str:
+    return f"<{newsletter_id}.{index}@{domain}>"
 
 
 async def enqueue_children(
@@ -244,11 +267,48 @@ async def enqueue_children(
     await enqueue_registered_many(redis, settings, "send_email", calls)
 
 
+async def settle_rest(
+    redis: Redis, newsletter_id: str, outcome: BatchOutcome, first: int = 0
+) -> int:
+    """Count as `outcome` each message of the newsletter, from index `first`, that has no
+    outcome and no job: the recipients its fan-out never enqueued (it was aborted, or failed
+    for good, midway) and messages whose job ended without recording one (aborted on their
+    own). Only for a newsletter with a callback (whose release needs every recipient settled);
+    idempotent, a script call per ENQUEUE_CHUNK messages. How many it counted."""
+    key = MAIL_BATCH_KEY_PREFIX + newsletter_id
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(key, ["total", "callback", "domain"])
+        pipe.ttl(key)
+        (total, callback, domain), ttl = await pipe.execute()
+    if total is None or callback is None or domain is None:
+        return 0
+    ttl = ttl if ttl > 0 else DEFAULT_SETS_TTL_S  # the sets live as long as the batch hash
+    counted = 0
+    for start in range(first, int(total), ENQUEUE_CHUNK):
+        indexes = range(start, min(int(total), start + ENQUEUE_CHUNK))
+        message_ids = [_message_id(newsletter_id, i, domain.decode()) for i in indexes]
+        jobs = [child_job_id(newsletter_id, i) for i in indexes]
+        counted += await count_in_batch(
+            redis, newsletter_id, message_ids, outcome, ttl, unknown_jobs=jobs
+        )
+    return counted
+
+
+async def settle_failed_fan_out(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:
+    """Dead-letter hook of a newsletter: its job failed for good, so the recipients it did not
+    enqueue never will be; they are failed (a callback then runs with them counted)."""
+    if newsletter_id := kwargs.get("newsletter_id"):
+        counted = await settle_rest(ctx.redis, newsletter_id, "failed")
+        if counted:
+            log.warning("newsletter %s: %d messages never enqueued, failed", newsletter_id, counted)
+
+
 @builtin(
     "send_newsletter",
     "email",
     endpoint="newsletter",
     schedulable=True,
+    on_dead_letter=settle_failed_fan_out,
     shown=("newsletter.subject",),
 )
 async def send_newsletter(
@@ -272,6 +332,7 @@ async def send_newsletter(
             log.info(
                 "newsletter %s: aborted; %d messages not enqueued", newsletter_id, total - first
             )
+            await settle_rest(redis, newsletter_id, "aborted", first)
             break
         part = checked | {"recipients": checked["recipients"][first : first + ENQUEUE_CHUNK]}
         rendered = await ctx.run_cpu("the newsletter's templates", render_chunk, part, contexts)
@@ -287,10 +348,10 @@ async def send_newsletter(
             await enqueue_children(redis, settings, chunk)
     async with redis.pipeline(transaction=True) as pipe:
         # again, for producers that enqueue a newsletter without the API
-        set_total(pipe, newsletter_id, total, settings.sent_marker_ttl)
-        if invalid:
-            pipe.sadd(mail_batch_key(newsletter_id, "failed"), *invalid)
-            pipe.expire(mail_batch_key(newsletter_id, "failed"), int(settings.sent_marker_ttl))
+        set_total(pipe, newsletter_id, total, settings.sent_marker_ttl, sender_domain(sender))
+        if invalid:  # failed for good: counted with the rest (the last may release a callback)
+            ttl = int(settings.sent_marker_ttl)
+            await count_in_batch(redis, newsletter_id, list(invalid), "failed", ttl, pipe)
         await pipe.execute()
     enqueued = total - len(invalid)
     log.info(
@@ -304,16 +365,31 @@ async def send_newsletter(
     }
 
 
-async def start_progress(redis: Redis, newsletter_id: str, total: int, ttl: float) -> None:
-    """The newsletter's progress exists from its 202 on: every message pending."""
+async def start_progress(
+    redis: Redis,
+    newsletter_id: str,
+    total: int,
+    ttl: float,
+    sender: str | dict[str, Any] | None = None,
+    callback_id: str | None = None,
+) -> None:
+    """The newsletter's progress exists from its 202 on: every message pending. With
+    `callback_id` (a callback waiting on its count, written before), the batch names it, so
+    that recording the last outcome releases it; `sender`: the newsletter's `from`."""
     async with redis.pipeline(transaction=True) as pipe:
-        set_total(pipe, newsletter_id, total, ttl)
+        set_total(pipe, newsletter_id, total, ttl, sender_domain(sender) if sender else None)
+        if callback_id is not None:
+            pipe.hset(MAIL_BATCH_KEY_PREFIX + newsletter_id, "callback", callback_id)
         await pipe.execute()
 
 
-def set_total(pipe: Pipeline, newsletter_id: str, total: int, ttl: float) -> None:
-    """Queue on `pipe` the newsletter's message count, which its progress is measured against."""
-    pipe.hset(MAIL_BATCH_KEY_PREFIX + newsletter_id, mapping={"total": total})
+def set_total(
+    pipe: Pipeline, newsletter_id: str, total: int, ttl: float, domain: str | None = None
+) -> None:
+    """Queue on `pipe` the newsletter's message count, which its progress is measured against
+    (and the domain of its Message-IDs)."""
+    fields: dict[str, str | int] = {"total": total} | ({"domain": domain} if domain else {})
+    pipe.hset(MAIL_BATCH_KEY_PREFIX + newsletter_id, mapping=fields)
     pipe.expire(MAIL_BATCH_KEY_PREFIX + newsletter_id, int(ttl))
 
 
@@ -341,7 +417,9 @@ async def batch_progress(redis: Redis, batch_id: str) -> BatchProgress | None:
 
 async def abort_batch(redis: Redis, batch_id: str) -> bool:
     """Stop a newsletter: its fan-out enqueues no more messages and its queued messages are
-    not sent (each checks before sending). False if there is no such newsletter."""
+    not sent (each checks before sending, and counts itself aborted). With a callback, the
+    messages never enqueued are counted aborted now (`settle_rest`): the newsletter's own job
+    may never get to it (an abort cancels it). False if there is no such newsletter."""
     key = MAIL_BATCH_KEY_PREFIX + batch_id
     async with redis.pipeline(transaction=True) as pipe:
         pipe.exists(key)
@@ -349,4 +427,6 @@ async def abort_batch(redis: Redis, batch_id: str) -> bool:
         exists, _ = await pipe.execute()
     if not exists:
         await redis.delete(key)  # HSETNX made a hash of one field: not a newsletter
+    else:
+        await settle_rest(redis, batch_id, "aborted")
     return bool(exists)

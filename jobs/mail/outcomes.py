@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from typing import Any, Literal
@@ -30,8 +30,16 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from asyncjobs.arqcompat import job_key_prefix, timestamp_ms
 from asyncjobs.errors import JobError, PermanentJobError, TransientJobError
-from asyncjobs.keys import RECIPIENTS_KEY_PREFIX, SENT_KEY_PREFIX, mail_batch_key
+from asyncjobs.keys import (
+    MAIL_BATCH_KEY_PREFIX,
+    RECIPIENTS_KEY_PREFIX,
+    SENT_KEY_PREFIX,
+    WAITS_KEY_PREFIX,
+    mail_batch_key,
+)
+from asyncjobs.luascript import LuaScript
 from asyncjobs.redis import NotReplicatedError, execute_replicated
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
@@ -148,7 +156,7 @@ class Delivery:
             everyone = all(self.answers.get(r, _NONE).status == "accepted" for r in self.envelope)
             pipe.set(SENT_KEY_PREFIX + self.message_id, "1" if everyone else PARTIAL, ex=ttl)
             if batch_id and not self.to_send() and self.having("accepted"):
-                count_in_batch(pipe, batch_id, self.message_id, "sent", ttl)
+                await count_in_batch(redis, batch_id, [self.message_id], "sent", ttl, pipe)
             try:
                 await execute_replicated(pipe, settings)
             except NotReplicatedError as exc:
@@ -232,14 +240,43 @@ def refused_for_good(outcome: SendOutcome) -> list[str]:
     return [rcpt for rcpt, (code, _) in outcome.replies.items() if not 400 <= code < 500]
 
 
-def count_in_batch(
-    pipe: Pipeline, batch_id: str, message_id: str, outcome: Literal["sent", "failed"], ttl: int
-) -> None:
-    """Queue on `pipe` the message's count in its batch (a newsletter's progress)."""
-    other: Literal["sent", "failed"] = "failed" if outcome == "sent" else "sent"
-    pipe.sadd(mail_batch_key(batch_id, outcome), message_id)
-    pipe.srem(mail_batch_key(batch_id, other), message_id)
-    pipe.expire(mail_batch_key(batch_id, outcome), ttl)
+BatchOutcome = Literal["sent", "failed", "aborted"]
+BATCH_OUTCOMES: tuple[BatchOutcome, ...] = ("sent", "failed", "aborted")  # a callback's counts
+_BATCH_RECORD = LuaScript("jobs.mail", "batch_record")
+
+
+async def count_in_batch(
+    redis: Redis,
+    batch_id: str,
+    message_ids: Sequence[str],
+    outcome: BatchOutcome,
+    ttl: int,
+    pipe: Pipeline | None = None,
+    *,
+    sent_marker: bool = False,
+    unknown_jobs: Sequence[str] | None = None,
+) -> int:
+    """The messages' count in their batch (a newsletter's progress), and in the same script
+    call the release of its callback when this was the last outcome (batch_record.lua); on
+    `pipe` (a pipeline of `redis`) if given. `sent_marker`: one message's sent marker too.
+    `unknown_jobs` (each message's job id): only the messages that have no outcome and no
+    job. The number newly counted (0 on a pipe)."""
+    keys = [MAIL_BATCH_KEY_PREFIX + batch_id]
+    keys += [mail_batch_key(batch_id, o) for o in BATCH_OUTCOMES]
+    keys.append(SENT_KEY_PREFIX + message_ids[0] if sent_marker else keys[0])
+    if unknown_jobs is not None:
+        keys += [job_key_prefix + job_id for job_id in unknown_jobs]
+    args: list[str | int] = [
+        outcome,
+        ttl,
+        timestamp_ms(),
+        WAITS_KEY_PREFIX,
+        "1" if unknown_jobs is not None else "0",
+        "1" if sent_marker else "0",
+        *message_ids,
+    ]
+    added = await _BATCH_RECORD.run(redis, keys, args, pipe)
+    return int(added) if pipe is None else 0
 
 
 async def count_failed(redis: Redis, message_id: str, batch_id: str, ttl: int) -> None:
@@ -248,9 +285,7 @@ async def count_failed(redis: Redis, message_id: str, batch_id: str, ttl: int) -
     out of time), which keeps it counted sent."""
     sent, answers = await recorded_answers(redis, message_id)
     reached = sent or any(answer.status == "accepted" for answer in answers.values())
-    async with redis.pipeline(transaction=True) as pipe:
-        count_in_batch(pipe, batch_id, message_id, "sent" if reached else "failed", ttl)
-        await pipe.execute()
+    await count_in_batch(redis, batch_id, [message_id], "sent" if reached else "failed", ttl)
 
 
 async def dead_letter_refused(

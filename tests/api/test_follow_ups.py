@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from asyncjobs.settings import Settings
 from tests.conftest import API_KEY, api_and_worker
 from tests.helpers import ApiClient
 from tests.jobwait import wait_job
-from tests.servers import RecordingSmtpHandler
+from tests.servers import RecordingSmtpHandler, SiteStats
 
 
 async def double(ctx: JobContext, n: int) -> int:
@@ -32,18 +33,25 @@ async def show(ctx: JobContext, label: str = "", previous: Any = None) -> str:
     return f"{label}:{previous}"
 
 
+async def page_title(ctx: JobContext, label: str, previous: Any = None) -> str:
+    """A follow-up of a scrape: what it read of the scrape's result."""
+    return f"{label}:{previous['title']} at {previous['url']}" if previous else f"{label}:-"
+
+
 @pytest.fixture
 async def served(
     make_settings: Callable[..., Settings], redis: ArqRedis
 ) -> AsyncIterator[ApiClient]:
     job(name="double", tries=1)(double)
     job(name="show", tries=1)(show)
+    job(name="page_title", tries=1)(page_title)
     try:
         async with api_and_worker(make_settings()) as api:
             yield api
     finally:
         unregister("double")
         unregister("show")
+        unregister("page_title")
 
 
 async def test_the_client_sends_after_allow_failure_and_then(served: ApiClient) -> None:
@@ -129,3 +137,41 @@ async def test_a_then_email_is_charged_its_messages(
         )
         assert response.status == 202, await response.text()
         assert (await api.post("/jobs/email", json=one)).status == 429
+
+
+async def test_a_scrape_of_one_url_takes_after_and_then(
+    served: ApiClient, site: tuple[str, SiteStats]
+) -> None:
+    """A single-URL scrape is one job as any other: a follow-up gets its result, and it can
+    wait for another job; a batch of `urls` refuses both, pointing at its callback."""
+    base, stats = site
+    then = {"type": "page_title", "body": {"label": "t"}}
+    response = await served.post("/jobs/scrape", json={"url": f"{base}/page/1", "then": then})
+    assert response.status == 202, await response.text()
+    first = (await response.json())["job_id"]
+    followed = await wait_job(served, first + "-then")
+    assert followed["status"] == "complete", followed
+    assert followed["result"] == f"t:Test page 1 at {base}/page/1"  # the scrape's result
+
+    response = await served.post("/jobs/double", json={"n": 3, "delay_seconds": 0.5})
+    parent = (await response.json())["job_id"]
+    response = await served.post("/jobs/scrape", json={"url": f"{base}/page/2", "after": [parent]})
+    assert response.status == 202, await response.text()
+    second = (await response.json())["job_id"]
+    assert (await (await served.get(f"/jobs/{second}")).json())["status"] == "waiting"
+    assert "/page/2" not in stats.hits  # not before its parent
+    scraped, waited_for = await wait_job(served, second), await wait_job(served, parent)
+    assert scraped["status"] == waited_for["status"] == "complete", (scraped, waited_for)
+    started, parent_ended = (
+        datetime.fromisoformat(t) for t in (scraped["start_time"], waited_for["finish_time"])
+    )
+    assert started >= parent_ended
+    assert stats.hits["/page/2"] == 1
+
+    urls = [f"{base}/page/3", f"{base}/page/4"]
+    for option in ({"then": then}, {"after": [parent]}):
+        response = await served.post("/jobs/scrape", json={"urls": urls} | option)
+        assert response.status == 422
+        assert "not with a batch of 'urls'" in await response.text()
+        assert "'callback'" in await response.text()
+    assert "/page/3" not in stats.hits

@@ -86,13 +86,13 @@ def _spelled_states(node: ast.AST | None) -> list[str]:
 
 def _states_spelled_by_hand(tree: ast.AST) -> Iterator[tuple[int, str]]:
     """A state string compared with, assigned to or passed as a status; a collection of
-    states of its own (a tuple, set or Literal of two or more of them)."""
+    states of its own (a tuple, set or Literal of two or more of them, and nothing else)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Tuple | ast.List | ast.Set):
-            spelled = [
-                e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in STATES
-            ]
-            if len(set(spelled)) > 1:
+            words = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            spelled = [word for word in words if word in STATES]
+            # one with a word no job state is (a message's "sent") is another vocabulary
+            if len(set(spelled)) > 1 and len(spelled) == len(words):
                 for state in spelled:
                     yield node.lineno, state
         if isinstance(node, ast.Compare):

@@ -20,7 +20,8 @@ from asyncjobs.arqcompat import (
     result_key_prefix,
     retry_key_prefix,
 )
-from asyncjobs.keys import COUNTERS_KEY, wake_key
+from asyncjobs.keys import COUNTERS_KEY, waiting_key, wake_key
+from jobs.engine.dependencies import enqueue_waiting
 from jobs.engine.monitor import hour_key, minute_key, sample_queue
 from jobs.engine.queue import (
     FINISH_BATCH,
@@ -275,8 +276,10 @@ def test_the_naming_check_catches_an_unnamed_entry() -> None:
 
 async def test_the_scripts_touch_only_keys_passed_in_keys_except_claim(redis: ArqRedis) -> None:
     """MONITOR shows each command a script runs; COMMAND GETKEYS says which of its arguments
-    are keys. Every key enqueue, renew, finish and the monitor's sample touch is in the call's
-    KEYS (as Redis Cluster needs); claim's job keys are the documented exception."""
+    are keys. Every key enqueue, enqueue_waiting (its queue's waiting index among them), renew,
+    finish (of jobs no other waits on: no waiting index either) and the monitor's sample touch
+    is in the call's KEYS (as Redis Cluster needs); claim's job keys are the documented
+    exception."""
     await enqueue_job(redis, "noop", _job_id="t0", _priority="transactional")
     await enqueue_jobs(redis, "noop", [{"_job_id": f"t{n}"} for n in range(1, 5)])
     claimed: list[Claimed] = []
@@ -309,11 +312,15 @@ async def test_the_scripts_touch_only_keys_passed_in_keys_except_claim(redis: Ar
         "finish": lambda: finish(redis, QUEUE, finishes),
         "sample_queue": sample,
         "enqueue": lambda: enqueue_job(redis, "noop", _job_id="t5"),
+        "enqueue_waiting": lambda: enqueue_waiting(
+            redis, "noop", ["t5"], {"_job_id": "w5"}, kind="after"
+        ),
     }
     for name, step in steps.items():  # one script call each: its keys checked on their own
         declared, touched = await _script_keys(redis, step)
         assert touched, f"{name}: no command seen"
         assert touched <= declared, (name, touched - declared)
+    assert await redis.zscore(waiting_key(QUEUE), "w5") is not None
 
 
 async def _script_keys(

@@ -4,6 +4,8 @@
 -- checked here, atomically with the write: ended (its marker, or for a completion with its
 -- result kept, that result: counted now), still to run (its job key exists: this job joins its
 -- dependents set) or unknown (refused).
+-- A job left waiting is also added to its queue's waiting index (scored by its enqueue time, the
+-- dashboard's list of waiting jobs), whose name its waits hash keeps for finish.lua's release.
 -- Returns {1, state} when written (state "waiting", "released" or "cancelled"), {0} if the
 -- job's id is taken, {-1, parent id} for a parent that is neither ended nor enqueued.
 local job_key = KEYS[1]
@@ -13,7 +15,8 @@ local counters = KEYS[4]
 local wake = KEYS[5]
 local transactional = KEYS[6]
 local waits = KEYS[7]
--- then four keys per parent, from KEYS[8]: its job, ended marker, dependents set and result
+local waiting_index = KEYS[8]  -- the queue's waiting jobs (asyncjobs.keys.waiting_key)
+-- then four keys per parent, from KEYS[9]: its job, ended marker, dependents set and result
 local job = ARGV[1]  -- arq's serialized job
 local ttl_ms = tonumber(ARGV[2])  -- how long the job, its waits hash and dependents sets live
 local job_id = ARGV[3]
@@ -24,7 +27,7 @@ local pass_result = ARGV[7]  -- "1": keep the (one) parent's result for the job 
 local now = tonumber(ARGV[8])  -- ms
 local shown = ARGV[9]  -- JSON: what the job waits for, as its status shows it
 -- then each parent's id, from ARGV[10]
-local FIRST_KEY, KEYS_PER_PARENT, FIRST_ARG = 8, 4, 10
+local FIRST_KEY, KEYS_PER_PARENT, FIRST_ARG = 9, 4, 10
 
 if redis.call('EXISTS', job_key, result_key) > 0 then return {0} end
 local parents = #ARGV - FIRST_ARG + 1
@@ -68,7 +71,7 @@ if cancel then state = 'cancelled' elseif pending == 0 then state = 'released' e
 redis.call('SET', job_key, job, 'PX', ttl_ms)
 redis.call('HSET', waits, 'state', state, 'pending', pending, 'total', parents,
            'allow_failure', allow_failure, 'pass_result', pass_result, 'queue', queue,
-           'wake', wake, 'hint', hint, 'shown', shown)
+           'wake', wake, 'hint', hint, 'shown', shown, 'waiting', waiting_index)
 for outcome, count in pairs(counts) do redis.call('HSET', waits, 'n:' .. outcome, count) end
 if cancel then
   redis.call('HSET', waits, 'cancelled_by', cancel[1], 'cancel_outcome', cancel[2],
@@ -80,6 +83,8 @@ if state == 'waiting' then
     redis.call('SADD', dependents, job_id)
     if redis.call('PTTL', dependents) < ttl_ms then redis.call('PEXPIRE', dependents, ttl_ms) end
   end
+  redis.call('ZADD', waiting_index, now, job_id)
+  redis.call('PEXPIRE', waiting_index, ttl_ms)  -- outlives its newest entry, no longer
 else
   redis.call('ZADD', queue, now, job_id)
   if hint ~= '' then redis.call('ZADD', transactional, now, job_id) end

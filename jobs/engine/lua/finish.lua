@@ -12,8 +12,10 @@
 -- counted; one whose parent did not complete (and that does not allow failure) is cancelled,
 -- and one with nothing left to wait for (or cancelled) is put in its queue, due now. This is
 -- in the same script as the end itself, so a crash cannot release a dependent twice or never.
--- Not cluster-safe: the dependents' waits hashes, queues and wake lists are found here (their
--- names are built from a prefix, or read from the waits hash), so they are not in KEYS.
+-- A released or cancelled dependent leaves its queue's waiting index (named in its waits hash).
+-- Not cluster-safe: the dependents' waits hashes, queues, wake lists and waiting indexes are
+-- found here (their names are built from a prefix, or read from the waits hash), so they are
+-- not in KEYS.
 -- Returns the number of jobs written.
 local queue = KEYS[1]
 local abort_set = KEYS[2]
@@ -36,7 +38,7 @@ local FIRST_KEY, KEYS_PER_JOB, FIRST_ARG, ARGS_PER_JOB = 4, 7, 6, 9
 local function release(child, parent, outcome, err, result)
   local waits = waits_prefix .. child
   local state = redis.call('HMGET', waits, 'state', 'allow_failure', 'pass_result', 'queue',
-                           'wake', 'hint')
+                           'wake', 'hint', 'waiting')
   if state[1] ~= 'waiting' then return end
   local pending = redis.call('HINCRBY', waits, 'pending', -1)
   redis.call('HINCRBY', waits, 'n:' .. outcome, 1)
@@ -53,6 +55,7 @@ local function release(child, parent, outcome, err, result)
     redis.call('ZADD', state[4], now, child)
     if state[6] ~= '' then redis.call('ZADD', state[6], now, child) end
     if redis.call('LLEN', state[5]) == 0 then redis.call('LPUSH', state[5], 1) end
+    if state[7] then redis.call('ZREM', state[7], child) end
   end
 end
 
