@@ -82,9 +82,12 @@ class ScrapeRequest(BaseModel):
         return [ScrapeTarget(url=u, selectors=self.selectors, force=self.force) for u in urls]
 
 
-class JobAccepted(BaseModel):
+class JobRef(BaseModel):
     job_id: str
     status_url: str
+
+
+class JobAccepted(JobRef):
     # present (true) only when the request's `unique_key` was held: `job_id` is the job that
     # was already there, nothing new was enqueued
     existing: bool = Field(
@@ -117,7 +120,7 @@ class NewsletterRequest(NewsletterSpec):
     )
 
 
-class AbortAccepted(JobAccepted):
+class AbortAccepted(JobRef):  # an abort enqueues nothing: no `existing`
     status_before: JobStateField
 
 

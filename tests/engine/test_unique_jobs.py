@@ -259,6 +259,7 @@ async def test_the_openapi_document_shows_the_unique_options(api: ApiClient) -> 
     merged = schemas[email["schema"]["$ref"].rsplit("/", 1)[1]]
     assert {"unique_key", "unique_window_seconds"} <= set(merged["properties"])
     assert "existing" in schemas["JobAccepted"]["properties"]
+    assert "existing" not in schemas["AbortAccepted"]["properties"]  # an abort enqueues nothing
 
 
 async def test_the_only_undeclared_key_is_the_holders_job_key(redis: ArqRedis) -> None:
