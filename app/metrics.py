@@ -35,7 +35,9 @@ from asyncjobs.keys import (
     RUNNING_KEY,
     WORKER_KEY_PREFIX,
     WORKERS_KEY,
+    waiting_key,
 )
+from jobs.engine.dependencies import drop_expired_waiting
 from jobs.engine.monitor import DURATION_BUCKETS
 from jobs.engine.queue import waiting_counts
 from jobs.schedules import list_schedules
@@ -121,6 +123,8 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
         pipe.zcard(DEAD_INDEX_KEY)
         pipe.smembers(WORKERS_KEY)
         pipe.zrangebyscore(queue, "-inf", now_ms, start=0, num=1, withscores=True)
+        drop_expired_waiting(pipe, queue)  # then count the jobs waiting for others
+        pipe.zcard(waiting_key(queue))
         (
             counters,
             durations,
@@ -131,6 +135,8 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
             dead,
             workers,
             oldest,
+            _,
+            waiting,
         ) = await pipe.execute()
     schedules = await list_schedules(redis)
     # a worker's registry entry expires when it stops refreshing it: only live ones exist
@@ -165,6 +171,7 @@ async def job_metrics(redis: Redis, queue: str) -> list[Metric]:
     depth = GaugeMetricFamily("asyncjobs_queue_depth", "Jobs waiting", labels=["state"])
     depth.add_metric([JobState.QUEUED], queued)
     depth.add_metric([JobState.DEFERRED], deferred)
+    depth.add_metric([JobState.WAITING], waiting)  # for other jobs (after, then, callbacks)
     metrics.append(depth)
     # what an autoscaler (KEDA through Prometheus) reads: how long the oldest due job has waited
     age = (now_ms - oldest[0][1]) / 1000 if oldest else 0.0

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.web import create_app
 from asyncjobs.settings import Settings
+from jobs.engine.dependencies import Dependencies, enqueue_with
 from jobs.engine.queue import enqueue_job
 from tests.conftest import READ_KEY
 from tests.helpers import ApiClient, api_client, wait_for
@@ -110,10 +111,12 @@ async def test_a_partly_refused_message_is_complete_with_a_warning_and_counted(
 
 async def test_oldest_due_job_age_and_schedules(api: ApiClient, redis: ArqRedis) -> None:
     """No worker: a job enqueued 2 s in the past has waited about 2 s; a deferred one is not
-    due, so it does not count; schedules are counted by state."""
+    due, so it does not count, nor one waiting for it; schedules are counted by state."""
     samples = await scrape_metrics(api)
     assert value(samples, "asyncjobs_queue_oldest_age_seconds") == 0
-    assert await enqueue_job(redis, "send_email", _defer_by=3600) is not None
+    deferred = await enqueue_job(redis, "send_email", _defer_by=3600)
+    assert deferred is not None
+    assert await enqueue_with(redis, "send_email", {}, Dependencies(after=(deferred,)))
     job_id = await enqueue_job(redis, "send_email")
     assert job_id is not None
     await redis.zadd("arq:queue", {job_id: time.time() * 1000 - 2000}, xx=True)
@@ -124,6 +127,8 @@ async def test_oldest_due_job_age_and_schedules(api: ApiClient, redis: ArqRedis)
             await api.post(f"/schedules/{created['id']}/pause")
     samples = await scrape_metrics(api)
     assert 1.9 <= value(samples, "asyncjobs_queue_oldest_age_seconds") < 10
+    assert value(samples, "asyncjobs_queue_depth", state="deferred") == 1
+    assert value(samples, "asyncjobs_queue_depth", state="waiting") == 1  # after the deferred
     assert value(samples, "asyncjobs_schedules", state="active") == 1
     assert value(samples, "asyncjobs_schedules", state="paused") == 1
 
