@@ -42,7 +42,7 @@ from asyncjobs.quota import HourlyQuota, NeverFits, QuotaExceeded, message_quota
 from asyncjobs.registry import JobType, Priority, job_types
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
-from jobs.engine.unique import DEFAULT_WINDOW_S, Unique
+from jobs.engine.unique import DEFAULT_WINDOW_S, Unique, holder_of
 from jobs.enqueue import enqueue_registered_many
 from jobs.mail.newsletter import start_progress
 from jobs.retry import classified
@@ -324,6 +324,14 @@ async def run_due_schedules(redis: ArqRedis, settings: Settings, now: datetime) 
         if await redis.exists(marker):
             continue
         ttl = schedule.period_length(start) + timedelta(days=1)
+        held = await held_by(redis, schedule)
+        if held is not None:  # the run is the job holding its unique key: nothing is charged
+            if await redis.set(marker, "1", ex=ttl, nx=True):
+                await record_run(redis, schedule.id, ScheduleRun(
+                    period=start, enqueued_at=now_utc(), job_ids=[held]
+                ))  # fmt: skip
+                ran.append(schedule.id)
+            continue
         skipped = await charge_run(redis, settings, schedule, period, ttl)
         if skipped is not None:
             if await redis.set(marker, "skipped", ex=ttl, nx=True):  # one worker records it
@@ -349,6 +357,18 @@ async def run_due_schedules(redis: ArqRedis, settings: Settings, now: datetime) 
         )
         ran.append(schedule.id)
     return ran
+
+
+async def held_by(redis: ArqRedis, schedule: Schedule) -> str | None:
+    """The job holding the run's unique key, if it has one and that job is still there."""
+    unique = schedule.job.unique()
+    if unique is None:
+        return None
+    try:
+        job_type = scheduled_job_type(schedule.job.type)
+    except ValueError:
+        return None  # its type is gone: the run says so when it tries to enqueue
+    return await holder_of(redis, unique, job_type.name, schedule.owner)
 
 
 async def charge_run(

@@ -218,6 +218,31 @@ async def test_a_schedule_run_gets_the_job_holding_its_key(
         assert refused.status == 422 and "job.unique_key" in await refused.text()
 
 
+async def test_a_schedule_run_held_by_its_key_is_not_charged_again(
+    make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    """A run that gets the job holding its unique key sends nothing new, so it takes nothing
+    from the owner's hourly message quota (it used to be charged, and then skipped)."""
+    settings = make_settings(mail_messages_per_hour=3, newsletter_max_recipients=3)
+    email = {"to": ["a@example.com", "b@example.com"], "subject": "Digest", "text": "Hi"}
+    async with api_client(create_app(settings)) as api:
+        spec = {"every": 3600, "job": {"type": "email", "body": email, "unique_key": "digest"}}
+        created = await api.post("/schedules", json=spec)
+        assert created.status == 201, await created.text()
+        schedule_id = (await created.json())["id"]
+        for hours in (1.05, 2.05):  # two periods, no worker: the first run's job stays queued
+            later = now_utc() + timedelta(hours=hours)
+            assert await run_due_schedules(redis, settings, later) == [schedule_id]
+        runs = (await (await api.get(f"/schedules/{schedule_id}/runs")).json())["runs"]
+        assert [run["skipped"] for run in runs] == [None, None]
+        assert runs[0]["jobs"] == runs[1]["jobs"] and len(runs[0]["jobs"]) == 1
+        # the first run took 2 of the 3 messages, the second none: one more fits, two do not
+        two = await api.post("/jobs/email", json=email)
+        assert two.status == 429, await two.text()
+        one = await api.post("/jobs/email", json=email | {"to": ["c@example.com"]})
+        assert one.status == 202, await one.text()
+
+
 async def test_a_job_enqueuing_jobs_gets_the_existing_id_in_its_owners_scope(
     declared: None, settings: Settings, redis: ArqRedis
 ) -> None:
