@@ -25,7 +25,7 @@ from jobs.engine.dependencies import (
 )
 from jobs.engine.queue import enqueue_job, enqueue_jobs
 from jobs.housekeeping.export import ExportRequest
-from jobs.mail.newsletter import abort_batch
+from jobs.mail.newsletter import abort_batch, abort_message
 
 ABORTABLE = ACTIVE
 
@@ -109,6 +109,8 @@ async def abort(redis: ArqRedis, queue_name: str, job_id: str) -> JobView:
             pipe.zadd(queue_name, {job_id: now})
         pipe.zadd(abort_jobs_ss, {job_id: now})
         await pipe.execute()
+    if view.function == "send_email":  # a newsletter's message: counted, its callback not held
+        await abort_message(redis, job_id)
     return view
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.jobs import deserialize_job
 from jinja2 import Template, TemplateSyntaxError
 from pydantic import (
     BaseModel,
@@ -46,6 +47,7 @@ from asyncjobs.addresses import (
     split_mailbox,
     unique_addresses,
 )
+from asyncjobs.arqcompat import job_key_prefix
 from asyncjobs.keys import BATCH_ABORTED_FIELD, MAIL_BATCH_KEY_PREFIX, mail_batch_key
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
@@ -292,6 +294,25 @@ async def settle_rest(
             redis, newsletter_id, message_ids, outcome, ttl, unknown_jobs=jobs
         )
     return counted
+
+
+async def abort_message(redis: ArqRedis, job_id: str) -> bool:
+    """A newsletter message's job aborted on its own (`DELETE /jobs/<newsletter>-<n>`): its
+    message counts as aborted in the newsletter's progress now, so a callback waiting for every
+    message does not wait for it for ever (a job aborted before it runs records nothing
+    itself). A send that had already begun and ends sent moves it to sent (batch_record.lua
+    counts each message once). False for a job of no newsletter, or one already gone."""
+    raw = await redis.get(job_key_prefix + job_id)
+    if raw is None:
+        return False
+    kwargs = deserialize_job(raw, deserializer=redis.job_deserializer).kwargs
+    newsletter_id, message_id = kwargs.get("batch_id"), kwargs.get("message_id")
+    if not newsletter_id or not message_id:
+        return False
+    ttl = await redis.ttl(MAIL_BATCH_KEY_PREFIX + newsletter_id)
+    ttl = ttl if ttl > 0 else DEFAULT_SETS_TTL_S  # the sets live as long as the batch hash
+    await count_in_batch(redis, newsletter_id, [message_id], "aborted", ttl)
+    return True
 
 
 async def settle_failed_fan_out(ctx: WorkerContext, kwargs: dict[str, Any]) -> None:

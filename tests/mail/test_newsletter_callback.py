@@ -16,7 +16,7 @@ from asyncjobs import JobContext, job
 from asyncjobs.registry import unregister
 from asyncjobs.settings import Settings
 from jobs.engine.dependencies import FollowUp, enqueue_counted_callback, read_waits
-from jobs.mail.newsletter import settle_rest, start_progress
+from jobs.mail.newsletter import child_job_id, settle_rest, start_progress
 from jobs.mail.outcomes import BATCH_OUTCOMES, BatchOutcome, count_in_batch
 from tests.api.test_batches import SECRET, Receiver, receiver  # noqa: F401 (a fixture)
 from tests.conftest import api_and_worker
@@ -157,6 +157,31 @@ async def test_an_aborted_newsletter_calls_back_once_with_the_aborted_count(
     assert counts["sent"] <= len(handler.messages)  # a message sent as the abort came counts sent
     await asyncio.sleep(0.5)
     assert len(runs) == 1
+
+
+@pytest.mark.slow
+async def test_one_message_aborted_on_its_own_is_counted_and_the_callback_runs(
+    served: ApiClient, smtp: tuple[RecordingSmtpHandler, int]
+) -> None:
+    """`DELETE /jobs/<newsletter>-<n>` of one queued message: it never runs, so it records
+    nothing itself; the abort counts it, and the callback does not wait for it for ever."""
+    handler = smtp[0]
+    handler.data_delay = 0.2  # 10 jobs at a time: the last messages wait in the queue
+    callback = {"type": "newsletter_done", "body": {"label": "one aborted"}}
+    accepted = await post_newsletter(served, newsletter(40, callback=callback))
+    last = child_job_id(accepted["job_id"], 39)
+
+    async def queued() -> bool:
+        response = await served.get(f"/jobs/{last}")
+        return response.status == 200 and (await response.json())["status"] == "queued"
+
+    await wait_for(queued, timeout=30, what="the last message's job, queued")
+    assert (await served.delete(f"/jobs/{last}")).status == 202
+    end = await wait_job(served, accepted["callback_job_id"], timeout=60)
+    assert end["status"] == "complete", end
+    counts = {"sent": 39, "failed": 0, "aborted": 1}
+    assert [run["batch"]["counts"] for run in runs] == [counts]
+    assert len(handler.messages) == 39
 
 
 @pytest.mark.slow
