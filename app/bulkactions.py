@@ -23,6 +23,7 @@ from asyncjobs.arqcompat import (
     timestamp_ms,
 )
 from jobs.deadletter import DeadLetter, add_dead_letters, remove_dead_letters, take_dead_letters
+from jobs.mail.newsletter import abort_message
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ async def waiting_jobs(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> 
 async def abort_queued(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> BulkResult:
     """Ask the workers to abort each job that is still queued or deferred, in one transaction
     (a deferred one is made due, so a worker picks it up and aborts it at once, as `abort`
-    does); a newsletter through `abort`, which also stops its messages. Running and finished
-    jobs are left alone and counted as missing."""
+    does); a newsletter through `abort`, which also stops its messages, and a newsletter's
+    message counted as aborted in its progress (its callback does not wait for it). Running
+    and finished jobs are left alone and counted as missing."""
     ids = unique_ids(job_ids)
     waiting = await waiting_jobs(redis, queue_name, ids)
     plain = [job for job in waiting if job.function != "send_newsletter"]
@@ -133,4 +135,6 @@ async def abort_queued(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> 
     for job in waiting:
         if job.function == "send_newsletter":
             await abort(redis, queue_name, job.job_id)
+        elif job.function == "send_email":  # a newsletter's message: counted, as `abort` does
+            await abort_message(redis, job.job_id)
     return BulkResult(done=len(waiting), missing=len(ids) - len(waiting))

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
+from app.bulkactions import abort_queued
 from asyncjobs import JobContext, job
+from asyncjobs.arqcompat import default_queue_name
 from asyncjobs.registry import unregister
 from asyncjobs.settings import Settings
 from jobs.engine.dependencies import FollowUp, enqueue_counted_callback, read_waits
@@ -160,11 +162,13 @@ async def test_an_aborted_newsletter_calls_back_once_with_the_aborted_count(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["api", "dashboard bulk"])
 async def test_one_message_aborted_on_its_own_is_counted_and_the_callback_runs(
-    served: ApiClient, smtp: tuple[RecordingSmtpHandler, int]
+    served: ApiClient, smtp: tuple[RecordingSmtpHandler, int], redis: ArqRedis, how: str
 ) -> None:
-    """`DELETE /jobs/<newsletter>-<n>` of one queued message: it never runs, so it records
-    nothing itself; the abort counts it, and the callback does not wait for it for ever."""
+    """`DELETE /jobs/<newsletter>-<n>` (or the dashboard's bulk abort) of one queued message:
+    it never runs, so it records nothing itself; the abort counts it, and the callback does
+    not wait for it for ever."""
     handler = smtp[0]
     handler.data_delay = 0.2  # 10 jobs at a time: the last messages wait in the queue
     callback = {"type": "newsletter_done", "body": {"label": "one aborted"}}
@@ -176,7 +180,10 @@ async def test_one_message_aborted_on_its_own_is_counted_and_the_callback_runs(
         return response.status == 200 and (await response.json())["status"] == "queued"
 
     await wait_for(queued, timeout=30, what="the last message's job, queued")
-    assert (await served.delete(f"/jobs/{last}")).status == 202
+    if how == "api":
+        assert (await served.delete(f"/jobs/{last}")).status == 202
+    else:
+        assert (await abort_queued(redis, default_queue_name, [last])).done == 1
     end = await wait_job(served, accepted["callback_job_id"], timeout=60)
     assert end["status"] == "complete", end
     counts = {"sent": 39, "failed": 0, "aborted": 1}
