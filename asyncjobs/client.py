@@ -114,6 +114,18 @@ class TransportError(AsyncJobsError):
     the server is unknown (an enqueue may be sent again with the same idempotency key)."""
 
 
+class EnqueuedJob(str):
+    """A job's id as `enqueue` returns it: a plain `str`, which also says whether it names a
+    job that was already there (its `unique_key` was held: nothing new was enqueued)."""
+
+    existing: bool
+
+    def __new__(cls, job_id: str, existing: bool = False) -> EnqueuedJob:
+        self = super().__new__(cls, job_id)
+        self.existing = existing
+        return self
+
+
 class ClientRequestError(AsyncJobsError):
     """A 4xx answer: the request is wrong and is not retried."""
 
@@ -280,14 +292,15 @@ class Client:
         then: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         **arguments: Any,
-    ) -> str:
+    ) -> EnqueuedJob:
         """Enqueue a job (by name, or the function declared as the job) with its arguments;
-        return its id. Tried again on a 503 or on no answer, always with the same
-        Idempotency-Key and body. With `unique_key`, while a job of this type enqueued by this
-        API key with the same key is still queued, deferred, running or waiting for a retry
-        (within `unique_window_seconds`, the server's default an hour), that job's id. With
-        `after` (job ids), the job waits until they have all completed (cancelled if one fails
-        for good, unless `allow_failure`); `then` ({"type", "body", "options"}) is a follow-up
+        return its id (an EnqueuedJob: a str whose `existing` says it was already there).
+        Tried again on a 503 or on no answer, always with the same Idempotency-Key and body.
+        With `unique_key`, while a job of this type enqueued by this API key with the same key
+        is still queued, deferred, running or waiting for a retry (within
+        `unique_window_seconds`, the server's default an hour), that job's id. With `after`
+        (job ids), the job waits until they have all completed (cancelled if one fails for
+        good, unless `allow_failure`); `then` ({"type", "body", "options"}) is a follow-up
         enqueued with it, run with its result once it completes (docs/api.md)."""
         name = job if isinstance(job, str) else getattr(job, JOB_NAME_ATTRIBUTE, job.__name__)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
@@ -319,7 +332,8 @@ class Client:
                 headers={"Idempotency-Key": key, "Content-Type": "application/json"},
                 retry=True,
             )
-            job_id = answer.body.get("job_id") if isinstance(answer.body, dict) else None
+            reply = answer.body if isinstance(answer.body, dict) else {}
+            job_id = reply.get("job_id")
             if not isinstance(job_id, str):
                 raise AsyncJobsError(
                     f"the enqueue answer has no job_id: {answer.text[:200]!r}",
@@ -328,7 +342,7 @@ class Client:
         except AsyncJobsError as exc:
             exc.idempotency_key = key
             raise
-        return job_id
+        return EnqueuedJob(job_id, existing=reply.get("existing") is True)
 
     async def status(self, job_id: str) -> JobStatus:
         """The job's state; status NOT_FOUND for a job the server does not know (any more)."""
@@ -596,7 +610,7 @@ class SyncClient:
         then: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         **arguments: Any,
-    ) -> str:
+    ) -> EnqueuedJob:
         return self._call(
             lambda client: client.enqueue(
                 job,

@@ -187,6 +187,7 @@ async def test_the_client_gets_the_existing_id(
         second = await client.enqueue(SYNC, user_id=5, unique_key="c5", delay_seconds=60)
         third = await client.enqueue(SYNC, user_id=5, unique_key="c6", delay_seconds=60)
     assert first == second != third
+    assert (first.existing, second.existing, third.existing) == (False, True, False)
 
 
 async def test_a_schedule_run_gets_the_job_holding_its_key(
