@@ -14,6 +14,7 @@ from arq.connections import ArqRedis
 from arq.jobs import DeserializationError, deserialize_job
 
 from app.actions import abort, enqueue_many
+from app.jobstatus import read_job
 from asyncjobs.arqcompat import (
     abort_jobs_ss,
     in_progress_key_prefix,
@@ -22,6 +23,7 @@ from asyncjobs.arqcompat import (
     result_key_prefix,
     timestamp_ms,
 )
+from asyncjobs.jobstate import JobState
 from jobs.deadletter import DeadLetter, add_dead_letters, remove_dead_letters, take_dead_letters
 from jobs.mail.newsletter import abort_message
 
@@ -120,8 +122,9 @@ async def abort_queued(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> 
     """Ask the workers to abort each job that is still queued or deferred, in one transaction
     (a deferred one is made due, so a worker picks it up and aborts it at once, as `abort`
     does); a newsletter through `abort`, which also stops its messages, and a newsletter's
-    message counted as aborted in its progress (its callback does not wait for it). Running
-    and finished jobs are left alone and counted as missing."""
+    message counted as aborted in its progress (its callback does not wait for it); a job
+    waiting for others through `abort` too. Running and finished jobs are left alone and
+    counted as missing."""
     ids = unique_ids(job_ids)
     waiting = await waiting_jobs(redis, queue_name, ids)
     plain = [job for job in waiting if job.function != "send_newsletter"]
@@ -137,4 +140,12 @@ async def abort_queued(redis: ArqRedis, queue_name: str, job_ids: list[str]) -> 
             await abort(redis, queue_name, job.job_id)
         elif job.function == "send_email":  # a newsletter's message: counted, as `abort` does
             await abort_message(redis, job.job_id)
-    return BulkResult(done=len(waiting), missing=len(ids) - len(waiting))
+    found = {job.job_id for job in waiting}
+    # a job waiting for others is in no queue: `abort` takes it out of its waiting index too
+    held = [job_id for job_id in ids if job_id not in found]
+    views = [await read_job(redis, job_id, queue_name) for job_id in held]
+    for view in views:
+        if view.status == JobState.WAITING:
+            await abort(redis, queue_name, view.job_id)
+    done = len(waiting) + sum(view.status == JobState.WAITING for view in views)
+    return BulkResult(done=done, missing=len(ids) - done)

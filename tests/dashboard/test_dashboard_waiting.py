@@ -8,7 +8,8 @@ import re
 
 from arq.connections import ArqRedis
 
-from asyncjobs.arqcompat import timestamp_ms
+from app.bulkactions import abort_queued
+from asyncjobs.arqcompat import abort_jobs_ss, timestamp_ms
 from asyncjobs.keys import waiting_key
 from asyncjobs.settings import Settings
 from jobs.engine.dependencies import WAIT_TTL_MS
@@ -91,3 +92,21 @@ async def test_the_jobs_list_lists_waiting_jobs_until_they_leave_the_waiting_ind
     assert await redis.zcard(index) == 0
     overview = await (await ui.get("/ui")).text()
     assert '<span class="n" id="waiting">0</span>' in overview
+
+
+async def test_the_bulk_abort_reaches_a_job_waiting_for_others(
+    api: ApiClient, redis: ArqRedis, settings: Settings
+) -> None:
+    """The dashboard's bulk abort took only queued and deferred jobs: one waiting for others
+    (in no queue) was counted missing and kept waiting."""
+    parent = await enqueue_email(api)  # queued: no worker
+    held = await enqueue_email(api, after=[parent])
+    result = await abort_queued(redis, settings.queue_name, [held, "0" * 32])
+    assert (result.done, result.missing) == (1, 1)
+    assert await redis.zscore(waiting_key(settings.queue_name), held) is None
+    assert await redis.zscore(abort_jobs_ss, held) is not None  # a worker ends it as aborted
+    worker, task = await start_worker(settings, cron_jobs=[])
+    try:
+        assert (await wait_job(api, held))["status"] == "aborted"
+    finally:
+        await stop_worker(worker, task)
