@@ -5,9 +5,9 @@
 A follow-up names its job type as callers do: a job of yours by its name, a built-in by its
 endpoint. A job of yours receives what it waited for as an argument (`result_argument`, by
 default `previous` for `then` and `batch` for a callback) when its model has that field; the
-built-ins that can follow are `email` (it runs after its parent completed; the result is not
-in the message) and `http` (its body is fixed at enqueue: the result is not sent), and a
-callback `url` gets a signed POST of the batch's counts.
+built-ins that can follow are `email` (after an export, the export's file is attached; any
+other parent's result is not in the message) and `http` (its body is fixed at enqueue: the
+result is not sent), and a callback `url` gets a signed POST of the batch's counts.
 """
 
 from __future__ import annotations
