@@ -24,7 +24,6 @@ from jobs.engine.queue import CALLBACK_KWARG
 from jobs.mail.email import EmailSpec, validation_context
 from jobs.scrape.page import MAX_URL_LENGTH
 
-MAX_BATCH_JOBS = 1000  # job requests in one POST /batches
 MAX_AFTER = 100  # job ids one `after` may name (a batch's callback waits on any number)
 DEFAULT_THEN_ARGUMENT = "previous"
 DEFAULT_CALLBACK_ARGUMENT = "batch"

@@ -14,11 +14,12 @@ from pydantic import (
     GetPydanticSchema,
     RootModel,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import core_schema
 
-from app.chains import MAX_BATCH_JOBS, CallbackSpec
+from app.chains import CallbackSpec
 from app.mailsink import MailSummary
 from asyncjobs.jobstate import JobState
 from jobs.deadletter import DeadLetter
@@ -145,8 +146,20 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    jobs: list[BatchJobRequest] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
+    jobs: list[BatchJobRequest] = Field(
+        min_length=1, description="at most BATCH_MAX_JOBS (100 by default)"
+    )
     callback: CallbackSpec | None = None
+
+    @field_validator("jobs")
+    @classmethod
+    def _at_most(cls, jobs: list[BatchJobRequest], info: ValidationInfo) -> list[BatchJobRequest]:
+        limit = (info.context or {}).get("max_jobs")
+        if not isinstance(limit, int):
+            raise TypeError("BatchRequest is validated with context={'max_jobs': int}")
+        if len(jobs) > limit:
+            raise ValueError(f"at most {limit} jobs in one batch (BATCH_MAX_JOBS)")
+        return jobs
 
 
 class BatchAccepted(BaseModel):

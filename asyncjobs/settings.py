@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     web_port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
     max_urls_per_request: int = Field(100, gt=0)
+    # Jobs in one POST /batches: each is charged as its own request, so the default stays
+    # under RATE_LIMIT_REQUESTS' (a larger batch could never fit: a 422 saying so).
+    batch_max_jobs: int = Field(100, gt=0)
     max_selectors: int = Field(20, gt=0)
     # How far ahead a job may be scheduled with `run_at` / `delay_seconds` (seconds).
     max_delay_seconds: float = Field(30 * 24 * 3600, gt=0)

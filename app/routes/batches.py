@@ -117,7 +117,8 @@ async def post_batch(request: web.Request) -> web.Response:
     optional callback."""
     settings = request.app[SETTINGS]
     try:
-        batch = BatchRequest.model_validate(await read_json_object(request))
+        body = await read_json_object(request)
+        batch = BatchRequest.model_validate(body, context={"max_jobs": settings.batch_max_jobs})
         calls = [job_call(job.type, job.body, "", settings) for job in batch.jobs]
     except (ValidationError, ValueError) as exc:
         raise web.HTTPUnprocessableEntity(text=str(exc)) from None

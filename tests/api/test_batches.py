@@ -16,7 +16,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 
-from app.chains import MAX_BATCH_JOBS
 from asyncjobs import JobContext, job
 from asyncjobs.errors import PermanentJobError
 from asyncjobs.registry import unregister
@@ -172,7 +171,7 @@ async def test_bad_batches_are_422s_before_anything_is_stored(
         one = [{"type": "tally", "body": {"n": 1}}]
         cases: list[tuple[dict[str, Any], str]] = [
             ({"jobs": []}, "at least 1"),
-            ({"jobs": one * (MAX_BATCH_JOBS + 1)}, f"at most {MAX_BATCH_JOBS}"),
+            ({"jobs": one * 101}, "at most 100 jobs in one batch (BATCH_MAX_JOBS)"),
             ({"jobs": [{"type": "no_such_type"}]}, "no job type 'no_such_type'"),
             ({"jobs": [{"type": "export"}]}, "no job type 'export'"),  # not one that batches
             ({"jobs": [{"type": "tally", "body": {"n": "x"}}]}, "tally"),
@@ -217,3 +216,25 @@ async def test_a_batch_is_charged_for_every_job_it_enqueues(
         assert "3" in text
         await post_batch(api, {"jobs": [email]})  # 2 of the 3
         assert (await api.post("/batches", json={"jobs": [email]})).status == 429
+
+
+async def test_the_largest_batch_fits_the_default_rate_limit(
+    declared: None, make_settings: Callable[..., Settings], redis: ArqRedis
+) -> None:
+    """Defaults agree: BATCH_MAX_JOBS jobs and a callback fit RATE_LIMIT_REQUESTS' window (with
+    1,000 jobs allowed and 120 requests a minute, any batch over 119 was a 422)."""
+    defaults = Settings.model_fields
+    limit = defaults["rate_limit_requests"].default
+    largest = defaults["batch_max_jobs"].default
+    settings = make_settings(rate_limit_requests=limit, webhook_secret=SECRET)
+    async with api_and_worker(settings) as api:
+        one = {"type": "tally", "body": {"n": 1}}
+        accepted = await post_batch(
+            api, {"jobs": [one] * largest, "callback": {"type": "summarize"}}
+        )
+        assert len(accepted["job_ids"]) == largest
+        end = await wait_job(api, accepted["callback_job_id"], timeout=60)
+        assert end["status"] == "complete", end
+    assert [run["batch"]["counts"] for run in callback_runs] == [
+        {"complete": largest, "failed": 0, "aborted": 0}
+    ]
