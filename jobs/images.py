@@ -52,7 +52,6 @@ MAX_SIDE = 4096  # every version fits in MAX_SIDE x MAX_SIDE, the original size 
 MAX_OUTPUTS = 10
 DEFAULT_FRAME_MS = 100  # a frame stating no (or a zero) duration: what browsers show it for
 FAMILY: Family = "scrape"  # process_image's retry policy: SCRAPE_MAX_TRIES, RETRY_*_DELAY
-JOB_ID_PATTERN = HEX_ID_PATTERN
 # No anchors, no capturing groups: it is also used inside an aiohttp route pattern.
 IMAGE_NAME_PATTERN = r"[0-9]{1,2}-[0-9]{1,4}x[0-9]{1,4}\.(?:jpeg|png|webp|gif)"
 CONTENT_TYPES: dict[str, str] = {
@@ -410,7 +409,7 @@ async def process_image(
 ) -> dict[str, Any]:
     """arq job: the image's versions, written to IMAGES_DIR/<job id>/ (files named
     <n>-<width>x<height>.<format>); returns their names, sizes and dimensions."""
-    if not re.fullmatch(JOB_ID_PATTERN, ctx.job_id):  # it becomes a folder name
+    if not re.fullmatch(HEX_ID_PATTERN, ctx.job_id):  # it becomes a folder name
         raise PermanentJobError(f"image job ids are 32 hex digits, not {ctx.job_id!r}")
     job = ImageJob(url=url, upload_id=upload_id, outputs=outputs)
     if job.upload_id is None:

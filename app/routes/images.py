@@ -16,11 +16,11 @@ from app.idempotency import idempotent, new_job_id
 from app.joboptions import JobOptions, read_job_request
 from app.schemas import JobAccepted
 from app.state import REDIS, SETTINGS
+from asyncjobs.keys import HEX_ID_PATTERN
 from jobs.engine.unique import is_existing
 from jobs.images import (
     CONTENT_TYPES,
     IMAGE_NAME_PATTERN,
-    JOB_ID_PATTERN,
     ImageSpec,
     ImageUploadSpec,
     release_upload,
@@ -128,5 +128,5 @@ async def download_image(request: web.Request) -> web.StreamResponse:
 def add_image_routes(app: web.Application) -> None:
     app.router.add_post("/jobs/image", enqueue_image)
     app.router.add_get(
-        f"/images/{{job_id:{JOB_ID_PATTERN}}}/{{name:{IMAGE_NAME_PATTERN}}}", download_image
+        f"/images/{{job_id:{HEX_ID_PATTERN}}}/{{name:{IMAGE_NAME_PATTERN}}}", download_image
     )

@@ -31,6 +31,7 @@ from asyncjobs.keys import (
     DOC_CHANGED_KEY,
     DOC_INDEX_KEY,
     DOC_KEY_PREFIX,
+    HEX_ID_PATTERN,
     SOURCES_KEY,
     doc_versions_key,
     source_docs_key,
@@ -39,7 +40,6 @@ from asyncjobs.luascript import LuaScript
 from asyncjobs.settings import Settings
 from jobs.context import WorkerContext
 from jobs.housekeeping.export import EXPORT_NAME_PATTERN
-from jobs.images import JOB_ID_PATTERN as IMAGE_JOB_ID_PATTERN
 from jobs.retry import builtin
 from jobs.values import as_text, as_utc, now_utc
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 500  # documents per ZSCAN step and pipeline
 EXPORT_NAME = re.compile(EXPORT_NAME_PATTERN)
-IMAGE_JOB_FOLDER = re.compile(IMAGE_JOB_ID_PATTERN)
+IMAGE_JOB_FOLDER = re.compile(HEX_ID_PATTERN)
 TEMP_NAME = re.compile(rf"{EXPORT_NAME_PATTERN}\.tmp")  # an export that never finished
 
 # Decisions that race with scrapes, re-checked on the server (see lua/)

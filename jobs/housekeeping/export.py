@@ -51,9 +51,8 @@ CsvDialect = Literal["rfc4180", "excel"]
 CSV_ENCODINGS: dict[str, str] = {"rfc4180": "utf-8", "excel": "utf-8-sig"}
 
 CHUNK = 200
-EXPORT_ID_PATTERN = HEX_ID_PATTERN
 # No anchors, no capturing groups: it is also used inside an aiohttp route pattern.
-EXPORT_NAME_PATTERN = rf"{EXPORT_ID_PATTERN}\.(?:csv|jsonl|xlsx)"
+EXPORT_NAME_PATTERN = rf"{HEX_ID_PATTERN}\.(?:csv|jsonl|xlsx)"
 CONTENT_TYPES: dict[str, str] = {
     "csv": "text/csv; charset=utf-8",
     "jsonl": "application/x-ndjson",
@@ -123,7 +122,7 @@ async def export_documents(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write the matching documents to `folder/<export_id>.<format>`; return name, rows, bytes."""
-    if not re.fullmatch(EXPORT_ID_PATTERN, export_id):  # it becomes a file name
+    if not re.fullmatch(HEX_ID_PATTERN, export_id):  # it becomes a file name
         raise ValueError(f"export id must be 32 lowercase hex digits, not {export_id!r}")
     name = export_name(export_id, request.format)
     final = folder / name
@@ -324,7 +323,7 @@ class _Sink:
 @builtin("export", "maintenance", endpoint="export", schedulable=True, shown=("request.format",))
 async def export(ctx: WorkerContext, export_id: str, request: dict[str, Any]) -> dict[str, Any]:
     """arq job: validate the request (a ValidationError is permanent) and write the file."""
-    if not re.fullmatch(EXPORT_ID_PATTERN, export_id):
+    if not re.fullmatch(HEX_ID_PATTERN, export_id):
         raise PermanentJobError(f"export id must be 32 lowercase hex digits, not {export_id!r}")
     spec = ExportRequest.model_validate(request)
     redis = ctx.redis
