@@ -72,7 +72,6 @@ Outcome = Literal["complete", "failed", "aborted"]
 OUTCOMES: tuple[Outcome, ...] = ("complete", "failed", "aborted")
 
 _ENQUEUE_WAITING = LuaScript("jobs.engine", "enqueue_waiting")
-_ENQUEUE_COUNTED = LuaScript("jobs.engine", "enqueue_counted")
 
 
 class UnknownParent(LookupError):
@@ -180,9 +179,12 @@ async def enqueue_waiting(
     allow_failure: bool = False,
     argument: str | None = None,
     batch_id: str | None = None,
+    count: int = 0,
+    outcomes: Sequence[str] = (),
 ) -> str | None:
-    """Write a job that runs once `parents` have ended (enqueue_waiting.lua); its id, or None
-    if its `_job_id` exists. Raises UnknownParent."""
+    """Write a job that runs once `parents` have ended, and `count` outcomes more have been
+    recorded by a batch's script, named `outcomes` (enqueue_waiting.lua); its id, or None if its
+    `_job_id` exists. Raises UnknownParent."""
     kwargs = dict(kwargs) | {
         WAITS_KWARG: {"kind": kind, "argument": argument, "batch_id": batch_id}
     }
@@ -207,6 +209,8 @@ async def enqueue_waiting(
         "1" if kind == "then" and argument else "0",
         timestamp_ms(),
         json.dumps(shown),
+        count,
+        ",".join(outcomes),
         *parents,
     ]
     reply = await _ENQUEUE_WAITING.run(redis, keys, args)
@@ -218,36 +222,31 @@ async def enqueue_waiting(
 async def enqueue_counted_callback(
     redis: ArqRedis, batch_id: str, total: int, callback: FollowUp, outcomes: Sequence[str]
 ) -> str:
-    """A batch's callback that waits on a count rather than on parents (enqueue_counted.lua):
-    for a batch whose jobs are not known when it is enqueued (a newsletter's messages). It is
-    released, once, by the script that records the batch's last outcome (for a newsletter,
-    jobs/mail/lua/batch_record.lua), and handed `{batch_id, total, counts}` with a count per
-    name in `outcomes`. Its id: the batch's, with CALLBACK_SUFFIX (written once: a retried
-    request leaves it as it is)."""
-    marker = {"kind": "callback", "argument": callback.argument, "batch_id": batch_id}
-    kwargs = {"_job_id": batch_id + CALLBACK_SUFFIX} | callback.kwargs | {WAITS_KWARG: marker}
-    kwargs.pop("_replicated", None)
-    call = _enqueue_call(redis, callback.function, kwargs)
-    shown = {"job_ids": [], "batch_id": batch_id, "kind": "callback"}
-    keys = _waiting_job_keys(call)
-    args: list[Arg] = [
-        call.job,
-        WAIT_TTL_MS,
-        call.job_id,
-        f"enqueued|{callback.function}",
-        "1" if call.transactional else "0",
-        timestamp_ms(),
-        json.dumps(shown),
-        total,
-        ",".join(outcomes),
-    ]
-    await _ENQUEUE_COUNTED.run(redis, keys, args)
-    return call.job_id
+    """A batch's callback that waits on a count rather than on parents (enqueue_waiting.lua's
+    `count`): for a batch whose jobs are not known when it is enqueued (a newsletter's
+    messages). It is released, once, by the script that records the batch's last outcome (for
+    a newsletter, jobs/mail/lua/batch_record.lua), and handed `{batch_id, total, counts}` with
+    a count per name in `outcomes`. Its id: the batch's, with CALLBACK_SUFFIX (written once: a
+    retried request leaves it as it is)."""
+    job_id = batch_id + CALLBACK_SUFFIX
+    await enqueue_waiting(
+        redis,
+        callback.function,
+        [],
+        {"_job_id": job_id} | callback.kwargs,
+        kind="callback",
+        allow_failure=True,
+        argument=callback.argument,
+        batch_id=batch_id,
+        count=total,
+        outcomes=outcomes,
+    )
+    return job_id
 
 
 def _waiting_job_keys(call: _Enqueue) -> list[str]:
-    """The keys enqueue_waiting.lua and enqueue_counted.lua both open with: the job's own, its
-    queue's, its waits hash and the queue's waiting index."""
+    """enqueue_waiting.lua's first keys: the job's own, its queue's, its waits hash and the
+    queue's waiting index."""
     return [
         job_key_prefix + call.job_id,
         result_key_prefix + call.job_id,

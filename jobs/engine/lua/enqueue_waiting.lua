@@ -4,6 +4,11 @@
 -- checked here, atomically with the write: ended (its marker, or for a completion with its
 -- result kept, that result: counted now), still to run (its job key exists: this job joins its
 -- dependents set) or unknown (refused).
+-- A batch's callback may also wait on a count (`count`: a newsletter's messages, enqueued as it
+-- runs, so no parent list exists): its pending count starts there, no dependents set names it
+-- for that part, and the script that records the batch's outcomes (jobs/mail/lua/
+-- batch_record.lua) releases it when the last one is recorded; `outcomes` names the counts it
+-- is handed (`n:<outcome>`).
 -- A job left waiting is also added to its queue's waiting index (scored by its enqueue time, the
 -- dashboard's list of waiting jobs), whose name its waits hash keeps for finish.lua's release.
 -- Returns {1, state} when written (state "waiting", "released" or "cancelled"), {0} if the
@@ -26,12 +31,14 @@ local allow_failure = ARGV[6]  -- "1": run even when a parent did not complete
 local pass_result = ARGV[7]  -- "1": keep the (one) parent's result for the job (`then`)
 local now = tonumber(ARGV[8])  -- ms
 local shown = ARGV[9]  -- JSON: what the job waits for, as its status shows it
--- then each parent's id, from ARGV[10]
-local FIRST_KEY, KEYS_PER_PARENT, FIRST_ARG = 9, 4, 10
+local count = tonumber(ARGV[10])  -- outcomes to wait for besides its parents' (0: none)
+local outcomes = ARGV[11]  -- "sent,failed,aborted": a counted callback's counts ("": a job's)
+-- then each parent's id, from ARGV[12]
+local FIRST_KEY, KEYS_PER_PARENT, FIRST_ARG = 9, 4, 12
 
 if redis.call('EXISTS', job_key, result_key) > 0 then return {0} end
 local parents = #ARGV - FIRST_ARG + 1
-local pending, counts, waiting_on = 0, {}, {}
+local pending, counts, waiting_on = count, {}, {}
 local cancel = nil
 for n = 0, parents - 1 do
   local k = FIRST_KEY + n * KEYS_PER_PARENT
@@ -69,10 +76,11 @@ if is_transactional == '1' then hint = transactional end
 local state = 'waiting'
 if cancel then state = 'cancelled' elseif pending == 0 then state = 'released' end
 redis.call('SET', job_key, job, 'PX', ttl_ms)
-redis.call('HSET', waits, 'state', state, 'pending', pending, 'total', parents,
+redis.call('HSET', waits, 'state', state, 'pending', pending, 'total', parents + count,
            'allow_failure', allow_failure, 'pass_result', pass_result, 'queue', queue,
            'wake', wake, 'hint', hint, 'shown', shown, 'waiting', waiting_index)
-for outcome, count in pairs(counts) do redis.call('HSET', waits, 'n:' .. outcome, count) end
+for outcome, n in pairs(counts) do redis.call('HSET', waits, 'n:' .. outcome, n) end
+if outcomes ~= '' then redis.call('HSET', waits, 'outcomes', outcomes) end
 if cancel then
   redis.call('HSET', waits, 'cancelled_by', cancel[1], 'cancel_outcome', cancel[2],
              'cancel_error', cancel[3])

@@ -6,8 +6,8 @@
 -- recorded only if it is in no set and has no job (never enqueued, or its job ended without
 -- recording itself): a stopped fan-out's rest. For one message, its sent marker too.
 -- The callback (the batch hash's `callback` field: a job written by jobs/engine/lua/
--- enqueue_counted.lua) is released as finish.lua releases a dependent: once, while its waits
--- hash says "waiting", with the counts (n:sent, n:failed, n:aborted), put in its queue due now.
+-- enqueue_waiting.lua, waiting on a count) is released as finish.lua releases a dependent:
+-- once, while its waits hash says "waiting", with the counts (n:sent, n:failed, n:aborted), put in its queue due now.
 -- O(1) per message: three SCARDs, a few hash fields. Not cluster-safe: the callback's waits
 -- hash, queue, wake list and waiting index are named in the batch hash and the waits hash.
 -- Returns the number of messages newly counted.
