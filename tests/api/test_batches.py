@@ -8,25 +8,21 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from arq.connections import ArqRedis
 
 from asyncjobs import JobContext, job
 from asyncjobs.errors import PermanentJobError
 from asyncjobs.registry import unregister
 from asyncjobs.settings import Settings
-from asyncjobs.signing import verify_request
 from tests.conftest import api_and_worker
 from tests.helpers import ApiClient
+from tests.http.test_webhooks import SECRET, Receiver, receiver  # noqa: F401 (a fixture)
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler, SiteStats
 
-SECRET = "test-batch-secret"
 callback_runs: list[dict[str, Any]] = []  # what the callback job received, one entry per run
 
 
@@ -97,34 +93,9 @@ async def test_a_batch_callback_runs_once_with_the_counts_failures_included(
     assert len(callback_runs) == 1
 
 
-@dataclass
-class Receiver:
-    """A batch's callback URL: keeps each POST and whether its signature verified."""
-
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        signed = verify_request(SECRET, request.headers, body)
-        self.calls.append({"signed": signed, "payload": json.loads(body)})
-        return web.Response(status=204 if signed else 401)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    hook = Receiver()
-    app = web.Application()
-    app.router.add_post("/batch-done", hook.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    hook.url = f"http://127.0.0.1:{server.port}/batch-done"
-    yield hook
-    await server.close()
-
-
 async def test_a_url_callback_is_one_signed_post_with_the_counts(
-    served: ApiClient, receiver: Receiver
+    served: ApiClient,
+    receiver: Receiver,  # noqa: F811  (the fixture)
 ) -> None:
     jobs = [{"type": "tally", "body": {"n": n}} for n in (1, -2, 3)]
     accepted = await post_batch(served, {"jobs": jobs, "callback": {"url": receiver.url}})

@@ -20,9 +20,9 @@ from asyncjobs.settings import Settings
 from jobs.engine.dependencies import FollowUp, enqueue_counted_callback, read_waits
 from jobs.mail.newsletter import child_job_id, settle_rest, start_progress
 from jobs.mail.outcomes import BATCH_OUTCOMES, BatchOutcome, count_in_batch
-from tests.api.test_batches import SECRET, Receiver, receiver  # noqa: F401 (a fixture)
 from tests.conftest import api_and_worker
 from tests.helpers import ApiClient, wait_for
+from tests.http.test_webhooks import SECRET, Receiver, receiver  # noqa: F401 (a fixture)
 from tests.jobwait import wait_job
 from tests.servers import RecordingSmtpHandler
 
